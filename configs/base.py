@@ -1,0 +1,42 @@
+"""Defaults shared by every config; dataset configs import this and override a few fields."""
+
+import ml_collections
+
+
+def _optimizer(**overrides) -> ml_collections.ConfigDict:
+  section = dict(batch_size=128, num_steps=1000, lr=2e-4, warmup_steps=100, lr_decay='constant',
+                 weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, log_every=100, checkpoint_every=1000,
+                 keep_checkpoints=2)
+  section.update(overrides)
+  return ml_collections.ConfigDict(section)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.workdir = 'runs/default'
+
+  config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir=''))
+  # unet fields: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups; mlp: hidden, num_layers.
+  config.model = ml_collections.ConfigDict(dict(
+      name='unet', ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.1,
+      num_groups=8, hidden=128, num_layers=3))
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule='cosine', logsnr_min=-20.0, logsnr_max=20.0, parametrization='v',
+      loss_weighting='truncated_snr'))
+
+  # Teacher: class-conditional, label dropout (p_uncond) makes it unconditional too.
+  config.train = _optimizer(ema_decay=0.9999, p_uncond=0.1)
+  # Guidance weights w ~ U[w_min, w_max] for stage 1 and stage 2.
+  config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0))
+  config.stage1 = _optimizer()
+  # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
+  # num_steps is the iterations of each round; the lr decays linearly to 0 within a round.
+  config.stage2 = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1,
+                             fine_grid=True)
+
+  config.sample = ml_collections.ConfigDict(dict(
+      checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir=''))
+  config.pipeline = ml_collections.ConfigDict(dict(
+      guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1))
+  return config

@@ -1,0 +1,12 @@
+"""Stage 2 on the embedded digits: progressive halving 64 -> 1 steps of the stage-1 model (~4 min on CPU).
+
+  python main.py --config=configs/digits_stage2.py --mode=distill
+"""
+
+from configs import digits_teacher
+
+
+def get_config():
+  config = digits_teacher.get_config()
+  config.distill.stage = 'stage2'
+  return config

@@ -1,0 +1,21 @@
+"""A tiny config for tests and smoke runs: the 2-D toy set, a small MLP, a few steps per stage (seconds).
+
+  python main.py --config=configs/tiny.py --mode=pipeline --config.workdir=/tmp/tiny
+"""
+
+from configs import base
+from modes.validation import validate_config
+
+
+def get_config():
+  config = base.get_config()
+  config.workdir = 'runs/tiny'
+  config.data.name = 'toy2d'
+  config.model.update(name='mlp', hidden=64, num_layers=2, dropout=0.0)
+  for section in (config.train, config.stage1, config.stage2):
+    section.update(batch_size=64, num_steps=20, warmup_steps=2, log_every=10, checkpoint_every=10)
+  config.train.lr = 1e-3
+  config.stage2.update(start_steps=4, final_steps=1)
+  config.pipeline.update(teacher_steps=(2, 8), guidance_ws=(0.0, 2.0), per_class=4)
+  validate_config(config)
+  return config

@@ -1,0 +1,22 @@
+"""SNR-weighted denoising losses: omega(logsnr) * ||x_pred - x_target||^2."""
+
+import jax.numpy as jnp
+
+WEIGHTINGS = ('truncated_snr', 'snr_plus_one')
+
+
+def loss_weight(logsnr, weighting: str):
+  """omega(logsnr): 'truncated_snr' = max(SNR, 1), 'snr_plus_one' = 1 + SNR."""
+  snr = jnp.exp(jnp.asarray(logsnr, jnp.float32))
+  if weighting == 'truncated_snr':
+    return jnp.maximum(snr, 1.0)
+  if weighting == 'snr_plus_one':
+    return 1.0 + snr
+  raise ValueError(f"unknown loss weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
+
+
+def weighted_x_loss(*, x_pred, x_target, logsnr, weighting: str):
+  """Per-example loss [B]: omega(logsnr) times the mean over pixels of (x_pred - x_target)^2."""
+  sq_err = jnp.square(x_pred - x_target)  # [B, ...]
+  mse = jnp.mean(sq_err.reshape(sq_err.shape[0], -1), axis=1)  # [B]
+  return loss_weight(logsnr, weighting) * mse

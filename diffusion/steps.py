@@ -1,0 +1,52 @@
+"""Sampler updates and distillation targets: guidance, DDIM (both directions), DDPM, stage-2 target."""
+
+import jax.numpy as jnp
+
+from diffusion.parametrization import expand_like
+from diffusion.schedules import alpha_sigma
+
+
+def guided_prediction(*, cond, uncond, guidance_w):
+  """(1 + w) * cond - w * uncond; w [B] or scalar. Works on any linear prediction (x, eps or v)."""
+  w = expand_like(jnp.broadcast_to(guidance_w, cond.shape[:1]), cond)
+  return (1.0 + w) * cond - w * uncond
+
+
+def ddim_step(*, x_pred, eps_pred, logsnr_s):
+  """z_s = alpha_s x_pred + sigma_s eps_pred; s < t samples, s > t encodes (same update)."""
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  return expand_like(alpha_s, x_pred) * x_pred + expand_like(sigma_s, x_pred) * eps_pred
+
+
+def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s):
+  """Mean and std of q(z_s | z_t, x = x_pred) for s < t (ancestral sampling)."""
+  alpha_t, sigma_t = alpha_sigma(logsnr_t)
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  alpha_ts = alpha_t / alpha_s
+  sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
+  coef_z = alpha_ts * sigma_s**2 / sigma_t**2
+  coef_x = alpha_s * sigma2_ts / sigma_t**2
+  std = jnp.sqrt(jnp.maximum(sigma2_ts * sigma_s**2 / sigma_t**2, 0.0))
+  mean = expand_like(coef_z, z_t) * z_t + expand_like(coef_x, z_t) * x_pred
+  return mean, expand_like(std, z_t)
+
+
+def renoise(*, z_s, logsnr_s, logsnr_u, noise):
+  """Forward transition q(z_u | z_s) from s to a noisier u > s: alpha_{u|s} z_s + sigma_{u|s} noise."""
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  alpha_u, sigma_u = alpha_sigma(logsnr_u)
+  alpha_us = alpha_u / alpha_s
+  sigma_us = jnp.sqrt(jnp.maximum(sigma_u**2 - alpha_us**2 * sigma_s**2, 0.0))
+  return expand_like(alpha_us, z_s) * z_s + expand_like(sigma_us, z_s) * noise
+
+
+def stage2_x_target(*, z_t, z_tpp, logsnr_t, logsnr_tpp):
+  """x_tilde such that one DDIM step z_t -> t'' with x_pred = x_tilde lands exactly on z_tpp.
+
+  x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
+  """
+  alpha_t, sigma_t = alpha_sigma(logsnr_t)
+  alpha_tpp, sigma_tpp = alpha_sigma(logsnr_tpp)
+  ratio = expand_like(sigma_tpp / sigma_t, z_t)
+  denom = expand_like(alpha_tpp, z_t) - ratio * expand_like(alpha_t, z_t)
+  return (z_tpp - ratio * z_t) / denom

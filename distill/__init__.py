@@ -1,0 +1,1 @@
+"""Guided distillation: the objectives of every stage and the trainings that chain them."""

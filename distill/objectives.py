@@ -1,0 +1,106 @@
+"""The training objectives: teacher (label dropout), stage 1 (match the guided teacher), stage 2 (halving)."""
+
+import jax
+import jax.numpy as jnp
+
+from diffusion import diffusion_forward, ddim_step, stage2_x_target, weighted_x_loss, x_eps_from_output
+
+
+def _student_x(model, params, *, z_t, logsnr_t, label, guidance_w, rng, parametrization):
+  """The student's x_pred in train mode (dropout on, if the model has any)."""
+  output = model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True,
+                       rngs={'dropout': rng})
+  return x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)[0]
+
+
+def _noisy_batch(rng, x, logsnr_fn):
+  """t ~ U[0, 1], eps ~ N(0, I) -> (z_t, logsnr_t)."""
+  rng_t, rng_eps = jax.random.split(rng)
+  logsnr_t = logsnr_fn(jax.random.uniform(rng_t, x.shape[:1]))  # [B]
+  eps = jax.random.normal(rng_eps, x.shape, x.dtype)
+  return diffusion_forward(x=x, eps=eps, logsnr=logsnr_t), logsnr_t
+
+
+def _sample_w(rng, batch_size, w_min, w_max):
+  return jax.random.uniform(rng, (batch_size,), minval=w_min, maxval=w_max)  # [B]
+
+
+def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
+  """Denoising loss with the label replaced by the null label (index num_classes) w.p. p_uncond."""
+
+  def loss_fn(params, batch, rng, frozen):
+    del frozen
+    x, label = batch['x'], batch['label']  # [B, ...], [B]
+    rng_noise, rng_drop, rng_dropout = jax.random.split(rng, 3)
+    z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
+    drop = jax.random.bernoulli(rng_drop, p_uncond, label.shape)
+    label = jnp.where(drop, num_classes, label)
+    x_pred = _student_x(model, params, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=None,
+                        rng=rng_dropout, parametrization=parametrization)
+    return jnp.mean(weighted_x_loss(x_pred=x_pred, x_target=x, logsnr=logsnr_t, weighting=weighting)), {}
+
+  return loss_fn
+
+
+def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max):
+  """Match the guided teacher x_hat^w (2 teacher calls, no gradient) for w ~ U[w_min, w_max]."""
+
+  def loss_fn(params, batch, rng, teacher_params):
+    x, label = batch['x'], batch['label']
+    rng_noise, rng_w, rng_dropout = jax.random.split(rng, 3)
+    z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
+    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)
+    x_teacher, _ = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
+    x_pred = _student_x(student, params, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=guidance_w,
+                        rng=rng_dropout, parametrization=parametrization)
+    loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_teacher), logsnr=logsnr_t,
+                           weighting=weighting)
+    return jnp.mean(loss), {}
+
+  return loss_fn
+
+
+def stage2_times(rng, batch_size: int, *, student_steps: int, fine_grid: bool):
+  """Student times t and the teacher's two step ends t' = t - 1/(2N), t'' = t - 1/N (clipped at 0).
+
+  With fine_grid, t is drawn on the 1/(2N) grid instead of the student's own 1/N grid, so the
+  N-step student also serves the stochastic 2N-step sampler (MATH.md); t = 1/(2N) clips t'' to 0.
+  """
+  grid = 2 * student_steps if fine_grid else student_steps
+  i = jax.random.randint(rng, (batch_size,), 1, grid + 1)  # [B] in 1..grid
+  t = i.astype(jnp.float32) / grid
+  t_mid = jnp.maximum(t - 0.5 / student_steps, 0.0)
+  t_end = jnp.maximum(t - 1.0 / student_steps, 0.0)
+  return t, t_mid, t_end
+
+
+def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logsnr_mid, logsnr_end, label,
+                      guidance_w):
+  """z_t -> z_t' -> z_t'': two DDIM steps of the teacher, each with its own x_pred at that time."""
+  x_pred, eps_pred = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
+  z_mid = ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=logsnr_mid)
+  x_pred, eps_pred = teacher_denoise_fn(teacher_params, z_mid, logsnr_mid, label, guidance_w)
+  return ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=logsnr_end)
+
+
+def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
+                   student_steps: int, fine_grid: bool):
+  """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde."""
+
+  def loss_fn(params, batch, rng, teacher_params):
+    x, label = batch['x'], batch['label']
+    rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
+    t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid)
+    logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
+    z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
+    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)
+    z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
+                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
+    x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
+    x_pred = _student_x(student, params, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=guidance_w,
+                        rng=rng_dropout, parametrization=parametrization)
+    loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_target), logsnr=logsnr_t,
+                           weighting=weighting)
+    return jnp.mean(loss), {}
+
+  return loss_fn

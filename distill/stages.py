@@ -1,0 +1,162 @@
+"""The three trainings of the method, chained through checkpoints: teacher -> stage 1 -> stage-2 rounds."""
+
+import json
+import os
+from typing import Optional
+
+import jax
+from absl import logging
+
+import data
+from diffusion import get_logsnr_schedule
+from distill import objectives
+from models import build_model, init_params
+from models.denoiser import make_denoise_fn
+from train import checkpoint
+from train.loop import per_host_batch_size, run_training
+
+GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
+
+
+def to_json(tree):
+  """Plain-JSON form of a config or record (tuples become lists), so saved and fresh records compare."""
+  return json.loads(json.dumps(tree))
+
+
+def logsnr_schedule(config):
+  d = config.diffusion
+  return get_logsnr_schedule(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+
+
+def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) -> str:
+  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064."""
+  if stage == 'stage2':
+    return os.path.join(workdir, 'stage2', f'steps_{sampling_steps:04d}')
+  return os.path.join(workdir, stage)
+
+
+def make_record(config, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
+  """What a checkpoint is: enough to rebuild its model and denoiser without the original command."""
+  info = data.dataset_info(config.data.name)
+  return to_json(dict(stage=stage, sampling_steps=sampling_steps, guidance_input=stage != 'teacher',
+                      model=config.model.to_dict(), x_shape=list(info.shape), num_classes=info.num_classes,
+                      parametrization=config.diffusion.parametrization, diffusion=config.diffusion.to_dict(),
+                      data=config.data.name, config=config.to_dict()))
+
+
+def build_from_record(config_model, record: dict):
+  """The model a record describes, and abstract (shape-only) params for it."""
+  model = build_model(config_model, num_classes=record['num_classes'], guidance_input=record['guidance_input'])
+  abstract = jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']),
+                                                guidance_input=record['guidance_input']))
+  return model, abstract
+
+
+def _batches(config, section, seed_offset: int):
+  def make_batches(start_step):
+    return data.make_train_iterator(config.data, per_host_batch_size=per_host_batch_size(section.batch_size),
+                                    seed=config.seed * 1000 + seed_offset, start_step=start_step)
+  return make_batches
+
+
+def _write_config(ckpt_dir: str, config) -> None:
+  """Saves the config beside the checkpoints once; never overwrites an existing one."""
+  os.makedirs(ckpt_dir, exist_ok=True)
+  path = os.path.join(ckpt_dir, 'config.json')
+  if not os.path.exists(path) and jax.process_index() == 0:
+    with open(path, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _loss_kwargs(config):
+  return dict(logsnr_fn=logsnr_schedule(config), parametrization=config.diffusion.parametrization,
+              weighting=config.diffusion.loss_weighting)
+
+
+def _train(config, *, title, record, section, loss_fn, params, seed_offset, frozen=None):
+  ckpt_dir = stage_dir(config.workdir, record['stage'], record['sampling_steps'])
+  _write_config(ckpt_dir, config)
+  run_training(title=title, loss_fn=loss_fn, params=params, section=section, ckpt_dir=ckpt_dir, record=record,
+               make_batches=_batches(config, section, seed_offset), seed=config.seed + seed_offset,
+               frozen=frozen, logdir=os.path.join(config.workdir, 'logs', os.path.relpath(ckpt_dir, config.workdir)))
+  return ckpt_dir
+
+
+def train_teacher(config) -> str:
+  """The class-conditional teacher with label dropout (one network, conditional and unconditional)."""
+  record = make_record(config, stage='teacher')
+  model, _ = build_from_record(config.model, record)
+  params = init_params(model, rng=jax.random.key(config.seed), x_shape=tuple(record['x_shape']),
+                       guidance_input=False)
+  loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond, num_classes=record['num_classes'],
+                                       **_loss_kwargs(config))
+  return _train(config, title='teacher', record=record, section=config.train, loss_fn=loss_fn, params=params,
+                seed_offset=0)
+
+
+def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
+  """(model, EMA params, record) of a finished stage of this run, checked against the config."""
+  record = make_record(config, stage=stage, sampling_steps=sampling_steps)
+  model, abstract = build_from_record(config.model, record)
+  params = checkpoint.load_params(stage_dir(config.workdir, stage, sampling_steps), abstract, record)
+  return model, params, record
+
+
+def stage1_init_params(teacher_params, student_params):
+  """Student params: every shared entry copied from the teacher, only the w-embedding kept fresh."""
+  missing = set(teacher_params) - set(student_params)
+  if missing:
+    raise checkpoint.CheckpointError(f'teacher has parameters the student lacks: {sorted(missing)}')
+  return {k: (student_params[k] if k == GUIDANCE_EMBED_KEY else teacher_params[k]) for k in student_params}
+
+
+def train_stage1(config) -> str:
+  """Stage 1: a w-conditioned student matching the guided teacher for w ~ U[w_min, w_max]."""
+  teacher, teacher_params, teacher_record = load_stage_params(config, 'teacher')
+  record = make_record(config, stage='stage1')
+  student, _ = build_from_record(config.model, record)
+  fresh = init_params(student, rng=jax.random.key(config.seed + 1), x_shape=tuple(record['x_shape']),
+                      guidance_input=True)
+  teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
+                                    num_classes=teacher_record['num_classes'])
+  loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
+                                      w_max=config.distill.w_max, **_loss_kwargs(config))
+  return _train(config, title='stage1', record=record, section=config.stage1, loss_fn=loss_fn,
+                params=stage1_init_params(teacher_params, fresh), seed_offset=1, frozen=teacher_params)
+
+
+def stage2_rounds(config) -> list[int]:
+  """The student step counts of every round: start_steps/2, ..., final_steps."""
+  steps, rounds = config.stage2.start_steps // 2, []
+  while steps >= config.stage2.final_steps:
+    rounds.append(steps)
+    steps //= 2
+  return rounds
+
+
+def train_stage2_round(config, student_steps: int) -> str:
+  """One halving round: the 2N-step teacher (stage 1 or the previous round) -> an N-step student."""
+  teacher_steps = 2 * student_steps
+  if teacher_steps == config.stage2.start_steps:
+    teacher, teacher_params, _ = load_stage_params(config, 'stage1')
+  else:
+    teacher, teacher_params, _ = load_stage_params(config, 'stage2', teacher_steps)
+  record = make_record(config, stage='stage2', sampling_steps=student_steps)
+  teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
+                                    num_classes=record['num_classes'])
+  loss_fn = objectives.stage2_loss_fn(teacher, teacher_denoise, w_min=config.distill.w_min,
+                                      w_max=config.distill.w_max, student_steps=student_steps,
+                                      fine_grid=config.stage2.fine_grid, **_loss_kwargs(config))
+  return _train(config, title=f'stage2 {teacher_steps}->{student_steps} steps', record=record,
+                section=config.stage2, loss_fn=loss_fn, params=teacher_params, seed_offset=100 + student_steps,
+                frozen=teacher_params)
+
+
+def train_stage2(config) -> list[str]:
+  """Every halving round in order; finished rounds are skipped, a killed round resumes."""
+  rounds = stage2_rounds(config)
+  dirs = []
+  for i, student_steps in enumerate(rounds):
+    logging.info('[stage2] round %d/%d: %d -> %d steps', i + 1, len(rounds), 2 * student_steps, student_steps)
+    dirs.append(train_stage2_round(config, student_steps))
+  return dirs

@@ -1,0 +1,1 @@
+"""Evaluation: sample grids now; FID / IS and the results table build on these."""

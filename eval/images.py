@@ -1,0 +1,49 @@
+"""Sample grids as PNG files: one row per class for images, a scatter plot for 2-D points."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images):
+  """[-1, 1] floats -> uint8 [0, 255]."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images, *, num_rows: int, pad: int = 1, scale: int = 1):
+  """images [N, H, W, C] in [-1, 1] -> one uint8 grid [rows*(H+pad)+pad, cols*(W+pad)+pad, C]."""
+  images = to_uint8(images)
+  n, h, w, c = images.shape
+  num_cols = -(-n // num_rows)
+  grid = np.full((num_rows * (h + pad) + pad, num_cols * (w + pad) + pad, c), 255, np.uint8)
+  for i in range(n):
+    row, col = divmod(i, num_cols)
+    grid[pad + row * (h + pad):pad + row * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+  if scale > 1:
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+  return grid
+
+
+def save_png(path: str, grid) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  grid = np.asarray(grid)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+def save_samples_png(path: str, samples, labels, *, num_rows: int) -> None:
+  """Writes a grid (images, one row per class) or a scatter coloured by label (2-D points)."""
+  samples = np.asarray(samples)
+  if samples.ndim == 4:
+    scale = max(1, 64 // samples.shape[1])
+    save_png(path, image_grid(samples, num_rows=num_rows, scale=scale))
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(4, 4))
+  ax.scatter(samples[:, 0], samples[:, 1], c=np.asarray(labels), s=4, cmap='tab10')
+  ax.set_aspect('equal')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

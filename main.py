@@ -1,0 +1,60 @@
+"""Entry point: flags -> config -> the function of one --mode (see modes.MODES)."""
+
+import logging as pylogging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
+                                          lock_config=True)
+_MODE = flags.DEFINE_string('mode', 'pipeline', 'teacher | stage1 | stage2 | distill | sample | pipeline')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
+
+
+_REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class _OwnInfoOnly(pylogging.Filter):
+  """Keeps INFO lines of this repo (progress) and warnings of everyone; drops libraries' INFO chatter."""
+
+  def filter(self, record):
+    return record.levelno >= pylogging.WARNING or record.pathname.startswith(_REPO_ROOT)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
+  from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
+  from modes.validation import validate_config  # pylint: disable=g-import-not-at-top
+  if _MODE.value not in MODES:
+    raise app.UsageError(f"unknown --mode '{_MODE.value}'; choose one of: {', '.join(sorted(MODES))}")
+  if _CONFIG.value is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/digits_teacher.py')
+  import jax  # pylint: disable=g-import-not-at-top
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
+  logging.info('mode=%s workdir=%s devices=%d (%s)', _MODE.value, _CONFIG.value.workdir, jax.device_count(),
+               jax.default_backend())
+  MODES[_MODE.value](_CONFIG.value)
+
+
+def run():
+  """Runs main; expected errors (bad config, data, checkpoint) exit 1 with one line, no traceback."""
+  from data import DataError  # pylint: disable=g-import-not-at-top
+  from modes.sampling import SamplingError  # pylint: disable=g-import-not-at-top
+  from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
+  from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main)
+  except (ConfigError, DataError, CheckpointError, SamplingError) as err:
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  run()

@@ -1,0 +1,37 @@
+"""The one wrapper that turns a network's raw output into (x_pred, eps_pred), with or without guidance.
+
+Teacher, students and samplers all use these `denoise_fn(params, z_t, logsnr_t, label, guidance_w)`:
+- 'guided': classifier-free guidance of a conditional network, one batched call on [label; null] (2 NFE);
+- 'w_input': a w-conditioned student, guidance_w goes into the network (1 NFE);
+- 'conditional': the network at its label, guidance_w ignored (1 NFE, same as guided at w = 0).
+"""
+
+import jax.numpy as jnp
+
+from diffusion import guided_prediction, x_eps_from_output
+
+DENOISER_KINDS = ('guided', 'w_input', 'conditional')
+
+
+def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int):
+  """Returns denoise_fn(params, z_t [B, ...], logsnr_t [B], label [B], guidance_w [B]) -> (x, eps)."""
+  if kind not in DENOISER_KINDS:
+    raise ValueError(f"unknown denoiser kind '{kind}'; choose one of: {', '.join(DENOISER_KINDS)}")
+
+  def network(params, z_t, logsnr_t, label, guidance_w=None):
+    return model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=False)
+
+  def denoise_fn(params, z_t, logsnr_t, label, guidance_w):
+    if kind == 'w_input':
+      output = network(params, z_t, logsnr_t, label, jnp.broadcast_to(guidance_w, label.shape))
+    elif kind == 'conditional':
+      output = network(params, z_t, logsnr_t, label)
+    else:
+      null_label = jnp.full_like(label, num_classes)
+      both = network(params, jnp.concatenate([z_t, z_t]), jnp.concatenate([logsnr_t, logsnr_t]),
+                     jnp.concatenate([label, null_label]))
+      cond, uncond = jnp.split(both, 2)
+      output = guided_prediction(cond=cond, uncond=uncond, guidance_w=guidance_w)
+    return x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)
+
+  return denoise_fn

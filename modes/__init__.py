@@ -1,0 +1,20 @@
+"""One function per `main.py --mode`; main.py only parses flags and dispatches through MODES."""
+
+from distill import stages
+from modes.pipeline import run_pipeline
+from modes.sampling import run_sample
+
+
+def run_distill(config):
+  """--mode=distill runs the stage the config names (config.distill.stage)."""
+  return {'stage1': stages.train_stage1, 'stage2': stages.train_stage2}[config.distill.stage](config)
+
+
+MODES = {
+    'teacher': stages.train_teacher,
+    'stage1': stages.train_stage1,
+    'stage2': stages.train_stage2,
+    'distill': run_distill,
+    'sample': run_sample,
+    'pipeline': run_pipeline,
+}

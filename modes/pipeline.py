@@ -1,0 +1,94 @@
+"""--mode=pipeline: teacher -> stage 1 -> stage-2 rounds -> sample grids and a Markdown summary."""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from distill import stages
+from eval.images import image_grid, save_png, save_samples_png
+from modes.sampling import LoadedCheckpoint, fixed_inputs
+
+
+def _timed(timings: dict, name: str, fn, *args):
+  start = time.time()
+  result = fn(*args)
+  timings[name] = round(time.time() - start, 1)
+  logging.info('[pipeline] %s took %.1f s', name, timings[name])
+  return result
+
+
+def _methods(config):
+  """(row name, checkpoint dir, sampler, steps, network calls) for every method the results compare."""
+  workdir = config.workdir
+  rows = [(f'teacher DDIM {n} (CFG)', stages.stage_dir(workdir, 'teacher'), 'ddim', n, 2 * n)
+          for n in sorted(config.pipeline.teacher_steps, reverse=True)]
+  for n in stages.stage2_rounds(config):
+    round_dir = stages.stage_dir(workdir, 'stage2', n)
+    rows.append((f'student {n}-step DDIM', round_dir, 'ddim', n, n))
+    rows.append((f'student {2 * n}-step stochastic', round_dir, 'stochastic', 2 * n, 2 * n))
+  return rows
+
+
+def _sample_all(config, results_dir: str) -> list[dict]:
+  """Samples every method at every w from the same noise and labels; writes grids and an overview."""
+  entries, overview = [], {}
+  loaded = {}
+  for name, ckpt_dir, sampler, steps, nfe in _methods(config):
+    ckpt = loaded.setdefault(ckpt_dir, LoadedCheckpoint(ckpt_dir))
+    z_init, label, num_rows = fixed_inputs(ckpt.record, per_class=config.pipeline.per_class, seed=config.pipeline.seed)
+    for w in config.pipeline.guidance_ws:
+      start = time.time()
+      samples = ckpt.sample(sampler=sampler, num_steps=steps, guidance_w=w, z_init=z_init, label=label,
+                            seed=config.pipeline.seed)
+      file = f'{name.replace(" ", "_").replace("(", "").replace(")", "")}_w{w:g}.png'
+      save_samples_png(os.path.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
+      overview.setdefault(w, []).append(samples[::config.pipeline.per_class])  # one sample per class
+      entries.append(dict(method=name, sampler=sampler, steps=steps, nfe=nfe, w=w, file=file,
+                          mean=float(samples.mean()), std=float(samples.std()),
+                          saturated=float(np.mean(np.abs(samples) > 1.0)), seconds=round(time.time() - start, 2)))
+  if np.asarray(overview[config.pipeline.guidance_ws[0]][0]).ndim == 4:
+    for w, rows in overview.items():
+      grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=max(1, 32 // rows[0].shape[1]))
+      save_png(os.path.join(results_dir, f'overview_w{w:g}.png'), grid)
+  return entries
+
+
+def _summary(config, timings: dict, entries: list[dict]) -> str:
+  lines = [f'# Pipeline results: {config.data.name}', '', f'Workdir: `{config.workdir}`', '',
+           '## Wall time (this machine)', '', '| stage | seconds |', '|---|---|']
+  lines += [f'| {k} | {v} |' for k, v in timings.items()]
+  lines += ['', '## Samples (same noise and labels for every method; one row per class)', '',
+            'Overview per w: rows are the methods below in order, one sample per class: ' +
+            ', '.join(f'`overview_w{w:g}.png`' for w in config.pipeline.guidance_ws), '',
+            '| method | NFE | w | mean | std | frac(abs(x)>1) | grid |', '|---|---|---|---|---|---|---|']
+  lines += [f'| {e["method"]} | {e["nfe"]} | {e["w"]:g} | {e["mean"]:.3f} | {e["std"]:.3f} | {e["saturated"]:.3f} '
+            f'| [{e["file"]}]({e["file"]}) |' for e in entries]
+  return '\n'.join(lines) + '\n'
+
+
+def run_pipeline(config) -> str:
+  """Runs (or resumes) every stage, then samples; returns the results folder."""
+  results_dir = os.path.join(config.workdir, 'results')
+  timings_path = os.path.join(results_dir, 'timings.json')
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  run = {}
+  _timed(run, 'teacher', stages.train_teacher, config)
+  _timed(run, 'stage1', stages.train_stage1, config)
+  for n in stages.stage2_rounds(config):
+    _timed(run, f'stage2 round -> {n} steps', stages.train_stage2_round, config, n)
+  entries = _timed(run, 'sampling', _sample_all, config, results_dir)
+  # A stage skipped on a rerun keeps the time it took when it was trained.
+  timings.update({k: v for k, v in run.items() if k not in timings or v > 5.0})
+  timings['pipeline (this invocation)'] = round(sum(run.values()), 1)
+  if jax.process_index() == 0:
+    os.makedirs(results_dir, exist_ok=True)
+    with open(timings_path, 'w') as f:
+      json.dump(timings, f, indent=2)
+    with open(os.path.join(results_dir, 'summary.md'), 'w') as f:
+      f.write(_summary(config, timings, entries))
+  logging.info('[pipeline] results in %s', results_dir)
+  return results_dir

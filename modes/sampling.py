@@ -1,0 +1,99 @@
+"""Sampling from any checkpoint (teacher, stage 1, any stage-2 round) with a checked step count."""
+
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from diffusion import get_logsnr_schedule
+from distill.stages import build_from_record, stage_dir
+from eval.images import save_samples_png
+from models.denoiser import make_denoise_fn
+from samplers import make_sampler
+from train import checkpoint
+
+MAX_GRID_CLASSES = 10
+
+
+class SamplingError(ValueError):
+  """A sampler or step count the checkpoint was not made for."""
+
+
+def allowed_steps(record: dict, sampler: str) -> Optional[list[int]]:
+  """Step counts a checkpoint supports for a sampler; None means any.
+
+  The teacher (guided, 2 calls/step) and stage 1 are continuous-time: any count, any sampler. An
+  N-step stage-2 student runs DDIM at N steps and the stochastic sampler at 2N steps (MATH.md).
+  """
+  if record['stage'] in ('teacher', 'stage1'):
+    return None
+  n = record['sampling_steps']
+  return {'ddim': [n], 'stochastic': [2 * n]}.get(sampler, [])
+
+
+def check_steps(record: dict, sampler: str, num_steps: int, ckpt_dir: str) -> None:
+  allowed = allowed_steps(record, sampler)
+  if allowed is not None and num_steps not in allowed:
+    have = f'{sampler} at {allowed[0]} steps' if allowed else f'no {sampler} sampler'
+    raise SamplingError(f'{ckpt_dir} is the {record["sampling_steps"]}-step student: it supports {have}, not '
+                        f'{num_steps}; pick --config.sample.checkpoint=.../stage2/steps_{num_steps:04d} '
+                        f'(ddim) or steps_{max(num_steps // 2, 1):04d} (stochastic)')
+
+
+def default_steps(record: dict, sampler: str) -> int:
+  allowed = allowed_steps(record, sampler)
+  return allowed[0] if allowed else 64
+
+
+class LoadedCheckpoint:
+  """A checkpoint's record, params and denoiser: guided CFG for the teacher, w-input for students."""
+
+  def __init__(self, ckpt_dir: str):
+    self.ckpt_dir = ckpt_dir
+    self.record = checkpoint.read_record(ckpt_dir)
+    model, abstract = build_from_record(ml_collections.ConfigDict(self.record['model']), self.record)
+    self.params = checkpoint.load_params(ckpt_dir, abstract, self.record)
+    d = self.record['diffusion']
+    self.logsnr_fn = get_logsnr_schedule(d['schedule'], logsnr_min=d['logsnr_min'], logsnr_max=d['logsnr_max'])
+    kind = 'guided' if self.record['stage'] == 'teacher' else 'w_input'
+    self.denoise_fn = make_denoise_fn(model, parametrization=self.record['parametrization'], kind=kind,
+                                      num_classes=self.record['num_classes'])
+    self.nfe_per_step = 2 if kind == 'guided' else 1
+
+  def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int):
+    """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program."""
+    check_steps(self.record, sampler, num_steps, self.ckpt_dir)
+    run = make_sampler(sampler, self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
+    w = jnp.full(label.shape, guidance_w, jnp.float32)
+    return np.asarray(run(self.params, z_init, label, w, jax.random.key(seed)))
+
+
+def fixed_inputs(record: dict, *, per_class: int, seed: int):
+  """The same noise and labels for every method: class-major order, so each grid row is one class."""
+  num_classes = min(record['num_classes'], MAX_GRID_CLASSES)
+  label = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), per_class)  # [B]
+  z_init = jax.random.normal(jax.random.key(seed), (label.shape[0], *record['x_shape']))  # [B, ...]
+  return z_init, label, num_classes
+
+
+def run_sample(config) -> str:
+  """--mode=sample: writes a PNG grid (one row per class) and an .npz of samples; returns the PNG path."""
+  ckpt_dir = config.sample.checkpoint or stage_dir(config.workdir, 'teacher')
+  loaded = LoadedCheckpoint(ckpt_dir)
+  sampler = config.sample.sampler
+  num_steps = config.sample.num_steps or default_steps(loaded.record, sampler)
+  z_init, label, num_rows = fixed_inputs(loaded.record, per_class=config.sample.per_class, seed=config.sample.seed)
+  samples = loaded.sample(sampler=sampler, num_steps=num_steps, guidance_w=config.sample.guidance_w, z_init=z_init,
+                          label=label, seed=config.sample.seed)
+  out_dir = config.sample.out_dir or os.path.join(config.workdir, 'samples')
+  name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{config.sample.guidance_w:g}'
+  png = os.path.join(out_dir, name + '.png')
+  if jax.process_index() == 0:
+    save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)
+    np.savez(os.path.join(out_dir, name + '.npz'), samples=samples, labels=np.asarray(label))
+  logging.info('wrote %s (%d network calls per sample)', png, num_steps * loaded.nfe_per_step)
+  return png

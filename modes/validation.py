@@ -1,0 +1,87 @@
+"""Config sanity checks: each bad value gives one ConfigError line that names the field and the fix."""
+
+from data import DataError, dataset_info
+
+OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2')
+STAGES = ('stage1', 'stage2')
+SAMPLER_NAMES = ('ddim', 'stochastic', 'ddpm')
+
+
+class ConfigError(ValueError):
+  """An invalid config value."""
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def is_power_of_two(n: int) -> bool:
+  return n >= 1 and n & (n - 1) == 0
+
+
+def _check_optimizer(name: str, section) -> None:
+  _require(section.batch_size > 0, f'{name}.batch_size must be > 0, got {section.batch_size}')
+  _require(section.num_steps > 0, f'{name}.num_steps must be > 0, got {section.num_steps}')
+  _require(section.lr > 0, f'{name}.lr must be > 0, got {section.lr}')
+  _require(0 <= section.warmup_steps, f'{name}.warmup_steps must be >= 0, got {section.warmup_steps}')
+  _require(0 <= section.ema_decay < 1, f'{name}.ema_decay must be in [0, 1), got {section.ema_decay}')
+  _require(section.grad_clip >= 0, f'{name}.grad_clip must be >= 0 (0 = off), got {section.grad_clip}')
+  _require(section.log_every > 0, f'{name}.log_every must be > 0, got {section.log_every}')
+  _require(section.checkpoint_every > 0, f'{name}.checkpoint_every must be > 0, got {section.checkpoint_every}')
+  _require(section.keep_checkpoints >= 1, f'{name}.keep_checkpoints must be >= 1')
+
+
+def _check_model(config, info) -> None:
+  model = config.model
+  _require(model.name in ('unet', 'mlp'), f"unknown model.name '{model.name}'; choose one of: mlp, unet")
+  if model.name == 'mlp':
+    _require(not info.is_image, f"model.name 'mlp' is for vector data, not images of {info.name}: use 'unet'")
+    return
+  _require(info.is_image, f"model.name 'unet' needs image data; {info.name} is vector data: use 'mlp'")
+  factor = 2 ** (len(model.ch_mult) - 1)
+  size = info.shape[0]
+  _require(size % factor == 0, f'image size {size} does not divide by the U-Net downsampling factor {factor} '
+           f'(len(model.ch_mult)={len(model.ch_mult)}): use fewer levels in model.ch_mult')
+  _require(model.ch % model.num_groups == 0, f'model.ch={model.ch} must be a multiple of model.num_groups='
+           f'{model.num_groups}')
+  _require(0 <= model.dropout < 1, f'model.dropout must be in [0, 1), got {model.dropout}')
+
+
+def _check_stage2(config) -> None:
+  stage2 = config.stage2
+  _require(is_power_of_two(stage2.start_steps) and stage2.start_steps >= 2,
+           f'stage2.start_steps must be a power of two >= 2, got {stage2.start_steps}')
+  _require(is_power_of_two(stage2.final_steps),
+           f'stage2.final_steps must be a power of two, got {stage2.final_steps}')
+  _require(stage2.final_steps < stage2.start_steps, f'stage2.final_steps ({stage2.final_steps}) must be '
+           f'smaller than stage2.start_steps ({stage2.start_steps})')
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError on the first invalid field."""
+  try:
+    info = dataset_info(config.data.name)
+  except DataError as err:
+    raise ConfigError(str(err)) from err
+  _check_model(config, info)
+  diffusion = config.diffusion
+  _require(diffusion.schedule in ('cosine', 'linear'), f"unknown diffusion.schedule '{diffusion.schedule}'")
+  _require(diffusion.logsnr_min < diffusion.logsnr_max, 'diffusion.logsnr_min must be < diffusion.logsnr_max')
+  _require(diffusion.parametrization in ('v', 'x', 'eps'),
+           f"unknown diffusion.parametrization '{diffusion.parametrization}'; choose one of: eps, v, x")
+  _require(diffusion.loss_weighting in ('truncated_snr', 'snr_plus_one'),
+           f"unknown diffusion.loss_weighting '{diffusion.loss_weighting}'; choose truncated_snr or snr_plus_one")
+  for name in OPTIMIZER_SECTIONS:
+    _check_optimizer(name, config[name])
+  _require(0 <= config.train.p_uncond < 1, f'train.p_uncond must be in [0, 1), got {config.train.p_uncond}')
+  _require(config.distill.stage in STAGES, f"unknown distill.stage '{config.distill.stage}'; choose stage1 or stage2")
+  _require(config.distill.w_min <= config.distill.w_max, f'distill.w_min ({config.distill.w_min}) > distill.w_max '
+           f'({config.distill.w_max}): the guidance range is reversed, swap them')
+  _check_stage2(config)
+  _require(config.sample.sampler in SAMPLER_NAMES,
+           f"unknown sample.sampler '{config.sample.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}")
+  _require(config.sample.num_steps >= 0, f'sample.num_steps must be >= 0 (0 = the checkpoint default), '
+           f'got {config.sample.num_steps}')
+  _require(config.sample.per_class > 0, f'sample.per_class must be > 0, got {config.sample.per_class}')
+  _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')

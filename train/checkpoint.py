@@ -1,0 +1,85 @@
+"""Orbax checkpoints: one manager per stage or round, a JSON record of what made them, clear refusals."""
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+# Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
+IDENTITY_KEYS = ('stage', 'sampling_steps', 'model', 'guidance_input', 'x_shape', 'num_classes',
+                 'parametrization')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete or was made for another model; the message names the fix."""
+
+
+def open_manager(ckpt_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+
+
+def latest_step(ckpt_dir: str) -> Optional[int]:
+  """The newest complete checkpoint's step in ckpt_dir, or None when there is none."""
+  if not os.path.isdir(ckpt_dir):
+    return None
+  with open_manager(ckpt_dir, create=False) as manager:
+    return manager.latest_step()
+
+
+def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             record=ocp.args.JsonSave(record)), force=True)
+
+
+def read_record(ckpt_dir: str, step: Optional[int] = None) -> dict:
+  """The JSON record saved with a checkpoint (stage, model config, sampling steps, full config)."""
+  with open_manager(ckpt_dir, create=False) as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
+    return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+
+
+def check_compatible(saved: dict, expected: dict, ckpt_dir: str) -> None:
+  """Raises CheckpointError naming the first identity field where saved and expected records differ."""
+  for key in IDENTITY_KEYS:
+    if key in expected and saved.get(key) != expected[key]:
+      raise CheckpointError(
+          f'checkpoint {ckpt_dir} was made with {key}={saved.get(key)!r} but the config gives '
+          f'{expected[key]!r}: use another --config.workdir or the config that made it')
+
+
+def restore_state(manager: ocp.CheckpointManager, target_state, expected_record: dict, ckpt_dir: str):
+  """Restores the latest state into target_state's structure and shardings (checked first)."""
+  step = manager.latest_step()
+  saved = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+  check_compatible(saved, expected_record, ckpt_dir)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+  except (ValueError, KeyError) as err:
+    raise CheckpointError(f'checkpoint {ckpt_dir} does not fit the current model ({str(err)[:200]}): '
+                          'use another --config.workdir or the config that made it') from err
+  return restored['state']
+
+
+def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: str = 'ema_params') -> Any:
+  """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher."""
+  if latest_step(ckpt_dir) is None:
+    raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
+  with open_manager(ckpt_dir, create=False) as manager:
+    saved = read_record(ckpt_dir)
+    check_compatible(saved, expected_record, ckpt_dir)
+    restored = manager.restore(manager.latest_step(),
+                               args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  params = restored[which] if isinstance(restored, dict) else getattr(restored, which)
+  want = jax.tree.map(lambda x: tuple(x.shape), target_params)
+  got = jax.tree.map(lambda x: tuple(x.shape), params)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise CheckpointError(f'checkpoint {ckpt_dir} holds parameters of another architecture: '
+                          'use the config that made it')
+  return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding) if hasattr(ref, 'sharding') else x,
+                      params, target_params)
