@@ -1,0 +1,48 @@
+"""Denoiser networks: build_model from a config, plus parameter initialisation and counting."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.mlp import MLPDenoiser
+from models.unet import UNet
+
+MODEL_NAMES = ('mlp', 'unet')
+
+
+def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
+  """Builds a UNet or MLPDenoiser from model_config (a ConfigDict with `name` in MODEL_NAMES)."""
+  if model_config.name == 'unet':
+    return UNet(
+        num_classes=num_classes,
+        ch=model_config.ch,
+        ch_mult=tuple(model_config.ch_mult),
+        num_res_blocks=model_config.num_res_blocks,
+        attn_resolutions=tuple(model_config.attn_resolutions),
+        dropout=model_config.dropout,
+        num_groups=model_config.num_groups,
+        num_heads=model_config.get('num_heads', 1),
+        guidance_input=guidance_input)
+  if model_config.name == 'mlp':
+    return MLPDenoiser(
+        num_classes=num_classes,
+        hidden=model_config.hidden,
+        num_layers=model_config.num_layers,
+        dropout=model_config.dropout,
+        guidance_input=guidance_input)
+  raise ValueError(f"unknown model.name '{model_config.name}'; choose one of: {', '.join(MODEL_NAMES)}")
+
+
+def init_params(model: nn.Module, *, rng, x_shape, guidance_input: bool):
+  """Initialises model on a dummy batch of 2; x_shape is one example's shape, e.g. (H, W, C) or (D,)."""
+  batch = 2
+  z_t = jnp.zeros((batch, *x_shape), jnp.float32)
+  logsnr_t = jnp.zeros((batch,), jnp.float32)
+  label = jnp.zeros((batch,), jnp.int32)
+  guidance_w = jnp.ones((batch,), jnp.float32) if guidance_input else None
+  variables = model.init({'params': rng}, z_t, logsnr_t, label, guidance_w, train=False)
+  return variables['params']
+
+
+def count_params(params) -> int:
+  """Total number of scalar parameters in a params pytree."""
+  return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))

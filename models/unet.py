@@ -1,0 +1,146 @@
+"""DDPM / progressive-distillation style U-Net conditioned on logsnr, class label and optionally w."""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.checks import check_denoiser_inputs
+from models.embeddings import conditioning_vector
+
+
+class ResBlock(nn.Module):
+  """GroupNorm -> SiLU -> Conv -> +Dense(emb) -> GroupNorm -> SiLU -> Dropout -> Conv, plus a skip."""
+  out_ch: int
+  num_groups: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, emb, *, train):
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name='norm_0')(x))  # [B, H, W, C_in]
+    h = nn.Conv(self.out_ch, (3, 3), name='conv_0')(h)  # [B, H, W, out_ch]
+    h = h + nn.Dense(self.out_ch, name='emb_proj')(nn.silu(emb))[:, None, None, :]
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name='norm_1')(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = nn.Conv(self.out_ch, (3, 3), name='conv_1')(h)
+    if x.shape[-1] != self.out_ch:
+      x = nn.Conv(self.out_ch, (1, 1), name='skip')(x)
+    return x + h  # [B, H, W, out_ch]
+
+
+class AttnBlock(nn.Module):
+  """GroupNorm + multi-head self-attention over the H*W positions, with a residual connection."""
+  num_heads: int
+  num_groups: int
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, channels = x.shape
+    if channels % self.num_heads:
+      raise ValueError(f'AttnBlock: channels {channels} not divisible by num_heads {self.num_heads}')
+    head_dim = channels // self.num_heads
+    h = nn.GroupNorm(num_groups=self.num_groups, name='norm')(x)
+    h = h.reshape(batch, height * width, channels)  # [B, N, C]
+    qkv_shape = (batch, height * width, self.num_heads, head_dim)
+    q = nn.Dense(channels, name='query')(h).reshape(qkv_shape)  # [B, N, heads, d]
+    k = nn.Dense(channels, name='key')(h).reshape(qkv_shape)
+    v = nn.Dense(channels, name='value')(h).reshape(qkv_shape)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)  # [B, heads, N, N]
+    weights = nn.softmax(logits, axis=-1)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, height * width, channels)  # [B, N, C]
+    out = nn.Dense(channels, name='proj_out')(out)
+    return x + out.reshape(batch, height, width, channels)
+
+
+class Downsample(nn.Module):
+  """Halves H and W with a stride-2 3x3 convolution."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), name='conv')(x)  # [B, H/2, W/2, C]
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour repetition followed by a 3x3 convolution."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
+    return nn.Conv(x.shape[-1], (3, 3), name='conv')(x)
+
+
+class UNet(nn.Module):
+  """U-Net mapping (z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]?) to an output like z_t.
+
+  label == num_classes is the null label used for classifier-free guidance. With guidance_input=True
+  the only extra parameters are under the top-level key 'guidance_embed'.
+  """
+  num_classes: int
+  ch: int = 64
+  ch_mult: tuple[int, ...] = (1, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = ()
+  dropout: float = 0.0
+  num_groups: int = 8
+  guidance_input: bool = False
+  num_heads: int = 1
+
+  @nn.compact
+  def __call__(self, z_t, logsnr_t, label, guidance_w=None, *, train: bool):
+    logsnr_t = jnp.asarray(logsnr_t, jnp.float32)
+    guidance_w = None if guidance_w is None else jnp.asarray(guidance_w, jnp.float32)
+    check_denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=4,
+                          guidance_input=self.guidance_input, model_name='UNet')
+    self._check_config(z_t.shape)
+    emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
+                              emb_dim=4 * self.ch, freq_dim=self.ch)  # [B, 4 * ch]
+    h = nn.Conv(self.ch, (3, 3), name='conv_in')(z_t)  # [B, H, W, ch]
+    h, skips = self._down_path(h, emb, train=train)
+    h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_0')(h, emb, train=train)
+    h = self._attn_block('mid_attn')(h)
+    h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_1')(h, emb, train=train)
+    h = self._up_path(h, skips, emb, train=train)
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name='norm_out')(h))
+    return nn.Conv(z_t.shape[-1], (3, 3), name='conv_out')(h)  # [B, H, W, C]
+
+  def _check_config(self, z_shape):
+    factor = 2**(len(self.ch_mult) - 1)
+    height, width = z_shape[1], z_shape[2]
+    if height % factor or width % factor:
+      raise ValueError(
+          f'UNet: image size {height}x{width} is not divisible by the downsampling factor {factor} '
+          f'(2**(len(ch_mult)-1) with ch_mult={self.ch_mult}); use fewer ch_mult levels or pad/resize '
+          f'the images to a multiple of {factor}')
+    for mult in self.ch_mult:
+      if (self.ch * mult) % self.num_groups:
+        raise ValueError(f'UNet: channel count ch*mult = {self.ch * mult} is not divisible by '
+                         f'num_groups={self.num_groups}; change ch, ch_mult or num_groups')
+
+  def _res_block(self, out_ch, name):
+    return ResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout, name=name)
+
+  def _attn_block(self, name):
+    return AttnBlock(num_heads=self.num_heads, num_groups=self.num_groups, name=name)
+
+  def _down_path(self, h, emb, *, train):
+    """Encoder; returns the bottleneck activations and the list of skip activations."""
+    skips = [h]
+    for level, mult in enumerate(self.ch_mult):
+      for block in range(self.num_res_blocks):
+        h = self._res_block(self.ch * mult, f'down_{level}_res_{block}')(h, emb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = self._attn_block(f'down_{level}_attn_{block}')(h)
+        skips.append(h)
+      if level != len(self.ch_mult) - 1:
+        h = Downsample(name=f'down_{level}_downsample')(h)
+        skips.append(h)
+    return h, skips
+
+  def _up_path(self, h, skips, emb, *, train):
+    """Decoder; consumes the skip activations (concatenated on channels) in reverse order."""
+    for level in reversed(range(len(self.ch_mult))):
+      for block in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H', W', C_h + C_skip]
+        h = self._res_block(self.ch * self.ch_mult[level], f'up_{level}_res_{block}')(h, emb, train=train)
+        if h.shape[1] in self.attn_resolutions:
+          h = self._attn_block(f'up_{level}_attn_{block}')(h)
+      if level != 0:
+        h = Upsample(name=f'up_{level}_upsample')(h)
+    return h

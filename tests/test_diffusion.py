@@ -1,0 +1,145 @@
+"""Property tests of the diffusion math: schedule, parametrizations, losses, guidance, DDIM, targets."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion import (alpha_sigma, ddim_step, ddpm_posterior, diffusion_forward, get_logsnr_schedule,
+                       guided_prediction, loss_weight, predict_eps_from_v, predict_eps_from_x, predict_v,
+                       predict_x_from_eps, predict_x_from_v, renoise, stage2_x_target, weighted_x_loss,
+                       x_eps_from_output)
+
+LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
+
+
+def _normal(seed, shape):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.mark.parametrize('name', ['cosine', 'linear'])
+def test_schedule_endpoints_and_monotone(name):
+  fn = get_logsnr_schedule(name, logsnr_min=-20.0, logsnr_max=20.0)
+  t = jnp.linspace(0.0, 1.0, 10001)
+  logsnr = fn(t)
+  assert np.all(np.isfinite(logsnr))
+  np.testing.assert_allclose(fn(0.0), 20.0, atol=2e-3)  # float32 tan near pi/2
+  np.testing.assert_allclose(fn(1.0), -20.0, atol=2e-3)
+  assert np.all(np.diff(np.asarray(logsnr)) < 0)
+  np.testing.assert_allclose(fn(jnp.array([-0.5, 1.5])), [20.0, -20.0], atol=2e-3)  # clipped outside [0, 1]
+
+
+def test_cosine_matches_unclipped_formula_inside():
+  t = jnp.linspace(0.05, 0.95, 19)
+  np.testing.assert_allclose(LOGSNR_FN(t), -2 * np.log(np.tan(np.pi * np.asarray(t) / 2)), atol=2e-3)
+
+
+def test_schedule_rejects_bad_input():
+  with pytest.raises(ValueError, match='unknown diffusion.schedule'):
+    get_logsnr_schedule('nope', logsnr_min=-1.0, logsnr_max=1.0)
+  with pytest.raises(ValueError, match='logsnr_min < logsnr_max'):
+    get_logsnr_schedule('cosine', logsnr_min=1.0, logsnr_max=-1.0)
+
+
+def test_alpha_sigma_variance_preserving():
+  logsnr = jnp.linspace(-20.0, 20.0, 101)
+  alpha, sigma = alpha_sigma(logsnr)
+  np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, atol=1e-6)
+  inner = np.abs(logsnr) < 10
+  np.testing.assert_allclose(np.log(alpha**2 / sigma**2)[inner], logsnr[inner], atol=1e-3)
+
+
+def test_parametrization_round_trips():
+  x, eps = _normal(0, (4, 8, 8, 1)), _normal(1, (4, 8, 8, 1))
+  logsnr = jnp.array([-5.0, -1.0, 0.5, 4.0])
+  z = diffusion_forward(x=x, eps=eps, logsnr=logsnr)
+  v = predict_v(x=x, eps=eps, logsnr=logsnr)
+  np.testing.assert_allclose(predict_x_from_v(z=z, v=v, logsnr=logsnr), x, atol=1e-5)
+  np.testing.assert_allclose(predict_eps_from_v(z=z, v=v, logsnr=logsnr), eps, atol=1e-5)
+  np.testing.assert_allclose(predict_x_from_eps(z=z, eps=eps, logsnr=logsnr), x, atol=1e-3)
+  np.testing.assert_allclose(predict_eps_from_x(z=z, x=x, logsnr=logsnr), eps, atol=1e-3)
+  for name, output in (('v', v), ('x', x), ('eps', eps)):
+    x_pred, eps_pred = x_eps_from_output(z=z, output=output, logsnr=logsnr, parametrization=name)
+    np.testing.assert_allclose(x_pred, x, atol=1e-3)
+    np.testing.assert_allclose(eps_pred, eps, atol=1e-3)
+
+
+def test_loss_weightings_match_their_definitions():
+  x, eps = _normal(0, (6, 5)), _normal(1, (6, 5))
+  logsnr = jnp.linspace(-4.0, 4.0, 6)
+  z = diffusion_forward(x=x, eps=eps, logsnr=logsnr)
+  v_pred = predict_v(x=x, eps=eps, logsnr=logsnr) + 0.3 * _normal(2, (6, 5))
+  x_pred = predict_x_from_v(z=z, v=v_pred, logsnr=logsnr)
+  eps_pred = predict_eps_from_v(z=z, v=v_pred, logsnr=logsnr)
+  mse = lambda a, b: jnp.mean(jnp.square(a - b), axis=1)
+  truncated = weighted_x_loss(x_pred=x_pred, x_target=x, logsnr=logsnr, weighting='truncated_snr')
+  np.testing.assert_allclose(truncated, jnp.maximum(mse(x_pred, x), mse(eps_pred, eps)), rtol=1e-4)
+  plus_one = weighted_x_loss(x_pred=x_pred, x_target=x, logsnr=logsnr, weighting='snr_plus_one')
+  np.testing.assert_allclose(plus_one, mse(v_pred, predict_v(x=x, eps=eps, logsnr=logsnr)), rtol=1e-4)
+  with pytest.raises(ValueError, match='unknown loss weighting'):
+    loss_weight(logsnr, 'nope')
+
+
+def test_guidance_at_zero_is_conditional_and_linear():
+  cond, uncond = _normal(0, (3, 4)), _normal(1, (3, 4))
+  np.testing.assert_allclose(guided_prediction(cond=cond, uncond=uncond, guidance_w=0.0), cond)
+  w = jnp.array([0.0, 1.0, 4.0])
+  expected = (1 + w[:, None]) * cond - w[:, None] * uncond
+  np.testing.assert_allclose(guided_prediction(cond=cond, uncond=uncond, guidance_w=w), expected, rtol=1e-6)
+
+
+def test_ddim_step_exact_for_point_mass_in_both_directions():
+  x0 = _normal(0, (4, 3))
+  eps = _normal(1, (4, 3))
+  for t, s in ((1.0, 0.3), (0.7, 0.2), (0.2, 0.9), (0.0, 0.5)):  # sampling and encoding
+    logsnr_t, logsnr_s = jnp.full((4,), LOGSNR_FN(t)), jnp.full((4,), LOGSNR_FN(s))
+    z_t = diffusion_forward(x=x0, eps=eps, logsnr=logsnr_t)
+    z_s = ddim_step(x_pred=x0, eps_pred=eps, logsnr_s=logsnr_s)
+    np.testing.assert_allclose(z_s, diffusion_forward(x=x0, eps=eps, logsnr=logsnr_s), atol=1e-5)
+    if t > 0:  # eps recovered from z_t by the point-mass denoiser
+      eps_from_z = predict_eps_from_x(z=z_t, x=x0, logsnr=logsnr_t)
+      np.testing.assert_allclose(ddim_step(x_pred=x0, eps_pred=eps_from_z, logsnr_s=logsnr_s), z_s, atol=1e-4)
+
+
+def _teacher_denoiser(z, logsnr):
+  """Some nonlinear 'teacher' x_pred that changes along the path."""
+  return jnp.tanh(1.5 * z) + 0.1 * logsnr[:, None]
+
+
+def test_stage2_target_lands_on_two_teacher_steps():
+  z_t = _normal(0, (5, 4))
+  for t, n in ((1.0, 4), (0.5, 2), (0.25, 8)):
+    logsnr_t, logsnr_mid, logsnr_end = (jnp.full((5,), LOGSNR_FN(u)) for u in (t, t - 0.5 / n, t - 1.0 / n))
+    x1 = _teacher_denoiser(z_t, logsnr_t)
+    z_mid = ddim_step(x_pred=x1, eps_pred=predict_eps_from_x(z=z_t, x=x1, logsnr=logsnr_t), logsnr_s=logsnr_mid)
+    x2 = _teacher_denoiser(z_mid, logsnr_mid)
+    z_end = ddim_step(x_pred=x2, eps_pred=predict_eps_from_x(z=z_mid, x=x2, logsnr=logsnr_mid), logsnr_s=logsnr_end)
+    x_tilde = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
+    one_step = ddim_step(x_pred=x_tilde, eps_pred=predict_eps_from_x(z=z_t, x=x_tilde, logsnr=logsnr_t),
+                         logsnr_s=logsnr_end)
+    np.testing.assert_allclose(one_step, z_end, atol=1e-4)
+    assert not np.allclose(x_tilde, x1, atol=1e-2)  # the target is not just the teacher's first x_pred
+
+
+def test_stage2_target_is_the_point_mass_itself():
+  x0, z_t = _normal(0, (5, 4)), _normal(1, (5, 4))
+  logsnr_t, logsnr_mid, logsnr_end = (jnp.full((5,), LOGSNR_FN(u)) for u in (0.75, 0.625, 0.5))
+  z_mid = ddim_step(x_pred=x0, eps_pred=predict_eps_from_x(z=z_t, x=x0, logsnr=logsnr_t), logsnr_s=logsnr_mid)
+  z_end = ddim_step(x_pred=x0, eps_pred=predict_eps_from_x(z=z_mid, x=x0, logsnr=logsnr_mid), logsnr_s=logsnr_end)
+  x_tilde = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
+  np.testing.assert_allclose(x_tilde, x0, atol=1e-4)
+
+
+def test_ddpm_posterior_and_renoise_preserve_the_marginals():
+  """Monte Carlo: z_t ~ q(z_t|x0) then z_s ~ q(z_s|z_t, x0) has the marginal q(z_s|x0); same for renoise."""
+  n, x0 = 200_000, 0.7
+  logsnr_t, logsnr_s = jnp.full((n,), LOGSNR_FN(0.8)), jnp.full((n,), LOGSNR_FN(0.4))
+  x = jnp.full((n, 1), x0)
+  z_t = diffusion_forward(x=x, eps=_normal(0, (n, 1)), logsnr=logsnr_t)
+  mean, std = ddpm_posterior(z_t=z_t, x_pred=x, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
+  z_s = mean + std * _normal(1, (n, 1))
+  alpha_s, sigma_s = alpha_sigma(LOGSNR_FN(0.4))
+  np.testing.assert_allclose([z_s.mean(), z_s.std()], [alpha_s * x0, sigma_s], atol=5e-3)
+  z_u = renoise(z_s=z_s, logsnr_s=logsnr_s, logsnr_u=logsnr_t, noise=_normal(2, (n, 1)))
+  alpha_t, sigma_t = alpha_sigma(LOGSNR_FN(0.8))
+  np.testing.assert_allclose([z_u.mean(), z_u.std()], [alpha_t * x0, sigma_t], atol=5e-3)
