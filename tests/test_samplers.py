@@ -1,0 +1,111 @@
+"""Sampler tests with exact denoisers: point-mass exactness, Gaussian convergence, the stochastic sampler."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion import alpha_sigma, ddim_step, get_logsnr_schedule, predict_eps_from_x, renoise
+from samplers import make_sampler, sample_ddim, sample_stochastic, stochastic_step
+
+LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
+X0 = jnp.array([[0.5, -0.25, 1.0]])
+MU, STD = 0.3, 0.5
+
+
+def _with_eps(x_fn):
+  def denoise_fn(params, z_t, logsnr_t, label, guidance_w):
+    del params, label, guidance_w
+    x_pred = x_fn(z_t, logsnr_t)
+    return x_pred, predict_eps_from_x(z=z_t, x=x_pred, logsnr=logsnr_t)
+  return denoise_fn
+
+
+point_mass = _with_eps(lambda z, logsnr: jnp.broadcast_to(X0, z.shape))
+
+
+def _gaussian_x(z, logsnr):
+  """Exact denoiser of x ~ N(MU, STD^2 I)."""
+  alpha, sigma = (a[:, None] for a in alpha_sigma(logsnr))
+  return MU + alpha * STD**2 * (z - alpha * MU) / (alpha**2 * STD**2 + sigma**2)
+
+
+gaussian = _with_eps(_gaussian_x)
+
+
+def _run(name, denoise_fn, z_init, num_steps, seed=0):
+  label = jnp.zeros(z_init.shape[:1], jnp.int32)
+  run = make_sampler(name, denoise_fn, num_steps=num_steps, logsnr_fn=LOGSNR_FN)
+  return run(None, z_init, label, jnp.zeros(label.shape), jax.random.key(seed))
+
+
+@pytest.mark.parametrize('name', ['ddim', 'stochastic', 'ddpm'])
+@pytest.mark.parametrize('num_steps', [1, 2, 7])
+def test_point_mass_is_exact_for_every_sampler(name, num_steps):
+  z_init = jax.random.normal(jax.random.key(1), (16, 3))
+  np.testing.assert_allclose(_run(name, point_mass, z_init, num_steps), jnp.broadcast_to(X0, (16, 3)), atol=1e-5)
+
+
+def test_ddim_converges_to_the_exact_ode_map_for_gaussian_data():
+  z_1 = jax.random.normal(jax.random.key(2), (4096, 2))
+  alpha_1, sigma_1 = alpha_sigma(LOGSNR_FN(1.0))
+  exact = MU + STD * (z_1 - alpha_1 * MU) / jnp.sqrt(alpha_1**2 * STD**2 + sigma_1**2)  # ODE keeps z standardised
+  errors = [float(jnp.max(jnp.abs(_run('ddim', gaussian, z_1, n) - exact))) for n in (1, 4, 16, 64, 256)]
+  ratios = [a / b for a, b in zip(errors, errors[1:])]
+  assert all(r > 3.0 for r in ratios), errors  # first order: 4x the steps, ~1/4 the error
+  assert errors[-1] < 0.02, errors
+  x = _run('ddim', gaussian, z_1, 256)
+  np.testing.assert_allclose([x.mean(), x.std()], [MU, STD], atol=0.03)
+
+
+def test_stochastic_step_without_noise_is_the_deterministic_double_step():
+  denoise_fn = _with_eps(lambda z, logsnr: jnp.tanh(z) * 0.8)  # any nonlinear model
+  z_t = jax.random.normal(jax.random.key(3), (5, 3))
+  num_steps, t = 8, 5 / 8
+  z_next, x_pred = stochastic_step(denoise_fn, None, z_t=z_t, t=t, num_steps=num_steps, label=None,
+                                   guidance_w=None, logsnr_fn=LOGSNR_FN, noise=jnp.zeros_like(z_t))
+  logsnr = lambda u: jnp.full((5,), LOGSNR_FN(u))
+  z_two_back = ddim_step(x_pred=x_pred, eps_pred=predict_eps_from_x(z=z_t, x=x_pred, logsnr=logsnr(t)),
+                         logsnr_s=logsnr(t - 2 / num_steps))
+  alpha_u, _ = alpha_sigma(LOGSNR_FN(t - 1 / num_steps))
+  alpha_s, _ = alpha_sigma(LOGSNR_FN(t - 2 / num_steps))
+  np.testing.assert_allclose(z_next, (alpha_u / alpha_s) * z_two_back, atol=1e-5)
+  noisy, _ = stochastic_step(denoise_fn, None, z_t=z_t, t=t, num_steps=num_steps, label=None, guidance_w=None,
+                             logsnr_fn=LOGSNR_FN, noise=jnp.ones_like(z_t))
+  expected = renoise(z_s=z_two_back, logsnr_s=logsnr(t - 2 / num_steps), logsnr_u=logsnr(t - 1 / num_steps),
+                     noise=jnp.ones_like(z_t))
+  np.testing.assert_allclose(noisy, expected, atol=1e-5)
+
+
+def test_stochastic_last_step_is_deterministic():
+  """Different noise changes the path but the output is always x_pred at t = 1/N: no noise after it."""
+  denoise_fn = _with_eps(lambda z, logsnr: jnp.tanh(z))
+  z_init = jax.random.normal(jax.random.key(4), (64, 2))
+  out_a, out_b = _run('stochastic', denoise_fn, z_init, 4, seed=0), _run('stochastic', denoise_fn, z_init, 4, seed=1)
+  assert not np.allclose(out_a, out_b)
+  np.testing.assert_allclose(out_a, jnp.tanh(jnp.arctanh(jnp.clip(out_a, -0.999999, 0.999999))), atol=1e-4)
+  assert np.all(np.abs(out_a) < 1.0)  # exactly a tanh output: x_pred itself, not x_pred plus noise
+
+
+@pytest.mark.parametrize('name, sampler', [('ddim', sample_ddim), ('stochastic', sample_stochastic)])
+def test_sampler_makes_exactly_n_network_calls(name, sampler):
+  calls = []
+
+  def counting(params, z_t, logsnr_t, label, guidance_w):
+    jax.debug.callback(lambda: calls.append(1))
+    return point_mass(params, z_t, logsnr_t, label, guidance_w)
+
+  kwargs = dict(rng=jax.random.key(0)) if name == 'stochastic' else {}
+  z_init = jnp.zeros((2, 3))
+  out = jax.jit(lambda z: sampler(counting, None, z_init=z, label=jnp.zeros(2, jnp.int32), guidance_w=0.0,
+                                  num_steps=6, logsnr_fn=LOGSNR_FN, **kwargs))(z_init)
+  jax.block_until_ready(out)
+  jax.effects_barrier()
+  assert len(calls) == 6
+
+
+def test_make_sampler_rejects_bad_input():
+  with pytest.raises(ValueError, match='unknown sampler'):
+    make_sampler('euler', point_mass, num_steps=4, logsnr_fn=LOGSNR_FN)
+  with pytest.raises(ValueError, match='steps must be >= 1'):
+    make_sampler('ddim', point_mass, num_steps=0, logsnr_fn=LOGSNR_FN)
