@@ -68,9 +68,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema_params = params if ema_decay == 0 else optax.incremental_update(params, state.ema_params,
-                                                                         1.0 - ema_decay)
-    grad_norm = optax.global_norm(grads)
+    # EMA with the usual warm-up: decay min(ema_decay, (1 + step) / (10 + step)), so short runs are not
+    # dominated by their initial parameters.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema_params = params if ema_decay == 0 else optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(
         step=state.step + 1,

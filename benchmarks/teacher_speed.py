@@ -1,0 +1,77 @@
+"""Prints the teacher's train steps/s and guided-DDIM sampling images/s for a config on this device.
+
+  python benchmarks/teacher_speed.py --config=configs/digits_teacher.py [--steps=50 --sample_steps=64]
+
+Timing: every function is jitted and run once to compile, then timed with block_until_ready.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
+from ml_collections import config_flags  # pylint: disable=wrong-import-position
+
+from distill import objectives, stages  # pylint: disable=wrong-import-position
+from models import count_params, init_params  # pylint: disable=wrong-import-position
+from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
+from samplers import make_sampler  # pylint: disable=wrong-import-position
+from train.state import create_train_state, learning_rate_schedule, make_optimizer, make_train_step  # pylint: disable=wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
+_STEPS = flags.DEFINE_integer('steps', 50, 'Timed train steps.')
+_SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 64, 'DDIM steps of the guided teacher.')
+_SAMPLE_BATCH = flags.DEFINE_integer('sample_batch', 256, 'Images per sampling call.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Sampling repeats (median reported).')
+
+
+def main(_):
+  config = _CONFIG.value
+  record = stages.make_record(config, stage='teacher')
+  model, _ = stages.build_from_record(config.model, record)
+  params = init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']), guidance_input=False)
+  kwargs = dict(logsnr_fn=stages.logsnr_schedule(config), parametrization=config.diffusion.parametrization,
+                weighting=config.diffusion.loss_weighting)
+  loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond,
+                                       num_classes=record['num_classes'], **kwargs)
+  tx = make_optimizer(config.train)
+  step_fn = jax.jit(make_train_step(loss_fn, tx, ema_decay=config.train.ema_decay,
+                                    lr_schedule=learning_rate_schedule(config.train)), donate_argnums=(0,))
+  state = create_train_state(params, tx, seed=0)
+  batch_size = config.train.batch_size
+  batch = {'x': jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch_size, *record['x_shape'])), jnp.float32),
+           'label': jnp.arange(batch_size, dtype=jnp.int32) % record['num_classes']}
+  state, _ = step_fn(state, batch, None)
+  jax.block_until_ready(state)
+  start = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, _ = step_fn(state, batch, None)
+  jax.block_until_ready(state)
+  train_sps = _STEPS.value / (time.perf_counter() - start)
+
+  denoise_fn = make_denoise_fn(model, parametrization=config.diffusion.parametrization, kind='guided',
+                               num_classes=record['num_classes'])
+  run = make_sampler('ddim', denoise_fn, num_steps=_SAMPLE_STEPS.value, logsnr_fn=kwargs['logsnr_fn'])
+  n = _SAMPLE_BATCH.value
+  z = jax.random.normal(jax.random.key(1), (n, *record['x_shape']))
+  label, w = jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,))
+  jax.block_until_ready(run(state.ema_params, z, label, w, jax.random.key(0)))
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(run(state.ema_params, z, label, w, jax.random.key(0)))
+    times.append(time.perf_counter() - start)
+  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})')
+  print(f'model: {config.model.name}, {count_params(params):,} params, data {config.data.name} {record["x_shape"]}')
+  print(f'teacher train: {train_sps:.2f} steps/s at batch {batch_size} ({train_sps * batch_size:.0f} examples/s)')
+  print(f'teacher guided DDIM {_SAMPLE_STEPS.value} steps ({2 * _SAMPLE_STEPS.value} NFE): '
+        f'{n / float(np.median(times)):.1f} images/s at batch {n}')
+
+
+if __name__ == '__main__':
+  app.run(main)

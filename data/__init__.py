@@ -1,0 +1,114 @@
+"""Public data API: dataset metadata, in-memory arrays and train iterators."""
+
+import dataclasses
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from data.digits import load_digits_arrays
+from data.errors import DataError
+from data.tfds_data import make_tfds_iterator
+from data.toy2d import load_toy2d_arrays
+
+__all__ = [
+    'DataError',
+    'DatasetInfo',
+    'dataset_info',
+    'load_arrays',
+    'make_tfds_iterator',
+    'make_train_iterator',
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static description of a dataset; `shape` is per example."""
+
+  name: str
+  shape: tuple[int, ...]
+  num_classes: int
+  is_image: bool
+
+
+_INFOS = {
+    'cifar10': DatasetInfo('cifar10', (32, 32, 3), 10, is_image=True),
+    'digits': DatasetInfo('digits', (8, 8, 1), 10, is_image=True),
+    'imagenet64': DatasetInfo('imagenet64', (64, 64, 3), 1000, is_image=True),
+    'toy2d': DatasetInfo('toy2d', (2,), 4, is_image=False),
+}
+_IN_MEMORY_LOADERS = {'digits': load_digits_arrays, 'toy2d': load_toy2d_arrays}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  """Returns the DatasetInfo for `name`; raises DataError if unknown."""
+  if name not in _INFOS:
+    choices = ', '.join(sorted(_INFOS))
+    raise DataError(f"unknown data.name '{name}'; choose one of: {choices}")
+  return _INFOS[name]
+
+
+def load_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Returns (x [N, ...] float32, label [N] int32) of an in-memory dataset."""
+  dataset_info(name)
+  if name not in _IN_MEMORY_LOADERS:
+    raise DataError(
+        f"dataset '{name}' is streamed from tfds, not held in memory; in-memory"
+        f" datasets are: {', '.join(sorted(_IN_MEMORY_LOADERS))}"
+    )
+  return _IN_MEMORY_LOADERS[name](split)
+
+
+def _in_memory_batches(
+    name: str, *, batch_size: int, seed: int, random_flip: bool, start_step: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yields batches sampled with replacement; batch k is f(seed, host, k)."""
+  x, label = load_arrays(name, 'train')  # [N, ...], [N]
+  flip = random_flip and dataset_info(name).is_image
+  step = start_step
+  while True:
+    rng = np.random.default_rng([seed, jax.process_index(), step])
+    indices = rng.integers(0, len(label), size=batch_size)  # [B]
+    batch_x = x[indices]  # [B, ...]
+    if flip:
+      mirrored = rng.random(batch_size) < 0.5  # [B]
+      batch_x[mirrored] = batch_x[mirrored, :, ::-1, :]  # flip along W
+    yield {'x': batch_x, 'label': label[indices]}
+    step += 1
+
+
+def make_train_iterator(
+    data_config: ml_collections.ConfigDict,
+    *,
+    per_host_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yields endless training batches {'x': [B, ...], 'label': [B]} for a host.
+
+  `data_config` needs `name`, `random_flip` and `tfds_data_dir`. For the
+  in-memory datasets (digits, toy2d) the batch at step k is a pure function
+  of (seed, jax.process_index(), k), so resuming with `start_step=k` replays
+  exactly the batches of an uninterrupted run. tfds datasets are not
+  bit-exact on resume: the pipeline is reseeded from (seed, start_step).
+  """
+  name = data_config.name
+  dataset_info(name)
+  if name in _IN_MEMORY_LOADERS:
+    return _in_memory_batches(
+        name,
+        batch_size=per_host_batch_size,
+        seed=seed,
+        random_flip=data_config.random_flip,
+        start_step=start_step,
+    )
+  resume_seed = np.random.SeedSequence([seed, start_step]).generate_state(1)
+  return make_tfds_iterator(
+      name,
+      split='train',
+      per_host_batch_size=per_host_batch_size,
+      seed=int(resume_seed[0]),
+      random_flip=data_config.random_flip,
+      data_dir=data_config.tfds_data_dir or None,
+  )

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny configs and one trained toy-2D run (teacher, stage 1, two stage-2 rounds)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import tiny  # pylint: disable=wrong-import-position
+
+
+def tiny_config(workdir, **stage_steps):
+  """configs/tiny.py in workdir; stage_steps like train=40 sets that section's num_steps."""
+  config = tiny.get_config()
+  config.workdir = str(workdir)
+  for section, steps in stage_steps.items():
+    config[section].num_steps = steps
+  return config
+
+
+@pytest.fixture(scope='session')
+def toy_run(tmp_path_factory):
+  """A toy-2D pipeline trained well enough to measure: 16-step stage-1 teacher -> 8 -> 4 steps."""
+  from distill import stages  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path_factory.mktemp('toy_run'), train=1500, stage1=600, stage2=600)
+  config.model.update(hidden=128, num_layers=3)
+  config.train.update(batch_size=256, lr=2e-3, warmup_steps=50, checkpoint_every=1500)
+  config.stage1.update(batch_size=256, lr=1e-3, warmup_steps=20, checkpoint_every=600)
+  config.stage2.update(batch_size=256, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
+  stages.train_teacher(config)
+  stages.train_stage1(config)
+  stages.train_stage2(config)
+  return config

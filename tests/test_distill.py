@@ -1,0 +1,102 @@
+"""Distillation tests: stage-1 initialisation, the stage-2 target with a real model, toy-2D quality."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data.toy2d import TOY2D_COVS, TOY2D_MEANS
+from diffusion import ddim_step, get_logsnr_schedule
+from distill import objectives, stages
+from eval.toy_metrics import per_class_moment_errors, sliced_wasserstein
+from models import build_model, init_params
+from models.denoiser import make_denoise_fn
+from modes.sampling import LoadedCheckpoint
+
+LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
+MLP = ml_collections.ConfigDict(dict(name='mlp', hidden=32, num_layers=2, dropout=0.0))
+
+
+def _model_and_params(guidance_input, seed):
+  model = build_model(MLP, num_classes=4, guidance_input=guidance_input)
+  return model, init_params(model, rng=jax.random.key(seed), x_shape=(2,), guidance_input=guidance_input)
+
+
+def test_stage1_student_starts_as_the_teachers_conditional_model():
+  teacher, teacher_params = _model_and_params(False, 0)
+  student, fresh = _model_and_params(True, 1)
+  student_params = stages.stage1_init_params(teacher_params, fresh)
+  z, logsnr = jax.random.normal(jax.random.key(2), (8, 2)), jnp.linspace(-5, 5, 8)
+  label = jnp.arange(8, dtype=jnp.int32) % 4
+  conditional = teacher.apply({'params': teacher_params}, z, logsnr, label, train=False)
+  for w in (0.0, 1.0, 4.0):
+    out = student.apply({'params': student_params}, z, logsnr, label, jnp.full((8,), w), train=False)
+    np.testing.assert_array_equal(out, conditional)
+
+
+def test_stage2_target_with_a_real_teacher_network():
+  model, params = _model_and_params(True, 3)
+  denoise_fn = make_denoise_fn(model, parametrization='v', kind='w_input', num_classes=4)
+  t, t_mid, t_end = objectives.stage2_times(jax.random.key(4), 64, student_steps=4, fine_grid=True)
+  np.testing.assert_allclose(t - t_mid, np.where(t >= 0.125, 0.125, t), atol=1e-6)
+  assert set(np.round(np.asarray(t) * 8).astype(int)) <= set(range(1, 9))
+  z_t = jax.random.normal(jax.random.key(5), (64, 2))
+  label, w = jnp.arange(64, dtype=jnp.int32) % 4, jnp.full((64,), 2.0)
+  logsnrs = [LOGSNR_FN(u) for u in (t, t_mid, t_end)]
+  z_end = objectives.two_teacher_steps(denoise_fn, params, z_t=z_t, logsnr_t=logsnrs[0], logsnr_mid=logsnrs[1],
+                                       logsnr_end=logsnrs[2], label=label, guidance_w=w)
+  from diffusion import stage2_x_target, predict_eps_from_x  # pylint: disable=g-import-not-at-top
+  x_tilde = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnrs[0], logsnr_tpp=logsnrs[2])
+  eps = predict_eps_from_x(z=z_t, x=x_tilde, logsnr=logsnrs[0])
+  np.testing.assert_allclose(ddim_step(x_pred=x_tilde, eps_pred=eps, logsnr_s=logsnrs[2]), z_end, atol=2e-4)
+
+
+def _guided_samples(ckpt_dir, *, sampler, steps, w, n_per_class=512, seed=7):
+  loaded = LoadedCheckpoint(ckpt_dir)
+  label = jnp.repeat(jnp.arange(4, dtype=jnp.int32), n_per_class)
+  z_init = jax.random.normal(jax.random.key(seed), (label.shape[0], 2))
+  return loaded.sample(sampler=sampler, num_steps=steps, guidance_w=w, z_init=z_init, label=label, seed=seed), label
+
+
+def test_toy_teacher_matches_the_data_and_guidance_tightens_classes(toy_run):
+  teacher_dir = stages.stage_dir(toy_run.workdir, 'teacher')
+  samples, label = _guided_samples(teacher_dir, sampler='ddim', steps=256, w=0.0)
+  mean_err, cov_err = per_class_moment_errors(samples, label, TOY2D_MEANS, TOY2D_COVS)
+  assert mean_err < 0.1 and cov_err < 0.03, (mean_err, cov_err)
+  guided, _ = _guided_samples(teacher_dir, sampler='ddim', steps=256, w=4.0)
+  # Guidance samples p(x|c) p(c|x)^w: away from the other classes, i.e. further along the class-mean
+  # direction (the blobs sit around the origin), with a class posterior that does not drop.
+  posterior_w0, posterior_w4 = _mean_class_posterior(samples, label), _mean_class_posterior(guided, label)
+  assert posterior_w4 >= posterior_w0, (posterior_w0, posterior_w4)
+  assert _along_class_direction(guided, label) > _along_class_direction(samples, label) + 0.05
+
+
+def _along_class_direction(x, label):
+  directions = TOY2D_MEANS / np.linalg.norm(TOY2D_MEANS, axis=1, keepdims=True)
+  return float(np.mean(np.sum(np.asarray(x) * directions[np.asarray(label)], axis=1)))
+
+
+def _mean_class_posterior(x, label):
+  """Mean of p(label | x) under the true toy mixture (equal class priors)."""
+  x = np.asarray(x, np.float64)
+  log_densities = []
+  for mean, cov in zip(TOY2D_MEANS, TOY2D_COVS):
+    diff = x - mean
+    maha = np.einsum('ni,ij,nj->n', diff, np.linalg.inv(cov), diff)
+    log_densities.append(-0.5 * maha - 0.5 * np.log(np.linalg.det(cov)))
+  log_densities = np.stack(log_densities, axis=1)  # [N, 4]
+  posterior = np.exp(log_densities - log_densities.max(axis=1, keepdims=True))
+  posterior /= posterior.sum(axis=1, keepdims=True)
+  return float(np.mean(posterior[np.arange(len(x)), np.asarray(label)]))
+
+
+def test_toy_student_at_4_steps_beats_teacher_ddim_at_4_steps(toy_run):
+  teacher_dir = stages.stage_dir(toy_run.workdir, 'teacher')
+  student_dir = stages.stage_dir(toy_run.workdir, 'stage2', 4)
+  for w in (0.0, 2.0):
+    reference, _ = _guided_samples(teacher_dir, sampler='ddim', steps=256, w=w, seed=11)
+    teacher_4, _ = _guided_samples(teacher_dir, sampler='ddim', steps=4, w=w)
+    student_4, _ = _guided_samples(student_dir, sampler='ddim', steps=4, w=w)
+    d_teacher = sliced_wasserstein(teacher_4, reference)
+    d_student = sliced_wasserstein(student_4, reference)
+    assert d_student < 0.7 * d_teacher, (w, d_student, d_teacher)
