@@ -28,14 +28,16 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
-  from modes.validation import validate_config  # pylint: disable=g-import-not-at-top
+  from modes.validation import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
   if _MODE.value not in MODES:
-    raise app.UsageError(f"unknown --mode '{_MODE.value}'; choose one of: {', '.join(sorted(MODES))}")
+    raise ConfigError(f"unknown --mode '{_MODE.value}'; choose one of: {', '.join(sorted(MODES))}")
   if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/digits_teacher.py')
+    raise ConfigError('--config is required, e.g. --config=configs/digits_teacher.py')
   import jax  # pylint: disable=g-import-not-at-top
   if _MULTIHOST.value:
     jax.distributed.initialize()
+  # Compiled programs are cached on disk: stage-2 rounds share one program, reruns start faster.
+  jax.config.update('jax_compilation_cache_dir', os.path.join(_CONFIG.value.workdir, 'jax_cache'))
   validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
   logging.info('mode=%s workdir=%s devices=%d (%s)', _MODE.value, _CONFIG.value.workdir, jax.device_count(),
                jax.default_backend())

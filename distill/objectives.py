@@ -45,7 +45,8 @@ def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, n
 def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max):
   """Match the guided teacher x_hat^w (2 teacher calls, no gradient) for w ~ U[w_min, w_max]."""
 
-  def loss_fn(params, batch, rng, teacher_params):
+  def loss_fn(params, batch, rng, frozen):
+    teacher_params = frozen['teacher_params']
     x, label = batch['x'], batch['label']
     rng_noise, rng_w, rng_dropout = jax.random.split(rng, 3)
     z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
@@ -60,7 +61,7 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
   return loss_fn
 
 
-def stage2_times(rng, batch_size: int, *, student_steps: int, fine_grid: bool):
+def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool):
   """Student times t and the teacher's two step ends t' = t - 1/(2N), t'' = t - 1/N (clipped at 0).
 
   With fine_grid, t is drawn on the 1/(2N) grid instead of the student's own 1/N grid, so the
@@ -68,7 +69,7 @@ def stage2_times(rng, batch_size: int, *, student_steps: int, fine_grid: bool):
   """
   grid = 2 * student_steps if fine_grid else student_steps
   i = jax.random.randint(rng, (batch_size,), 1, grid + 1)  # [B] in 1..grid
-  t = i.astype(jnp.float32) / grid
+  t = i.astype(jnp.float32) / grid  # student_steps may be traced: no Python arithmetic on it
   t_mid = jnp.maximum(t - 0.5 / student_steps, 0.0)
   t_end = jnp.maximum(t - 1.0 / student_steps, 0.0)
   return t, t_mid, t_end
@@ -84,10 +85,15 @@ def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logs
 
 
 def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   student_steps: int, fine_grid: bool):
-  """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde."""
+                   fine_grid: bool):
+  """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde.
 
-  def loss_fn(params, batch, rng, teacher_params):
+  frozen = {'teacher_params': ..., 'student_steps': int32 []}: the step count is an input, not a
+  constant, so every halving round runs the same compiled program.
+  """
+
+  def loss_fn(params, batch, rng, frozen):
+    teacher_params, student_steps = frozen['teacher_params'], frozen['student_steps']
     x, label = batch['x'], batch['label']
     rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
     t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid)

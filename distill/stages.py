@@ -5,6 +5,7 @@ import os
 from typing import Optional
 
 import jax
+import numpy as np
 from absl import logging
 
 import data
@@ -122,7 +123,8 @@ def train_stage1(config) -> str:
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
                                       w_max=config.distill.w_max, **_loss_kwargs(config))
   return _train(config, title='stage1', record=record, section=config.stage1, loss_fn=loss_fn,
-                params=stage1_init_params(teacher_params, fresh), seed_offset=1, frozen=teacher_params)
+                params=stage1_init_params(teacher_params, fresh), seed_offset=1,
+                frozen={'teacher_params': teacher_params})
 
 
 def stage2_rounds(config) -> list[int]:
@@ -145,11 +147,11 @@ def train_stage2_round(config, student_steps: int) -> str:
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
                                     num_classes=record['num_classes'])
   loss_fn = objectives.stage2_loss_fn(teacher, teacher_denoise, w_min=config.distill.w_min,
-                                      w_max=config.distill.w_max, student_steps=student_steps,
-                                      fine_grid=config.stage2.fine_grid, **_loss_kwargs(config))
+                                      w_max=config.distill.w_max, fine_grid=config.stage2.fine_grid,
+                                      **_loss_kwargs(config))
   return _train(config, title=f'stage2 {teacher_steps}->{student_steps} steps', record=record,
                 section=config.stage2, loss_fn=loss_fn, params=teacher_params, seed_offset=100 + student_steps,
-                frozen=teacher_params)
+                frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)})
 
 
 def train_stage2(config) -> list[str]:

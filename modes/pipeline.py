@@ -38,7 +38,9 @@ def _sample_all(config, results_dir: str) -> list[dict]:
   entries, overview = [], {}
   loaded = {}
   for name, ckpt_dir, sampler, steps, nfe in _methods(config):
-    ckpt = loaded.setdefault(ckpt_dir, LoadedCheckpoint(ckpt_dir))
+    if ckpt_dir not in loaded:
+      loaded[ckpt_dir] = LoadedCheckpoint(ckpt_dir)
+    ckpt = loaded[ckpt_dir]
     z_init, label, num_rows = fixed_inputs(ckpt.record, per_class=config.pipeline.per_class, seed=config.pipeline.seed)
     for w in config.pipeline.guidance_ws:
       start = time.time()

@@ -63,11 +63,15 @@ class LoadedCheckpoint:
     self.denoise_fn = make_denoise_fn(model, parametrization=self.record['parametrization'], kind=kind,
                                       num_classes=self.record['num_classes'])
     self.nfe_per_step = 2 if kind == 'guided' else 1
+    self._samplers = {}  # (sampler, num_steps) -> jitted program, reused for every w and batch
 
   def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int):
     """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program."""
     check_steps(self.record, sampler, num_steps, self.ckpt_dir)
-    run = make_sampler(sampler, self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
+    key = (sampler, num_steps)
+    if key not in self._samplers:
+      self._samplers[key] = make_sampler(sampler, self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
+    run = self._samplers[key]
     w = jnp.full(label.shape, guidance_w, jnp.float32)
     return np.asarray(run(self.params, z_init, label, w, jax.random.key(seed)))
 

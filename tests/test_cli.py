@@ -1,0 +1,49 @@
+"""main.py on bad input: exit non-zero with one line naming the problem, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distill import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, workdir):
+  cmd = [sys.executable, os.path.join(REPO, 'main.py'), '--config', os.path.join(REPO, 'configs', 'tiny.py'),
+         f'--config.workdir={workdir}', *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--mode=train_everything'], "unknown --mode 'train_everything'"),
+    (['--mode=teacher', '--config.train.num_steps=-5'], 'train.num_steps must be > 0'),
+    (['--mode=stage1', '--config.distill.w_min=5.0'], 'guidance range is reversed'),
+    (['--mode=teacher', '--config.data.name=mnist'], "unknown data.name 'mnist'"),
+    (['--mode=teacher', '--config.data.name=digits', '--config.model.name=unet',
+      '--config.model.ch_mult=(1,2,2,2,2)'], 'image size 8 does not divide by the U-Net downsampling factor 16'),
+    (['--mode=stage2', '--config.stage2.start_steps=48'], 'stage2.start_steps must be a power of two'),
+    (['--mode=stage2', '--config.stage2.final_steps=8', '--config.stage2.start_steps=8'],
+     'final_steps (8) must be smaller'),
+    (['--mode=stage2'], 'no checkpoint in'),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, args, message):
+  result = _main(*args, workdir=tmp_path / 'run')
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-1500:]
+  assert not (tmp_path / 'run' / 'teacher').exists()
+
+
+def test_sample_refuses_a_step_count_the_student_lacks(toy_run, tmp_path):
+  student = stages.stage_dir(toy_run.workdir, 'stage2', 4)
+  result = _main('--mode=sample', f'--config.sample.checkpoint={student}', '--config.sample.num_steps=8',
+                 workdir=tmp_path / 'run')
+  assert result.returncode != 0
+  assert 'supports ddim at 4 steps, not 8' in result.stderr, result.stderr[-1500:]
+  ok = _main('--mode=sample', f'--config.sample.checkpoint={student}', '--config.sample.num_steps=4',
+             f'--config.sample.out_dir={tmp_path / "out"}', workdir=tmp_path / 'run')
+  assert ok.returncode == 0, ok.stderr[-1500:]
+  assert sorted(os.listdir(tmp_path / 'out')) == ['stage2_ddim_4steps_w1.npz', 'stage2_ddim_4steps_w1.png']

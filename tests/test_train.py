@@ -1,0 +1,148 @@
+"""Training machinery: sharded step equality, kill-and-resume, checkpoint refusals, non-finite skips."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_config
+from distill import stages
+from train import checkpoint
+from train.state import create_train_state, make_train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_TRAIN_SCRIPT = """
+import sys, json, numpy as np, jax
+sys.path[:0] = [{repo!r}, {tests!r}]
+from conftest import tiny_config
+from distill import stages
+config = tiny_config({workdir!r}, train=3)
+config.train.update(batch_size=8, checkpoint_every=3)
+stages.train_teacher(config)
+_, params, _ = stages.load_stage_params(config, 'teacher')
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(params)])
+print('devices', jax.device_count())
+"""
+
+
+def _train_on_devices(tmp_path, num_devices):
+  workdir, out = tmp_path / f'run{num_devices}', tmp_path / f'params{num_devices}.npz'
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}', JAX_PLATFORMS='cpu')
+  script = _TRAIN_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, 'tests'), workdir=str(workdir), out=str(out))
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'devices {num_devices}' in result.stdout
+  with np.load(out) as arrays:
+    return [arrays[k] for k in sorted(arrays.files, key=lambda k: int(k.split('_')[1]))]
+
+
+def test_train_steps_on_one_and_two_devices_give_the_same_params(tmp_path):
+  one, two = _train_on_devices(tmp_path, 1), _train_on_devices(tmp_path, 2)
+  assert len(one) == len(two)
+  for a, b in zip(one, two):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Killed(Exception):
+  pass
+
+
+def _kill_after(monkeypatch, num_batches):
+  """Makes the data iterator raise after num_batches batches, like a job killed mid-run."""
+  real = stages.data.make_train_iterator
+  count = {'n': 0}
+
+  def iterator(*args, **kwargs):
+    for batch in real(*args, **kwargs):
+      count['n'] += 1
+      if count['n'] > num_batches:
+        raise _Killed()
+      yield batch
+
+  monkeypatch.setattr(stages.data, 'make_train_iterator', iterator)
+
+
+def _params(config, stage, steps=None):
+  return jax.tree.leaves(stages.load_stage_params(config, stage, steps)[1])
+
+
+def _assert_same(a, b):
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_teacher_killed_after_a_checkpoint_resumes_to_the_same_params(tmp_path, monkeypatch):
+  full = tiny_config(tmp_path / 'full', train=30)
+  stages.train_teacher(full)
+  killed = tiny_config(tmp_path / 'killed', train=30)
+  with monkeypatch.context() as patch:
+    _kill_after(patch, 25)  # checkpoints at 10 and 20; dies at 26
+    with pytest.raises(_Killed):
+      stages.train_teacher(killed)
+  assert checkpoint.latest_step(str(tmp_path / 'killed' / 'teacher')) == 20
+  stages.train_teacher(killed)  # same command again: resumes at 20
+  _assert_same(_params(full, 'teacher'), _params(killed, 'teacher'))
+
+
+def test_stage2_killed_in_round_two_keeps_round_one_and_matches(tmp_path, monkeypatch):
+  full = tiny_config(tmp_path / 'full', train=10, stage1=10, stage2=20)
+  stages.train_teacher(full)
+  stages.train_stage1(full)
+  stages.train_stage2(full)  # rounds 4 -> 2 -> 1
+  killed = tiny_config(tmp_path / 'killed', train=10, stage1=10, stage2=20)
+  for stage in ('teacher', 'stage1'):
+    shutil.copytree(tmp_path / 'full' / stage, tmp_path / 'killed' / stage)
+  with monkeypatch.context() as patch:
+    _kill_after(patch, 35)  # round 1: 20 batches; round 2 dies after its checkpoint at 10
+    with pytest.raises(_Killed):
+      stages.train_stage2(killed)
+  round_one = tmp_path / 'killed' / 'stage2' / 'steps_0002'
+  before = {p: os.path.getmtime(p) for p in round_one.rglob('*')}
+  stages.train_stage2(killed)
+  assert before == {p: os.path.getmtime(p) for p in round_one.rglob('*')}, 'finished round was retrained'
+  for steps in (2, 1):
+    _assert_same(_params(full, 'stage2', steps), _params(killed, 'stage2', steps))
+  record = checkpoint.read_record(str(tmp_path / 'killed' / 'stage2' / 'steps_0001'))
+  assert (record['stage'], record['sampling_steps']) == ('stage2', 1)
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(tmp_path):
+  config = tiny_config(tmp_path, train=10)
+  stages.train_teacher(config)
+  files = {p: os.path.getmtime(p) for p in (tmp_path / 'teacher').rglob('*')}
+  config.model.hidden = 32
+  with pytest.raises(checkpoint.CheckpointError, match='model'):
+    stages.train_teacher(config)
+  with pytest.raises(checkpoint.CheckpointError, match='model'):
+    stages.train_stage1(config)
+  assert files == {p: os.path.getmtime(p) for p in (tmp_path / 'teacher').rglob('*')}
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in .*stage1: train that stage first'):
+    stages.train_stage2(tiny_config(tmp_path))
+
+
+def test_non_finite_updates_are_skipped_and_counted():
+  def loss_fn(params, batch, rng, frozen):
+    del rng, frozen
+    return jnp.sum(params['w'] * batch['x']) / batch['scale'], {}
+
+  tx = optax.sgd(0.1)
+  step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.9, lr_schedule=optax.constant_schedule(0.1)))
+  state = create_train_state({'w': jnp.ones(3)}, tx, seed=0)
+  state, metrics = step(state, {'x': jnp.ones(3), 'scale': jnp.array(0.0)}, None)  # inf loss
+  np.testing.assert_array_equal(state.params['w'], jnp.ones(3))
+  np.testing.assert_array_equal(state.ema_params['w'], jnp.ones(3))
+  assert int(state.num_skipped) == 1 and int(metrics['num_skipped']) == 1 and int(state.step) == 1
+  state, _ = step(state, {'x': jnp.ones(3), 'scale': jnp.array(1.0)}, None)
+  np.testing.assert_allclose(state.params['w'], 0.9 * jnp.ones(3))
+  assert int(state.num_skipped) == 1
