@@ -39,4 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir=''))
   config.pipeline = ml_collections.ConfigDict(dict(
       guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1))
+  # --mode=fid: features from 'inception' (weights file at inception_path) or the embedded 'classifier'.
+  config.eval = ml_collections.ConfigDict(dict(
+      extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
+      batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
+      student_steps=(1, 2, 4, 8, 16), seed=2, reference_split='train', reference_examples=50_000, out_dir=''))
   return config

@@ -17,5 +17,7 @@ def get_config():
   config.train.lr = 1e-3
   config.stage2.update(start_steps=4, final_steps=1)
   config.pipeline.update(teacher_steps=(2, 8), guidance_ws=(0.0, 2.0), per_class=4)
+  config.eval.update(extractor='toy2d', num_samples=512, batch_size=256, guidance_ws=(0.0, 2.0),
+                     teacher_steps=(64, 4), teacher_ddpm_steps=(64,), reference_examples=2048)
   validate_config(config)
   return config

@@ -25,3 +25,22 @@ def per_class_moment_errors(samples, labels, means, covs):
     mean_err = max(mean_err, float(np.max(np.abs(x.mean(axis=0) - means[c]))))
     cov_err = max(cov_err, float(np.max(np.abs(np.cov(x.T) - covs[c]))))
   return mean_err, cov_err
+
+
+def gaussian_mixture_log_posterior(x, means, covs):
+  """log p(c | x) [N, C] under a Gaussian mixture with equal class priors."""
+  x = np.asarray(x, np.float64)
+  log_densities = []
+  for mean, cov in zip(means, covs):
+    diff = x - mean
+    maha = np.einsum('ni,ij,nj->n', diff, np.linalg.inv(cov), diff)
+    log_densities.append(-0.5 * maha - 0.5 * np.log(np.linalg.det(cov)))
+  log_densities = np.stack(log_densities, axis=1)  # [N, C]
+  log_norm = np.log(np.sum(np.exp(log_densities - log_densities.max(axis=1, keepdims=True)), axis=1, keepdims=True))
+  return log_densities - log_densities.max(axis=1, keepdims=True) - log_norm
+
+
+def toy2d_features(x):
+  """The toy set's stand-in for Inception: the point itself and its true class log-posterior."""
+  from data.toy2d import TOY2D_COVS, TOY2D_MEANS  # pylint: disable=g-import-not-at-top
+  return {'pool': np.asarray(x, np.float64), 'logits': gaussian_mixture_log_posterior(x, TOY2D_MEANS, TOY2D_COVS)}

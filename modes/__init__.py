@@ -1,6 +1,7 @@
 """One function per `main.py --mode`; main.py only parses flags and dispatches through MODES."""
 
 from distill import stages
+from modes.fid import run_classifier, run_fid
 from modes.pipeline import run_pipeline
 from modes.sampling import run_sample
 
@@ -17,4 +18,6 @@ MODES = {
     'distill': run_distill,
     'sample': run_sample,
     'pipeline': run_pipeline,
+    'classifier': run_classifier,
+    'fid': run_fid,
 }

@@ -10,6 +10,7 @@ from absl import logging
 
 from distill import stages
 from eval.images import image_grid, save_png, save_samples_png
+from modes.methods import list_methods
 from modes.sampling import LoadedCheckpoint, fixed_inputs
 
 
@@ -21,35 +22,23 @@ def _timed(timings: dict, name: str, fn, *args):
   return result
 
 
-def _methods(config):
-  """(row name, checkpoint dir, sampler, steps, network calls) for every method the results compare."""
-  workdir = config.workdir
-  rows = [(f'teacher DDIM {n} (CFG)', stages.stage_dir(workdir, 'teacher'), 'ddim', n, 2 * n)
-          for n in sorted(config.pipeline.teacher_steps, reverse=True)]
-  for n in stages.stage2_rounds(config):
-    round_dir = stages.stage_dir(workdir, 'stage2', n)
-    rows.append((f'student {n}-step DDIM', round_dir, 'ddim', n, n))
-    rows.append((f'student {2 * n}-step stochastic', round_dir, 'stochastic', 2 * n, 2 * n))
-  return rows
-
-
 def _sample_all(config, results_dir: str) -> list[dict]:
   """Samples every method at every w from the same noise and labels; writes grids and an overview."""
   entries, overview = [], {}
   loaded = {}
-  for name, ckpt_dir, sampler, steps, nfe in _methods(config):
-    if ckpt_dir not in loaded:
-      loaded[ckpt_dir] = LoadedCheckpoint(ckpt_dir)
-    ckpt = loaded[ckpt_dir]
+  for method in list_methods(config, teacher_steps=config.pipeline.teacher_steps):
+    if method.ckpt_dir not in loaded:
+      loaded[method.ckpt_dir] = LoadedCheckpoint(method.ckpt_dir)
+    ckpt = loaded[method.ckpt_dir]
     z_init, label, num_rows = fixed_inputs(ckpt.record, per_class=config.pipeline.per_class, seed=config.pipeline.seed)
     for w in config.pipeline.guidance_ws:
       start = time.time()
-      samples = ckpt.sample(sampler=sampler, num_steps=steps, guidance_w=w, z_init=z_init, label=label,
-                            seed=config.pipeline.seed)
-      file = f'{name.replace(" ", "_").replace("(", "").replace(")", "")}_w{w:g}.png'
+      samples = ckpt.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init,
+                            label=label, seed=config.pipeline.seed)
+      file = f'{method.file_stem}_w{w:g}.png'
       save_samples_png(os.path.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
       overview.setdefault(w, []).append(samples[::config.pipeline.per_class])  # one sample per class
-      entries.append(dict(method=name, sampler=sampler, steps=steps, nfe=nfe, w=w, file=file,
+      entries.append(dict(method=method.label, nfe=method.nfe, w=w, file=file,
                           mean=float(samples.mean()), std=float(samples.std()),
                           saturated=float(np.mean(np.abs(samples) > 1.0)), seconds=round(time.time() - start, 2)))
   if np.asarray(overview[config.pipeline.guidance_ws[0]][0]).ndim == 4:

@@ -85,3 +85,18 @@ def validate_config(config) -> None:
            f'got {config.sample.num_steps}')
   _require(config.sample.per_class > 0, f'sample.per_class must be > 0, got {config.sample.per_class}')
   _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')
+  _check_eval(config, info)
+
+
+def _check_eval(config, info) -> None:
+  ev = config.eval
+  _require(ev.extractor in ('inception', 'classifier', 'toy2d'),
+           f"unknown eval.extractor '{ev.extractor}'; choose inception, classifier or toy2d")
+  _require(ev.extractor != 'classifier' or info.name == 'digits',
+           f"eval.extractor 'classifier' is the digits classifier; for {info.name} use 'inception'")
+  _require(ev.extractor != 'toy2d' or info.name == 'toy2d', "eval.extractor 'toy2d' is only for data.name toy2d")
+  _require(ev.num_samples > 0 and ev.batch_size > 0, 'eval.num_samples and eval.batch_size must be > 0')
+  _require(ev.num_samples % ev.batch_size == 0, f'eval.num_samples ({ev.num_samples}) must be a multiple of '
+           f'eval.batch_size ({ev.batch_size})')
+  _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.student_steps)),
+           'eval step counts must all be > 0')

@@ -8,7 +8,7 @@ import numpy as np
 from data.toy2d import TOY2D_COVS, TOY2D_MEANS
 from diffusion import ddim_step, get_logsnr_schedule
 from distill import objectives, stages
-from eval.toy_metrics import per_class_moment_errors, sliced_wasserstein
+from eval.toy_metrics import gaussian_mixture_log_posterior, per_class_moment_errors, sliced_wasserstein
 from models import build_model, init_params
 from models.denoiser import make_denoise_fn
 from modes.sampling import LoadedCheckpoint
@@ -69,6 +69,17 @@ def test_toy_teacher_matches_the_data_and_guidance_tightens_classes(toy_run):
   posterior_w0, posterior_w4 = _mean_class_posterior(samples, label), _mean_class_posterior(guided, label)
   assert posterior_w4 >= posterior_w0, (posterior_w0, posterior_w4)
   assert _along_class_direction(guided, label) > _along_class_direction(samples, label) + 0.05
+
+
+def _along_class_direction(x, label):
+  directions = TOY2D_MEANS / np.linalg.norm(TOY2D_MEANS, axis=1, keepdims=True)
+  return float(np.mean(np.sum(np.asarray(x) * directions[np.asarray(label)], axis=1)))
+
+
+def _mean_class_posterior(x, label):
+  """Mean of p(label | x) under the true toy mixture (equal class priors)."""
+  posterior = np.exp(gaussian_mixture_log_posterior(x, TOY2D_MEANS, TOY2D_COVS))
+  return float(np.mean(posterior[np.arange(len(label)), np.asarray(label)]))
 
 
 def _along_class_direction(x, label):

@@ -1,0 +1,123 @@
+"""Sample-quality metrics: Frechet distance, streaming feature statistics, Inception Score, accuracy."""
+
+import os
+import warnings
+
+import numpy as np
+from scipy import linalg
+
+# Largest imaginary part tolerated on the diagonal of sqrt(S1 S2) before it is treated as an error.
+_MAX_IMAGINARY = 1e-3
+# Relative residual ||X X - A||_F / ||A||_F above which sqrtm is retried with an eps*I offset.
+_MAX_SQRTM_RESIDUAL = 1e-5
+
+
+def _sqrtm_residual(root, matrix) -> float:
+  """Relative Frobenius error of root as a square root of matrix."""
+  scale = max(np.linalg.norm(matrix, 'fro'), np.finfo(np.float64).tiny)
+  return float(np.linalg.norm(root @ root - matrix, 'fro') / scale)
+
+
+def _sqrt_product(sigma1, sigma2, *, eps: float):
+  """sqrt(sigma1 sigma2), retried as sqrt((sigma1 + eps I)(sigma2 + eps I)) when near-singular."""
+  product = sigma1 @ sigma2  # [D, D]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # scipy warns on singular products; the retry below handles them.
+    root = linalg.sqrtm(product)
+    if not np.all(np.isfinite(root)) or _sqrtm_residual(root, product) > _MAX_SQRTM_RESIDUAL:
+      offset = eps * np.eye(product.shape[0])
+      root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  if not np.all(np.isfinite(root)):
+    raise ValueError('matrix square root of sigma1 @ sigma2 is not finite even with an eps*I offset')
+  if np.iscomplexobj(root):
+    largest = np.max(np.abs(np.diagonal(root).imag))
+    if largest > _MAX_IMAGINARY:
+      raise ValueError(f'matrix square root has a large imaginary component {largest:.3g}: '
+                       'the covariances are not valid (use more samples than feature dimensions)')
+    root = root.real
+  return root
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
+  """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) in float64: FID on Inception (or other) features.
+
+  mu [D], sigma [D, D]; 1-D means with scalar or [1, 1] variances are accepted as well.
+  """
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f'mismatched statistics: mu {mu1.shape} vs {mu2.shape}, '
+                     f'sigma {sigma1.shape} vs {sigma2.shape}')
+  diff = mu1 - mu2  # [D]
+  root = _sqrt_product(sigma1, sigma2, eps=eps)  # [D, D]
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+
+
+class FeatureStats:
+  """Streaming mean and covariance of features in float64 (sum, sum of outer products, count)."""
+
+  def __init__(self, dim: int):
+    self.dim = dim
+    self.count = 0
+    self._sum = np.zeros(dim, np.float64)  # [D]
+    self._outer = np.zeros((dim, dim), np.float64)  # [D, D]
+
+  def update(self, features) -> None:
+    """Adds a batch of features [B, D]."""
+    features = np.asarray(features, np.float64).reshape(-1, self.dim)  # [B, D]
+    self.count += features.shape[0]
+    self._sum += features.sum(axis=0)
+    self._outer += features.T @ features
+
+  def mean(self):
+    """[D] mean of all features seen."""
+    if self.count < 1:
+      raise ValueError('FeatureStats.mean needs at least one feature vector')
+    return self._sum / self.count
+
+  def cov(self):
+    """[D, D] unbiased covariance (like np.cov(features, rowvar=False))."""
+    if self.count < 2:
+      raise ValueError('FeatureStats.cov needs at least two feature vectors')
+    mean = self.mean()
+    return (self._outer - self.count * np.outer(mean, mean)) / (self.count - 1)
+
+  def save_npz(self, path: str) -> None:
+    """Writes {mu, sigma, count} (e.g. cached reference statistics of a data set)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, mu=self.mean(), sigma=self.cov(), count=np.int64(self.count))
+
+  @staticmethod
+  def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Reads (mu [D], sigma [D, D], count) written by save_npz."""
+    with np.load(path) as stats:
+      return stats['mu'], stats['sigma'], int(stats['count'])
+
+
+def _log_softmax(logits):
+  """Row-wise log-softmax in float64; logits [N, K]."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def inception_score(logits_or_probs, *, num_splits: int = 10, from_probs: bool = False) -> tuple[float, float]:
+  """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))); logits [N, K] (probabilities if from_probs)."""
+  if from_probs:
+    log_p = np.log(np.clip(np.asarray(logits_or_probs, np.float64), 1e-30, None))  # [N, K]
+  else:
+    log_p = _log_softmax(logits_or_probs)  # [N, K]
+  if len(log_p) < num_splits:
+    raise ValueError(f'inception_score needs at least num_splits={num_splits} samples, got {len(log_p)}')
+  scores = []
+  for part in np.array_split(log_p, num_splits):
+    log_marginal = np.log(np.exp(part).mean(axis=0, keepdims=True))  # [1, K]
+    kl = np.sum(np.exp(part) * (part - log_marginal), axis=1)  # [n]
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+def classifier_accuracy(logits, labels) -> float:
+  """Fraction of rows whose argmax logit equals the label; logits [N, K], labels [N]."""
+  predictions = np.argmax(np.asarray(logits), axis=-1)  # [N]
+  return float(np.mean(predictions == np.asarray(labels)))

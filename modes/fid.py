@@ -1,0 +1,160 @@
+"""--mode=fid: FID / IS of every method of a run over steps x sampler x w, as a CSV, a table and plots."""
+
+import csv
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+import data
+from eval import metrics
+from eval.report import write_plots, write_table
+from modes.methods import existing, list_methods
+from modes.sampling import LoadedCheckpoint
+
+CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
+              'seconds')
+
+
+def make_extractor(config):
+  """(name, images -> {'pool', 'logits'}) for config.eval.extractor; 'toy2d' uses the known mixture."""
+  if config.eval.extractor == 'classifier':
+    from eval import classifier  # pylint: disable=g-import-not-at-top
+    ckpt_dir = config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
+    model, params, _ = classifier.load_classifier(ckpt_dir)
+    return 'classifier', classifier.feature_fn(model, params)
+  if config.eval.extractor == 'inception':
+    from eval import inception  # pylint: disable=g-import-not-at-top
+    variables = inception.load_inception_params(config.eval.inception_path)
+    model = inception.InceptionV3FID()
+    return 'inception', jax.jit(lambda images: model.apply(variables, images))
+  if config.eval.extractor == 'toy2d':
+    from eval.toy_metrics import toy2d_features  # pylint: disable=g-import-not-at-top
+    return 'toy2d', toy2d_features
+  raise ValueError(f"unknown eval.extractor '{config.eval.extractor}'; choose classifier, inception or toy2d")
+
+
+def _real_batches(config, batch_size: int):
+  """Real images of the reference split, in batches, at most eval.reference_examples of them."""
+  name, limit = config.data.name, config.eval.reference_examples
+  if name in ('digits', 'toy2d'):
+    x, _ = data.load_arrays(name, config.eval.reference_split)
+    for start in range(0, min(len(x), limit), batch_size):
+      yield x[start:min(start + batch_size, limit)]
+    return
+  iterator = data.make_tfds_iterator(name, split=config.eval.reference_split, per_host_batch_size=batch_size,
+                                     seed=0, random_flip=False, data_dir=config.data.tfds_data_dir or None)
+  for _ in range(limit // batch_size):
+    yield next(iterator)['x']
+
+
+def _update(stats, features):
+  """Adds a batch of features to a FeatureStats made on the first batch (its size fixes the dim)."""
+  features = np.asarray(features)
+  stats = stats or metrics.FeatureStats(features.shape[1])
+  stats.update(features)
+  return stats
+
+
+def reference_stats(config, extractor_name, extract, cache_dir: str):
+  """(mu, sigma) of the real data's features, computed once per (dataset, split, extractor) and cached."""
+  path = os.path.join(cache_dir, f'ref_{config.data.name}_{config.eval.reference_split}_{extractor_name}.npz')
+  if not os.path.exists(path):
+    stats = None
+    for images in _real_batches(config, config.eval.batch_size):
+      stats = _update(stats, extract(jnp.asarray(images))['pool'])
+    stats.save_npz(path)
+    logging.info('[fid] reference statistics of %d real examples -> %s', stats.count, path)
+  mu, sigma, _ = metrics.FeatureStats.load_npz(path)
+  return mu, sigma
+
+
+def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, reference, config,
+                  logits_are_classes: bool) -> dict:
+  """Samples eval.num_samples class-balanced images (fixed seeds) and scores them.
+
+  With logits_are_classes (the digits classifier, the toy mixture) the extractor's logits are the data
+  set's own classes, so class accuracy of the samples is reported too.
+  """
+  start, stats, logits, labels = time.time(), None, [], []
+  num_classes, batch_size = loaded.record['num_classes'], config.eval.batch_size
+  for b in range(-(-config.eval.num_samples // batch_size)):
+    label = jnp.arange(b * batch_size, (b + 1) * batch_size, dtype=jnp.int32) % num_classes  # [B]
+    key = jax.random.fold_in(jax.random.key(config.eval.seed), b)
+    z_init = jax.random.normal(key, (batch_size, *loaded.record['x_shape']))
+    images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
+                           seed=config.eval.seed + b)
+    features = extract(jnp.clip(jnp.asarray(images), -1.0, 1.0))
+    stats = _update(stats, features['pool'])
+    logits.append(np.asarray(features['logits']))
+    labels.append(np.asarray(label))
+  logits, labels = np.concatenate(logits), np.concatenate(labels)
+  is_mean, is_std = metrics.inception_score(logits)
+  return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w,
+              num_samples=len(labels),
+              fid=metrics.frechet_distance(stats.mean(), stats.cov(), *reference),
+              is_mean=is_mean, is_std=is_std,
+              accuracy=metrics.classifier_accuracy(logits, labels) if logits_are_classes else '',
+              seconds=round(time.time() - start, 1))
+
+
+def _cell_key(row) -> tuple:
+  return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']))
+
+
+def _read_rows(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def run_classifier(config) -> float:
+  """--mode=classifier: trains (or loads the cached) digits classifier that stands in for Inception."""
+  from eval import classifier  # pylint: disable=g-import-not-at-top
+  ckpt_dir = config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
+  _, accuracy = classifier.train_classifier(ckpt_dir=ckpt_dir, num_steps=config.eval.classifier_steps)
+  logging.info('[classifier] held-out accuracy %.4f (%s)', accuracy, ckpt_dir)
+  return accuracy
+
+
+def run_fid(config) -> str:
+  """Evaluates every method x w of config.workdir; finished cells of results.csv are reused."""
+  out_dir = config.eval.out_dir or os.path.join(config.workdir, 'eval')
+  csv_path = os.path.join(out_dir, 'results.csv')
+  extractor_name, extract = make_extractor(config)
+  reference = reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
+  methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
+                                  teacher_ddpm_steps=config.eval.teacher_ddpm_steps,
+                                  student_steps=config.eval.student_steps))
+  rows = _read_rows(csv_path)
+  done = {_cell_key(r) for r in rows}
+  loaded = {}
+  os.makedirs(out_dir, exist_ok=True)
+  for i, method in enumerate(methods):
+    for w in config.eval.guidance_ws:
+      key = (method.name, method.sampler, method.steps, float(w), config.eval.num_samples)
+      if key in done:
+        continue
+      if method.ckpt_dir not in loaded:
+        loaded[method.ckpt_dir] = LoadedCheckpoint(method.ckpt_dir)
+      row = evaluate_cell(loaded[method.ckpt_dir], method, w, extract=extract, reference=reference, config=config,
+                          logits_are_classes=extractor_name != 'inception')
+      rows.append(row)
+      logging.info('[fid] %d/%d %s w=%g: FID %.3f IS %.2f (%.0f s)', i + 1, len(methods), method.label, w,
+                   row['fid'], row['is_mean'], row['seconds'])
+      if jax.process_index() == 0:
+        with open(csv_path, 'w', newline='') as f:  # rewritten after every cell: a killed run keeps them
+          writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+          writer.writeheader()
+          writer.writerows(rows)
+  rows = [r for r in _read_rows(csv_path) if int(r['num_samples']) == config.eval.num_samples]
+  if jax.process_index() == 0:
+    write_table(rows, os.path.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
+                f'{config.eval.num_samples} samples per cell')
+    write_plots(rows, out_dir)
+  logging.info('[fid] results in %s', out_dir)
+  return out_dir

@@ -1,0 +1,45 @@
+"""The methods the results compare: (checkpoint, sampler, steps) rows shared by the pipeline and FID."""
+
+import dataclasses
+import os
+
+from distill import stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  name: str  # e.g. 'teacher CFG', 'student'
+  sampler: str  # 'ddim' | 'stochastic' | 'ddpm'
+  steps: int
+  nfe: int  # network calls per sample
+  ckpt_dir: str
+
+  @property
+  def label(self) -> str:
+    return f'{self.name} {self.sampler} {self.steps}'
+
+  @property
+  def file_stem(self) -> str:
+    return f'{self.name.replace(" ", "_")}_{self.sampler}_{self.steps:04d}'
+
+
+def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), student_steps=None) -> list[Method]:
+  """Teacher CFG DDIM (and DDPM) at the given steps; every stage-2 round found on disk (or listed).
+
+  An N-step round gives 'student ddim N' and 'student stochastic 2N' (MATH.md); student_steps, if
+  given, keeps only rows whose step count is in it.
+  """
+  teacher_dir = stages.stage_dir(config.workdir, 'teacher')
+  methods = [Method('teacher CFG', 'ddim', n, 2 * n, teacher_dir) for n in sorted(teacher_steps, reverse=True)]
+  methods += [Method('teacher CFG', 'ddpm', n, 2 * n, teacher_dir) for n in sorted(teacher_ddpm_steps, reverse=True)]
+  for n in stages.stage2_rounds(config):
+    round_dir = stages.stage_dir(config.workdir, 'stage2', n)
+    for sampler, steps in (('ddim', n), ('stochastic', 2 * n)):
+      if student_steps is None or steps in student_steps:
+        methods.append(Method('student', sampler, steps, steps, round_dir))
+  return methods
+
+
+def existing(methods: list[Method]) -> list[Method]:
+  """The methods whose checkpoint directory exists (a partly distilled run evaluates what it has)."""
+  return [m for m in methods if os.path.isdir(m.ckpt_dir)]
