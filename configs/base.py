@@ -35,6 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage2 = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1,
                              fine_grid=True)
 
+  # Encoder distillation (--mode=encoder): halving of the guided DDIM encoder, t -> t + 1/N.
+  config.encoder = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1)
+  # --mode=transfer: encode class source_class, decode as target_class (distilled pair vs DDIM).
+  config.transfer = ml_collections.ConfigDict(dict(
+      source_class=3, target_class=8, num_images=8, steps=(1, 2, 4, 8), w_encode=0.0, w_decode=1.0,
+      eval_ws=(0.0, 1.0, 4.0), eval_images=100, out_dir=''))
+
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir=''))
   config.pipeline = ml_collections.ConfigDict(dict(

@@ -19,6 +19,8 @@ def get_config():
                        checkpoint_every=250)
   config.stage2.update(batch_size=128, num_steps=150, lr=2e-4, start_steps=32, final_steps=1,
                        log_every=50, checkpoint_every=150)
+  config.encoder.update(batch_size=128, num_steps=150, lr=2e-4, start_steps=16, final_steps=1, log_every=50,
+                        checkpoint_every=150)
   config.pipeline.teacher_steps = (4, 8, 64)
   config.eval.update(extractor='classifier', num_samples=500, batch_size=250, guidance_ws=(0.0, 1.0, 4.0),
                      teacher_steps=(256, 8, 4), teacher_ddpm_steps=(64,), reference_examples=1500)

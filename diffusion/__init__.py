@@ -5,4 +5,5 @@ from diffusion.parametrization import (PARAMETRIZATIONS, diffusion_forward, expa
                                        predict_eps_from_x, predict_v, predict_x_from_eps, predict_x_from_v,
                                        x_eps_from_output)
 from diffusion.schedules import SCHEDULES, alpha_sigma, get_logsnr_schedule
-from diffusion.steps import ddim_step, ddpm_posterior, guided_prediction, renoise, stage2_x_target
+from diffusion.steps import (ddim_step, ddpm_posterior, guided_prediction, renoise, stage2_x_target,
+                             v_target_between)

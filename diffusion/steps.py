@@ -50,3 +50,18 @@ def stage2_x_target(*, z_t, z_tpp, logsnr_t, logsnr_tpp):
   ratio = expand_like(sigma_tpp / sigma_t, z_t)
   denom = expand_like(alpha_tpp, z_t) - ratio * expand_like(alpha_t, z_t)
   return (z_tpp - ratio * z_t) / denom
+
+
+def v_target_between(*, z_t, z_s, logsnr_t, logsnr_s):
+  """The v that makes one DDIM step z_t -> s land exactly on z_s, for s < t or s > t.
+
+  With alpha = cos(phi), sigma = sin(phi), solving z_t = alpha_t x + sigma_t eps, z_s = alpha_s x + sigma_s eps
+  for (x, eps) and forming v = alpha_t eps - sigma_t x gives
+    v = (z_s - cos(phi_s - phi_t) z_t) / sin(phi_s - phi_t),
+  which is well defined at t = 0 (sigma_t = 0), unlike the x target: the encoder's first step.
+  """
+  alpha_t, sigma_t = alpha_sigma(logsnr_t)
+  alpha_s, sigma_s = alpha_sigma(logsnr_s)
+  cos_delta = expand_like(alpha_t * alpha_s + sigma_t * sigma_s, z_t)
+  sin_delta = expand_like(alpha_t * sigma_s - alpha_s * sigma_t, z_t)
+  return (z_s - cos_delta * z_t) / sin_delta

@@ -3,7 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from diffusion import diffusion_forward, ddim_step, stage2_x_target, weighted_x_loss, x_eps_from_output
+from diffusion import (diffusion_forward, ddim_step, predict_v, stage2_x_target, v_target_between, weighted_x_loss,
+                       x_eps_from_output)
 
 
 def _student_x(model, params, *, z_t, logsnr_t, label, guidance_w, rng, parametrization):
@@ -108,5 +109,34 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_target), logsnr=logsnr_t,
                            weighting=weighting)
     return jnp.mean(loss), {}
+
+  return loss_fn
+
+
+def encoder_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w_min, w_max):
+  """Encoder halving: one student DDIM step t -> t + 1/N lands where two teacher steps land.
+
+  Times t = i/N, i in 0..N-1 (the first step starts at the data, sigma = 0), so the target is set in
+  v-space, where it stays finite at t = 0 (diffusion.v_target_between); the loss is the v-MSE.
+  frozen = {'teacher_params': ..., 'student_steps': int32 []}.
+  """
+
+  def loss_fn(params, batch, rng, frozen):
+    teacher_params, student_steps = frozen['teacher_params'], frozen['student_steps']
+    x, label = batch['x'], batch['label']
+    rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
+    i = jax.random.randint(rng_t, x.shape[:1], 0, student_steps)  # [B] in 0..N-1
+    t = i.astype(jnp.float32) / student_steps
+    logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t + 0.5 / student_steps), logsnr_fn(t + 1.0 / student_steps)
+    z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
+    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)
+    z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
+                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
+    v_target = v_target_between(z_t=z_t, z_s=z_end, logsnr_t=logsnr_t, logsnr_s=logsnr_end)
+    output = student.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True,
+                           rngs={'dropout': rng_dropout})
+    x_pred, eps_pred = x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)
+    v_pred = predict_v(x=x_pred, eps=eps_pred, logsnr=logsnr_t)
+    return jnp.mean(jnp.square(v_pred - jax.lax.stop_gradient(v_target))), {}
 
   return loss_fn

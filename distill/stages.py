@@ -30,9 +30,9 @@ def logsnr_schedule(config):
 
 
 def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) -> str:
-  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064."""
-  if stage == 'stage2':
-    return os.path.join(workdir, 'stage2', f'steps_{sampling_steps:04d}')
+  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064 (encoder alike)."""
+  if stage in ('stage2', 'encoder'):
+    return os.path.join(workdir, stage, f'steps_{sampling_steps:04d}')
   return os.path.join(workdir, stage)
 
 
@@ -127,38 +127,68 @@ def train_stage1(config) -> str:
                 frozen={'teacher_params': teacher_params})
 
 
-def stage2_rounds(config) -> list[int]:
+HALVING_STAGES = ('stage2', 'encoder')  # progressive halving of the decoder (sampler) and of the encoder
+
+
+def halving_rounds(config, stage: str = 'stage2') -> list[int]:
   """The student step counts of every round: start_steps/2, ..., final_steps."""
-  steps, rounds = config.stage2.start_steps // 2, []
-  while steps >= config.stage2.final_steps:
+  steps, rounds = config[stage].start_steps // 2, []
+  while steps >= config[stage].final_steps:
     rounds.append(steps)
     steps //= 2
   return rounds
 
 
-def train_stage2_round(config, student_steps: int) -> str:
-  """One halving round: the 2N-step teacher (stage 1 or the previous round) -> an N-step student."""
+def stage2_rounds(config) -> list[int]:
+  return halving_rounds(config, 'stage2')
+
+
+def _halving_loss_fn(config, stage, teacher, teacher_denoise):
+  kwargs = dict(w_min=config.distill.w_min, w_max=config.distill.w_max, logsnr_fn=logsnr_schedule(config),
+                parametrization=config.diffusion.parametrization)
+  if stage == 'stage2':
+    return objectives.stage2_loss_fn(teacher, teacher_denoise, fine_grid=config.stage2.fine_grid,
+                                     weighting=config.diffusion.loss_weighting, **kwargs)
+  return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
+
+
+def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:
+  """One halving round: the 2N-step teacher (stage 1 or the previous round) -> an N-step student.
+
+  stage 'stage2' distills the sampler (t -> t - 1/N), 'encoder' the DDIM encoder (t -> t + 1/N).
+  """
   teacher_steps = 2 * student_steps
-  if teacher_steps == config.stage2.start_steps:
+  if teacher_steps == config[stage].start_steps:
     teacher, teacher_params, _ = load_stage_params(config, 'stage1')
   else:
-    teacher, teacher_params, _ = load_stage_params(config, 'stage2', teacher_steps)
-  record = make_record(config, stage='stage2', sampling_steps=student_steps)
+    teacher, teacher_params, _ = load_stage_params(config, stage, teacher_steps)
+  record = make_record(config, stage=stage, sampling_steps=student_steps)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
                                     num_classes=record['num_classes'])
-  loss_fn = objectives.stage2_loss_fn(teacher, teacher_denoise, w_min=config.distill.w_min,
-                                      w_max=config.distill.w_max, fine_grid=config.stage2.fine_grid,
-                                      **_loss_kwargs(config))
-  return _train(config, title=f'stage2 {teacher_steps}->{student_steps} steps', record=record,
-                section=config.stage2, loss_fn=loss_fn, params=teacher_params, seed_offset=100 + student_steps,
+  offset = {'stage2': 100, 'encoder': 10_000}[stage] + student_steps
+  return _train(config, title=f'{stage} {teacher_steps}->{student_steps} steps', record=record,
+                section=config[stage], loss_fn=_halving_loss_fn(config, stage, teacher, teacher_denoise),
+                params=teacher_params, seed_offset=offset,
                 frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)})
 
 
-def train_stage2(config) -> list[str]:
+def train_stage2_round(config, student_steps: int) -> str:
+  return train_halving_round(config, student_steps, 'stage2')
+
+
+def train_halving(config, stage: str = 'stage2') -> list[str]:
   """Every halving round in order; finished rounds are skipped, a killed round resumes."""
-  rounds = stage2_rounds(config)
+  rounds = halving_rounds(config, stage)
   dirs = []
   for i, student_steps in enumerate(rounds):
-    logging.info('[stage2] round %d/%d: %d -> %d steps', i + 1, len(rounds), 2 * student_steps, student_steps)
-    dirs.append(train_stage2_round(config, student_steps))
+    logging.info('[%s] round %d/%d: %d -> %d steps', stage, i + 1, len(rounds), 2 * student_steps, student_steps)
+    dirs.append(train_halving_round(config, student_steps, stage))
   return dirs
+
+
+def train_stage2(config) -> list[str]:
+  return train_halving(config, 'stage2')
+
+
+def train_encoder(config) -> list[str]:
+  return train_halving(config, 'encoder')

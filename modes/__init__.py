@@ -4,6 +4,7 @@ from distill import stages
 from modes.fid import run_classifier, run_fid
 from modes.pipeline import run_pipeline
 from modes.sampling import run_sample
+from modes.transfer import run_transfer
 
 
 def run_distill(config):
@@ -20,4 +21,6 @@ MODES = {
     'pipeline': run_pipeline,
     'classifier': run_classifier,
     'fid': run_fid,
+    'encoder': stages.train_encoder,
+    'transfer': run_transfer,
 }

@@ -13,7 +13,7 @@ import data
 from eval import metrics
 from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
-from modes.sampling import LoadedCheckpoint
+from modes.sampling import LoadedCheckpoint, load_cached
 
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
               'seconds')
@@ -139,9 +139,7 @@ def run_fid(config) -> str:
       key = (method.name, method.sampler, method.steps, float(w), config.eval.num_samples)
       if key in done:
         continue
-      if method.ckpt_dir not in loaded:
-        loaded[method.ckpt_dir] = LoadedCheckpoint(method.ckpt_dir)
-      row = evaluate_cell(loaded[method.ckpt_dir], method, w, extract=extract, reference=reference, config=config,
+      row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference, config=config,
                           logits_are_classes=extractor_name != 'inception')
       rows.append(row)
       logging.info('[fid] %d/%d %s w=%g: FID %.3f IS %.2f (%.0f s)', i + 1, len(methods), method.label, w,

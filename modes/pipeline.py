@@ -11,7 +11,7 @@ from absl import logging
 from distill import stages
 from eval.images import image_grid, save_png, save_samples_png
 from modes.methods import list_methods
-from modes.sampling import LoadedCheckpoint, fixed_inputs
+from modes.sampling import fixed_inputs, load_cached
 
 
 def _timed(timings: dict, name: str, fn, *args):
@@ -27,9 +27,7 @@ def _sample_all(config, results_dir: str) -> list[dict]:
   entries, overview = [], {}
   loaded = {}
   for method in list_methods(config, teacher_steps=config.pipeline.teacher_steps):
-    if method.ckpt_dir not in loaded:
-      loaded[method.ckpt_dir] = LoadedCheckpoint(method.ckpt_dir)
-    ckpt = loaded[method.ckpt_dir]
+    ckpt = load_cached(loaded, method.ckpt_dir)
     z_init, label, num_rows = fixed_inputs(ckpt.record, per_class=config.pipeline.per_class, seed=config.pipeline.seed)
     for w in config.pipeline.guidance_ws:
       start = time.time()

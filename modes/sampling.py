@@ -13,7 +13,7 @@ from diffusion import get_logsnr_schedule
 from distill.stages import build_from_record, stage_dir
 from eval.images import save_samples_png
 from models.denoiser import make_denoise_fn
-from samplers import make_sampler
+from samplers import make_encoder, make_sampler
 from train import checkpoint
 
 MAX_GRID_CLASSES = 10
@@ -32,6 +32,8 @@ def allowed_steps(record: dict, sampler: str) -> Optional[list[int]]:
   if record['stage'] in ('teacher', 'stage1'):
     return None
   n = record['sampling_steps']
+  if record['stage'] == 'encoder':
+    return {'encode': [n]}.get(sampler, [])
   return {'ddim': [n], 'stochastic': [2 * n]}.get(sampler, [])
 
 
@@ -39,8 +41,8 @@ def check_steps(record: dict, sampler: str, num_steps: int, ckpt_dir: str) -> No
   allowed = allowed_steps(record, sampler)
   if allowed is not None and num_steps not in allowed:
     have = f'{sampler} at {allowed[0]} steps' if allowed else f'no {sampler} sampler'
-    raise SamplingError(f'{ckpt_dir} is the {record["sampling_steps"]}-step student: it supports {have}, not '
-                        f'{num_steps}; pick --config.sample.checkpoint=.../stage2/steps_{num_steps:04d} '
+    raise SamplingError(f'{ckpt_dir} is the {record["sampling_steps"]}-step {record["stage"]} student: it supports '
+                        f'{have}, not {num_steps}; pick --config.sample.checkpoint=.../stage2/steps_{num_steps:04d} '
                         f'(ddim) or steps_{max(num_steps // 2, 1):04d} (stochastic)')
 
 
@@ -65,6 +67,14 @@ class LoadedCheckpoint:
     self.nfe_per_step = 2 if kind == 'guided' else 1
     self._samplers = {}  # (sampler, num_steps) -> jitted program, reused for every w and batch
 
+  def encode(self, *, num_steps: int, guidance_w: float, x, label):
+    """z_1 [B, ...] from data x by N-step DDIM encoding (an encoder student, stage 1 or the teacher)."""
+    check_steps(self.record, 'encode', num_steps, self.ckpt_dir)
+    key = ('encode', num_steps)
+    if key not in self._samplers:
+      self._samplers[key] = make_encoder(self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
+    return np.asarray(self._samplers[key](self.params, x, label, jnp.full(label.shape, guidance_w, jnp.float32)))
+
   def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int):
     """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program."""
     check_steps(self.record, sampler, num_steps, self.ckpt_dir)
@@ -74,6 +84,13 @@ class LoadedCheckpoint:
     run = self._samplers[key]
     w = jnp.full(label.shape, guidance_w, jnp.float32)
     return np.asarray(run(self.params, z_init, label, w, jax.random.key(seed)))
+
+
+def load_cached(cache: dict, ckpt_dir: str) -> LoadedCheckpoint:
+  """One LoadedCheckpoint per directory (and so one compile per sampler) across a mode's loops."""
+  if ckpt_dir not in cache:
+    cache[ckpt_dir] = LoadedCheckpoint(ckpt_dir)
+  return cache[ckpt_dir]
 
 
 def fixed_inputs(record: dict, *, per_class: int, seed: int):

@@ -2,7 +2,7 @@
 
 from data import DataError, dataset_info
 
-OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2')
+OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder')
 STAGES = ('stage1', 'stage2')
 SAMPLER_NAMES = ('ddim', 'stochastic', 'ddpm')
 
@@ -48,14 +48,14 @@ def _check_model(config, info) -> None:
   _require(0 <= model.dropout < 1, f'model.dropout must be in [0, 1), got {model.dropout}')
 
 
-def _check_stage2(config) -> None:
-  stage2 = config.stage2
-  _require(is_power_of_two(stage2.start_steps) and stage2.start_steps >= 2,
-           f'stage2.start_steps must be a power of two >= 2, got {stage2.start_steps}')
-  _require(is_power_of_two(stage2.final_steps),
-           f'stage2.final_steps must be a power of two, got {stage2.final_steps}')
-  _require(stage2.final_steps < stage2.start_steps, f'stage2.final_steps ({stage2.final_steps}) must be '
-           f'smaller than stage2.start_steps ({stage2.start_steps})')
+def _check_halving(config, name: str) -> None:
+  section = config[name]
+  _require(is_power_of_two(section.start_steps) and section.start_steps >= 2,
+           f'{name}.start_steps must be a power of two >= 2, got {section.start_steps}')
+  _require(is_power_of_two(section.final_steps),
+           f'{name}.final_steps must be a power of two, got {section.final_steps}')
+  _require(section.final_steps < section.start_steps, f'{name}.final_steps ({section.final_steps}) must be '
+           f'smaller than {name}.start_steps ({section.start_steps})')
 
 
 def validate_config(config) -> None:
@@ -78,7 +78,8 @@ def validate_config(config) -> None:
   _require(config.distill.stage in STAGES, f"unknown distill.stage '{config.distill.stage}'; choose stage1 or stage2")
   _require(config.distill.w_min <= config.distill.w_max, f'distill.w_min ({config.distill.w_min}) > distill.w_max '
            f'({config.distill.w_max}): the guidance range is reversed, swap them')
-  _check_stage2(config)
+  _check_halving(config, 'stage2')
+  _check_halving(config, 'encoder')
   _require(config.sample.sampler in SAMPLER_NAMES,
            f"unknown sample.sampler '{config.sample.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}")
   _require(config.sample.num_steps >= 0, f'sample.num_steps must be >= 0 (0 = the checkpoint default), '

@@ -2,7 +2,7 @@
 
 import jax
 
-from samplers.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_stochastic, stochastic_step
+from samplers.samplers import SAMPLERS, encode_ddim, sample_ddim, sample_ddpm, sample_stochastic, stochastic_step
 
 
 def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn):
@@ -22,3 +22,11 @@ def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn):
   if num_steps < 1:
     raise ValueError(f'sampler steps must be >= 1, got {num_steps}')
   return jax.jit(run)
+
+
+def make_encoder(denoise_fn, *, num_steps: int, logsnr_fn):
+  """A jitted `(params, x, label, guidance_w) -> z_1`: N-step DDIM encoding of data x."""
+  if num_steps < 1:
+    raise ValueError(f'encoder steps must be >= 1, got {num_steps}')
+  return jax.jit(lambda params, x, label, guidance_w: encode_ddim(
+      denoise_fn, params, x=x, label=label, guidance_w=guidance_w, num_steps=num_steps, logsnr_fn=logsnr_fn))

@@ -81,4 +81,17 @@ def sample_ddpm(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int
   return jax.lax.fori_loop(0, num_steps, body, z_init)
 
 
+def encode_ddim(denoise_fn, params, *, x, label, guidance_w, num_steps: int, logsnr_fn):
+  """Deterministic N-step DDIM encoder: the same update run from t = 0 (data) up to t = 1 (noise)."""
+  batch = x.shape[0]
+
+  def body(i, z_t):
+    t, s = i / num_steps, (i + 1) / num_steps
+    x_pred, eps_pred = denoise_fn(params, z_t, _batch_logsnr(logsnr_fn, t, batch), label, guidance_w)
+    return ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=_batch_logsnr(logsnr_fn, s, batch))
+
+  z_0 = ddim_step(x_pred=x, eps_pred=jnp.zeros_like(x), logsnr_s=_batch_logsnr(logsnr_fn, 0.0, batch))
+  return jax.lax.fori_loop(0, num_steps, body, z_0)
+
+
 SAMPLERS = ('ddim', 'stochastic', 'ddpm')

@@ -21,14 +21,19 @@ def tiny_config(workdir, **stage_steps):
 
 @pytest.fixture(scope='session')
 def toy_run(tmp_path_factory):
-  """A toy-2D pipeline trained well enough to measure: 16-step stage-1 teacher -> 8 -> 4 steps."""
+  """A toy-2D run trained well enough to measure: stage 1 as a 16-step teacher, halved to 8 and 4 steps
+  for sampling (stage 2) and for encoding (encoder)."""
   from distill import stages  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path_factory.mktemp('toy_run'), train=1500, stage1=600, stage2=600)
   config.model.update(hidden=128, num_layers=3)
   config.train.update(batch_size=256, lr=2e-3, warmup_steps=50, checkpoint_every=1500)
   config.stage1.update(batch_size=256, lr=1e-3, warmup_steps=20, checkpoint_every=600)
   config.stage2.update(batch_size=256, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
+  config.encoder.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4,
+                        checkpoint_every=600)
+  config.transfer.update(steps=(4, 8), eval_images=256)
   stages.train_teacher(config)
   stages.train_stage1(config)
   stages.train_stage2(config)
+  stages.train_encoder(config)
   return config

@@ -82,25 +82,6 @@ def _mean_class_posterior(x, label):
   return float(np.mean(posterior[np.arange(len(label)), np.asarray(label)]))
 
 
-def _along_class_direction(x, label):
-  directions = TOY2D_MEANS / np.linalg.norm(TOY2D_MEANS, axis=1, keepdims=True)
-  return float(np.mean(np.sum(np.asarray(x) * directions[np.asarray(label)], axis=1)))
-
-
-def _mean_class_posterior(x, label):
-  """Mean of p(label | x) under the true toy mixture (equal class priors)."""
-  x = np.asarray(x, np.float64)
-  log_densities = []
-  for mean, cov in zip(TOY2D_MEANS, TOY2D_COVS):
-    diff = x - mean
-    maha = np.einsum('ni,ij,nj->n', diff, np.linalg.inv(cov), diff)
-    log_densities.append(-0.5 * maha - 0.5 * np.log(np.linalg.det(cov)))
-  log_densities = np.stack(log_densities, axis=1)  # [N, 4]
-  posterior = np.exp(log_densities - log_densities.max(axis=1, keepdims=True))
-  posterior /= posterior.sum(axis=1, keepdims=True)
-  return float(np.mean(posterior[np.arange(len(x)), np.asarray(label)]))
-
-
 def test_toy_student_at_4_steps_beats_teacher_ddim_at_4_steps(toy_run):
   teacher_dir = stages.stage_dir(toy_run.workdir, 'teacher')
   student_dir = stages.stage_dir(toy_run.workdir, 'stage2', 4)

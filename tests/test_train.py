@@ -1,6 +1,5 @@
 """Training machinery: sharded step equality, kill-and-resume, checkpoint refusals, non-finite skips."""
 
-import json
 import os
 import shutil
 import subprocess
