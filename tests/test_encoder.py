@@ -9,30 +9,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffusion import (alpha_sigma, ddim_step, get_logsnr_schedule, predict_eps_from_v, predict_eps_from_x,
-                       predict_x_from_v, v_target_between)
-from distill import objectives, stages
+from diffusion import ddim_step, predict_eps_from_v, predict_x_from_v, v_target_between
+from distill import objectives
 from models import build_model, init_params
 from models.denoiser import make_denoise_fn
 from modes.transfer import EncoderDecoder, run_transfer
 from samplers import encode_ddim, sample_ddim
 
-LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
-X0 = jnp.array([[0.5, -0.25, 1.0]])
-MU, STD = 0.3, 0.5
-
-
-def _with_eps(x_fn):
-  def denoise_fn(params, z_t, logsnr_t, label, guidance_w):
-    del params, label, guidance_w
-    x_pred = x_fn(z_t, logsnr_t)
-    return x_pred, predict_eps_from_x(z=z_t, x=x_pred, logsnr=logsnr_t)
-  return denoise_fn
-
-
-def _gaussian_x(z, logsnr):
-  alpha, sigma = (a[:, None] for a in alpha_sigma(logsnr))
-  return MU + alpha * STD**2 * (z - alpha * MU) / (alpha**2 * STD**2 + sigma**2)
+from exact_denoisers import LOGSNR_FN, MU, STD, X0, gaussian, point_mass
 
 
 def _round_trip(denoise_fn, x, num_steps):
@@ -71,13 +55,12 @@ def test_encoder_target_equals_two_teacher_encoder_steps_with_a_real_network():
 
 @pytest.mark.parametrize('num_steps', [1, 3, 16])
 def test_encode_decode_is_exact_for_point_mass_data(num_steps):
-  point_mass = _with_eps(lambda z, logsnr: jnp.broadcast_to(X0, z.shape))
   np.testing.assert_allclose(_round_trip(point_mass, X0, num_steps), X0, atol=1e-5)
 
 
 def test_encode_decode_error_shrinks_with_steps_for_gaussian_data():
   x = MU + STD * jax.random.normal(jax.random.key(3), (512, 2))
-  errors = [float(jnp.mean(jnp.abs(_round_trip(_with_eps(_gaussian_x), x, n) - x))) for n in (1, 4, 16, 64)]
+  errors = [float(jnp.mean(jnp.abs(_round_trip(gaussian, x, n) - x))) for n in (1, 4, 16, 64)]
   assert all(a > 1.5 * b for a, b in zip(errors, errors[1:])), errors
   assert errors[-1] < errors[0] / 10 and errors[-1] < 0.03, errors
 

@@ -5,32 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import alpha_sigma, ddim_step, get_logsnr_schedule, predict_eps_from_x, renoise
+from diffusion import alpha_sigma, ddim_step, predict_eps_from_x, renoise
 from samplers import make_sampler, sample_ddim, sample_stochastic, stochastic_step
 
-LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
-X0 = jnp.array([[0.5, -0.25, 1.0]])
-MU, STD = 0.3, 0.5
-
-
-def _with_eps(x_fn):
-  def denoise_fn(params, z_t, logsnr_t, label, guidance_w):
-    del params, label, guidance_w
-    x_pred = x_fn(z_t, logsnr_t)
-    return x_pred, predict_eps_from_x(z=z_t, x=x_pred, logsnr=logsnr_t)
-  return denoise_fn
-
-
-point_mass = _with_eps(lambda z, logsnr: jnp.broadcast_to(X0, z.shape))
-
-
-def _gaussian_x(z, logsnr):
-  """Exact denoiser of x ~ N(MU, STD^2 I)."""
-  alpha, sigma = (a[:, None] for a in alpha_sigma(logsnr))
-  return MU + alpha * STD**2 * (z - alpha * MU) / (alpha**2 * STD**2 + sigma**2)
-
-
-gaussian = _with_eps(_gaussian_x)
+from exact_denoisers import LOGSNR_FN, MU, STD, X0, gaussian, point_mass, with_eps
 
 
 def _run(name, denoise_fn, z_init, num_steps, seed=0):
@@ -59,7 +37,7 @@ def test_ddim_converges_to_the_exact_ode_map_for_gaussian_data():
 
 
 def test_stochastic_step_without_noise_is_the_deterministic_double_step():
-  denoise_fn = _with_eps(lambda z, logsnr: jnp.tanh(z) * 0.8)  # any nonlinear model
+  denoise_fn = with_eps(lambda z, logsnr: jnp.tanh(z) * 0.8)  # any nonlinear model
   z_t = jax.random.normal(jax.random.key(3), (5, 3))
   num_steps, t = 8, 5 / 8
   z_next, x_pred = stochastic_step(denoise_fn, None, z_t=z_t, t=t, num_steps=num_steps, label=None,
@@ -79,7 +57,7 @@ def test_stochastic_step_without_noise_is_the_deterministic_double_step():
 
 def test_stochastic_last_step_is_deterministic():
   """Different noise changes the path but the output is always x_pred at t = 1/N: no noise after it."""
-  denoise_fn = _with_eps(lambda z, logsnr: jnp.tanh(z))
+  denoise_fn = with_eps(lambda z, logsnr: jnp.tanh(z))
   z_init = jax.random.normal(jax.random.key(4), (64, 2))
   out_a, out_b = _run('stochastic', denoise_fn, z_init, 4, seed=0), _run('stochastic', denoise_fn, z_init, 4, seed=1)
   assert not np.allclose(out_a, out_b)
