@@ -11,9 +11,25 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _MODE = flags.DEFINE_string('mode', 'pipeline', 'teacher | stage1 | stage2 | distill | sample | pipeline')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '',
+                                   'host:port of process 0 (implies --multihost); empty: from the environment.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', -1, 'Number of processes (implies --multihost); -1: auto.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process, 0..n-1 (implies --multihost); -1: auto.')
+
+# Exit status of a run stopped by SIGTERM after saving a checkpoint (128 + SIGTERM, as the shell reports).
+PREEMPTED_EXIT_CODE = 143
 
 
 _REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def initialize_distributed(coordinator_address: str = '', num_processes: int = -1, process_id: int = -1):
+  """jax.distributed.initialize; empty/-1 arguments are left to autodetection (TPU pods, SLURM, env)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU processes need it for collectives
+  jax.distributed.initialize(coordinator_address=coordinator_address or None,
+                             num_processes=None if num_processes < 0 else num_processes,
+                             process_id=None if process_id < 0 else process_id)
 
 
 class _OwnInfoOnly(pylogging.Filter):
@@ -34,27 +50,34 @@ def main(argv):
   if _CONFIG.value is None:
     raise ConfigError('--config is required, e.g. --config=configs/digits_teacher.py')
   import jax  # pylint: disable=g-import-not-at-top
-  if _MULTIHOST.value:
-    jax.distributed.initialize()
+  if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value >= 0 or _PROCESS_ID.value >= 0:
+    initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   # Compiled programs are cached on disk: stage-2 rounds share one program, reruns start faster.
   jax.config.update('jax_compilation_cache_dir', os.path.join(_CONFIG.value.workdir, 'jax_cache'))
   validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
-  logging.info('mode=%s workdir=%s devices=%d (%s)', _MODE.value, _CONFIG.value.workdir, jax.device_count(),
-               jax.default_backend())
+  logging.info('mode=%s workdir=%s devices=%d (%s) process %d/%d', _MODE.value, _CONFIG.value.workdir,
+               jax.device_count(), jax.default_backend(), jax.process_index(), jax.process_count())
   MODES[_MODE.value](_CONFIG.value)
 
 
 def run():
-  """Runs main; expected errors (bad config, data, checkpoint) exit 1 with one line, no traceback."""
+  """Runs main; expected errors (bad config, data, checkpoint) exit 1 with one line, no traceback.
+
+  A run stopped by SIGTERM (pre-emption) saves a checkpoint and exits PREEMPTED_EXIT_CODE with one line.
+  """
   from data import DataError  # pylint: disable=g-import-not-at-top
   from modes.sampling import SamplingError  # pylint: disable=g-import-not-at-top
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from train.loop import Preempted  # pylint: disable=g-import-not-at-top
   try:
     app.run(main)
   except (ConfigError, DataError, CheckpointError, SamplingError) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)
+  except Preempted as err:
+    print(f'preempted: {err}', file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -46,7 +46,8 @@ def _full(label: int, n: int):
 
 
 def _write_grid(config, pairs, out_dir: str) -> str:
-  """One row per (method, steps): sources | reconstructions under A | transfers to B."""
+  """One row per (method, steps), distilled rows first, in transfer.steps order:
+  sources | reconstructions under A | transfers to B."""
   tr = config.transfer
   x = _class_examples(config, tr.source_class, 'test', tr.num_images)
   n = len(x)
@@ -56,10 +57,11 @@ def _write_grid(config, pairs, out_dir: str) -> str:
                           w_decode=tr.w_decode)
     moved = pair.transfer(x, _full(tr.source_class, n), _full(tr.target_class, n), w_encode=tr.w_encode,
                           w_decode=tr.w_decode)
-    rows.append(np.concatenate([x, recon, moved]))
+    spacer = np.ones_like(x[:1])  # a white tile between sources, reconstructions and transfers
+    rows.append(np.concatenate([x, spacer, recon, spacer, moved]))
   path = os.path.join(out_dir, f'transfer_{tr.source_class}_to_{tr.target_class}.png')
   if x.ndim == 4:
-    save_png(path, image_grid(np.concatenate(rows), num_rows=len(rows), scale=4))
+    save_png(path, image_grid(np.concatenate(rows), num_rows=len(rows), scale=6))
   return path
 
 

@@ -1,5 +1,8 @@
 """The one training loop every stage shares: sharded jit step, resume, Orbax saves, progress, scalars."""
 
+import contextlib
+import signal
+import threading
 import time
 from typing import Callable, Iterator, Optional
 
@@ -10,6 +13,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train import checkpoint
 from train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, make_train_step
+
+
+class Preempted(Exception):
+  """Training stopped on SIGTERM after saving a checkpoint; the same command resumes from it."""
+
+  def __init__(self, title: str, step: int, ckpt_dir: str):
+    super().__init__(f'[{title}] SIGTERM: saved step {step} in {ckpt_dir}; run the same command to resume')
+    self.step, self.ckpt_dir = step, ckpt_dir
 
 
 def data_mesh() -> Mesh:
@@ -30,10 +41,39 @@ def format_seconds(seconds: float) -> str:
 
 
 def _make_writer(logdir: Optional[str]):
-  if logdir is None:
+  """Scalars to TensorBoard files in logdir; only process 0 writes (and imports TensorFlow)."""
+  if logdir is None or jax.process_index() > 0:
     return None
   from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+  return metric_writers.create_default_writer(logdir)
+
+
+def _finish(manager, writer) -> None:
+  """Waits for pending checkpoint writes and flushes the scalars."""
+  manager.wait_until_finished()
+  if writer is not None:
+    writer.flush()
+
+
+@contextlib.contextmanager
+def watch_preemption(manager):
+  """Yields preempted(step) -> bool, True from the step at which every process saves and stops.
+
+  One process: a SIGTERM handler sets a flag (the previous handler is back afterwards). Under
+  jax.distributed, JAX's preemption service catches SIGTERM and picks a step all processes reach.
+  """
+  if jax.distributed.is_initialized():
+    yield manager.reached_preemption
+    return
+  if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+    yield lambda step: False
+    return
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield lambda step: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: str, record: dict,
@@ -42,7 +82,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
-  passed to every step but never optimised or saved. Returns the final state.
+  passed to every step but never optimised or saved. Returns the final state. On SIGTERM it saves the
+  step just done and raises Preempted.
   """
   mesh = data_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -69,29 +110,35 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     batches = make_batches(start)
     summed, count, t_log = None, 0, time.time()
     t_start = t_log
-    for step in range(start, section.num_steps):
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-      state, metrics = step_fn(state, batch, frozen)
-      if block_each_step:
-        jax.block_until_ready(state)
-      summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
-      count += 1
-      done = step + 1
-      if done % section.log_every == 0 or done == section.num_steps:
-        scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
-        scalars['num_skipped'] = float(jax.device_get(metrics['num_skipped']))
-        now = time.time()
-        scalars['steps_per_sec'] = count / max(now - t_log, 1e-9)
-        eta = (section.num_steps - done) * (now - t_start) / max(done - start, 1)
-        logging.info('[%s] step %d/%d loss %.4f %.1f steps/s ETA %s', title, done, section.num_steps,
-                     scalars['loss'], scalars['steps_per_sec'], format_seconds(eta))
-        if writer is not None:
-          writer.write_scalars(done, scalars)
-        summed, count, t_log = None, 0, now
-      if done % section.checkpoint_every == 0 or done == section.num_steps:
-        checkpoint.save(manager, state, record)
-    manager.wait_until_finished()
-    if writer is not None:
-      writer.flush()
+    with watch_preemption(manager) as preempted:
+      for step in range(start, section.num_steps):
+        local = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+        state, metrics = step_fn(state, batch, frozen)
+        if block_each_step:
+          jax.block_until_ready(state)
+        summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
+        count += 1
+        done = step + 1
+        if done % section.log_every == 0 or done == section.num_steps:
+          scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+          scalars['num_skipped'] = float(jax.device_get(metrics['num_skipped']))
+          now = time.time()
+          scalars['steps_per_sec'] = count / max(now - t_log, 1e-9)
+          eta = (section.num_steps - done) * (now - t_start) / max(done - start, 1)
+          logging.info('[%s] step %d/%d loss %.4f %.1f steps/s ETA %s', title, done, section.num_steps,
+                       scalars['loss'], scalars['steps_per_sec'], format_seconds(eta))
+          if writer is not None:
+            writer.write_scalars(done, scalars)
+          summed, count, t_log = None, 0, now
+        saved = done % section.checkpoint_every == 0 or done == section.num_steps
+        if saved:
+          checkpoint.save(manager, state, record)
+        if preempted(done):
+          if not saved:
+            checkpoint.save(manager, state, record)
+          _finish(manager, writer)
+          logging.info('[%s] preempted: saved step %d in %s', title, done, ckpt_dir)
+          raise Preempted(title, done, ckpt_dir)
+    _finish(manager, writer)
   return state

@@ -1,0 +1,69 @@
+"""--mode=sweep on two tiny points: separate workdirs, an index, printed commands, unknown keys refused."""
+
+import json
+import os
+import shlex
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from conftest import tiny_config
+from modes import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_PATH = os.path.join(REPO, 'configs', 'tiny.py')
+POINTS = [{'distill.w_max': 2.0, 'stage2.num_steps': 10}, {'distill.w_max': 3.0, 'stage2.num_steps': 10}]
+
+
+def _must_not_run(config):
+  raise AssertionError(f'the pipeline ran for {config.workdir}')
+
+
+def _parse_command(line: str, monkeypatch):
+  """The config main.py would build from a printed command (config_flags reads overrides from sys.argv)."""
+  args = shlex.split(line)
+  assert args[:2] == ['python', 'main.py'] and '--mode=pipeline' in args, line
+  argv = ['main.py', *(a for a in args[2:] if a.startswith('--config'))]
+  monkeypatch.setattr(sys, 'argv', argv)
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=flag_values, lock_config=True)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_sweep_runs_each_point_in_its_own_workdir(tmp_path):
+  config = tiny_config(tmp_path)
+  workdirs = sweep.run_sweep(config, config_path=TINY_PATH, points=POINTS)
+  names = ['distill.w_max=2,stage2.num_steps=10', 'distill.w_max=3,stage2.num_steps=10']
+  assert workdirs == [str(tmp_path / 'sweep' / name) for name in names]
+  for workdir, point in zip(workdirs, POINTS):
+    assert os.path.getsize(os.path.join(workdir, 'results', 'summary.md')) > 0
+    assert os.path.isdir(os.path.join(workdir, 'teacher'))
+    with open(os.path.join(workdir, 'stage1', 'config.json')) as f:
+      assert json.load(f)['distill']['w_max'] == point['distill.w_max']
+  index = (tmp_path / 'sweep' / 'index.md').read_text()
+  assert all(f'`{name}`' in index and workdir in index for name, workdir in zip(names, workdirs))
+
+
+def test_print_only_prints_one_command_per_point_and_runs_nothing(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(sweep, 'run_pipeline', _must_not_run)
+  config = tiny_config(tmp_path, train=7)
+  workdirs = sweep.run_sweep(config, config_path=TINY_PATH, print_only=True, points=POINTS)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2
+  for line, workdir, point in zip(lines, workdirs, POINTS):
+    parsed = _parse_command(line, monkeypatch)
+    assert parsed.workdir == workdir
+    assert parsed.distill.w_max == point['distill.w_max'] and parsed.stage2.num_steps == 10
+    assert parsed.train.num_steps == 7  # a field changed outside the sweep travels with the command
+  assert not (tmp_path / 'sweep').exists()
+
+
+def test_unknown_key_is_refused_before_any_point_runs(tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, 'run_pipeline', _must_not_run)
+  points = [POINTS[0], {'distill.w_maximum': 1.0}]
+  with pytest.raises(ValueError, match="unknown sweep key 'distill.w_maximum'"):
+    sweep.run_sweep(tiny_config(tmp_path), config_path=TINY_PATH, points=points)
+  assert not (tmp_path / 'sweep').exists()
