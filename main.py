@@ -11,6 +11,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
                                           lock_config=True)
 _MODE = flags.DEFINE_string('mode', 'pipeline', 'teacher | stage1 | stage2 | distill | sample | pipeline')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
+_PRINT_ONLY = flags.DEFINE_bool('print_only', False, '--mode=sweep: print one main.py command per point, run nothing.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
                                    'host:port of process 0 (implies --multihost); empty: from the environment.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', -1, 'Number of processes (implies --multihost); -1: auto.')
@@ -57,7 +58,11 @@ def main(argv):
   validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
   logging.info('mode=%s workdir=%s devices=%d (%s) process %d/%d', _MODE.value, _CONFIG.value.workdir,
                jax.device_count(), jax.default_backend(), jax.process_index(), jax.process_count())
-  MODES[_MODE.value](_CONFIG.value)
+  if _MODE.value == 'sweep':
+    MODES['sweep'](_CONFIG.value, config_path=config_flags.get_config_filename(flags.FLAGS['config']),
+                   print_only=_PRINT_ONLY.value)
+  else:
+    MODES[_MODE.value](_CONFIG.value)
 
 
 def run():

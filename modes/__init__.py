@@ -4,6 +4,7 @@ from distill import stages
 from modes.fid import run_classifier, run_fid
 from modes.pipeline import run_pipeline
 from modes.sampling import run_sample
+from modes.sweep import run_sweep
 from modes.transfer import run_transfer
 
 
@@ -23,4 +24,5 @@ MODES = {
     'fid': run_fid,
     'encoder': stages.train_encoder,
     'transfer': run_transfer,
+    'sweep': run_sweep,
 }

@@ -47,6 +47,7 @@ def test_sweep_runs_each_point_in_its_own_workdir(tmp_path):
   assert all(f'`{name}`' in index and workdir in index for name, workdir in zip(names, workdirs))
 
 
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections loading tiny.py
 def test_print_only_prints_one_command_per_point_and_runs_nothing(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(sweep, 'run_pipeline', _must_not_run)
   config = tiny_config(tmp_path, train=7)
@@ -67,3 +68,13 @@ def test_unknown_key_is_refused_before_any_point_runs(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="unknown sweep key 'distill.w_maximum'"):
     sweep.run_sweep(tiny_config(tmp_path), config_path=TINY_PATH, points=points)
   assert not (tmp_path / 'sweep').exists()
+
+
+def test_digits_sweep_lists_four_valid_points(tmp_path):
+  config_path = os.path.join(REPO, 'configs', 'digits_sweep.py')
+  points = sweep.load_sweep(config_path)
+  assert len(points) == 4 and len({sweep.point_name(p) for p in points}) == 4
+  base = sweep.load_config_module(config_path).get_config()
+  for point in points:
+    config = sweep.point_config(base, point, str(tmp_path / sweep.point_name(point)))
+    assert (config.distill.w_max, config.stage2.num_steps) == (point['distill.w_max'], point['stage2.num_steps'])
