@@ -63,16 +63,19 @@ def load_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def _in_memory_batches(
     name: str, *, batch_size: int, seed: int, random_flip: bool, start_step: int
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields batches sampled with replacement; batch k is f(seed, host, k)."""
+  """Yields this host's rows of global batches sampled with replacement; global batch k is f(seed, k), so
+  any number of hosts trains on the batches of one."""
   x, label = load_arrays(name, 'train')  # [N, ...], [N]
   flip = random_flip and dataset_info(name).is_image
+  global_size = batch_size * jax.process_count()
+  rows = slice(jax.process_index() * batch_size, (jax.process_index() + 1) * batch_size)
   step = start_step
   while True:
-    rng = np.random.default_rng([seed, jax.process_index(), step])
-    indices = rng.integers(0, len(label), size=batch_size)  # [B]
+    rng = np.random.default_rng([seed, 0, step])  # 0: as host 0 drew before, so 1-host runs keep their batches
+    indices = rng.integers(0, len(label), size=global_size)[rows]  # [B]
     batch_x = x[indices]  # [B, ...]
     if flip:
-      mirrored = rng.random(batch_size) < 0.5  # [B]
+      mirrored = rng.random(global_size)[rows] < 0.5  # [B]
       batch_x[mirrored] = batch_x[mirrored, :, ::-1, :]  # flip along W
     yield {'x': batch_x, 'label': label[indices]}
     step += 1
@@ -88,9 +91,10 @@ def make_train_iterator(
   """Yields endless training batches {'x': [B, ...], 'label': [B]} for a host.
 
   `data_config` needs `name`, `random_flip` and `tfds_data_dir`. For the
-  in-memory datasets (digits, toy2d) the batch at step k is a pure function
-  of (seed, jax.process_index(), k), so resuming with `start_step=k` replays
-  exactly the batches of an uninterrupted run. tfds datasets are not
+  in-memory datasets (digits, toy2d) this host's batch at step k is its
+  rows of a global batch that is a pure function of (seed, k): resuming with
+  `start_step=k` replays exactly the batches of an uninterrupted run, on any
+  number of hosts. tfds datasets are not
   bit-exact on resume: the pipeline is reseeded from (seed, start_step).
   """
   name = data_config.name

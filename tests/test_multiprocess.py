@@ -1,17 +1,22 @@
 """Two JAX processes on loopback (main.py --coordinator_address ...) train exactly like one process."""
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
+import pytest
 
 import data
 from conftest import tiny_config
 from distill import stages
+from main import PREEMPTED_EXIT_CODE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -35,14 +40,14 @@ main.run()
 
 
 def global_batches(name, *, batch_size, seed, random_flip, start_step):
-  """Like data._in_memory_batches, but every host draws the global batch from (seed, k) and keeps its slice,
+  """Like data._in_memory_batches, but every host draws the global batch (as host 0 did) and keeps its rows,
   so any number of processes sees the batches of one process."""
   del random_flip  # toy2d only
   x, label = data.load_arrays(name, 'train')
   first = jax.process_index() * batch_size
   step = start_step
   while True:
-    rng = np.random.default_rng([seed, step])
+    rng = np.random.default_rng([seed, 0, step])
     indices = rng.integers(0, len(label), size=batch_size * jax.process_count())[first:first + batch_size]
     yield {'x': x[indices], 'label': label[indices]}
     step += 1
@@ -62,41 +67,63 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def _run_processes(workdir, num_processes):
-  """Starts every process of the run and waits for all; kills the rest if one fails or time runs out."""
-  coordinator = f'127.0.0.1:{_free_port()}'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  procs, logs = [], []
-  try:
+@pytest.fixture
+def launch(tmp_path):
+  """launch(argv, num_processes) starts the processes of one run on a fresh loopback coordinator and returns
+  [(process, log path)]; argv(process_id, coordinator) is each one's command. Leftovers are killed."""
+  runs = []
+
+  def start(argv, num_processes):
+    coordinator = f'127.0.0.1:{_free_port()}'
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')  # one CPU device per process
+    started = []
     for process_id in range(num_processes):
-      script = _PROCESS_SCRIPT.format(repo=REPO, tests=os.path.join(REPO, 'tests'), workdir=workdir,
-                                      coordinator=coordinator, num_processes=num_processes,
-                                      process_id=process_id, steps=STEPS)
-      logs.append(open(os.path.join(workdir, f'process{process_id}.log'), 'w+'))
-      procs.append(subprocess.Popen([sys.executable, '-c', script], cwd=REPO, env=env, stdout=logs[-1],
-                                    stderr=subprocess.STDOUT))
-    for proc in procs:
-      proc.wait(timeout=TIMEOUT_S)
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    outputs = []
-    for log in logs:
-      log.seek(0)
-      outputs.append(log.read())
-      log.close()
-  for proc, output in zip(procs, outputs):
-    assert proc.returncode == 0, output[-3000:]
-  return outputs
+      log_path = tmp_path / f'run{len(runs)}_process{process_id}.log'
+      with open(log_path, 'w') as log:
+        proc = subprocess.Popen(argv(process_id, coordinator), cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+      started.append((proc, log_path))
+    runs.extend(started)
+    return started
+
+  yield start
+  for proc, _ in runs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def _wait_all(started, expected_code: int = 0) -> list[str]:
+  """Waits until every process exits with expected_code and returns their outputs. Fails as soon as one
+  exits with another code or prints a traceback (a failed process waits minutes for the others at shutdown,
+  the others for it in a collective), or when TIMEOUT_S runs out."""
+  deadline = time.time() + TIMEOUT_S
+  while any(proc.poll() is None for proc, _ in started):
+    for proc, log_path in started:
+      output = log_path.read_text()
+      if proc.poll() not in (None, expected_code) or 'Traceback (most recent call last)' in output:
+        pytest.fail(f'a process failed (exit {proc.returncode}):\n{output[-3000:]}')
+    if time.time() > deadline:
+      pytest.fail(f'timed out:\n{started[0][1].read_text()[-3000:]}')
+    time.sleep(0.1)
+  for proc, log_path in started:
+    assert proc.returncode == expected_code, log_path.read_text()[-3000:]
+  return [log_path.read_text() for _, log_path in started]
+
+
+def _chain_argv(workdir):
+  def argv(process_id, coordinator):
+    return [sys.executable, '-c', _PROCESS_SCRIPT.format(
+        repo=REPO, tests=os.path.join(REPO, 'tests'), workdir=workdir, coordinator=coordinator, num_processes=2,
+        process_id=process_id, steps=STEPS)]
+  return argv
 
 
 def _params(config, stage, steps=None):
   return jax.tree.leaves(stages.load_stage_params(config, stage, steps)[1])
 
 
-def test_two_processes_train_like_one(tmp_path, monkeypatch):
+def test_two_processes_train_like_one(tmp_path, monkeypatch, launch):
   one = tiny_config(tmp_path / 'one', train=STEPS, stage1=STEPS, stage2=STEPS)
   one.stage2.final_steps = 2
   for section in (one.train, one.stage1, one.stage2):
@@ -108,7 +135,8 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
 
   two = tiny_config(tmp_path / 'two')
   shutil.copytree(stages.stage_dir(one.workdir, 'stage1'), stages.stage_dir(two.workdir, 'stage1'))
-  outputs = _run_processes(two.workdir, 2)
+  started = launch(_chain_argv(two.workdir), 2)
+  outputs = _wait_all(started)
   for process_id, output in enumerate(outputs):
     assert f'devices=2 (cpu) process {process_id}/2' in output, output[-3000:]
   assert '[teacher] resuming from step 4' in outputs[0], outputs[0][-3000:]
@@ -117,3 +145,28 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     assert stages.checkpoint.latest_step(stages.stage_dir(two.workdir, stage, steps)) == STEPS
     for a, b in zip(_params(one, stage, steps), _params(two, stage, steps), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=stage)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, launch):
+  workdir = tmp_path / 'run'
+
+  def argv(process_id, coordinator):
+    return [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
+            '--config.train.num_steps=1000000', '--config.train.checkpoint_every=100000',
+            '--config.train.log_every=10', f'--coordinator_address={coordinator}', '--num_processes=2',
+            f'--process_id={process_id}']
+
+  started = launch(argv, 2)
+  (_, log0), (proc1, log1) = started
+  deadline = time.time() + TIMEOUT_S
+  while '[teacher] step' not in log0.read_text():
+    assert all(proc.poll() is None for proc, _ in started), log0.read_text()[-3000:] + log1.read_text()[-3000:]
+    assert time.time() < deadline, log0.read_text()[-3000:]
+    time.sleep(0.1)
+  proc1.send_signal(signal.SIGTERM)  # one host told it is pre-empted: JAX's preemption service tells the other
+  outputs = _wait_all(started, PREEMPTED_EXIT_CODE)
+  saved = []
+  for output in outputs:
+    saved += re.findall(r'^preempted: .* saved step (\d+) in', output, re.MULTILINE)
+  assert len(saved) == 2 and saved[0] == saved[1], outputs
+  assert stages.checkpoint.latest_step(str(workdir / 'teacher')) == int(saved[0])

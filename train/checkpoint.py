@@ -4,6 +4,7 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
@@ -66,20 +67,31 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
   return restored['state']
 
 
+def _replicated(tree):
+  """Shape-only targets for tree, replicated over every device of this run."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: str = 'ema_params') -> Any:
-  """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher."""
+  """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher.
+
+  The params come back replicated over this run's devices, whatever number of processes saved them.
+  """
   if latest_step(ckpt_dir) is None:
     raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
   with open_manager(ckpt_dir, create=False) as manager:
     saved = read_record(ckpt_dir)
     check_compatible(saved, expected_record, ckpt_dir)
-    restored = manager.restore(manager.latest_step(),
-                               args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
-  params = restored[which] if isinstance(restored, dict) else getattr(restored, which)
-  want = jax.tree.map(lambda x: tuple(x.shape), target_params)
-  got = jax.tree.map(lambda x: tuple(x.shape), params)
-  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-    raise CheckpointError(f'checkpoint {ckpt_dir} holds parameters of another architecture: '
-                          'use the config that made it')
-  return jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding) if hasattr(ref, 'sharding') else x,
-                      params, target_params)
+    step = manager.latest_step()
+    stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
+    want = jax.tree.map(lambda x: tuple(x.shape), target_params)
+    got = jax.tree.map(lambda x: tuple(x.shape), stored)
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise CheckpointError(f'checkpoint {ckpt_dir} holds parameters of another architecture: '
+                            'use the config that made it')
+    item = {which: _replicated(target_params)}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+  return restored['state'][which]
