@@ -7,11 +7,13 @@ from diffusion import (diffusion_forward, ddim_step, predict_v, stage2_x_target,
                        x_eps_from_output)
 
 
-def _student_x(model, params, *, z_t, logsnr_t, label, guidance_w, rng, parametrization):
-  """The student's x_pred in train mode (dropout on, if the model has any)."""
-  output = model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True,
-                       rngs={'dropout': rng})
-  return x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)[0]
+def _regress_x(model, params, *, x_target, z_t, logsnr_t, label, guidance_w, rng, parametrization, weighting):
+  """Mean SNR-weighted error of the model's x_pred (train mode: dropout on) against a fixed target."""
+  output = model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True, rngs={'dropout': rng})
+  x_pred = x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)[0]
+  loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_target), logsnr=logsnr_t,
+                         weighting=weighting)
+  return jnp.mean(loss), {}
 
 
 def _noisy_batch(rng, x, logsnr_fn):
@@ -36,9 +38,8 @@ def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, n
     z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
     drop = jax.random.bernoulli(rng_drop, p_uncond, label.shape)
     label = jnp.where(drop, num_classes, label)
-    x_pred = _student_x(model, params, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=None,
-                        rng=rng_dropout, parametrization=parametrization)
-    return jnp.mean(weighted_x_loss(x_pred=x_pred, x_target=x, logsnr=logsnr_t, weighting=weighting)), {}
+    return _regress_x(model, params, x_target=x, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=None,
+                      rng=rng_dropout, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
@@ -53,11 +54,8 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
     guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)
     x_teacher, _ = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
-    x_pred = _student_x(student, params, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=guidance_w,
-                        rng=rng_dropout, parametrization=parametrization)
-    loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_teacher), logsnr=logsnr_t,
-                           weighting=weighting)
-    return jnp.mean(loss), {}
+    return _regress_x(student, params, x_target=x_teacher, z_t=z_t, logsnr_t=logsnr_t, label=label,
+                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
@@ -104,11 +102,8 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
                               logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
     x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
-    x_pred = _student_x(student, params, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=guidance_w,
-                        rng=rng_dropout, parametrization=parametrization)
-    loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_target), logsnr=logsnr_t,
-                           weighting=weighting)
-    return jnp.mean(loss), {}
+    return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
+                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
