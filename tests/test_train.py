@@ -145,3 +145,34 @@ def test_non_finite_updates_are_skipped_and_counted():
   state, _ = step(state, {'x': jnp.ones(3), 'scale': jnp.array(1.0)}, None)
   np.testing.assert_allclose(state.params['w'], 0.9 * jnp.ones(3))
   assert int(state.num_skipped) == 1
+
+
+def _truncate_step(ckpt_dir, step):
+  for path in (ckpt_dir / str(step) / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(b'')
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  full = tiny_config(tmp_path / 'full', train=30)
+  stages.train_teacher(full)
+  damaged = tiny_config(tmp_path / 'damaged', train=20)
+  stages.train_teacher(damaged)  # checkpoints at 10 and 20
+  ckpt_dir = tmp_path / 'damaged' / 'teacher'
+  _truncate_step(ckpt_dir, 20)
+  damaged.train.num_steps = 30
+  stages.train_teacher(damaged)  # warns, resumes from 10, trains to 30
+  assert (ckpt_dir / 'corrupted.20' / 'state').is_dir(), 'the damaged checkpoint must be kept'
+  assert checkpoint.latest_step(str(ckpt_dir)) == 30
+  _assert_same(_params(full, 'teacher'), _params(damaged, 'teacher'))
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
+  config = tiny_config(tmp_path, train=10)
+  stages.train_teacher(config)
+  _truncate_step(tmp_path / 'teacher', 10)
+  config.train.num_steps = 20
+  with pytest.raises(checkpoint.CheckpointError, match='no readable checkpoint left'):
+    stages.train_teacher(config)
+  assert (tmp_path / 'teacher' / 'corrupted.10').is_dir()
+  assert checkpoint.latest_step(str(tmp_path / 'teacher')) is None

@@ -6,6 +6,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 # Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
 IDENTITY_KEYS = ('stage', 'sampling_steps', 'model', 'guidance_input', 'x_shape', 'num_classes',
@@ -53,18 +54,40 @@ def check_compatible(saved: dict, expected: dict, ckpt_dir: str) -> None:
           f'{expected[key]!r}: use another --config.workdir or the config that made it')
 
 
-def restore_state(manager: ocp.CheckpointManager, target_state, expected_record: dict, ckpt_dir: str):
-  """Restores the latest state into target_state's structure and shardings (checked first)."""
-  step = manager.latest_step()
+def _restore_step(manager, step: int, abstract, expected_record: dict, ckpt_dir: str):
+  """Restores one step; CheckpointError for a checkpoint of another model, other errors for damage."""
   saved = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
   check_compatible(saved, expected_record, ckpt_dir)
+  stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+  if shapes(stored) != shapes(abstract):
+    raise CheckpointError(f'checkpoint {ckpt_dir} does not fit the current model (parameter shapes differ): '
+                          'use another --config.workdir or the config that made it')
+  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+
+
+def restore_state(manager: ocp.CheckpointManager, target_state, expected_record: dict, ckpt_dir: str):
+  """Restores the newest readable state into target_state's structure and shardings.
+
+  A damaged checkpoint (truncated or corrupted files) is moved aside to `corrupted.STEP` (kept as evidence,
+  never deleted) and the previous one is used, with a warning; if none is readable the run stops rather
+  than training from scratch. A checkpoint of another model is refused at once.
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  except (ValueError, KeyError) as err:
-    raise CheckpointError(f'checkpoint {ckpt_dir} does not fit the current model ({str(err)[:200]}): '
-                          'use another --config.workdir or the config that made it') from err
-  return restored['state']
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _restore_step(manager, step, abstract, expected_record, ckpt_dir)
+    except CheckpointError:
+      raise
+    except Exception as err:  # pylint: disable=broad-except  (any read error means a damaged step)
+      aside = manager.directory / f'corrupted.{step}'
+      if jax.process_index() == 0:
+        os.rename(manager.directory / str(step), aside)
+      manager.reload()
+      logging.warning('checkpoint step %d in %s is unreadable (%s): moved to %s, trying the previous one',
+                      step, ckpt_dir, str(err).splitlines()[0][:200] if str(err) else type(err).__name__, aside)
+  raise CheckpointError(f'no readable checkpoint left in {ckpt_dir} (damaged ones are in corrupted.*): '
+                        'restore them from a backup, or use another --config.workdir to start over')
 
 
 def _replicated(tree):
