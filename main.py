@@ -74,10 +74,10 @@ def run():
   from modes.sampling import SamplingError  # pylint: disable=g-import-not-at-top
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from train.loop import Preempted  # pylint: disable=g-import-not-at-top
+  from train.loop import NonFiniteError, Preempted  # pylint: disable=g-import-not-at-top
   try:
     app.run(main)
-  except (ConfigError, DataError, CheckpointError, SamplingError) as err:
+  except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)
   except Preempted as err:

@@ -6,7 +6,7 @@ import ml_collections
 def _optimizer(**overrides) -> ml_collections.ConfigDict:
   section = dict(batch_size=128, num_steps=1000, lr=2e-4, warmup_steps=100, lr_decay='constant',
                  weight_decay=0.0, grad_clip=1.0, ema_decay=0.0, log_every=100, checkpoint_every=1000,
-                 keep_checkpoints=2)
+                 keep_checkpoints=2, max_nonfinite_steps=100)
   section.update(overrides)
   return ml_collections.ConfigDict(section)
 

@@ -30,6 +30,7 @@ def _check_optimizer(name: str, section) -> None:
   _require(section.log_every > 0, f'{name}.log_every must be > 0, got {section.log_every}')
   _require(section.checkpoint_every > 0, f'{name}.checkpoint_every must be > 0, got {section.checkpoint_every}')
   _require(section.keep_checkpoints >= 1, f'{name}.keep_checkpoints must be >= 1')
+  _require(section.max_nonfinite_steps >= 1, f'{name}.max_nonfinite_steps must be >= 1')
 
 
 def _check_model(config, info) -> None:

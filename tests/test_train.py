@@ -176,3 +176,27 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
     stages.train_teacher(config)
   assert (tmp_path / 'teacher' / 'corrupted.10').is_dir()
   assert checkpoint.latest_step(str(tmp_path / 'teacher')) is None
+
+
+def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  from train.loop import NonFiniteError, run_training  # pylint: disable=g-import-not-at-top
+  section = tiny_config(tmp_path).train
+  section.update(num_steps=20, log_every=2, checkpoint_every=2, max_nonfinite_steps=3, warmup_steps=0)
+
+  def loss_fn(params, batch, rng, frozen):
+    del rng, frozen
+    return jnp.mean(jnp.square(params['w'] - batch['x'])), {}
+
+  def make_batches(start):
+    for step in range(start, 100):  # finite data for 4 steps, then NaN
+      yield {'x': np.full((64, 3), np.nan if step >= 4 else 1.0, np.float32), 'label': np.zeros(64, np.int32)}
+
+  with pytest.raises(NonFiniteError, match='4 non-finite steps in a row at step 8: stopped, the last checkpoint'):
+    run_training(title='nan', loss_fn=loss_fn, params={'w': jnp.zeros(3)}, section=section,
+                 ckpt_dir=str(tmp_path / 'ckpt'), record={'stage': 'teacher'}, make_batches=make_batches, seed=0)
+  assert checkpoint.latest_step(str(tmp_path / 'ckpt')) == 6  # step 8 was not saved
+  with checkpoint.open_manager(str(tmp_path / 'ckpt'), create=False) as manager:
+    saved = manager.restore(6, args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardRestore()))['state']
+  saved_w = saved['params']['w'] if isinstance(saved, dict) else saved.params['w']
+  assert np.all(np.isfinite(saved_w)) and not np.allclose(saved_w, 0.0)  # the 4 good updates are kept

@@ -76,6 +76,10 @@ def watch_preemption(manager):
     signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+class NonFiniteError(ValueError):
+  """More than max_nonfinite_steps consecutive updates had a non-finite loss or gradient."""
+
+
 def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: str, record: dict,
                  make_batches: Callable[[int], Iterator[dict]], seed: int, frozen=None,
                  logdir: Optional[str] = None) -> TrainState:
@@ -122,7 +126,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
         done = step + 1
         if done % section.log_every == 0 or done == section.num_steps:
           scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
-          scalars['num_skipped'] = float(jax.device_get(metrics['num_skipped']))
+          for key in ('num_skipped', 'consecutive_skipped'):  # counters: the last value, not the mean
+            scalars[key] = float(jax.device_get(metrics[key]))
           now = time.time()
           scalars['steps_per_sec'] = count / max(now - t_log, 1e-9)
           eta = (section.num_steps - done) * (now - t_start) / max(done - start, 1)
@@ -131,6 +136,11 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
           if writer is not None:
             writer.write_scalars(done, scalars)
           summed, count, t_log = None, 0, now
+          if scalars['consecutive_skipped'] >= section.max_nonfinite_steps:  # checked at log steps only
+            _finish(manager, writer)
+            raise NonFiniteError(f'[{title}] {int(scalars["consecutive_skipped"])} non-finite steps in a row at step '
+                                 f'{done}: stopped, the last checkpoint (step {manager.latest_step()}) is kept; '
+                                 'lower the learning rate or check the data')
         saved = done % section.checkpoint_every == 0 or done == section.num_steps
         if saved:
           checkpoint.save(manager, state, record)

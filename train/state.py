@@ -16,6 +16,7 @@ class TrainState:
   opt_state: Any
   rng: jnp.ndarray  # uint32 [2], raw key data so Orbax can save it
   num_skipped: jnp.ndarray  # int32 []: updates skipped for a non-finite loss or gradient
+  consecutive_skipped: jnp.ndarray  # int32 []: length of the current run of skipped updates
 
 
 def learning_rate_schedule(section) -> optax.Schedule:
@@ -43,7 +44,7 @@ def create_train_state(params, tx: optax.GradientTransformation, *, seed: int) -
   ema_params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema_params,
                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),
-                    num_skipped=jnp.zeros((), jnp.int32))
+                    num_skipped=jnp.zeros((), jnp.int32), consecutive_skipped=jnp.zeros((), jnp.int32))
 
 
 def _tree_select(pred, on_true, on_false):
@@ -79,9 +80,10 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
         params=_tree_select(finite, params, state.params),
         ema_params=_tree_select(finite, ema_params, state.ema_params),
         opt_state=_tree_select(finite, opt_state, state.opt_state),
-        num_skipped=state.num_skipped + (~finite).astype(jnp.int32))
+        num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
+        consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
     metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state.step),
-               'num_skipped': new_state.num_skipped, **aux}
+               'num_skipped': new_state.num_skipped, 'consecutive_skipped': new_state.consecutive_skipped, **aux}
     return new_state, metrics
 
   return train_step
