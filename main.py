@@ -75,8 +75,18 @@ def run():
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from train.loop import NonFiniteError, Preempted  # pylint: disable=g-import-not-at-top
+  app.define_help_flags()
   try:
-    app.run(main)
+    argv = flags.FLAGS(sys.argv)  # parsed here, once, so a bad --config.* override gets one line, no traceback
+  except (AttributeError, KeyError) as err:
+    print(f'error: --config override names no field of the config ({err}): check the spelling against the '
+          'config file', file=sys.stderr)
+    sys.exit(1)
+  except flags.Error as err:
+    print(f'error: {err}', file=sys.stderr)
+    sys.exit(1)
+  try:
+    app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
   except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)

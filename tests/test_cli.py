@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from distill import stages
+from modes import MODES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +29,10 @@ def _main(*args, workdir):
     (['--mode=stage2', '--config.stage2.final_steps=8', '--config.stage2.start_steps=8'],
      'final_steps (8) must be smaller'),
     (['--mode=stage2'], 'no checkpoint in'),
+    (['--mode=teacher', '--config.train.learning_rate=0.1'], "names no field of the config (\"'learning_rate'\")"),
+    (['--mode=teacher', '--config.train.num_steps=many'], "invalid literal for int() with base 10: 'many'"),
+    (['--mode=teacher', '--config.data.name=digits'], "model.name 'mlp' is for vector data"),
+    (['--mode=fid', '--config.eval.extractor=classifier'], "'classifier' is the digits classifier"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
   result = _main(*args, workdir=tmp_path / 'run')
@@ -47,3 +52,12 @@ def test_sample_refuses_a_step_count_the_student_lacks(toy_run, tmp_path):
              f'--config.sample.out_dir={tmp_path / "out"}', workdir=tmp_path / 'run')
   assert ok.returncode == 0, ok.stderr[-1500:]
   assert sorted(os.listdir(tmp_path / 'out')) == ['stage2_ddim_4steps_w1.npz', 'stage2_ddim_4steps_w1.png']
+
+
+@pytest.mark.parametrize('mode', sorted(MODES))
+def test_every_mode_refuses_an_invalid_config_before_writing(tmp_path, mode):
+  result = _main(f'--mode={mode}', '--config.distill.w_min=9.0', workdir=tmp_path / 'run')
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'guidance range is reversed' in errors[0], result.stderr[-1500:]
+  assert not (tmp_path / 'run').exists()
