@@ -4,9 +4,10 @@ import os
 from typing import Any, Optional
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from train.mesh import data_mesh
 
 # Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
 IDENTITY_KEYS = ('stage', 'sampling_steps', 'model', 'guidance_input', 'x_shape', 'num_classes',
@@ -92,8 +93,7 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
 
 def _replicated(tree):
   """Shape-only targets for tree, replicated over every device of this run."""
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('data',))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharding = jax.sharding.NamedSharding(data_mesh(), jax.sharding.PartitionSpec())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 

@@ -7,11 +7,11 @@ import time
 from typing import Callable, Iterator, Optional
 
 import jax
-import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from train import checkpoint
+from train.mesh import data_mesh
 from train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, make_train_step
 
 
@@ -21,11 +21,6 @@ class Preempted(Exception):
   def __init__(self, title: str, step: int, ckpt_dir: str):
     super().__init__(f'[{title}] SIGTERM: saved step {step} in {ckpt_dir}; run the same command to resume')
     self.step, self.ckpt_dir = step, ckpt_dir
-
-
-def data_mesh() -> Mesh:
-  """A 1-D mesh over every device of every process; the batch is split along 'data'."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
 
 
 def per_host_batch_size(global_batch_size: int) -> int:
