@@ -16,6 +16,10 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
                                    'host:port of process 0 (implies --multihost); empty: from the environment.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', -1, 'Number of processes (implies --multihost); -1: auto.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process, 0..n-1 (implies --multihost); -1: auto.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the models, shard one batch of (mock) data and run one train '
+                             'step of each stage the mode trains; write nothing.')
+_DRY_RUN_BATCH_SIZE = flags.DEFINE_integer('dry_run_batch_size', 0, '--dry_run global batch; 0: one example per '
+                                           'device (give the config batch on the target hardware to check memory).')
 
 # Exit status of a run stopped by SIGTERM after saving a checkpoint (128 + SIGTERM, as the shell reports).
 PREEMPTED_EXIT_CODE = 143
@@ -53,9 +57,13 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value >= 0 or _PROCESS_ID.value >= 0:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
+  if _DRY_RUN.value:
+    from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top
+    run_dry_run(_CONFIG.value, _MODE.value, batch_size=_DRY_RUN_BATCH_SIZE.value)
+    return
   # Compiled programs are cached on disk: stage-2 rounds share one program, reruns start faster.
   jax.config.update('jax_compilation_cache_dir', os.path.join(_CONFIG.value.workdir, 'jax_cache'))
-  validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
   logging.info('mode=%s workdir=%s devices=%d (%s) process %d/%d', _MODE.value, _CONFIG.value.workdir,
                jax.device_count(), jax.default_backend(), jax.process_index(), jax.process_count())
   if _MODE.value == 'sweep':

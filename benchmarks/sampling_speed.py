@@ -47,7 +47,7 @@ def main(_):
   timings = []
   for stage, kind in (('teacher', 'guided'), ('stage1', 'w_input')):
     record = stages.make_record(config, stage=stage)
-    model, _ = stages.build_from_record(config.model, record)
+    model, _ = stages.build_from_record(record)
     params = init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']),
                          guidance_input=record['guidance_input'])
     denoise_fn = make_denoise_fn(model, parametrization=config.diffusion.parametrization, kind=kind,

@@ -33,7 +33,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Sampling repeats (median reported
 def main(_):
   config = _CONFIG.value
   record = stages.make_record(config, stage='teacher')
-  model, _ = stages.build_from_record(config.model, record)
+  model, _ = stages.build_from_record(record)
   params = init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']), guidance_input=False)
   kwargs = dict(logsnr_fn=stages.logsnr_schedule(config), parametrization=config.diffusion.parametrization,
                 weighting=config.diffusion.loss_weighting)

@@ -28,7 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Teacher: class-conditional, label dropout (p_uncond) makes it unconditional too.
   config.train = _optimizer(ema_decay=0.9999, p_uncond=0.1)
   # Guidance weights w ~ U[w_min, w_max] for stage 1 and stage 2.
-  config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0))
+  # dropout: the students' (stage 1, stage 2, encoder) U-Net dropout; -1 keeps the teacher's model.dropout.
+  config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, dropout=-1.0))
   config.stage1 = _optimizer()
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
   # num_steps is the iterations of each round; the lr decays linearly to 0 within a round.

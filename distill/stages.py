@@ -1,10 +1,13 @@
 """The three trainings of the method, chained through checkpoints: teacher -> stage 1 -> stage-2 rounds."""
 
+import dataclasses
 import json
 import os
-from typing import Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -13,8 +16,8 @@ from diffusion import get_logsnr_schedule
 from distill import objectives
 from models import build_model, init_params
 from models.denoiser import make_denoise_fn
-from train import checkpoint
-from train.loop import per_host_batch_size, run_training
+from train import checkpoint, files
+from train.loop import make_writer, per_host_batch_size, run_training
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
 
@@ -36,18 +39,27 @@ def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) ->
   return os.path.join(workdir, stage)
 
 
+def stage_model_config(config, stage: str) -> dict:
+  """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout."""
+  model = config.model.to_dict()
+  if stage != 'teacher' and config.distill.dropout >= 0:
+    model['dropout'] = config.distill.dropout
+  return model
+
+
 def make_record(config, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
   """What a checkpoint is: enough to rebuild its model and denoiser without the original command."""
   info = data.dataset_info(config.data.name)
   return to_json(dict(stage=stage, sampling_steps=sampling_steps, guidance_input=stage != 'teacher',
-                      model=config.model.to_dict(), x_shape=list(info.shape), num_classes=info.num_classes,
+                      model=stage_model_config(config, stage), x_shape=list(info.shape), num_classes=info.num_classes,
                       parametrization=config.diffusion.parametrization, diffusion=config.diffusion.to_dict(),
                       data=config.data.name, config=config.to_dict()))
 
 
-def build_from_record(config_model, record: dict):
+def build_from_record(record: dict):
   """The model a record describes, and abstract (shape-only) params for it."""
-  model = build_model(config_model, num_classes=record['num_classes'], guidance_input=record['guidance_input'])
+  model = build_model(ml_collections.ConfigDict(record['model']), num_classes=record['num_classes'],
+                      guidance_input=record['guidance_input'])
   abstract = jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']),
                                                 guidance_input=record['guidance_input']))
   return model, abstract
@@ -65,8 +77,7 @@ def _write_config(ckpt_dir: str, config) -> None:
   os.makedirs(ckpt_dir, exist_ok=True)
   path = os.path.join(ckpt_dir, 'config.json')
   if not os.path.exists(path) and jax.process_index() == 0:
-    with open(path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    files.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def _loss_kwargs(config):
@@ -74,31 +85,56 @@ def _loss_kwargs(config):
               weighting=config.diffusion.loss_weighting)
 
 
-def _train(config, *, title, record, section, loss_fn, params, seed_offset, frozen=None):
-  ckpt_dir = stage_dir(config.workdir, record['stage'], record['sampling_steps'])
+@dataclasses.dataclass(frozen=True)
+class TrainingJob:
+  """One training run of the method: what train.loop.run_training needs, built from the config."""
+  title: str
+  record: dict  # make_record(): stage, sampling steps, model; it names the checkpoint directory
+  section: ml_collections.ConfigDict  # the optimizer section (config.train, config.stage1, ...)
+  loss_fn: Callable  # (params, batch, rng, frozen) -> (loss, aux)
+  params: Any  # initial params of the trained model
+  seed_offset: int  # seeds the data order and the train rng of this job
+  frozen: Any = None  # the teacher's params (+ student_steps): an argument of every step, never trained
+
+  def ckpt_dir(self, workdir: str) -> str:
+    return stage_dir(workdir, self.record['stage'], self.record['sampling_steps'])
+
+
+def _train(config, job: TrainingJob) -> tuple[str, dict]:
+  """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars."""
+  ckpt_dir = job.ckpt_dir(config.workdir)
   _write_config(ckpt_dir, config)
-  run_training(title=title, loss_fn=loss_fn, params=params, section=section, ckpt_dir=ckpt_dir, record=record,
-               make_batches=_batches(config, section, seed_offset), seed=config.seed + seed_offset,
-               frozen=frozen, logdir=os.path.join(config.workdir, 'logs', os.path.relpath(ckpt_dir, config.workdir)))
-  return ckpt_dir
+  _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
+                            ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
+                            make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,
+                            logdir=log_dir(config, ckpt_dir))
+  return ckpt_dir, scalars
 
 
-def train_teacher(config) -> str:
+def log_dir(config, ckpt_dir: str) -> str:
+  """WORKDIR/logs/<the checkpoint directory relative to WORKDIR>: one TensorBoard run per stage or round."""
+  return os.path.join(config.workdir, 'logs', os.path.relpath(ckpt_dir, config.workdir))
+
+
+def teacher_job(config) -> TrainingJob:
   """The class-conditional teacher with label dropout (one network, conditional and unconditional)."""
   record = make_record(config, stage='teacher')
-  model, _ = build_from_record(config.model, record)
+  model, _ = build_from_record(record)
   params = init_params(model, rng=jax.random.key(config.seed), x_shape=tuple(record['x_shape']),
                        guidance_input=False)
   loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond, num_classes=record['num_classes'],
                                        **_loss_kwargs(config))
-  return _train(config, title='teacher', record=record, section=config.train, loss_fn=loss_fn, params=params,
-                seed_offset=0)
+  return TrainingJob('teacher', record, config.train, loss_fn, params, seed_offset=0)
+
+
+def train_teacher(config) -> str:
+  return _train(config, teacher_job(config))[0]
 
 
 def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
   """(model, EMA params, record) of a finished stage of this run, checked against the config."""
   record = make_record(config, stage=stage, sampling_steps=sampling_steps)
-  model, abstract = build_from_record(config.model, record)
+  model, abstract = build_from_record(record)
   params = checkpoint.load_params(stage_dir(config.workdir, stage, sampling_steps), abstract, record)
   return model, params, record
 
@@ -111,20 +147,29 @@ def stage1_init_params(teacher_params, student_params):
   return {k: (student_params[k] if k == GUIDANCE_EMBED_KEY else teacher_params[k]) for k in student_params}
 
 
-def train_stage1(config) -> str:
-  """Stage 1: a w-conditioned student matching the guided teacher for w ~ U[w_min, w_max]."""
-  teacher, teacher_params, teacher_record = load_stage_params(config, 'teacher')
+def stage1_job(config, teacher_params=None) -> TrainingJob:
+  """Stage 1: a w-conditioned student matching the guided teacher for w ~ U[w_min, w_max].
+
+  teacher_params: None loads the trained teacher of config.workdir (a dry run passes fresh ones).
+  """
+  teacher_record = make_record(config, stage='teacher')
+  teacher, abstract = build_from_record(teacher_record)
+  if teacher_params is None:
+    teacher_params = checkpoint.load_params(stage_dir(config.workdir, 'teacher'), abstract, teacher_record)
   record = make_record(config, stage='stage1')
-  student, _ = build_from_record(config.model, record)
+  student, _ = build_from_record(record)
   fresh = init_params(student, rng=jax.random.key(config.seed + 1), x_shape=tuple(record['x_shape']),
                       guidance_input=True)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
                                     num_classes=teacher_record['num_classes'])
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
                                       w_max=config.distill.w_max, **_loss_kwargs(config))
-  return _train(config, title='stage1', record=record, section=config.stage1, loss_fn=loss_fn,
-                params=stage1_init_params(teacher_params, fresh), seed_offset=1,
-                frozen={'teacher_params': teacher_params})
+  return TrainingJob('stage1', record, config.stage1, loss_fn, stage1_init_params(teacher_params, fresh),
+                     seed_offset=1, frozen={'teacher_params': teacher_params})
+
+
+def train_stage1(config) -> str:
+  return _train(config, stage1_job(config))[0]
 
 
 HALVING_STAGES = ('stage2', 'encoder')  # progressive halving of the decoder (sampler) and of the encoder
@@ -152,24 +197,40 @@ def _halving_loss_fn(config, stage, teacher, teacher_denoise):
   return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
 
 
-def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:
+def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_params=None) -> TrainingJob:
   """One halving round: the 2N-step teacher (stage 1 or the previous round) -> an N-step student.
 
   stage 'stage2' distills the sampler (t -> t - 1/N), 'encoder' the DDIM encoder (t -> t + 1/N).
+  teacher_params: None loads the teacher of config.workdir (a dry run passes fresh ones).
   """
   teacher_steps = 2 * student_steps
-  if teacher_steps == config[stage].start_steps:
-    teacher, teacher_params, _ = load_stage_params(config, 'stage1')
-  else:
-    teacher, teacher_params, _ = load_stage_params(config, stage, teacher_steps)
+  from_stage1 = teacher_steps == config[stage].start_steps
+  teacher_record = make_record(config, stage='stage1' if from_stage1 else stage,
+                               sampling_steps=None if from_stage1 else teacher_steps)
+  teacher, abstract = build_from_record(teacher_record)
+  if teacher_params is None:
+    teacher_dir = stage_dir(config.workdir, teacher_record['stage'], teacher_record['sampling_steps'])
+    teacher_params = checkpoint.load_params(teacher_dir, abstract, teacher_record)
   record = make_record(config, stage=stage, sampling_steps=student_steps)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
                                     num_classes=record['num_classes'])
   offset = {'stage2': 100, 'encoder': 10_000}[stage] + student_steps
-  return _train(config, title=f'{stage} {teacher_steps}->{student_steps} steps', record=record,
-                section=config[stage], loss_fn=_halving_loss_fn(config, stage, teacher, teacher_denoise),
-                params=teacher_params, seed_offset=offset,
-                frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)})
+  return TrainingJob(f'{stage} {teacher_steps}->{student_steps} steps', record, config[stage],
+                     _halving_loss_fn(config, stage, teacher, teacher_denoise), teacher_params, seed_offset=offset,
+                     frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)})
+
+
+def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:
+  """Trains one round; logs/<stage>/rounds gets its last logged loss, steps/s and wall time (step: round 1, 2...)."""
+  start = time.time()
+  ckpt_dir, scalars = _train(config, halving_job(config, student_steps, stage))
+  if scalars:  # empty when the round was already trained
+    writer = make_writer(os.path.join(config.workdir, 'logs', stage, 'rounds'))
+    writer.write_scalars(halving_rounds(config, stage).index(student_steps) + 1, {
+        'final_loss': scalars['loss'], 'steps_per_sec': scalars['steps_per_sec'], 'seconds': time.time() - start,
+        'student_steps': student_steps})
+    writer.close()
+  return ckpt_dir
 
 
 def train_stage2_round(config, student_steps: int) -> str:

@@ -31,19 +31,25 @@ def save_png(path: str, grid) -> None:
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
-def save_samples_png(path: str, samples, labels, *, num_rows: int) -> None:
-  """Writes a grid (images, one row per class) or a scatter coloured by label (2-D points)."""
+def samples_image(samples, labels, *, num_rows: int):
+  """uint8 [H, W, C]: a grid (images, one row per class) or a scatter plot coloured by label (2-D points)."""
   samples = np.asarray(samples)
   if samples.ndim == 4:
-    scale = max(1, 64 // samples.shape[1])
-    save_png(path, image_grid(samples, num_rows=num_rows, scale=scale))
-    return
+    return image_grid(samples, num_rows=num_rows, scale=max(1, 64 // samples.shape[1]))
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(4, 4))
+  fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
   ax.scatter(samples[:, 0], samples[:, 1], c=np.asarray(labels), s=4, cmap='tab10')
   ax.set_aspect('equal')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  fig.canvas.draw()
+  pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()  # [400, 400, 3]
   plt.close(fig)
+  return pixels
+
+
+def save_samples_png(path: str, samples, labels, *, num_rows: int):
+  """Writes samples_image(...) as a PNG and returns it (for the metric writers)."""
+  pixels = samples_image(samples, labels, num_rows=num_rows)
+  save_png(path, pixels)
+  return pixels

@@ -1,10 +1,11 @@
 """Sample-quality metrics: Frechet distance, streaming feature statistics, Inception Score, accuracy."""
 
-import os
 import warnings
 
 import numpy as np
 from scipy import linalg
+
+from train import files
 
 # Largest imaginary part tolerated on the diagonal of sqrt(S1 S2) before it is treated as an error.
 _MAX_IMAGINARY = 1e-3
@@ -84,8 +85,7 @@ class FeatureStats:
 
   def save_npz(self, path: str) -> None:
     """Writes {mu, sigma, count} (e.g. cached reference statistics of a data set)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, mu=self.mean(), sigma=self.cov(), count=np.int64(self.count))
+    files.atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mean(), sigma=self.cov(), count=np.int64(self.count)))
 
   @staticmethod
   def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:

@@ -3,6 +3,8 @@
 import collections
 import os
 
+from train import files
+
 
 def _as_float(value):
   return float(value) if value not in ('', None) else float('nan')
@@ -24,8 +26,7 @@ def write_table(rows: list[dict], path: str, *, title: str) -> None:
               '|---' * (len(steps) + 1) + '|']
     lines += [f'| {name} | ' + ' | '.join(cells.get(s, '') for s in steps) + ' |' for name, cells in grid.items()]
     lines.append('')
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+  files.write_text(path, '\n'.join(lines))
 
 
 def write_plots(rows: list[dict], out_dir: str) -> None:

@@ -14,6 +14,8 @@ from eval import metrics
 from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
 from modes.sampling import LoadedCheckpoint, load_cached
+from train import files
+from train.loop import make_writer
 
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
               'seconds')
@@ -101,6 +103,15 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
               seconds=round(time.time() - start, 1))
 
 
+def _cell_scalars(row: dict) -> dict:
+  """TensorBoard tags of one cell, e.g. 'fid/student_ddim/w1' (step = sampling steps, so a curve per row)."""
+  tag = f'{row["method"].replace(" ", "_")}_{row["sampler"]}/w{float(row["w"]):g}'
+  scalars = {f'fid/{tag}': row['fid'], f'is/{tag}': row['is_mean'], f'seconds/{tag}': row['seconds']}
+  if row['accuracy'] != '':
+    scalars[f'accuracy/{tag}'] = row['accuracy']
+  return scalars
+
+
 def _cell_key(row) -> tuple:
   return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']))
 
@@ -117,6 +128,9 @@ def run_classifier(config) -> float:
   from eval import classifier  # pylint: disable=g-import-not-at-top
   ckpt_dir = config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
   _, accuracy = classifier.train_classifier(ckpt_dir=ckpt_dir, num_steps=config.eval.classifier_steps)
+  writer = make_writer(os.path.join(config.workdir, 'logs', 'classifier'))
+  writer.write_scalars(config.eval.classifier_steps, {'held_out_accuracy': accuracy})
+  writer.close()
   logging.info('[classifier] held-out accuracy %.4f (%s)', accuracy, ckpt_dir)
   return accuracy
 
@@ -134,6 +148,7 @@ def run_fid(config) -> str:
   done = {_cell_key(r) for r in rows}
   loaded = {}
   os.makedirs(out_dir, exist_ok=True)
+  writer = make_writer(os.path.join(config.workdir, 'logs', 'eval'))
   for i, method in enumerate(methods):
     for w in config.eval.guidance_ws:
       key = (method.name, method.sampler, method.steps, float(w), config.eval.num_samples)
@@ -145,10 +160,9 @@ def run_fid(config) -> str:
       logging.info('[fid] %d/%d %s w=%g: FID %.3f IS %.2f (%.0f s)', i + 1, len(methods), method.label, w,
                    row['fid'], row['is_mean'], row['seconds'])
       if jax.process_index() == 0:
-        with open(csv_path, 'w', newline='') as f:  # rewritten after every cell: a killed run keeps them
-          writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-          writer.writeheader()
-          writer.writerows(rows)
+        files.write_csv(csv_path, rows, CSV_FIELDS)  # atomically after every cell: a killed run keeps them
+      writer.write_scalars(method.steps, _cell_scalars(row))
+  writer.close()
   rows = [r for r in _read_rows(csv_path) if int(r['num_samples']) == config.eval.num_samples]
   if jax.process_index() == 0:
     write_table(rows, os.path.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '

@@ -12,6 +12,8 @@ from distill import stages
 from eval.images import image_grid, save_png, save_samples_png
 from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
+from train import files
+from train.loop import make_writer
 
 
 def _timed(timings: dict, name: str, fn, *args):
@@ -22,8 +24,11 @@ def _timed(timings: dict, name: str, fn, *args):
   return result
 
 
-def _sample_all(config, results_dir: str) -> list[dict]:
-  """Samples every method at every w from the same noise and labels; writes grids and an overview."""
+def _sample_all(config, results_dir: str, writer) -> list[dict]:
+  """Samples every method at every w from the same noise and labels; writes grids and an overview.
+
+  The grids also go to TensorBoard (logs/pipeline): tag 'samples/<method>_w<w>', step = sampling steps.
+  """
   entries, overview = [], {}
   loaded = {}
   for method in list_methods(config, teacher_steps=config.pipeline.teacher_steps):
@@ -34,7 +39,10 @@ def _sample_all(config, results_dir: str) -> list[dict]:
       samples = ckpt.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init,
                             label=label, seed=config.pipeline.seed)
       file = f'{method.file_stem}_w{w:g}.png'
-      save_samples_png(os.path.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
+      grid = save_samples_png(os.path.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
+      tag = f'{method.name.replace(" ", "_")}_{method.sampler}_w{w:g}'
+      writer.write_images(method.steps, {f'samples/{tag}': grid[None]})
+      writer.write_scalars(method.steps, {f'saturated/{tag}': float(np.mean(np.abs(samples) > 1.0))})
       overview.setdefault(w, []).append(samples[::config.pipeline.per_class])  # one sample per class
       entries.append(dict(method=method.label, nfe=method.nfe, w=w, file=file,
                           mean=float(samples.mean()), std=float(samples.std()),
@@ -43,6 +51,7 @@ def _sample_all(config, results_dir: str) -> list[dict]:
     for w, rows in overview.items():
       grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=max(1, 32 // rows[0].shape[1]))
       save_png(os.path.join(results_dir, f'overview_w{w:g}.png'), grid)
+      writer.write_images(0, {f'overview/w{w:g}': grid[None]})
   return entries
 
 
@@ -59,25 +68,33 @@ def _summary(config, timings: dict, entries: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)
+
+
 def run_pipeline(config) -> str:
   """Runs (or resumes) every stage, then samples; returns the results folder."""
   results_dir = os.path.join(config.workdir, 'results')
   timings_path = os.path.join(results_dir, 'timings.json')
-  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
+  timings = _read_json(timings_path)
   run = {}
   _timed(run, 'teacher', stages.train_teacher, config)
   _timed(run, 'stage1', stages.train_stage1, config)
   for n in stages.stage2_rounds(config):
     _timed(run, f'stage2 round -> {n} steps', stages.train_stage2_round, config, n)
-  entries = _timed(run, 'sampling', _sample_all, config, results_dir)
+  writer = make_writer(os.path.join(config.workdir, 'logs', 'pipeline'))
+  entries = _timed(run, 'sampling', _sample_all, config, results_dir, writer)
+  writer.write_texts(0, {'timings': json.dumps(run)})
+  writer.close()
   # A stage skipped on a rerun keeps the time it took when it was trained.
   timings.update({k: v for k, v in run.items() if k not in timings or v > 5.0})
   timings['pipeline (this invocation)'] = round(sum(run.values()), 1)
   if jax.process_index() == 0:
     os.makedirs(results_dir, exist_ok=True)
-    with open(timings_path, 'w') as f:
-      json.dump(timings, f, indent=2)
-    with open(os.path.join(results_dir, 'summary.md'), 'w') as f:
-      f.write(_summary(config, timings, entries))
+    files.write_json(timings_path, timings)
+    files.write_text(os.path.join(results_dir, 'summary.md'), _summary(config, timings, entries))
   logging.info('[pipeline] results in %s', results_dir)
   return results_dir

@@ -5,7 +5,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -15,6 +14,7 @@ from eval.images import save_samples_png
 from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
 from train import checkpoint
+from train.loop import make_writer
 
 MAX_GRID_CLASSES = 10
 
@@ -57,7 +57,7 @@ class LoadedCheckpoint:
   def __init__(self, ckpt_dir: str):
     self.ckpt_dir = ckpt_dir
     self.record = checkpoint.read_record(ckpt_dir)
-    model, abstract = build_from_record(ml_collections.ConfigDict(self.record['model']), self.record)
+    model, abstract = build_from_record(self.record)
     self.params = checkpoint.load_params(ckpt_dir, abstract, self.record)
     d = self.record['diffusion']
     self.logsnr_fn = get_logsnr_schedule(d['schedule'], logsnr_min=d['logsnr_min'], logsnr_max=d['logsnr_max'])
@@ -114,7 +114,10 @@ def run_sample(config) -> str:
   name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{config.sample.guidance_w:g}'
   png = os.path.join(out_dir, name + '.png')
   if jax.process_index() == 0:
-    save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)
+    grid = save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)
     np.savez(os.path.join(out_dir, name + '.npz'), samples=samples, labels=np.asarray(label))
+    writer = make_writer(os.path.join(config.workdir, 'logs', 'sample'))
+    writer.write_images(num_steps, {name: grid[None]})
+    writer.close()
   logging.info('wrote %s (%d network calls per sample)', png, num_steps * loaded.nfe_per_step)
   return png

@@ -12,6 +12,7 @@ from absl import logging
 
 from modes.pipeline import run_pipeline
 from modes.validation import ConfigError, validate_config
+from train import files
 
 
 def load_config_module(config_path: str):
@@ -88,8 +89,7 @@ def _write_index(path: str, rows: list[dict]) -> None:
   lines = ['# Sweep', '', '| point | workdir | pipeline wall time (s, this invocation) | summary |', '|---|---|---|---|']
   lines += [f'| `{r["name"]}` | `{r["workdir"]}` | {r["seconds"]} | [summary.md]({r["name"]}/results/summary.md) |'
             for r in rows]
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  files.write_text(path, '\n'.join(lines) + '\n')
 
 
 def run_sweep(config, *, config_path: str, print_only: bool = False, points=None) -> list[str]:

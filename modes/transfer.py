@@ -1,6 +1,5 @@
 """--mode=transfer: encode class A with the distilled guided encoder, decode as class B (vs DDIM)."""
 
-import csv
 import os
 
 import jax
@@ -14,6 +13,8 @@ from eval import metrics
 from eval.images import image_grid, save_png
 from modes.fid import make_extractor
 from modes.sampling import load_cached
+from train import files
+from train.loop import make_writer
 
 CSV_FIELDS = ('method', 'steps', 'w_encode', 'w_decode', 'recon_mse', 'target_accuracy', 'transfer_fid', 'num_images')
 
@@ -45,9 +46,9 @@ def _full(label: int, n: int):
   return jnp.full((n,), label, jnp.int32)
 
 
-def _write_grid(config, pairs, out_dir: str) -> str:
-  """One row per (method, steps), distilled rows first, in transfer.steps order:
-  sources | reconstructions under A | transfers to B."""
+def _write_grid(config, pairs, out_dir: str):
+  """(png path, grid or None for 2-D data). One row per (method, steps), distilled rows first, in
+  transfer.steps order: sources | reconstructions under A | transfers to B."""
   tr = config.transfer
   x = _class_examples(config, tr.source_class, 'test', tr.num_images)
   n = len(x)
@@ -60,9 +61,11 @@ def _write_grid(config, pairs, out_dir: str) -> str:
     spacer = np.ones_like(x[:1])  # a white tile between sources, reconstructions and transfers
     rows.append(np.concatenate([x, spacer, recon, spacer, moved]))
   path = os.path.join(out_dir, f'transfer_{tr.source_class}_to_{tr.target_class}.png')
-  if x.ndim == 4:
-    save_png(path, image_grid(np.concatenate(rows), num_rows=len(rows), scale=6))
-  return path
+  if x.ndim != 4:
+    return path, None
+  grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=6)  # [H, W, C]
+  save_png(path, grid)
+  return path, grid
 
 
 def _evaluate(config, pair, method: str, w_decode: float, extract, reference) -> dict:
@@ -89,23 +92,26 @@ def run_transfer(config) -> str:
   os.makedirs(out_dir, exist_ok=True)
   cache = {}
   pairs = {(m, n): EncoderDecoder(config, m, n, cache) for m in ('distilled', 'ddim') for n in tr.steps}
-  grid = _write_grid(config, list(pairs.values()), out_dir)
+  grid_path, grid = _write_grid(config, list(pairs.values()), out_dir)
   _, extract = make_extractor(config)
   target = np.asarray(extract(jnp.asarray(_class_examples(config, tr.target_class, 'train', 10_000)))['pool'], np.float64)
   reference = (target.mean(0), np.cov(target, rowvar=False))
   rows = []
+  writer = make_writer(os.path.join(config.workdir, 'logs', 'transfer'))
+  if grid is not None:
+    writer.write_images(0, {os.path.basename(grid_path)[:-4]: grid[None]})
   for (method, n), pair in pairs.items():
     for w in tr.eval_ws:
       rows.append(_evaluate(config, pair, method, w, extract, reference))
+      writer.write_scalars(n, {f'{key}/{method}/w{w:g}': rows[-1][key]
+                               for key in ('recon_mse', 'target_accuracy', 'transfer_fid')})
       logging.info('[transfer] %s %d steps w=%g: recon MSE %.4f, target acc %.3f, FID %.3f', method, n, w,
                    rows[-1]['recon_mse'], rows[-1]['target_accuracy'], rows[-1]['transfer_fid'])
+  writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(out_dir, 'transfer_results.csv'), 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-      writer.writeheader()
-      writer.writerows(rows)
+    files.write_csv(os.path.join(out_dir, 'transfer_results.csv'), rows, CSV_FIELDS)
     _write_table(rows, os.path.join(out_dir, 'transfer_results.md'), config)
-  logging.info('[transfer] grid %s, results in %s', grid, out_dir)
+  logging.info('[transfer] grid %s, results in %s', grid_path, out_dir)
   return out_dir
 
 
@@ -119,5 +125,4 @@ def _write_table(rows, path, config) -> None:
            '| method | steps | w decode | recon MSE | target acc | transfer FID |', '|---|---|---|---|---|---|']
   lines += [f'| {r["method"]} | {r["steps"]} | {r["w_decode"]:g} | {r["recon_mse"]:.4f} | {r["target_accuracy"]:.3f} '
             f'| {r["transfer_fid"]:.3f} |' for r in rows]
-  with open(path, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  files.write_text(path, '\n'.join(lines) + '\n')

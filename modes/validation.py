@@ -79,6 +79,8 @@ def validate_config(config) -> None:
   _require(config.distill.stage in STAGES, f"unknown distill.stage '{config.distill.stage}'; choose stage1 or stage2")
   _require(config.distill.w_min <= config.distill.w_max, f'distill.w_min ({config.distill.w_min}) > distill.w_max '
            f'({config.distill.w_max}): the guidance range is reversed, swap them')
+  _require(config.distill.dropout == -1 or 0 <= config.distill.dropout < 1,
+           f'distill.dropout must be -1 (the teacher\'s) or in [0, 1), got {config.distill.dropout}')
   _check_halving(config, 'stage2')
   _check_halving(config, 'encoder')
   _require(config.sample.sampler in SAMPLER_NAMES,

@@ -18,7 +18,7 @@ NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_D
 def test_config_loads_validates_and_builds(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   for stage in ('teacher', 'stage1'):
-    _, abstract = stages.build_from_record(config.model, stages.make_record(config, stage=stage))
+    _, abstract = stages.build_from_record(stages.make_record(config, stage=stage))
     assert count_params(abstract) > 0
   assert config.distill.stage in ('stage1', 'stage2')
   assert stages.stage2_rounds(config)[-1] == config.stage2.final_steps
@@ -28,7 +28,7 @@ def test_paper_scale_model_sizes():
   sizes = {}
   for name in ('cifar10_teacher', 'imagenet64_teacher'):
     config = importlib.import_module(f'configs.{name}').get_config()
-    _, abstract = stages.build_from_record(config.model, stages.make_record(config, stage='teacher'))
+    _, abstract = stages.build_from_record(stages.make_record(config, stage='teacher'))
     sizes[name] = count_params(abstract)
   assert 40e6 < sizes['cifar10_teacher'] < 80e6, sizes  # PD CIFAR-10 U-Net: ch 256, 3 levels, 3 blocks
   assert 150e6 < sizes['imagenet64_teacher'] < 400e6, sizes

@@ -35,12 +35,12 @@ def format_seconds(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def _make_writer(logdir: Optional[str]):
-  """Scalars to TensorBoard files in logdir; only process 0 writes (and imports TensorFlow)."""
-  if logdir is None or jax.process_index() > 0:
+def make_writer(logdir: Optional[str]):
+  """TensorBoard + metrics.jsonl in logdir (process 0), or None without a logdir."""
+  if logdir is None:
     return None
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  return metric_writers.create_default_writer(logdir)
+  from train import writers  # pylint: disable=g-import-not-at-top  (clu imports TensorFlow)
+  return writers.create_writer(logdir)
 
 
 def _finish(manager, writer) -> None:
@@ -75,75 +75,105 @@ class NonFiniteError(ValueError):
   """More than max_nonfinite_steps consecutive updates had a non-finite loss or gradient."""
 
 
+class ShardedStep:
+  """The jitted, data-parallel train step of one section: state replicated, batch split along 'data'."""
+
+  def __init__(self, loss_fn: Callable, section):
+    per_host_batch_size(section.batch_size)  # validates divisibility
+    mesh = data_mesh()
+    self.replicated = NamedSharding(mesh, PartitionSpec())
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
+    self.tx = make_optimizer(section)
+    self.step_fn = jax.jit(
+        make_train_step(loss_fn, self.tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section)),
+        in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+
+  def init_state(self, params, *, seed: int) -> TrainState:
+    return jax.device_put(create_train_state(params, self.tx, seed=seed), self.replicated)
+
+  def global_batch(self, local: dict) -> dict:
+    """This process's rows {'x', 'label'} -> global arrays sharded over every device."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
+
+  def put_frozen(self, frozen):
+    return None if frozen is None else jax.device_put(frozen, self.replicated)
+
+
+def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
+  """Means of the metrics summed since the last log; counters are their last value, not a mean."""
+  scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
+  for key in ('num_skipped', 'consecutive_skipped'):
+    scalars[key] = float(jax.device_get(last_metrics[key]))
+  scalars['steps_per_sec'] = count / max(time.time() - t_log, 1e-9)
+  return scalars
+
+
 def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: str, record: dict,
                  make_batches: Callable[[int], Iterator[dict]], seed: int, frozen=None,
-                 logdir: Optional[str] = None) -> TrainState:
+                 logdir: Optional[str] = None) -> tuple[TrainState, dict]:
   """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
-  passed to every step but never optimised or saved. Returns the final state. On SIGTERM it saves the
-  step just done and raises Preempted.
+  passed to every step but never optimised or saved. Returns the final state and the scalars of the
+  last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
+  and raises Preempted.
   """
-  mesh = data_mesh()
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
-  per_host_batch_size(section.batch_size)  # validates divisibility
-  tx = make_optimizer(section)
-  state = jax.device_put(create_train_state(params, tx, seed=seed), replicated)
+  sharded = ShardedStep(loss_fn, section)
+  state = sharded.init_state(params, seed=seed)
   record = dict(record, train_steps=section.num_steps)
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
     if manager.latest_step() is not None:
       state = checkpoint.restore_state(manager, state, record, ckpt_dir)
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
-    start = int(jax.device_get(state.step))
-    if start >= section.num_steps:
-      logging.info('[%s] already trained (%d steps in %s); skipping', title, start, ckpt_dir)
-      return state
-    step_fn = jax.jit(
-        make_train_step(loss_fn, tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section)),
-        in_shardings=(replicated, batch_sharding, replicated), out_shardings=(replicated, replicated),
-        donate_argnums=(0,))
-    frozen = None if frozen is None else jax.device_put(frozen, replicated)
-    block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # CPU collectives
-    writer = _make_writer(logdir)
-    batches = make_batches(start)
-    summed, count, t_log = None, 0, time.time()
-    t_start = t_log
-    with watch_preemption(manager) as preempted:
-      for step in range(start, section.num_steps):
-        local = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
-        state, metrics = step_fn(state, batch, frozen)
-        if block_each_step:
-          jax.block_until_ready(state)
-        summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
-        count += 1
-        done = step + 1
-        if done % section.log_every == 0 or done == section.num_steps:
-          scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
-          for key in ('num_skipped', 'consecutive_skipped'):  # counters: the last value, not the mean
-            scalars[key] = float(jax.device_get(metrics[key]))
-          now = time.time()
-          scalars['steps_per_sec'] = count / max(now - t_log, 1e-9)
-          eta = (section.num_steps - done) * (now - t_start) / max(done - start, 1)
-          logging.info('[%s] step %d/%d loss %.4f %.1f steps/s ETA %s', title, done, section.num_steps,
-                       scalars['loss'], scalars['steps_per_sec'], format_seconds(eta))
-          if writer is not None:
-            writer.write_scalars(done, scalars)
-          summed, count, t_log = None, 0, now
-          if scalars['consecutive_skipped'] >= section.max_nonfinite_steps:  # checked at log steps only
-            _finish(manager, writer)
-            raise NonFiniteError(f'[{title}] {int(scalars["consecutive_skipped"])} non-finite steps in a row at step '
-                                 f'{done}: stopped, the last checkpoint (step {manager.latest_step()}) is kept; '
-                                 'lower the learning rate or check the data')
-        saved = done % section.checkpoint_every == 0 or done == section.num_steps
-        if saved:
-          checkpoint.save(manager, state, record)
-        if preempted(done):
-          if not saved:
-            checkpoint.save(manager, state, record)
-          _finish(manager, writer)
-          logging.info('[%s] preempted: saved step %d in %s', title, done, ckpt_dir)
-          raise Preempted(title, done, ckpt_dir)
-    _finish(manager, writer)
-  return state
+    if int(jax.device_get(state.step)) >= section.num_steps:
+      logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step), ckpt_dir)
+      return state, {}
+    writer = make_writer(logdir)
+    try:
+      with watch_preemption(manager) as preempted:
+        return _train_steps(title, sharded, state, section, manager, record, make_batches,
+                            sharded.put_frozen(frozen), writer, preempted)
+    finally:
+      _finish(manager, writer)
+      if writer is not None:
+        writer.close()
+
+
+def _train_steps(title, sharded: ShardedStep, state, section, manager, record, make_batches, frozen, writer,
+                 preempted) -> tuple[TrainState, dict]:
+  """The steps from state.step to section.num_steps: log, check non-finite runs, save, honour SIGTERM."""
+  block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # CPU collectives
+  start = int(jax.device_get(state.step))
+  batches = make_batches(start)
+  summed, count, scalars, t_log = None, 0, {}, time.time()
+  t_start = t_log
+  for done in range(start + 1, section.num_steps + 1):
+    state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
+    if block_each_step:
+      jax.block_until_ready(state)
+    summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
+    count += 1
+    if done % section.log_every == 0 or done == section.num_steps:
+      scalars = _log_scalars(summed, count, metrics, t_log)
+      summed, count, t_log = None, 0, time.time()
+      eta = (section.num_steps - done) * (t_log - t_start) / max(done - start, 1)
+      logging.info('[%s] step %d/%d loss %.4f %.1f steps/s ETA %s', title, done, section.num_steps,
+                   scalars['loss'], scalars['steps_per_sec'], format_seconds(eta))
+      if writer is not None:
+        writer.write_scalars(done, scalars)
+      if scalars['consecutive_skipped'] >= section.max_nonfinite_steps:  # checked at log steps only
+        manager.wait_until_finished()
+        raise NonFiniteError(f'[{title}] {int(scalars["consecutive_skipped"])} non-finite steps in a row at step '
+                             f'{done}: stopped, the last checkpoint (step {manager.latest_step()}) is kept; '
+                             'lower the learning rate or check the data')
+    saved = done % section.checkpoint_every == 0 or done == section.num_steps
+    if saved:
+      checkpoint.save(manager, state, record)
+    if preempted(done):
+      if not saved:
+        checkpoint.save(manager, state, record)
+      manager.wait_until_finished()
+      logging.info('[%s] preempted: saved step %d in %s', title, done, manager.directory)
+      raise Preempted(title, done, str(manager.directory))
+  return state, scalars

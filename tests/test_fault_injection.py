@@ -1,0 +1,142 @@
+"""Fault injection: `kill -9` the tiny pipeline and FID run at seeded random points of every phase (teacher,
+stage 1, mid stage-2 round, sampling, FID), rerun the same command each time, and compare the final
+checkpoints and results with an uninterrupted run of the same commands."""
+
+import csv
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from conftest import tiny_config
+from distill import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240
+# Long enough phases that a kill right after a progress line lands inside the phase, on a loaded CPU too.
+# (~1000 tiny steps/s once compiled: each phase lasts about a second.)
+OVERRIDES = ('--config.train.num_steps=2000', '--config.train.checkpoint_every=500', '--config.train.log_every=100',
+             '--config.stage1.num_steps=1500', '--config.stage1.checkpoint_every=500', '--config.stage1.log_every=100',
+             '--config.stage2.num_steps=800', '--config.stage2.checkpoint_every=300', '--config.stage2.log_every=100')
+FID_METHODS = 7  # tiny: teacher DDIM 64 and 4, DDPM 64, student DDIM 2 and 1, stochastic 4 and 2
+FID_CELLS = 2 * FID_METHODS  # x 2 values of w
+
+
+def _kill_plan(seed: int) -> list[tuple[str, re.Pattern, float, re.Pattern]]:
+  """(mode, log line after which to kill, extra delay in s, the phase the last log line must show at the kill):
+  a seeded random point in each phase."""
+  rng = random.Random(seed)
+  pick = lambda steps: rng.randrange(100, steps - 300, 100)  # a progress line well before the phase ends
+  progress = lambda title, steps: re.compile(rf'\[{re.escape(title)}\] step {pick(steps)}/')
+  in_phase = lambda title: re.compile(rf'\[{re.escape(title)}\] (step|resuming)')
+  return [
+      ('pipeline', progress('teacher', 2000), rng.uniform(0, 0.1), in_phase('teacher')),
+      ('pipeline', progress('stage1', 1500), rng.uniform(0, 0.1), in_phase('stage1')),
+      ('pipeline', progress('stage2 4->2 steps', 800), rng.uniform(0, 0.1), in_phase('stage2 4->2 steps')),
+      ('pipeline', progress('stage2 2->1 steps', 800), rng.uniform(0, 0.1), in_phase('stage2 2->1 steps')),
+      ('pipeline', re.compile(r'\[pipeline\] stage2 round -> 1 steps took'), rng.uniform(0.1, 1.0),
+       re.compile(r'stage2 round -> 1 steps took')),  # sampling: the next line would be 'sampling took'
+      ('fid', re.compile(r'\[fid\] reference statistics'), rng.uniform(0, 0.3), re.compile(r'\[fid\] ')),
+      ('fid', re.compile(rf'\[fid\] {rng.randrange(2, FID_METHODS)}/{FID_METHODS} '), rng.uniform(0, 0.3),
+       re.compile(r'\[fid\] \d/')),
+  ]
+
+
+class Runner:
+  """Runs main.py modes on configs/tiny.py in one workdir; each output goes to its own log file."""
+
+  def __init__(self, workdir, log_dir):
+    self.workdir, self.log_dir, self.count = workdir, log_dir, 0
+
+  def start(self, mode: str):
+    self.count += 1
+    log_path = self.log_dir / f'{os.path.basename(self.workdir)}_{self.count}_{mode}.log'
+    log = open(log_path, 'w')  # pylint: disable=consider-using-with
+    proc = subprocess.Popen([sys.executable, 'main.py', '--config=configs/tiny.py', f'--mode={mode}',
+                             f'--config.workdir={self.workdir}', *OVERRIDES], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    proc.log_file = log
+    return proc, log_path
+
+  def run(self, mode: str) -> None:
+    proc, log_path = self.start(mode)
+    code = proc.wait(timeout=TIMEOUT_S)
+    proc.log_file.close()
+    assert code == 0, f'{mode} exited {code}:\n{log_path.read_text()[-3000:]}'
+
+  def kill_after(self, mode: str, pattern: re.Pattern, delay: float) -> str:
+    """Starts mode, SIGKILLs it `delay` s after pattern shows in its log; returns the log up to the kill."""
+    proc, log_path = self.start(mode)
+    try:
+      deadline = time.time() + TIMEOUT_S
+      while not pattern.search(log_path.read_text()):
+        assert proc.poll() is None, f'{mode} exited {proc.returncode} before {pattern.pattern!r}:\n' + \
+            log_path.read_text()[-3000:]
+        assert time.time() < deadline, f'timed out waiting for {pattern.pattern!r}'
+        time.sleep(0.02)
+      time.sleep(delay)
+      assert proc.poll() is None, f'{mode} finished before the kill after {pattern.pattern!r}'
+      proc.send_signal(signal.SIGKILL)
+      assert proc.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      proc.log_file.close()
+    return log_path.read_text()
+
+
+def _params(workdir):
+  """Every trained checkpoint's EMA params: teacher, stage 1 and each stage-2 round."""
+  config = tiny_config(workdir)
+  named = [('teacher', None), ('stage1', None)] + [('stage2', n) for n in stages.stage2_rounds(config)]
+  return {(stage, n): jax.tree.leaves(stages.load_stage_params(config, stage, n)[1]) for stage, n in named}
+
+
+def _sample_rows(workdir) -> list[str]:
+  """The per-method sample statistics of the pipeline summary (the timing table differs between runs)."""
+  lines = (workdir / 'results' / 'summary.md').read_text().splitlines()
+  return [line for line in lines if line.startswith('| ') and ('student' in line or 'teacher CFG' in line)]
+
+
+def _fid_rows(workdir) -> dict:
+  with open(workdir / 'eval' / 'results.csv') as f:
+    rows = list(csv.DictReader(f))
+  return {(r['method'], r['sampler'], r['steps'], r['w']): (r['fid'], r['is_mean'], r['is_std'], r['accuracy'])
+          for r in rows}
+
+
+def test_killed_at_random_points_the_reruns_end_with_the_uninterrupted_results(tmp_path, capsys):
+  reference = Runner(tmp_path / 'uninterrupted', tmp_path)
+  reference.run('pipeline')
+  reference.run('fid')
+
+  killed = Runner(tmp_path / 'killed', tmp_path)
+  plan = _kill_plan(seed=20261125)
+  for i, (mode, pattern, delay, phase) in enumerate(plan):
+    log = killed.kill_after(mode, pattern, delay)
+    last = [line.split('] ', 1)[-1] for line in log.splitlines() if re.search(r'\] \[', line)][-1]
+    with capsys.disabled():
+      print(f'\nkill {i + 1}: --mode={mode} {delay:.2f} s after {pattern.pattern!r}; last line: {last[:100]}')
+    assert phase.search(last), f'kill {i + 1} did not land in its phase {phase.pattern!r}: {last}'
+    if mode == 'pipeline' and i + 1 < len(plan) and plan[i + 1][0] != 'pipeline':
+      killed.run('pipeline')  # the pipeline completes before FID starts
+  killed.run('fid')
+
+  want, got = _params(reference.workdir), _params(killed.workdir)
+  assert want.keys() == got.keys()
+  for key in want:
+    for a, b in zip(want[key], got[key], strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=f'{key} differs from the uninterrupted run')
+  assert _sample_rows(killed.workdir) == _sample_rows(reference.workdir)
+  for name in sorted(os.listdir(reference.workdir / 'results')):
+    if name.endswith('.png'):
+      assert (killed.workdir / 'results' / name).read_bytes() == (reference.workdir / 'results' / name).read_bytes()
+  want_fid = _fid_rows(reference.workdir)
+  assert len(want_fid) == FID_CELLS and _fid_rows(killed.workdir) == want_fid
+  assert len(plan) == 7
