@@ -17,7 +17,7 @@ import data
 from distill import stages
 from models import count_params, init_params
 from modes.validation import ConfigError
-from train.loop import ShardedStep, per_host_batch_size
+from train.loop import NonFiniteError, ShardedStep, per_host_batch_size
 
 # The stages of the method a --mode trains (pipeline: all of them).
 MODE_STAGES = {'teacher': ('teacher',), 'stage1': ('stage1',), 'stage2': ('stage2',), 'encoder': ('encoder',),
@@ -114,7 +114,8 @@ def dry_run_stage(config, stage: str, *, batch_size: int) -> dict:
                 memory_gib=_memory_gib(compiled), tflops=_tflops(compiled),
                 skipped=int(jax.device_get(state.num_skipped)))
   if result['skipped'] or not math.isfinite(loss):
-    raise FloatingPointError(f'dry run of {job.title}: the step was not finite (loss {loss})')
+    raise NonFiniteError(f'dry run of {job.title}: the step was not finite (loss {loss}); check the config\'s lr '
+                         'and data')
   return result
 
 

@@ -33,6 +33,8 @@ def _main(*args, workdir):
     (['--mode=teacher', '--config.train.num_steps=many'], "invalid literal for int() with base 10: 'many'"),
     (['--mode=teacher', '--config.data.name=digits'], "model.name 'mlp' is for vector data"),
     (['--mode=fid', '--config.eval.extractor=classifier'], "'classifier' is the digits classifier"),
+    (['--mode=stage1', '--config.distill.dropout=1.5'], "distill.dropout must be -1 (the teacher's) or in [0, 1)"),
+    (['--mode=sample', '--dry_run'], '--dry_run trains nothing in --mode=sample'),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
   result = _main(*args, workdir=tmp_path / 'run')

@@ -32,3 +32,15 @@ def test_paper_scale_model_sizes():
     sizes[name] = count_params(abstract)
   assert 40e6 < sizes['cifar10_teacher'] < 80e6, sizes  # PD CIFAR-10 U-Net: ch 256, 3 levels, 3 blocks
   assert 150e6 < sizes['imagenet64_teacher'] < 400e6, sizes
+
+
+def test_paper_scale_students_train_without_dropout_and_cifar10_halves_from_8192():
+  for name, teacher_dropout in (('cifar10_teacher', 0.2), ('imagenet64_teacher', 0.1)):
+    config = importlib.import_module(f'configs.{name}').get_config()
+    assert stages.make_record(config, stage='teacher')['model']['dropout'] == teacher_dropout
+    for stage, steps in (('stage1', None), ('stage2', 4), ('encoder', 4)):
+      assert stages.make_record(config, stage=stage, sampling_steps=steps)['model']['dropout'] == 0.0
+  cifar10 = importlib.import_module('configs.cifar10_stage2').get_config()
+  assert stages.stage2_rounds(cifar10)[0] == 4096 and len(stages.stage2_rounds(cifar10)) == 13
+  digits = importlib.import_module('configs.digits_teacher').get_config()  # -1: students keep the teacher's
+  assert stages.make_record(digits, stage='stage1')['model']['dropout'] == digits.model.dropout == 0.1
