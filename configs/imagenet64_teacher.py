@@ -10,8 +10,8 @@ uses v-prediction.
 
 Expected cost (`python benchmarks/paper_scale_budget.py --configs=imagenet64_teacher --per_device_batch=N`:
 XLA's compile-time estimates on the CPU, not measured on an accelerator; time at 40% of 156 TFLOP/s per
-device): 16 examples per device need about 17-18 GiB per device, 32 about 29 GiB (teacher) and 30 GiB
-(stage 1, 2), so the global batch 2048 fits e.g. 64 or 128 accelerators of 32+ GiB. The teacher is 0.57
+device): 16 examples per device need about 17 GiB per device, 32 about 28.5 GiB (teacher) and 27 GiB
+(stage 1), so the global batch 2048 fits e.g. 64 or 128 accelerators of 32+ GiB. The teacher is 0.57
 TFLOP per example-step, about 2,600 device-hours for 500k steps; stage 1 about 430, stage 2 (10 rounds of
 50k) about 4,300 device-hours. Multi-host: run the same command on every host/TPU worker with --multihost,
 or with --coordinator_address/--num_processes/--process_id (README, "Multi-host").

@@ -126,7 +126,7 @@ def run_dry_run(config, mode: str, *, batch_size: int = 0) -> list[dict]:
   for stage in stages_of(config, mode):
     result = dry_run_stage(config, stage, batch_size=batch_size)
     logging.info('[dry run] %s: %.1fM params, batch %s on %d %s device(s), loss %.4f, compile %.1f s, step %.2f s, '
-                 'XLA estimates: %.2f GiB per device, %.3f TFLOP per step', result['title'], result['params'] / 1e6,
+                 'XLA estimates: %.3g GiB per device, %.3g TFLOP per step', result['title'], result['params'] / 1e6,
                  result['batch'], jax.device_count(), jax.default_backend(), result['loss'],
                  result['compile_seconds'], result['step_seconds'], result['memory_gib'], result['tflops'])
     results.append(result)
