@@ -31,6 +31,15 @@ def test_tiny_pipeline_dry_run_steps_every_stage_and_writes_nothing(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
+def test_estimates_compile_without_running_and_scale_with_the_batch(tmp_path):
+  config = tiny_config(tmp_path / 'run')
+  small, large = (dry_run.estimate_stage(config, 'stage2', batch_size=b) for b in (64, 256))
+  assert small['title'] == 'stage2 4->2 steps' and small['params'] == large['params'] > 0
+  assert 0 < small['tflops'] < large['tflops'] and 0 < small['memory_gib'] < large['memory_gib']
+  assert large['tflops'] / small['tflops'] > 2  # the step's work grows with the batch; the params do not
+  assert not (tmp_path / 'run').exists()
+
+
 def test_modes_that_train_nothing_are_refused(tmp_path):
   with pytest.raises(ConfigError, match='--dry_run trains nothing in --mode=fid'):
     dry_run.run_dry_run(tiny_config(tmp_path), 'fid')
