@@ -1,9 +1,10 @@
 """Sample grids as PNG files: one row per class for images, a scatter plot for 2-D points."""
 
-import os
-
+import jax
 import numpy as np
 from PIL import Image
+
+from train import files
 
 
 def to_uint8(images):
@@ -26,9 +27,12 @@ def image_grid(images, *, num_rows: int, pad: int = 1, scale: int = 1):
 
 
 def save_png(path: str, grid) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Writes a uint8 grid [H, W, C] as a PNG, atomically; under jax.distributed only process 0 writes."""
+  if jax.process_index() > 0:
+    return
   grid = np.asarray(grid)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  files.atomic_write(path, image.save)
 
 
 def samples_image(samples, labels, *, num_rows: int):
