@@ -9,7 +9,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)
-_MODE = flags.DEFINE_string('mode', 'pipeline', 'teacher | stage1 | stage2 | distill | sample | pipeline')
+_MODE = flags.DEFINE_string('mode', 'pipeline', 'teacher | stage1 | stage2 | distill | encoder | sample | pipeline | '
+                            'classifier | fid | transfer | sweep')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
 _PRINT_ONLY = flags.DEFINE_bool('print_only', False, '--mode=sweep: print one main.py command per point, run nothing.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
