@@ -139,6 +139,14 @@ def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
   return model, params, record
 
 
+def _teacher_of(config, stage: str, sampling_steps: Optional[int], teacher_params):
+  """(model, params, record) of a job's teacher: loaded from this run, or the given params (a dry run's)."""
+  if teacher_params is None:
+    return load_stage_params(config, stage, sampling_steps)
+  record = make_record(config, stage=stage, sampling_steps=sampling_steps)
+  return build_from_record(record)[0], teacher_params, record
+
+
 def stage1_init_params(teacher_params, student_params):
   """Student params: every shared entry copied from the teacher, only the w-embedding kept fresh."""
   missing = set(teacher_params) - set(student_params)
@@ -152,10 +160,7 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
 
   teacher_params: None loads the trained teacher of config.workdir (a dry run passes fresh ones).
   """
-  teacher_record = make_record(config, stage='teacher')
-  teacher, abstract = build_from_record(teacher_record)
-  if teacher_params is None:
-    teacher_params = checkpoint.load_params(stage_dir(config.workdir, 'teacher'), abstract, teacher_record)
+  teacher, teacher_params, teacher_record = _teacher_of(config, 'teacher', None, teacher_params)
   record = make_record(config, stage='stage1')
   student, _ = build_from_record(record)
   fresh = init_params(student, rng=jax.random.key(config.seed + 1), x_shape=tuple(record['x_shape']),
@@ -204,13 +209,10 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
   teacher_params: None loads the teacher of config.workdir (a dry run passes fresh ones).
   """
   teacher_steps = 2 * student_steps
-  from_stage1 = teacher_steps == config[stage].start_steps
-  teacher_record = make_record(config, stage='stage1' if from_stage1 else stage,
-                               sampling_steps=None if from_stage1 else teacher_steps)
-  teacher, abstract = build_from_record(teacher_record)
-  if teacher_params is None:
-    teacher_dir = stage_dir(config.workdir, teacher_record['stage'], teacher_record['sampling_steps'])
-    teacher_params = checkpoint.load_params(teacher_dir, abstract, teacher_record)
+  if teacher_steps == config[stage].start_steps:
+    teacher, teacher_params, _ = _teacher_of(config, 'stage1', None, teacher_params)
+  else:
+    teacher, teacher_params, _ = _teacher_of(config, stage, teacher_steps, teacher_params)
   record = make_record(config, stage=stage, sampling_steps=student_steps)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
                                     num_classes=record['num_classes'])
@@ -221,7 +223,7 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
 
 
 def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:
-  """Trains one round; logs/<stage>/rounds gets its last logged loss, steps/s and wall time (step: round 1, 2...)."""
+  """Trains one round; logs/<stage>/rounds gets its last logged loss, steps/s and wall time (step = round k)."""
   start = time.time()
   ckpt_dir, scalars = _train(config, halving_job(config, student_steps, stage))
   if scalars:  # empty when the round was already trained
