@@ -17,6 +17,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
                                    'host:port of process 0 (implies --multihost); empty: from the environment.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', -1, 'Number of processes (implies --multihost); -1: auto.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process, 0..n-1 (implies --multihost); -1: auto.')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'XLA devices the host CPU is split into for data parallelism '
+                                    '(0: one per core; 1: one device using every core). Single-process runs only.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the models, shard one batch of (mock) data and run one train '
                              'step of each stage the mode trains; write nothing.')
 _DRY_RUN_BATCH_SIZE = flags.DEFINE_integer('dry_run_batch_size', 0, '--dry_run global batch; 0: one example per '
@@ -58,6 +60,9 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value >= 0 or _PROCESS_ID.value >= 0:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:
+    from train.mesh import set_cpu_devices  # pylint: disable=g-import-not-at-top
+    set_cpu_devices(_CPU_DEVICES.value)
   validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
   if _DRY_RUN.value:
     from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,7 @@
 """The one wrapper that turns a network's raw output into (x_pred, eps_pred), with or without guidance.
 
 Teacher, students and samplers all use these `denoise_fn(params, z_t, logsnr_t, label, guidance_w)`:
-- 'guided': classifier-free guidance of a conditional network, one batched call on [label; null] (2 NFE);
+- 'guided': classifier-free guidance of a conditional network, one batched call on (label, null) pairs (2 NFE);
 - 'w_input': a w-conditioned student, guidance_w goes into the network (1 NFE);
 - 'conditional': the network at its label, guidance_w ignored (1 NFE, same as guided at w = 0).
 """
@@ -11,6 +11,12 @@ import jax.numpy as jnp
 from diffusion import guided_prediction, x_eps_from_output
 
 DENOISER_KINDS = ('guided', 'w_input', 'conditional')
+
+
+def _pairs(a, b):
+  """[B, ...], [B, ...] -> [2B, ...] interleaved (a_0, b_0, a_1, b_1, ...): each example's two rows stay
+  next to each other, so a batch split over devices needs no data movement for the guided call."""
+  return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
 
 
 def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int):
@@ -27,10 +33,10 @@ def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int)
     elif kind == 'conditional':
       output = network(params, z_t, logsnr_t, label)
     else:
-      null_label = jnp.full_like(label, num_classes)
-      both = network(params, jnp.concatenate([z_t, z_t]), jnp.concatenate([logsnr_t, logsnr_t]),
-                     jnp.concatenate([label, null_label]))
-      cond, uncond = jnp.split(both, 2)
+      both = network(params, _pairs(z_t, z_t), _pairs(logsnr_t, logsnr_t),
+                     _pairs(label, jnp.full_like(label, num_classes)))  # [2B, ...]: rows 2i, 2i + 1
+      both = both.reshape(label.shape[0], 2, *both.shape[1:])  # [B, 2, ...]
+      cond, uncond = both[:, 0], both[:, 1]
       output = guided_prediction(cond=cond, uncond=uncond, guidance_w=guidance_w)
     return x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)
 

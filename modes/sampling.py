@@ -15,6 +15,7 @@ from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
 from train import checkpoint
 from train.loop import make_writer
+from train.mesh import shard_rows
 
 MAX_GRID_CLASSES = 10
 
@@ -73,7 +74,8 @@ class LoadedCheckpoint:
     key = ('encode', num_steps)
     if key not in self._samplers:
       self._samplers[key] = make_encoder(self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
-    return np.asarray(self._samplers[key](self.params, x, label, jnp.full(label.shape, guidance_w, jnp.float32)))
+    x, label, w = shard_rows(x, label, jnp.full(label.shape, guidance_w, jnp.float32))
+    return np.asarray(self._samplers[key](self.params, x, label, w))
 
   def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int):
     """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program."""
@@ -83,6 +85,7 @@ class LoadedCheckpoint:
       self._samplers[key] = make_sampler(sampler, self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
     run = self._samplers[key]
     w = jnp.full(label.shape, guidance_w, jnp.float32)
+    z_init, label, w = shard_rows(z_init, label, w)
     return np.asarray(run(self.params, z_init, label, w, jax.random.key(seed)))
 
 
