@@ -1,32 +1,51 @@
-"""Samplers for the guided teacher and the distilled students, each one jittable program."""
+"""Samplers for the guided teacher and the distilled students, each one jittable program.
+
+The step count is an input of the compiled program, not a constant: every step count of a checkpoint
+reuses one program, and checkpoints of the same architecture (every stage-2 round) compile to the same
+program, which JAX's persistent compilation cache then serves from disk.
+"""
+
+import functools
 
 import jax
+import jax.numpy as jnp
 
 from samplers.samplers import SAMPLERS, encode_ddim, sample_ddim, sample_ddpm, sample_stochastic, stochastic_step
 
 
+@functools.lru_cache(maxsize=None)
+def _sampler_program(name: str, denoise_fn, logsnr_fn):
+  """The jitted `(params, z_init, label, guidance_w, rng, num_steps) -> x` of sampler `name`."""
+  if name not in SAMPLERS:
+    raise ValueError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
+  fn = {'ddim': sample_ddim, 'stochastic': sample_stochastic, 'ddpm': sample_ddpm}[name]
+
+  def run(params, z_init, label, guidance_w, rng, num_steps):
+    kwargs = {} if name == 'ddim' else {'rng': rng}  # DDIM is deterministic
+    return fn(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w, num_steps=num_steps,
+              logsnr_fn=logsnr_fn, **kwargs)
+
+  return jax.jit(run)
+
+
 def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn):
   """A jitted `(params, z_init, label, guidance_w, rng) -> x` for sampler `name` at `num_steps` steps."""
-  if name == 'ddim':
-    def run(params, z_init, label, guidance_w, rng):
-      del rng  # deterministic
-      return sample_ddim(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w,
-                         num_steps=num_steps, logsnr_fn=logsnr_fn)
-  elif name in ('stochastic', 'ddpm'):
-    fn = sample_stochastic if name == 'stochastic' else sample_ddpm
-    def run(params, z_init, label, guidance_w, rng):
-      return fn(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w,
-                num_steps=num_steps, logsnr_fn=logsnr_fn, rng=rng)
-  else:
-    raise ValueError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
   if num_steps < 1:
     raise ValueError(f'sampler steps must be >= 1, got {num_steps}')
-  return jax.jit(run)
+  program = _sampler_program(name, denoise_fn, logsnr_fn)
+  steps = jnp.int32(num_steps)
+  return lambda params, z_init, label, guidance_w, rng: program(params, z_init, label, guidance_w, rng, steps)
+
+
+@functools.lru_cache(maxsize=None)
+def _encoder_program(denoise_fn, logsnr_fn):
+  return jax.jit(lambda params, x, label, guidance_w, num_steps: encode_ddim(
+      denoise_fn, params, x=x, label=label, guidance_w=guidance_w, num_steps=num_steps, logsnr_fn=logsnr_fn))
 
 
 def make_encoder(denoise_fn, *, num_steps: int, logsnr_fn):
   """A jitted `(params, x, label, guidance_w) -> z_1`: N-step DDIM encoding of data x."""
   if num_steps < 1:
     raise ValueError(f'encoder steps must be >= 1, got {num_steps}')
-  return jax.jit(lambda params, x, label, guidance_w: encode_ddim(
-      denoise_fn, params, x=x, label=label, guidance_w=guidance_w, num_steps=num_steps, logsnr_fn=logsnr_fn))
+  program, steps = _encoder_program(denoise_fn, logsnr_fn), jnp.int32(num_steps)
+  return lambda params, x, label, guidance_w: program(params, x, label, guidance_w, steps)
