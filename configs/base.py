@@ -33,8 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage1 = _optimizer()
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
   # num_steps is the iterations of each round; the lr decays linearly to 0 within a round.
+  # fine_grid: also train at the odd multiples of 1/(2N) (off_grid_fraction of each batch), the times the
+  # stochastic 2N-step sampler needs; off_grid_fraction 0.5 is the uniform draw on the 1/(2N) grid.
   config.stage2 = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1,
-                             fine_grid=True)
+                             fine_grid=True, off_grid_fraction=0.5)
 
   # Encoder distillation (--mode=encoder): halving of the guided DDIM encoder, t -> t + 1/N.
   config.encoder = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1)
@@ -45,11 +47,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir=''))
+  # quality_samples: samples per guidance weight of the "quality lost per stage" table (0 = off); stage 1 is
+  # compared with the guided teacher at quality_steps DDIM steps.
   config.pipeline = ml_collections.ConfigDict(dict(
-      guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1))
+      guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1, quality_steps=64,
+      quality_samples=0))
   # --mode=fid: features from 'inception' (weights file at inception_path) or the embedded 'classifier'.
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
+      stage1_steps=(256,),
       student_steps=(1, 2, 4, 8, 16), seed=2, reference_split='train', reference_examples=50_000, out_dir=''))
   return config

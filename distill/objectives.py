@@ -60,15 +60,18 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
   return loss_fn
 
 
-def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool):
+def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool, off_grid_fraction: float = 0.5):
   """Student times t and the teacher's two step ends t' = t - 1/(2N), t'' = t - 1/N (clipped at 0).
 
-  With fine_grid, t is drawn on the 1/(2N) grid instead of the student's own 1/N grid, so the
-  N-step student also serves the stochastic 2N-step sampler (MATH.md); t = 1/(2N) clips t'' to 0.
+  Without fine_grid, t ~ U{1/N, ..., 1} (the times the N-step DDIM sampler visits). With fine_grid, a
+  fraction off_grid_fraction of the batch is drawn at the odd multiples of 1/(2N) instead, the times
+  only the stochastic 2N-step sampler visits (MATH.md); 0.5 is the uniform draw on the 1/(2N) grid.
+  t = 1/(2N) clips t'' to 0.
   """
-  grid = 2 * student_steps if fine_grid else student_steps
-  i = jax.random.randint(rng, (batch_size,), 1, grid + 1)  # [B] in 1..grid
-  t = i.astype(jnp.float32) / grid  # student_steps may be traced: no Python arithmetic on it
+  rng_i, rng_off = jax.random.split(rng)
+  i = jax.random.randint(rng_i, (batch_size,), 1, student_steps + 1)  # [B] in 1..N
+  off_grid = fine_grid & (jax.random.uniform(rng_off, (batch_size,)) < off_grid_fraction)  # [B]
+  t = (2 * i - off_grid.astype(jnp.int32)).astype(jnp.float32) / (2 * student_steps)  # traced N: no Python ints
   t_mid = jnp.maximum(t - 0.5 / student_steps, 0.0)
   t_end = jnp.maximum(t - 1.0 / student_steps, 0.0)
   return t, t_mid, t_end
@@ -84,7 +87,7 @@ def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logs
 
 
 def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   fine_grid: bool):
+                   fine_grid: bool, off_grid_fraction: float = 0.5):
   """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde.
 
   frozen = {'teacher_params': ..., 'student_steps': int32 []}: the step count is an input, not a
@@ -95,7 +98,8 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     teacher_params, student_steps = frozen['teacher_params'], frozen['student_steps']
     x, label = batch['x'], batch['label']
     rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
-    t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid)
+    t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid,
+                                    off_grid_fraction=off_grid_fraction)
     logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
     z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
     guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)

@@ -198,6 +198,7 @@ def _halving_loss_fn(config, stage, teacher, teacher_denoise):
                 parametrization=config.diffusion.parametrization)
   if stage == 'stage2':
     return objectives.stage2_loss_fn(teacher, teacher_denoise, fine_grid=config.stage2.fine_grid,
+                                     off_grid_fraction=config.stage2.off_grid_fraction,
                                      weighting=config.diffusion.loss_weighting, **kwargs)
   return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
 

@@ -21,12 +21,24 @@ CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'i
               'seconds')
 
 
+def classifier_dir(config) -> str:
+  """Where the digits classifier is cached: eval.classifier_dir, else WORKDIR/classifier."""
+  return config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
+
+
+def balanced_batch(record: dict, *, batch_index: int, batch_size: int, seed: int):
+  """(z_init [B, ...], label [B]) of batch batch_index of a fixed-seed class-balanced sample, any method."""
+  start = batch_index * batch_size
+  label = jnp.arange(start, start + batch_size, dtype=jnp.int32) % record['num_classes']  # [B]
+  key = jax.random.fold_in(jax.random.key(seed), batch_index)
+  return jax.random.normal(key, (batch_size, *record['x_shape'])), label  # [B, ...], [B]
+
+
 def make_extractor(config):
   """(name, images -> {'pool', 'logits'}) for config.eval.extractor; 'toy2d' uses the known mixture."""
   if config.eval.extractor == 'classifier':
     from eval import classifier  # pylint: disable=g-import-not-at-top
-    ckpt_dir = config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
-    model, params, _ = classifier.load_classifier(ckpt_dir)
+    model, params, _ = classifier.load_classifier(classifier_dir(config))
     return 'classifier', classifier.feature_fn(model, params)
   if config.eval.extractor == 'inception':
     from eval import inception  # pylint: disable=g-import-not-at-top
@@ -82,11 +94,9 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
   set's own classes, so class accuracy of the samples is reported too.
   """
   start, stats, logits, labels = time.time(), None, [], []
-  num_classes, batch_size = loaded.record['num_classes'], config.eval.batch_size
+  batch_size = config.eval.batch_size
   for b in range(-(-config.eval.num_samples // batch_size)):
-    label = jnp.arange(b * batch_size, (b + 1) * batch_size, dtype=jnp.int32) % num_classes  # [B]
-    key = jax.random.fold_in(jax.random.key(config.eval.seed), b)
-    z_init = jax.random.normal(key, (batch_size, *loaded.record['x_shape']))
+    z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=config.eval.seed)
     images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
                            seed=config.eval.seed + b)
     features = extract(jnp.clip(jnp.asarray(images), -1.0, 1.0))
@@ -126,7 +136,7 @@ def _read_rows(path: str) -> list[dict]:
 def run_classifier(config) -> float:
   """--mode=classifier: trains (or loads the cached) digits classifier that stands in for Inception."""
   from eval import classifier  # pylint: disable=g-import-not-at-top
-  ckpt_dir = config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
+  ckpt_dir = classifier_dir(config)
   _, accuracy = classifier.train_classifier(ckpt_dir=ckpt_dir, num_steps=config.eval.classifier_steps)
   writer = make_writer(os.path.join(config.workdir, 'logs', 'classifier'))
   writer.write_scalars(config.eval.classifier_steps, {'held_out_accuracy': accuracy})
@@ -143,6 +153,7 @@ def run_fid(config) -> str:
   reference = reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
   methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
                                   teacher_ddpm_steps=config.eval.teacher_ddpm_steps,
+                                  stage1_steps=config.eval.stage1_steps,
                                   student_steps=config.eval.student_steps))
   rows = _read_rows(csv_path)
   done = {_cell_key(r) for r in rows}

@@ -23,8 +23,8 @@ class Method:
     return f'{self.name.replace(" ", "_")}_{self.sampler}_{self.steps:04d}'
 
 
-def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), student_steps=None) -> list[Method]:
-  """Teacher CFG DDIM (and DDPM) at the given steps; every stage-2 round found on disk (or listed).
+def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None) -> list[Method]:
+  """Teacher CFG DDIM (and DDPM) and the stage-1 student's DDIM at the given steps; every stage-2 round.
 
   An N-step round gives 'student ddim N' and 'student stochastic 2N' (MATH.md); student_steps, if
   given, keeps only rows whose step count is in it.
@@ -32,6 +32,8 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), student_steps=
   teacher_dir = stages.stage_dir(config.workdir, 'teacher')
   methods = [Method('teacher CFG', 'ddim', n, 2 * n, teacher_dir) for n in sorted(teacher_steps, reverse=True)]
   methods += [Method('teacher CFG', 'ddpm', n, 2 * n, teacher_dir) for n in sorted(teacher_ddpm_steps, reverse=True)]
+  stage1_dir = stages.stage_dir(config.workdir, 'stage1')
+  methods += [Method('stage 1', 'ddim', n, n, stage1_dir) for n in sorted(stage1_steps, reverse=True)]
   for n in stages.stage2_rounds(config):
     round_dir = stages.stage_dir(config.workdir, 'stage2', n)
     for sampler, steps in (('ddim', n), ('stochastic', 2 * n)):

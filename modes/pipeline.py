@@ -12,6 +12,7 @@ from distill import stages
 from eval.images import image_grid, save_png, save_samples_png
 from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
+from modes.stage_quality import StageQuality
 from train import files
 from train.loop import make_writer
 
@@ -55,10 +56,11 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
   return entries
 
 
-def _summary(config, timings: dict, entries: list[dict]) -> str:
+def _summary(config, timings: dict, entries: list[dict], quality_lines: list[str]) -> str:
   lines = [f'# Pipeline results: {config.data.name}', '', f'Workdir: `{config.workdir}`', '',
            '## Wall time (this machine)', '', '| stage | seconds |', '|---|---|']
   lines += [f'| {k} | {v} |' for k, v in timings.items()]
+  lines += ['', *quality_lines] if quality_lines else []
   lines += ['', '## Samples (same noise and labels for every method; one row per class)', '',
             'Overview per w: rows are the methods below in order, one sample per class: ' +
             ', '.join(f'`overview_w{w:g}.png`' for w in config.pipeline.guidance_ws), '',
@@ -76,16 +78,25 @@ def _read_json(path: str) -> dict:
 
 
 def run_pipeline(config) -> str:
-  """Runs (or resumes) every stage, then samples; returns the results folder."""
+  """Runs (or resumes) every stage, each followed by its quality-lost table row; then samples.
+
+  Returns the results folder.
+  """
   results_dir = os.path.join(config.workdir, 'results')
   timings_path = os.path.join(results_dir, 'timings.json')
   timings = _read_json(timings_path)
   run = {}
+  writer = make_writer(os.path.join(config.workdir, 'logs', 'pipeline'))
+  quality = StageQuality(config, writer)
   _timed(run, 'teacher', stages.train_teacher, config)
   _timed(run, 'stage1', stages.train_stage1, config)
+  quality.after_stage1()
   for n in stages.stage2_rounds(config):
     _timed(run, f'stage2 round -> {n} steps', stages.train_stage2_round, config, n)
-  writer = make_writer(os.path.join(config.workdir, 'logs', 'pipeline'))
+    quality.after_round(n)
+  if quality.enabled:
+    run['quality'] = round(quality.seconds, 1)
+    logging.info('[pipeline] quality took %.1f s', run['quality'])
   entries = _timed(run, 'sampling', _sample_all, config, results_dir, writer)
   writer.write_texts(0, {'timings': json.dumps(run)})
   writer.close()
@@ -95,6 +106,7 @@ def run_pipeline(config) -> str:
   if jax.process_index() == 0:
     os.makedirs(results_dir, exist_ok=True)
     files.write_json(timings_path, timings)
-    files.write_text(os.path.join(results_dir, 'summary.md'), _summary(config, timings, entries))
+    summary = _summary(config, timings, entries, quality.summary_lines())
+    files.write_text(os.path.join(results_dir, 'summary.md'), summary)
   logging.info('[pipeline] results in %s', results_dir)
   return results_dir

@@ -57,6 +57,9 @@ def _check_halving(config, name: str) -> None:
            f'{name}.final_steps must be a power of two, got {section.final_steps}')
   _require(section.final_steps < section.start_steps, f'{name}.final_steps ({section.final_steps}) must be '
            f'smaller than {name}.start_steps ({section.start_steps})')
+  if 'off_grid_fraction' in section:
+    _require(0 <= section.off_grid_fraction <= 1,
+             f'{name}.off_grid_fraction must be in [0, 1], got {section.off_grid_fraction}')
 
 
 def validate_config(config) -> None:
@@ -90,6 +93,17 @@ def validate_config(config) -> None:
   _require(config.sample.per_class > 0, f'sample.per_class must be > 0, got {config.sample.per_class}')
   _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')
   _check_eval(config, info)
+  _check_quality(config)
+
+
+def _check_quality(config) -> None:
+  """The pipeline's "quality lost per stage" fields (modes/stage_quality.py)."""
+  pipeline = config.pipeline
+  _require(pipeline.quality_steps > 0, f'pipeline.quality_steps must be > 0, got {pipeline.quality_steps}')
+  _require(pipeline.quality_samples >= 0, f'pipeline.quality_samples must be >= 0 (0 = off), got '
+           f'{pipeline.quality_samples}')
+  _require(pipeline.quality_samples % config.eval.batch_size == 0, f'pipeline.quality_samples '
+           f'({pipeline.quality_samples}) must be a multiple of eval.batch_size ({config.eval.batch_size})')
 
 
 def _check_eval(config, info) -> None:
@@ -102,5 +116,5 @@ def _check_eval(config, info) -> None:
   _require(ev.num_samples > 0 and ev.batch_size > 0, 'eval.num_samples and eval.batch_size must be > 0')
   _require(ev.num_samples % ev.batch_size == 0, f'eval.num_samples ({ev.num_samples}) must be a multiple of '
            f'eval.batch_size ({ev.batch_size})')
-  _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.student_steps)),
+  _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.stage1_steps, *ev.student_steps)),
            'eval step counts must all be > 0')

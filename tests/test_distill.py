@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from data.toy2d import TOY2D_COVS, TOY2D_MEANS
 from diffusion import ddim_step, get_logsnr_schedule
@@ -49,6 +50,20 @@ def test_stage2_target_with_a_real_teacher_network():
   x_tilde = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnrs[0], logsnr_tpp=logsnrs[2])
   eps = predict_eps_from_x(z=z_t, x=x_tilde, logsnr=logsnrs[0])
   np.testing.assert_allclose(ddim_step(x_pred=x_tilde, eps_pred=eps, logsnr_s=logsnrs[2]), z_end, atol=2e-4)
+
+
+@pytest.mark.parametrize('fraction', [0.0, 0.25, 1.0])
+def test_stage2_times_off_grid_fraction(fraction):
+  """Off-grid times (odd multiples of 1/(2N)) make up off_grid_fraction of the batch; the rest lie on 1/N."""
+  t, _, _ = objectives.stage2_times(jax.random.key(1), 4000, student_steps=4, fine_grid=True,
+                                    off_grid_fraction=fraction)
+  index = np.round(np.asarray(t) * 8).astype(int)  # [B] in 1..8
+  np.testing.assert_allclose(np.asarray(t) * 8, index, atol=1e-5)
+  assert index.min() >= 1 and index.max() <= 8
+  assert abs(np.mean(index % 2 == 1) - fraction) < 0.03
+  t_coarse, _, _ = objectives.stage2_times(jax.random.key(1), 4000, student_steps=4, fine_grid=False,
+                                           off_grid_fraction=fraction)
+  assert set(np.round(np.asarray(t_coarse) * 8).astype(int)) == {2, 4, 6, 8}
 
 
 def _guided_samples(ckpt_dir, *, sampler, steps, w, n_per_class=512, seed=7):

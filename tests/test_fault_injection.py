@@ -23,7 +23,8 @@ TIMEOUT_S = 240
 # (~1000 tiny steps/s once compiled: each phase lasts about a second.)
 OVERRIDES = ('--config.train.num_steps=2000', '--config.train.checkpoint_every=500', '--config.train.log_every=100',
              '--config.stage1.num_steps=1500', '--config.stage1.checkpoint_every=500', '--config.stage1.log_every=100',
-             '--config.stage2.num_steps=800', '--config.stage2.checkpoint_every=300', '--config.stage2.log_every=100')
+             '--config.stage2.num_steps=800', '--config.stage2.checkpoint_every=300', '--config.stage2.log_every=100',
+             '--config.pipeline.quality_samples=0')  # the kill at '[fid] reference statistics' needs them uncached
 FID_METHODS = 7  # tiny: teacher DDIM 64 and 4, DDPM 64, student DDIM 2 and 1, stochastic 4 and 2
 FID_CELLS = 2 * FID_METHODS  # x 2 values of w
 
