@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Guidance weights w ~ U[w_min, w_max] for stage 1 and stage 2.
   # dropout: the students' (stage 1, stage 2, encoder) U-Net dropout; -1 keeps the teacher's model.dropout.
   config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, dropout=-1.0))
-  config.stage1 = _optimizer()
+  # lr_scales: lr factors of top-level parameter keys ('guidance_embed': the fresh w-embedding).
+  config.stage1 = _optimizer(lr_scales=ml_collections.ConfigDict({'guidance_embed': 1.0}))
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
   # num_steps is the iterations of each round; the lr decays linearly to 0 within a round.
   # fine_grid: also train at the odd multiples of 1/(2N) (off_grid_fraction of each batch), the times the

@@ -31,6 +31,8 @@ def _check_optimizer(name: str, section) -> None:
   _require(section.checkpoint_every > 0, f'{name}.checkpoint_every must be > 0, got {section.checkpoint_every}')
   _require(section.keep_checkpoints >= 1, f'{name}.keep_checkpoints must be >= 1')
   _require(section.max_nonfinite_steps >= 1, f'{name}.max_nonfinite_steps must be >= 1')
+  for key, scale in (section.get('lr_scales') or {}).items():
+    _require(scale > 0, f'{name}.lr_scales.{key} must be > 0, got {scale}')
 
 
 def _check_model(config, info) -> None:

@@ -200,3 +200,21 @@ def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_
         state=checkpoint.ocp.args.StandardRestore()))['state']
   saved_w = saved['params']['w'] if isinstance(saved, dict) else saved.params['w']
   assert np.all(np.isfinite(saved_w)) and not np.allclose(saved_w, 0.0)  # the 4 good updates are kept
+
+
+def test_lr_scales_multiply_the_learning_rate_of_one_top_level_key():
+  """stage1.lr_scales.guidance_embed = 10: Adam's first step moves that key 10x as far as the rest."""
+  from train.state import make_optimizer  # pylint: disable=g-import-not-at-top
+  section = tiny_config('/tmp/unused').stage1
+  section.warmup_steps = 0  # full lr at the first step
+  params = {'guidance_embed': {'kernel': jnp.ones(3)}, 'conv': {'kernel': jnp.ones(3)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain = make_optimizer(section)
+  plain_updates, _ = plain.update(grads, plain.init(params), params)
+  section.lr_scales.guidance_embed = 10.0
+  scaled = make_optimizer(section)
+  updates, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(updates['conv']['kernel'], plain_updates['conv']['kernel'], rtol=1e-6)
+  np.testing.assert_allclose(updates['guidance_embed']['kernel'], 10 * plain_updates['guidance_embed']['kernel'],
+                             rtol=1e-5)
+  assert float(jnp.abs(plain_updates['conv']['kernel'][0])) > 0
