@@ -95,6 +95,7 @@ class TrainingJob:
   params: Any  # initial params of the trained model
   seed_offset: int  # seeds the data order and the train rng of this job
   frozen: Any = None  # the teacher's params (+ student_steps): an argument of every step, never trained
+  step_key: Any = None  # jobs with equal keys compute the same step (halving rounds): one compiled program
 
   def ckpt_dir(self, workdir: str) -> str:
     return stage_dir(workdir, self.record['stage'], self.record['sampling_steps'])
@@ -107,7 +108,7 @@ def _train(config, job: TrainingJob) -> tuple[str, dict]:
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
                             make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,
-                            logdir=log_dir(config, ckpt_dir))
+                            logdir=log_dir(config, ckpt_dir), step_key=job.step_key)
   return ckpt_dir, scalars
 
 
@@ -220,7 +221,8 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
   offset = {'stage2': 100, 'encoder': 10_000}[stage] + student_steps
   return TrainingJob(f'{stage} {teacher_steps}->{student_steps} steps', record, config[stage],
                      _halving_loss_fn(config, stage, teacher, teacher_denoise), teacher_params, seed_offset=offset,
-                     frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)})
+                     frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)},
+                     step_key=(stage, json.dumps(to_json(config.to_dict()), sort_keys=True)))
 
 
 def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:

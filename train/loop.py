@@ -1,6 +1,7 @@
 """The one training loop every stage shares: sharded jit step, resume, Orbax saves, progress, scalars."""
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -100,6 +101,24 @@ class ShardedStep:
     return None if frozen is None else jax.device_put(frozen, self.replicated)
 
 
+_LAST_STEP = {}  # the ShardedStep of the last run_training with a step_key: {'key': ..., 'step': ShardedStep}
+
+
+def _sharded_step(loss_fn: Callable, section, step_key) -> ShardedStep:
+  """A new ShardedStep, or the previous run's when both name the same step_key and optimizer section.
+
+  Consecutive halving rounds compute the same step (the teacher's params and the step count are inputs),
+  so they share one traced and compiled program instead of re-tracing it every round.
+  """
+  key = None if step_key is None else (step_key, json.dumps(section.to_dict(), sort_keys=True), jax.device_count())
+  if key is not None and _LAST_STEP.get('key') == key:
+    return _LAST_STEP['step']
+  sharded = ShardedStep(loss_fn, section)
+  if key is not None:
+    _LAST_STEP.update(key=key, step=sharded)
+  return sharded
+
+
 def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
   """Means of the metrics summed since the last log; counters are their last value, not a mean."""
   scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
@@ -111,15 +130,16 @@ def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
 
 def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: str, record: dict,
                  make_batches: Callable[[int], Iterator[dict]], seed: int, frozen=None,
-                 logdir: Optional[str] = None) -> tuple[TrainState, dict]:
+                 logdir: Optional[str] = None, step_key=None) -> tuple[TrainState, dict]:
   """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
   passed to every step but never optimised or saved. Returns the final state and the scalars of the
   last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
-  and raises Preempted.
+  and raises Preempted. Runs with the same step_key (a hashable naming what loss_fn computes) reuse
+  one compiled step.
   """
-  sharded = ShardedStep(loss_fn, section)
+  sharded = _sharded_step(loss_fn, section, step_key)
   state = sharded.init_state(params, seed=seed)
   record = dict(record, train_steps=section.num_steps)
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
