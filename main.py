@@ -18,7 +18,8 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', -1, 'Number of processes (implies --multihost); -1: auto.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process, 0..n-1 (implies --multihost); -1: auto.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'XLA devices the host CPU is split into for data parallelism '
-                                    '(0: one per core; 1: one device using every core). Single-process runs only.')
+                                    '(0: one per core, rounded down to a power of two; 1: one device using every core). '
+                                    'Single-process runs only.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the models, shard one batch of (mock) data and run one train '
                              'step of each stage the mode trains; write nothing.')
 _DRY_RUN_BATCH_SIZE = flags.DEFINE_integer('dry_run_batch_size', 0, '--dry_run global batch; 0: one example per '

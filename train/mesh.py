@@ -26,12 +26,14 @@ def shard_rows(*arrays):
 
 
 def set_cpu_devices(num_devices: int) -> int:
-  """Exposes the host CPU as num_devices XLA devices (0: one per core); call before JAX starts a backend.
+  """Exposes the host CPU as num_devices XLA devices; call before JAX starts a backend.
 
-  Data parallelism over one device per core runs the digits train step 1.4x faster on 2 cores than
-  one device whose convolutions are split over both cores (benchmarks/peer_speed.py). Accelerators are
-  unaffected: the setting only concerns the CPU backend. Returns the number asked for.
+  0 picks the largest power of two not above the core count, so power-of-two batches still divide. On 2
+  cores, data parallelism over 2 devices ran the digits train step 1.4x as fast as one device whose
+  convolutions use both cores (compare `benchmarks/peer_speed.py --cpu_devices=1`). Accelerators are
+  unaffected: the setting only concerns the CPU backend. Returns the number of devices set.
   """
-  num_devices = num_devices or len(os.sched_getaffinity(0))
+  if num_devices <= 0:
+    num_devices = 2 ** (len(os.sched_getaffinity(0)).bit_length() - 1)
   jax.config.update('jax_num_cpu_devices', num_devices)
   return num_devices
