@@ -57,6 +57,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
-      stage1_steps=(256,),
+      stage1_steps=(),
       student_steps=(1, 2, 4, 8, 16), seed=2, reference_split='train', reference_examples=50_000, out_dir=''))
   return config

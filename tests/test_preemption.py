@@ -34,7 +34,8 @@ def start_main(tmp_path):
     with open(log_path, 'w') as log:
       procs.append(subprocess.Popen(
           [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
-           *overrides], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=log, stderr=subprocess.STDOUT))
+           '--cpu_devices=1', *overrides],  # one device, as the in-process runs it is compared with
+          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=log, stderr=subprocess.STDOUT))
     return procs[-1], log_path
 
   yield start
