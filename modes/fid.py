@@ -16,6 +16,7 @@ from modes.methods import existing, list_methods
 from modes.sampling import LoadedCheckpoint, load_cached
 from train import files
 from train.loop import make_writer
+from train.mesh import jit
 
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
               'seconds')
@@ -44,7 +45,7 @@ def make_extractor(config):
     from eval import inception  # pylint: disable=g-import-not-at-top
     variables = inception.load_inception_params(config.eval.inception_path)
     model = inception.InceptionV3FID()
-    return 'inception', jax.jit(lambda images: model.apply(variables, images))
+    return 'inception', jit(lambda images: model.apply(variables, images))
   if config.eval.extractor == 'toy2d':
     from eval.toy_metrics import toy2d_features  # pylint: disable=g-import-not-at-top
     return 'toy2d', toy2d_features

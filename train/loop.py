@@ -12,7 +12,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from train import checkpoint
-from train.mesh import data_mesh
+from train.mesh import data_mesh, jit
 from train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, make_train_step
 
 
@@ -85,7 +85,7 @@ class ShardedStep:
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
     self.tx = make_optimizer(section)
-    self.step_fn = jax.jit(
+    self.step_fn = jit(
         make_train_step(loss_fn, self.tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section)),
         in_shardings=(self.replicated, self.batch_sharding, self.replicated),
         out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))

@@ -1,6 +1,7 @@
-"""The device mesh of data-parallel training: one 'data' axis over every device of every process."""
+"""How programs run on this host: the data-parallel mesh, CPU devices, and CPU compiler options."""
 
 import os
+from typing import Optional
 
 import jax
 import numpy as np
@@ -37,3 +38,19 @@ def set_cpu_devices(num_devices: int) -> int:
     num_devices = 2 ** (len(os.sched_getaffinity(0)).bit_length() - 1)
   jax.config.update('jax_num_cpu_devices', num_devices)
   return num_devices
+
+
+# XLA:CPU at LLVM optimisation level 1 compiled the digits train step in 20 s instead of 27 s (and the
+# parameter initialisation in 11 s instead of 18 s) and ran it as fast (4.87 vs 4.70 steps/s, 2 cores):
+# convolutions and dots are library calls, LLVM only builds the elementwise fusions around them.
+CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+
+
+def compiler_options() -> Optional[dict]:
+  """`jax.jit(..., compiler_options=...)` of every program: CPU_COMPILER_OPTIONS on the CPU backend, else None."""
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else None
+
+
+def jit(fn, **kwargs):
+  """jax.jit with this host's compiler_options()."""
+  return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
