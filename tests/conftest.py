@@ -10,6 +10,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny  # pylint: disable=wrong-import-position
 
 
+def pytest_addoption(parser):
+  parser.addoption('--paper-scale', action='store_true',
+                   help='also run the tests marked paper_scale (a full-size network step on this CPU each)')
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'paper_scale: compiles and steps a paper-size network on the CPU (minutes '
+                                     'and ~12 GB each); run with --paper-scale')
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked paper_scale are skipped unless --paper-scale is given: the default suite stays fast."""
+  if config.getoption('--paper-scale'):
+    return
+  skip = pytest.mark.skip(reason='paper-scale step on the CPU: run with --paper-scale')
+  for item in items:
+    if item.get_closest_marker('paper_scale'):
+      item.add_marker(skip)
+
+
 def tiny_config(workdir, **stage_steps):
   """configs/tiny.py in workdir; stage_steps like train=40 sets that section's num_steps."""
   config = tiny.get_config()

@@ -45,6 +45,7 @@ def test_modes_that_train_nothing_are_refused(tmp_path):
     dry_run.run_dry_run(tiny_config(tmp_path), 'fid')
 
 
+@pytest.mark.paper_scale  # opt-in (--paper-scale): 2-6 min each on 2 CPU cores
 @pytest.mark.xdist_group('paper_scale')  # one at a time under pytest-xdist: an ImageNet 64 step takes ~12 GB
 @pytest.mark.parametrize('name,mode,title', PAPER_SCALE)
 def test_paper_scale_config_passes_its_dry_run(name, mode, title, tmp_path):
