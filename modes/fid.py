@@ -36,9 +36,14 @@ def balanced_batch(record: dict, *, batch_index: int, batch_size: int, seed: int
 
 
 def make_extractor(config):
-  """(name, images -> {'pool', 'logits'}) for config.eval.extractor; 'toy2d' uses the known mixture."""
+  """(name, images -> {'pool', 'logits'}) for config.eval.extractor; 'toy2d' uses the known mixture.
+
+  The digits classifier is trained first (eval.classifier_steps, ~20 s on 2 CPU cores) when
+  classifier_dir(config) holds none, so no mode needs a --mode=classifier run before it.
+  """
   if config.eval.extractor == 'classifier':
     from eval import classifier  # pylint: disable=g-import-not-at-top
+    classifier.train_classifier(ckpt_dir=classifier_dir(config), num_steps=config.eval.classifier_steps)
     model, params, _ = classifier.load_classifier(classifier_dir(config))
     return 'classifier', classifier.feature_fn(model, params)
   if config.eval.extractor == 'inception':

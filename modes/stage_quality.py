@@ -211,12 +211,9 @@ class StageQuality:
     return self._fids[key]
 
   def _features(self):
-    """(extract, reference statistics); the digits classifier is trained first if it is not cached."""
+    """(extract, reference statistics); make_extractor trains the digits classifier if it is not cached."""
     if self._scorer is None:
       config = self.config
-      if config.eval.extractor == 'classifier':
-        from eval import classifier  # pylint: disable=g-import-not-at-top
-        classifier.train_classifier(ckpt_dir=fid.classifier_dir(config), num_steps=config.eval.classifier_steps)
       name, extract = fid.make_extractor(config)
       reference = fid.reference_stats(config, name, extract, os.path.join(config.workdir, 'reference_stats'))
       self._scorer = (extract, reference)

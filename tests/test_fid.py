@@ -3,6 +3,7 @@
 import csv
 import os
 
+import numpy as np
 
 from eval.report import write_table
 from modes import fid
@@ -46,3 +47,20 @@ def test_table_has_one_row_per_method_and_one_column_per_step_count(tmp_path):
   assert '| student ddim | 1.50 / 3.00 |  |' in text
 
 
+
+
+def test_classifier_extractor_trains_the_missing_classifier_once(tmp_path, monkeypatch):
+  from configs import digits_teacher  # pylint: disable=g-import-not-at-top
+  from eval import classifier  # pylint: disable=g-import-not-at-top
+  config = digits_teacher.get_config()
+  config.workdir = str(tmp_path / 'run')
+  config.eval.classifier_steps = 5
+  name, extract = fid.make_extractor(config)
+  assert name == 'classifier' and classifier.latest_step(fid.classifier_dir(config)) is not None
+  images = np.zeros((4, 8, 8, 1), np.float32)
+  assert extract(images)['logits'].shape == (4, 10)
+
+  def no_training(*args, **kwargs):
+    raise AssertionError(f'trained again: {args} {kwargs}')
+  monkeypatch.setattr(classifier, '_make_train_step', no_training)  # cached now: loaded, not retrained
+  fid.make_extractor(config)
