@@ -20,13 +20,15 @@ def pytest_configure(config):
                                      'and ~12 GB each); run with --paper-scale')
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
-  """Tests marked paper_scale are skipped unless --paper-scale is given: the default suite stays fast."""
-  if config.getoption('--paper-scale'):
-    return
+  """Tests using toy_run share one xdist worker (the session fixture is trained once, not once per worker);
+  tests marked paper_scale are skipped unless --paper-scale is given, so the default suite stays fast."""
   skip = pytest.mark.skip(reason='paper-scale step on the CPU: run with --paper-scale')
   for item in items:
-    if item.get_closest_marker('paper_scale'):
+    if 'toy_run' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.xdist_group('toy_run'))
+    if item.get_closest_marker('paper_scale') and not config.getoption('--paper-scale'):
       item.add_marker(skip)
 
 

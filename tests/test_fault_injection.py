@@ -19,11 +19,11 @@ from distill import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
-# Long enough phases that a kill right after a progress line lands inside the phase, on a loaded CPU too.
-# (~1000 tiny steps/s once compiled: each phase lasts about a second.)
-OVERRIDES = ('--config.train.num_steps=2000', '--config.train.checkpoint_every=500', '--config.train.log_every=100',
-             '--config.stage1.num_steps=1500', '--config.stage1.checkpoint_every=500', '--config.stage1.log_every=100',
-             '--config.stage2.num_steps=800', '--config.stage2.checkpoint_every=300', '--config.stage2.log_every=100',
+# Long enough phases that a kill right after a progress line lands inside the phase, on a loaded CPU too: a
+# kill follows a progress line at least 300 steps before the phase ends (100-150 tiny steps/s on 2 loaded cores).
+OVERRIDES = ('--config.train.num_steps=800', '--config.train.checkpoint_every=300', '--config.train.log_every=100',
+             '--config.stage1.num_steps=700', '--config.stage1.checkpoint_every=300', '--config.stage1.log_every=100',
+             '--config.stage2.num_steps=600', '--config.stage2.checkpoint_every=300', '--config.stage2.log_every=100',
              '--config.pipeline.quality_samples=0')  # the kill at '[fid] reference statistics' needs them uncached
 FID_METHODS = 7  # tiny: teacher DDIM 64 and 4, DDPM 64, student DDIM 2 and 1, stochastic 4 and 2
 FID_CELLS = 2 * FID_METHODS  # x 2 values of w
@@ -37,10 +37,10 @@ def _kill_plan(seed: int) -> list[tuple[str, re.Pattern, float, re.Pattern]]:
   progress = lambda title, steps: re.compile(rf'\[{re.escape(title)}\] step {pick(steps)}/')
   in_phase = lambda title: re.compile(rf'\[{re.escape(title)}\] (step|resuming)')
   return [
-      ('pipeline', progress('teacher', 2000), rng.uniform(0, 0.1), in_phase('teacher')),
-      ('pipeline', progress('stage1', 1500), rng.uniform(0, 0.1), in_phase('stage1')),
-      ('pipeline', progress('stage2 4->2 steps', 800), rng.uniform(0, 0.1), in_phase('stage2 4->2 steps')),
-      ('pipeline', progress('stage2 2->1 steps', 800), rng.uniform(0, 0.1), in_phase('stage2 2->1 steps')),
+      ('pipeline', progress('teacher', 800), rng.uniform(0, 0.1), in_phase('teacher')),
+      ('pipeline', progress('stage1', 700), rng.uniform(0, 0.1), in_phase('stage1')),
+      ('pipeline', progress('stage2 4->2 steps', 600), rng.uniform(0, 0.1), in_phase('stage2 4->2 steps')),
+      ('pipeline', progress('stage2 2->1 steps', 600), rng.uniform(0, 0.1), in_phase('stage2 2->1 steps')),
       ('pipeline', re.compile(r'\[pipeline\] stage2 round -> 1 steps took'), rng.uniform(0.1, 1.0),
        re.compile(r'stage2 round -> 1 steps took')),  # sampling: the next line would be 'sampling took'
       ('fid', re.compile(r'\[fid\] reference statistics'), rng.uniform(0, 0.3), re.compile(r'\[fid\] ')),
