@@ -23,12 +23,14 @@ from distill import stages  # pylint: disable=wrong-import-position
 from models import init_params  # pylint: disable=wrong-import-position
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
+from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per sampling call.')
 _TEACHER_STEPS = flags.DEFINE_integer('teacher_steps', 256, 'DDIM steps of the guided teacher.')
 _STUDENT_STEPS = flags.DEFINE_list('student_steps', ['1', '2', '4', '8'], 'Student step counts.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed runs per sampler (median reported).')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'As main.py: XLA devices of the host CPU (0: one per core).')
 
 
 def _median_seconds(run, params, inputs) -> float:
@@ -42,6 +44,7 @@ def _median_seconds(run, params, inputs) -> float:
 
 
 def main(_):
+  set_cpu_devices(_CPU_DEVICES.value)  # as main.py samples: the batch split over every device
   config = _CONFIG.value
   logsnr_fn = stages.logsnr_schedule(config)
   timings = []
@@ -53,8 +56,9 @@ def main(_):
     denoise_fn = make_denoise_fn(model, parametrization=config.diffusion.parametrization, kind=kind,
                                  num_classes=record['num_classes'])
     n = _BATCH.value
-    inputs = (jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
-              jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.full((n,), 2.0), jax.random.key(2))
+    inputs = (*shard_rows(jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
+                          jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.full((n,), 2.0)),
+              jax.random.key(2))
     step_counts = [_TEACHER_STEPS.value] if kind == 'guided' else [int(s) for s in _STUDENT_STEPS.value]
     for steps in step_counts:
       run = make_sampler('ddim', denoise_fn, num_steps=steps, logsnr_fn=logsnr_fn)

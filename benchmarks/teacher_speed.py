@@ -21,16 +21,19 @@ from distill import objectives, stages  # pylint: disable=wrong-import-position
 from models import count_params, init_params  # pylint: disable=wrong-import-position
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
-from train.state import create_train_state, learning_rate_schedule, make_optimizer, make_train_step  # pylint: disable=wrong-import-position
+from train.loop import ShardedStep  # pylint: disable=wrong-import-position
+from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed train steps.')
 _SAMPLE_STEPS = flags.DEFINE_integer('sample_steps', 64, 'DDIM steps of the guided teacher.')
 _SAMPLE_BATCH = flags.DEFINE_integer('sample_batch', 256, 'Images per sampling call.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Sampling repeats (median reported).')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'As main.py: XLA devices of the host CPU (0: one per core).')
 
 
 def main(_):
+  set_cpu_devices(_CPU_DEVICES.value)  # as main.py runs: the production sharded step over every device
   config = _CONFIG.value
   record = stages.make_record(config, stage='teacher')
   model, _ = stages.build_from_record(record)
@@ -39,13 +42,12 @@ def main(_):
                 weighting=config.diffusion.loss_weighting)
   loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond,
                                        num_classes=record['num_classes'], **kwargs)
-  tx = make_optimizer(config.train)
-  step_fn = jax.jit(make_train_step(loss_fn, tx, ema_decay=config.train.ema_decay,
-                                    lr_schedule=learning_rate_schedule(config.train)), donate_argnums=(0,))
-  state = create_train_state(params, tx, seed=0)
+  sharded = ShardedStep(loss_fn, config.train)
+  step_fn, state = sharded.step_fn, sharded.init_state(params, seed=0)
   batch_size = config.train.batch_size
-  batch = {'x': jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch_size, *record['x_shape'])), jnp.float32),
-           'label': jnp.arange(batch_size, dtype=jnp.int32) % record['num_classes']}
+  batch = sharded.global_batch({
+      'x': np.random.default_rng(0).uniform(-1, 1, (batch_size, *record['x_shape'])).astype(np.float32),
+      'label': np.arange(batch_size, dtype=np.int32) % record['num_classes']})
   state, _ = step_fn(state, batch, None)
   jax.block_until_ready(state)
   start = time.perf_counter()
@@ -58,8 +60,8 @@ def main(_):
                                num_classes=record['num_classes'])
   run = make_sampler('ddim', denoise_fn, num_steps=_SAMPLE_STEPS.value, logsnr_fn=kwargs['logsnr_fn'])
   n = _SAMPLE_BATCH.value
-  z = jax.random.normal(jax.random.key(1), (n, *record['x_shape']))
-  label, w = jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,))
+  z, label, w = shard_rows(jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
+                           jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,)))
   jax.block_until_ready(run(state.ema_params, z, label, w, jax.random.key(0)))
   times = []
   for _ in range(_REPEATS.value):
