@@ -9,7 +9,9 @@ import numpy as np
 from absl import logging
 
 from diffusion import get_logsnr_schedule
-from distill.stages import build_from_record, stage_dir
+import ml_collections
+
+from distill.stages import build_from_record, halving_rounds, stage_dir
 from eval.images import save_samples_png
 from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
@@ -43,8 +45,26 @@ def check_steps(record: dict, sampler: str, num_steps: int, ckpt_dir: str) -> No
   if allowed is not None and num_steps not in allowed:
     have = f'{sampler} at {allowed[0]} steps' if allowed else f'no {sampler} sampler'
     raise SamplingError(f'{ckpt_dir} is the {record["sampling_steps"]}-step {record["stage"]} student: it supports '
-                        f'{have}, not {num_steps}; pick --config.sample.checkpoint=.../stage2/steps_{num_steps:04d} '
-                        f'(ddim) or steps_{max(num_steps // 2, 1):04d} (stochastic)')
+                        f'{have}, not {num_steps}; {_advice(record, sampler, num_steps)}')
+
+
+def _advice(record: dict, sampler: str, num_steps: int) -> str:
+  """Which checkpoint of the run that made `record` runs `sampler` at num_steps steps."""
+  stage = record['stage']  # 'stage2' or 'encoder'
+  if 'config' not in record:
+    return 'use --config.sample.checkpoint=.../stage1 or .../teacher (any step count, any sampler)'
+  rounds = halving_rounds(ml_collections.ConfigDict(record['config']), stage)
+  if sampler == 'encode' and num_steps in rounds:
+    return f'use the encoder in .../encoder/steps_{num_steps:04d}'
+  if sampler == 'ddim' and num_steps in rounds:
+    return f'pick --config.sample.checkpoint=.../stage2/steps_{num_steps:04d}'
+  if sampler == 'stochastic' and num_steps % 2 == 0 and num_steps // 2 in rounds:
+    return f'pick --config.sample.checkpoint=.../stage2/steps_{num_steps // 2:04d}'
+  if stage == 'encoder':
+    return f'this run\'s encoders run at {", ".join(map(str, rounds))} steps'
+  students = ', '.join(f'ddim {n} / stochastic {2 * n}' for n in rounds)
+  return (f'this run\'s stage-2 students sample at {students} steps; for any step count and sampler use '
+          f'--config.sample.checkpoint=.../stage1 or .../teacher')
 
 
 def default_steps(record: dict, sampler: str) -> int:

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import tiny_config
 from distill import stages
 from modes import MODES
 
@@ -63,3 +64,26 @@ def test_every_mode_refuses_an_invalid_config_before_writing(tmp_path, mode):
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and 'guidance range is reversed' in errors[0], result.stderr[-1500:]
   assert not (tmp_path / 'run').exists()
+
+
+def test_step_count_refusal_names_a_checkpoint_that_exists(tmp_path):
+  from modes.sampling import SamplingError, check_steps  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)  # stage-2 students at 2 and 1 steps; encoders at 2 and 1
+  record = stages.make_record(config, stage='stage2', sampling_steps=2)
+
+  def advice(sampler, steps):
+    with pytest.raises(SamplingError) as err:
+      check_steps(record, sampler, steps, 'run/stage2/steps_0002')
+    return str(err.value).split('; ', 1)[1]
+
+  check_steps(record, 'ddim', 2, 'run/stage2/steps_0002')
+  check_steps(record, 'stochastic', 4, 'run/stage2/steps_0002')
+  assert advice('ddim', 1) == 'pick --config.sample.checkpoint=.../stage2/steps_0001'
+  assert advice('stochastic', 2) == 'pick --config.sample.checkpoint=.../stage2/steps_0001'
+  for sampler, steps in (('ddim', 3), ('ddim', 8), ('stochastic', 3), ('ddpm', 64)):
+    assert advice(sampler, steps) == ("this run's stage-2 students sample at ddim 2 / stochastic 4, ddim 1 / "
+                                      'stochastic 2 steps; for any step count and sampler use '
+                                      '--config.sample.checkpoint=.../stage1 or .../teacher'), (sampler, steps)
+  encoder = stages.make_record(config, stage='encoder', sampling_steps=2)
+  with pytest.raises(SamplingError, match=r'use the encoder in \.\.\./encoder/steps_0001'):
+    check_steps(encoder, 'encode', 1, 'run/encoder/steps_0002')
