@@ -47,8 +47,6 @@ def test_table_has_one_row_per_method_and_one_column_per_step_count(tmp_path):
   assert '| student ddim | 1.50 / 3.00 |  |' in text
 
 
-
-
 def test_classifier_extractor_trains_the_missing_classifier_once(tmp_path, monkeypatch):
   from configs import digits_teacher  # pylint: disable=g-import-not-at-top
   from eval import classifier  # pylint: disable=g-import-not-at-top

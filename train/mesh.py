@@ -40,8 +40,8 @@ def set_cpu_devices(num_devices: int) -> int:
   return num_devices
 
 
-# XLA:CPU at LLVM optimisation level 1 compiled the digits train step in 20 s instead of 27 s (and the
-# parameter initialisation in 11 s instead of 18 s) and ran it as fast (4.87 vs 4.70 steps/s, 2 cores):
+# XLA:CPU at LLVM optimisation level 1 compiled the digits train step in 20 s instead of 27 s and ran it as
+# fast (4.87 vs 4.70 steps/s, 2 cores):
 # convolutions and dots are library calls, LLVM only builds the elementwise fusions around them.
 CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
