@@ -53,7 +53,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
-  from modes.validation import ConfigError, validate_config  # pylint: disable=g-import-not-at-top
+  from modes.validation import ConfigError, validate_config, validate_for_devices  # pylint: disable=g-import-not-at-top
   if _MODE.value not in MODES:
     raise ConfigError(f"unknown --mode '{_MODE.value}'; choose one of: {', '.join(sorted(MODES))}")
   if _CONFIG.value is None:
@@ -65,6 +65,7 @@ def main(argv):
     from train.mesh import set_cpu_devices  # pylint: disable=g-import-not-at-top
     set_cpu_devices(_CPU_DEVICES.value)
   validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
+  validate_for_devices(_CONFIG.value, _MODE.value, jax.device_count())  # before anything is written
   if _DRY_RUN.value:
     from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top
     run_dry_run(_CONFIG.value, _MODE.value, batch_size=_DRY_RUN_BATCH_SIZE.value)
@@ -73,11 +74,13 @@ def main(argv):
   jax.config.update('jax_compilation_cache_dir', os.path.join(_CONFIG.value.workdir, 'jax_cache'))
   logging.info('mode=%s workdir=%s devices=%d (%s) process %d/%d', _MODE.value, _CONFIG.value.workdir,
                jax.device_count(), jax.default_backend(), jax.process_index(), jax.process_count())
-  if _MODE.value == 'sweep':
-    MODES['sweep'](_CONFIG.value, config_path=config_flags.get_config_filename(flags.FLAGS['config']),
-                   print_only=_PRINT_ONLY.value)
-  else:
-    MODES[_MODE.value](_CONFIG.value)
+  from train.lock import workdir_lock  # pylint: disable=g-import-not-at-top
+  with workdir_lock(_CONFIG.value.workdir):  # one run per workdir
+    if _MODE.value == 'sweep':
+      MODES['sweep'](_CONFIG.value, config_path=config_flags.get_config_filename(flags.FLAGS['config']),
+                     print_only=_PRINT_ONLY.value)
+    else:
+      MODES[_MODE.value](_CONFIG.value)
 
 
 def run():
@@ -86,9 +89,11 @@ def run():
   A run stopped by SIGTERM (pre-emption) saves a checkpoint and exits PREEMPTED_EXIT_CODE with one line.
   """
   from data import DataError  # pylint: disable=g-import-not-at-top
+  from eval.inception import WeightsError  # pylint: disable=g-import-not-at-top
   from modes.sampling import SamplingError  # pylint: disable=g-import-not-at-top
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
   from train.loop import NonFiniteError, Preempted  # pylint: disable=g-import-not-at-top
   app.define_help_flags()
   try:
@@ -100,9 +105,14 @@ def run():
   except flags.Error as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)
+  config_path = (config_flags.get_config_filename(flags.FLAGS['config']) or '').split(':', 1)[0]
+  if config_path and not os.path.isfile(config_path):
+    print(f'error: no config file {config_path}: give one of configs/*.py, e.g. --config=configs/digits_teacher.py',
+          file=sys.stderr)
+    sys.exit(1)
   try:
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
-  except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError) as err:
+  except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, WeightsError, WorkdirLocked) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)
   except Preempted as err:

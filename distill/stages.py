@@ -104,6 +104,13 @@ class TrainingJob:
 def _train(config, job: TrainingJob) -> tuple[str, dict]:
   """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars."""
   ckpt_dir = job.ckpt_dir(config.workdir)
+  if config.distill.redistill:
+    if checkpoint.is_stale(ckpt_dir, job.record):
+      aside = checkpoint.set_aside(ckpt_dir, f'{ckpt_dir}.stale')
+      logging.warning('[%s] distilled from an older teacher: moved %s to %s, distilling again', job.title,
+                      ckpt_dir, aside)
+  else:
+    checkpoint.check_same_teacher(ckpt_dir, job.record)
   _write_config(ckpt_dir, config)
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
@@ -133,11 +140,19 @@ def train_teacher(config) -> str:
 
 
 def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
-  """(model, EMA params, record) of a finished stage of this run, checked against the config."""
+  """(model, EMA params, record) of a finished stage of this run, checked against the config.
+
+  The record gains 'provenance' {'dir', 'step', 'params_sha1'}: what a student distilled from it records as
+  its teacher. An incomplete stage is refused unless config.distill.allow_incomplete_teacher.
+  """
   record = make_record(config, stage=stage, sampling_steps=sampling_steps)
   model, abstract = build_from_record(record)
-  params = checkpoint.load_params(stage_dir(config.workdir, stage, sampling_steps), abstract, record)
-  return model, params, record
+  ckpt_dir = stage_dir(config.workdir, stage, sampling_steps)
+  step = checkpoint.check_complete(ckpt_dir, allow_incomplete=config.distill.allow_incomplete_teacher)
+  params = checkpoint.load_params(ckpt_dir, abstract, record)
+  provenance = dict(dir=os.path.relpath(ckpt_dir, config.workdir), step=step,
+                    params_sha1=checkpoint.params_digest(params))
+  return model, params, dict(record, provenance=provenance)
 
 
 def _teacher_of(config, stage: str, sampling_steps: Optional[int], teacher_params):
@@ -145,7 +160,13 @@ def _teacher_of(config, stage: str, sampling_steps: Optional[int], teacher_param
   if teacher_params is None:
     return load_stage_params(config, stage, sampling_steps)
   record = make_record(config, stage=stage, sampling_steps=sampling_steps)
-  return build_from_record(record)[0], teacher_params, record
+  return build_from_record(record)[0], teacher_params, dict(record, provenance=None)
+
+
+def _student_record(config, teacher_record: dict, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
+  """A student's record: make_record's plus 'teacher', the provenance of the checkpoint it is distilled from."""
+  return dict(make_record(config, stage=stage, sampling_steps=sampling_steps),
+              teacher=teacher_record['provenance'])
 
 
 def stage1_init_params(teacher_params, student_params):
@@ -162,7 +183,7 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
   teacher_params: None loads the trained teacher of config.workdir (a dry run passes fresh ones).
   """
   teacher, teacher_params, teacher_record = _teacher_of(config, 'teacher', None, teacher_params)
-  record = make_record(config, stage='stage1')
+  record = _student_record(config, teacher_record, stage='stage1')
   student, _ = build_from_record(record)
   fresh = init_params(student, rng=jax.random.key(config.seed + 1), x_shape=tuple(record['x_shape']),
                       guidance_input=True)
@@ -212,10 +233,10 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
   """
   teacher_steps = 2 * student_steps
   if teacher_steps == config[stage].start_steps:
-    teacher, teacher_params, _ = _teacher_of(config, 'stage1', None, teacher_params)
+    teacher, teacher_params, teacher_record = _teacher_of(config, 'stage1', None, teacher_params)
   else:
-    teacher, teacher_params, _ = _teacher_of(config, stage, teacher_steps, teacher_params)
-  record = make_record(config, stage=stage, sampling_steps=student_steps)
+    teacher, teacher_params, teacher_record = _teacher_of(config, stage, teacher_steps, teacher_params)
+  record = _student_record(config, teacher_record, stage=stage, sampling_steps=student_steps)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
                                     num_classes=record['num_classes'])
   offset = {'stage2': 100, 'encoder': 10_000}[stage] + student_steps

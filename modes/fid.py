@@ -15,6 +15,7 @@ from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
 from modes.sampling import LoadedCheckpoint, load_cached
 from train import files
+from train.checkpoint import CheckpointError
 from train.loop import make_writer
 from train.mesh import jit
 
@@ -155,12 +156,15 @@ def run_fid(config) -> str:
   """Evaluates every method x w of config.workdir; finished cells of results.csv are reused."""
   out_dir = config.eval.out_dir or os.path.join(config.workdir, 'eval')
   csv_path = os.path.join(out_dir, 'results.csv')
-  extractor_name, extract = make_extractor(config)
-  reference = reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
   methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
                                   teacher_ddpm_steps=config.eval.teacher_ddpm_steps,
                                   stage1_steps=config.eval.stage1_steps,
                                   student_steps=config.eval.student_steps))
+  if not methods:
+    raise CheckpointError(f'nothing to evaluate in {config.workdir}: no teacher, stage-1 or stage-2 checkpoint '
+                          'there; train them first (--mode=pipeline) or fix --config.workdir')
+  extractor_name, extract = make_extractor(config)
+  reference = reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
   rows = _read_rows(csv_path)
   done = {_cell_key(r) for r in rows}
   loaded = {}

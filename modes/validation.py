@@ -3,6 +3,10 @@
 from data import DataError, dataset_info
 
 OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder')
+LR_DECAYS = ('constant', 'linear')  # train/state.py learning_rate_schedule
+# The optimizer sections each --mode trains ('distill' trains the one distill.stage names).
+MODE_SECTIONS = {'teacher': ('train',), 'stage1': ('stage1',), 'stage2': ('stage2',), 'encoder': ('encoder',),
+                 'pipeline': ('train', 'stage1', 'stage2')}
 STAGES = ('stage1', 'stage2')
 SAMPLER_NAMES = ('ddim', 'stochastic', 'ddpm')
 
@@ -25,6 +29,8 @@ def _check_optimizer(name: str, section) -> None:
   _require(section.num_steps > 0, f'{name}.num_steps must be > 0, got {section.num_steps}')
   _require(section.lr > 0, f'{name}.lr must be > 0, got {section.lr}')
   _require(0 <= section.warmup_steps, f'{name}.warmup_steps must be >= 0, got {section.warmup_steps}')
+  _require(section.lr_decay in LR_DECAYS,
+           f"unknown {name}.lr_decay '{section.lr_decay}'; choose one of: {', '.join(LR_DECAYS)}")
   _require(0 <= section.ema_decay < 1, f'{name}.ema_decay must be in [0, 1), got {section.ema_decay}')
   _require(section.grad_clip >= 0, f'{name}.grad_clip must be >= 0 (0 = off), got {section.grad_clip}')
   _require(section.log_every > 0, f'{name}.log_every must be > 0, got {section.log_every}')
@@ -66,6 +72,7 @@ def _check_halving(config, name: str) -> None:
 
 def validate_config(config) -> None:
   """Raises ConfigError on the first invalid field."""
+  _require(bool(config.workdir), 'workdir is empty: give --config.workdir=DIR (checkpoints, logs and results go there)')
   try:
     info = dataset_info(config.data.name)
   except DataError as err:
@@ -96,6 +103,17 @@ def validate_config(config) -> None:
   _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')
   _check_eval(config, info)
   _check_quality(config)
+
+
+def validate_for_devices(config, mode: str, device_count: int) -> None:
+  """The batch sizes of the sections mode trains must split evenly over device_count devices."""
+  sections = MODE_SECTIONS.get(mode, ())
+  if mode == 'distill':
+    sections = (config.distill.stage,)
+  for name in sections:
+    batch_size = config[name].batch_size
+    _require(batch_size % device_count == 0, f'{name}.batch_size {batch_size} does not split over {device_count} '
+             f'devices: use a multiple of {device_count} (or --cpu_devices on a CPU)')
 
 
 def _check_quality(config) -> None:

@@ -41,6 +41,26 @@ def tiny_config(workdir, **stage_steps):
   return config
 
 
+class Killed(Exception):
+  """Raised by kill_after's data iterator: a job killed mid-run."""
+
+
+def kill_after(monkeypatch, num_batches):
+  """Makes the data iterator raise after num_batches batches, like a job killed mid-run."""
+  from distill import stages  # pylint: disable=g-import-not-at-top
+  real = stages.data.make_train_iterator
+  count = {'n': 0}
+
+  def iterator(*args, **kwargs):
+    for batch in real(*args, **kwargs):
+      count['n'] += 1
+      if count['n'] > num_batches:
+        raise Killed()
+      yield batch
+
+  monkeypatch.setattr(stages.data, 'make_train_iterator', iterator)
+
+
 @pytest.fixture(scope='session')
 def toy_run(tmp_path_factory):
   """A toy-2D run trained well enough to measure: stage 1 as a 16-step teacher, halved to 8 and 4 steps

@@ -36,6 +36,11 @@ def _main(*args, workdir):
     (['--mode=fid', '--config.eval.extractor=classifier'], "'classifier' is the digits classifier"),
     (['--mode=stage1', '--config.distill.dropout=1.5'], "distill.dropout must be -1 (the teacher's) or in [0, 1)"),
     (['--mode=sample', '--dry_run'], '--dry_run trains nothing in --mode=sample'),
+    (['--mode=teacher', '--config.train.lr_decay=cosine'], "unknown train.lr_decay 'cosine'; choose one of"),
+    (['--mode=teacher', '--cpu_devices=2', '--config.train.batch_size=63'],
+     'train.batch_size 63 does not split over 2 devices'),
+    (['--mode=teacher', '--config.workdir='], 'workdir is empty'),
+    (['--mode=fid'], 'nothing to evaluate in'),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, message):
   result = _main(*args, workdir=tmp_path / 'run')
@@ -87,3 +92,21 @@ def test_step_count_refusal_names_a_checkpoint_that_exists(tmp_path):
   encoder = stages.make_record(config, stage='encoder', sampling_steps=2)
   with pytest.raises(SamplingError, match=r'use the encoder in \.\.\./encoder/steps_0001'):
     check_steps(encoder, 'encode', 1, 'run/encoder/steps_0002')
+
+
+def test_a_config_file_that_does_not_exist_gives_one_line(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), '--config=configs/nope.py', '--mode=teacher'],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines() == [
+      'error: no config file configs/nope.py: give one of configs/*.py, e.g. --config=configs/digits_teacher.py']
+  assert os.listdir(tmp_path) == []
+
+
+def test_missing_inception_weights_give_one_line(toy_run, tmp_path):
+  result = _main('--mode=fid', '--config.eval.extractor=inception', f'--config.eval.inception_path={tmp_path}/w.pth',
+                 f'--config.eval.out_dir={tmp_path / "eval"}', workdir=toy_run.workdir)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'w.pth' in errors[0], result.stderr[-1500:]
+  assert not (tmp_path / 'eval').exists()

@@ -1,6 +1,7 @@
 """Every mode logs through clu metric writers: TensorBoard event files and a plain metrics.jsonl per run."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -37,6 +38,20 @@ def test_jsonl_writer_writes_one_object_per_line_and_skips_a_cut_line(tmp_path):
   rows = writers.read_jsonl(str(path))
   assert [(r['step'], r.get('loss')) for r in rows] == [(10, 0.5), (None, None)]
   assert rows[1]['hparams'] == {'lr': 1e-3}
+
+
+def test_a_resumed_jsonl_writer_removes_the_cut_line_before_appending(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 10, "loss": 0.5}\n{"step": 20, "lo')  # killed in the middle of a line
+  writer = writers.JsonlWriter(str(path))  # the resumed run
+  writer.write_scalars(20, {'loss': 0.25})
+  writer.close()
+  lines = path.read_text().splitlines()
+  assert [json.loads(line) for line in lines] == [{'step': 10, 'loss': 0.5}, json.loads(lines[1])]
+  assert json.loads(lines[1])['loss'] == 0.25 and json.loads(lines[1])['step'] == 20
+  path.write_text('{"step": 1')  # a cut first line: nothing of it is kept
+  writers.JsonlWriter(str(path)).close()
+  assert path.read_text() == ''
 
 
 def test_every_training_stage_and_round_has_event_files_and_jsonl(toy_run):

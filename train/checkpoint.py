@@ -1,9 +1,11 @@
 """Orbax checkpoints: one manager per stage or round, a JSON record of what made them, clear refusals."""
 
+import hashlib
 import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -81,14 +83,87 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
     except CheckpointError:
       raise
     except Exception as err:  # pylint: disable=broad-except  (any read error means a damaged step)
-      aside = manager.directory / f'corrupted.{step}'
-      if jax.process_index() == 0:
-        os.rename(manager.directory / str(step), aside)
+      aside = set_aside(manager.directory / str(step), manager.directory / f'corrupted.{step}')
       manager.reload()
       logging.warning('checkpoint step %d in %s is unreadable (%s): moved to %s, trying the previous one',
                       step, ckpt_dir, str(err).splitlines()[0][:200] if str(err) else type(err).__name__, aside)
   raise CheckpointError(f'no readable checkpoint left in {ckpt_dir} (damaged ones are in corrupted.*): '
                         'restore them from a backup, or use another --config.workdir to start over')
+
+
+def params_digest(params) -> str:
+  """sha1 of a params tree's bytes, leaf by leaf in tree order: the identity of a teacher a student was made from.
+
+  Reads each leaf's first addressable shard, which is the whole leaf for the replicated params of a run.
+  """
+  digest = hashlib.sha1()
+  for leaf in jax.tree.leaves(params):
+    data = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+    digest.update(f'{data.dtype}{data.shape}'.encode())
+    digest.update(np.ascontiguousarray(data).tobytes())
+  return digest.hexdigest()
+
+
+def check_complete(ckpt_dir: str, *, allow_incomplete: bool = False) -> int:
+  """The latest step of ckpt_dir; CheckpointError if its training stopped before the final step of its record.
+
+  run_training writes the section's num_steps into every checkpoint's record as train_steps: a stage is
+  complete when its latest checkpoint has reached it. allow_incomplete turns the refusal into a warning.
+  """
+  step, record = latest_step(ckpt_dir), read_record(ckpt_dir)
+  train_steps = record.get('train_steps')
+  if train_steps is not None and step < train_steps:
+    message = (f'{ckpt_dir} is incomplete (step {step} of {train_steps}): finish it first (rerun its mode with '
+               'the same config), or pass --config.distill.allow_incomplete_teacher=True to use it as it is')
+    if not allow_incomplete:
+      raise CheckpointError(message)
+    logging.warning('using an incomplete teacher: %s', message)
+  return step
+
+
+def is_stale(ckpt_dir: str, expected_record: dict) -> bool:
+  """True when ckpt_dir holds a student distilled from another teacher than expected_record names.
+
+  Records name their teacher as {'dir', 'step', 'params_sha1'}; a record without one (a dry run, or a
+  checkpoint written before records named teachers) is never stale.
+  """
+  if latest_step(ckpt_dir) is None:
+    return False
+  saved, expected = read_record(ckpt_dir).get('teacher'), expected_record.get('teacher')
+  return saved is not None and expected is not None and saved != expected
+
+
+def check_same_teacher(ckpt_dir: str, expected_record: dict) -> None:
+  """CheckpointError when ckpt_dir's student was distilled from another teacher than expected_record's."""
+  if is_stale(ckpt_dir, expected_record):
+    saved, expected = read_record(ckpt_dir)['teacher'], expected_record['teacher']
+    raise CheckpointError(
+        f'{ckpt_dir} was distilled from another teacher ({saved["dir"]} step {saved["step"]}, params '
+        f'{saved["params_sha1"][:12]}) than the one there now (step {expected["step"]}, params '
+        f'{expected["params_sha1"][:12]}): pass --config.distill.redistill=True to set it aside and distill again')
+
+
+def _unused_name(path: str) -> str:
+  """path, or path.1, path.2, ...: the first that does not exist."""
+  candidate, n = path, 0
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f'{path}.{n}'
+  return candidate
+
+
+def set_aside(path, aside) -> str:
+  """Renames path to aside, or to aside.1, aside.2, ... if taken (kept as evidence, never deleted); returns it.
+
+  Process 0 renames; with several processes, every process waits until it has, so none reads a half-moved tree.
+  """
+  aside = _unused_name(os.fspath(aside))
+  if jax.process_index() == 0:
+    os.rename(path, aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'set_aside {aside}')
+  return aside
 
 
 def _replicated(tree):

@@ -160,6 +160,17 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
         writer.close()
 
 
+def _check_nonfinite(title: str, step_and_count, limit: int, manager) -> None:
+  """Raises NonFiniteError when (step, consecutive skipped updates up to it) has reached limit."""
+  if step_and_count is None:
+    return
+  step, count = step_and_count[0], int(step_and_count[1])
+  if count >= limit:
+    manager.wait_until_finished()
+    raise NonFiniteError(f'[{title}] {count} non-finite steps in a row at step {step}: stopped, the last '
+                         f'checkpoint (step {manager.latest_step()}) is kept; lower the learning rate or check the data')
+
+
 def _train_steps(title, sharded: ShardedStep, state, section, manager, record, make_batches, frozen, writer,
                  preempted) -> tuple[TrainState, dict]:
   """The steps from state.step to section.num_steps: log, check non-finite runs, save, honour SIGTERM."""
@@ -167,11 +178,15 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
   start = int(jax.device_get(state.step))
   batches = make_batches(start)
   summed, count, scalars, t_log = None, 0, {}, time.time()
-  t_start = t_log
+  t_start, previous = t_log, None
   for done in range(start + 1, section.num_steps + 1):
     state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
     if block_each_step:
       jax.block_until_ready(state)
+    # The previous step's count of consecutive skipped updates, read once this step is queued behind it (the
+    # device never waits for the host): a run of non-finite steps stops at the limit, before anything is saved.
+    _check_nonfinite(title, previous, section.max_nonfinite_steps, manager)
+    previous = (done, metrics['consecutive_skipped'])
     summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
     count += 1
     if done % section.log_every == 0 or done == section.num_steps:
@@ -182,11 +197,8 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
                    scalars['loss'], scalars['steps_per_sec'], format_seconds(eta))
       if writer is not None:
         writer.write_scalars(done, scalars)
-      if scalars['consecutive_skipped'] >= section.max_nonfinite_steps:  # checked at log steps only
-        manager.wait_until_finished()
-        raise NonFiniteError(f'[{title}] {int(scalars["consecutive_skipped"])} non-finite steps in a row at step '
-                             f'{done}: stopped, the last checkpoint (step {manager.latest_step()}) is kept; '
-                             'lower the learning rate or check the data')
+    if done == section.num_steps:
+      _check_nonfinite(title, previous, section.max_nonfinite_steps, manager)
     saved = done % section.checkpoint_every == 0 or done == section.num_steps
     if saved:
       checkpoint.save(manager, state, record)

@@ -16,11 +16,13 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Scalars, texts and hparams as one JSON object per line: {"step": 100, "time": ..., "loss": 0.12, ...}.
 
   Lines are appended (a resumed run adds to its file; after a kill a step may appear twice, the later line
-  wins). Images, videos, audio and histograms go to TensorBoard only: this writer leaves them out.
+  wins). A last line cut short by a killed process is removed before appending, so the file stays one JSON
+  object per line. Images, videos, audio and histograms go to TensorBoard only: this writer leaves them out.
   """
 
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _drop_cut_last_line(path)
     self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
 
   def _write(self, step: Optional[int], values: Mapping[str, Any]) -> None:
@@ -57,6 +59,16 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def close(self) -> None:
     self._file.close()
+
+
+def _drop_cut_last_line(path: str) -> None:
+  """Truncates path after its last newline: removes a line a killed writer left without one."""
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    content = f.read()
+    if content and not content.endswith(b'\n'):
+      f.truncate(content.rfind(b'\n') + 1)
 
 
 def _plain(value):

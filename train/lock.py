@@ -1,0 +1,81 @@
+"""One run per workdir: a lock file naming the host, process and start time of the run that holds it."""
+
+import contextlib
+import json
+import os
+import socket
+import time
+
+import jax
+from absl import logging
+
+LOCK_NAME = 'run.lock'
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live process runs in this workdir; the message names it and the fix."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # exists, owned by another user
+  return True
+
+
+def _read(path: str) -> dict:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}  # unreadable: a holder killed while writing it
+
+
+def _take_or_refuse(path: str, me: dict) -> None:
+  """Creates the lock; takes over one left by a dead process on this host; refuses a live holder's."""
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    holder = _read(path)
+    same_host = holder.get('host') == me['host']
+    if holder and not (same_host and not _alive(int(holder.get('pid', -1)))):
+      where = 'this host' if same_host else f'host {holder.get("host")}'
+      raise WorkdirLocked(  # pylint: disable=raise-missing-from
+          f'{os.path.dirname(path)} is in use by process {holder.get("pid")} on {where} since '
+          f'{holder.get("started")}: wait for it, use another --config.workdir, or delete {path} if that run is gone')
+    logging.warning('taking over %s from a process that is gone: %s', path, holder or 'unreadable lock')
+    tmp = f'{path}.{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(me, f)
+    os.replace(tmp, path)
+    return
+  with os.fdopen(fd, 'w', encoding='utf-8') as f:
+    json.dump(me, f)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds WORKDIR/run.lock while the body runs (process 0; the other processes of a run share it).
+
+  A second run in the same workdir stops with WorkdirLocked before writing anything. A lock left by a killed
+  process on this host is detected (its pid is gone) and taken over with a warning. A workdir this call
+  created and that stays empty is removed again.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  created = not os.path.isdir(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_NAME)
+  me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+  _take_or_refuse(path, me)
+  try:
+    yield
+  finally:
+    if _read(path) == me:
+      os.remove(path)
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)
