@@ -1,8 +1,10 @@
 """--mode=fid: FID / IS of every method of a run over steps x sampler x w, as a CSV, a table and plots."""
 
 import csv
+import hashlib
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +16,13 @@ from eval import metrics
 from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
 from modes.sampling import LoadedCheckpoint, load_cached
-from train import files
+from train import checkpoint, files
 from train.checkpoint import CheckpointError
 from train.loop import make_writer
 from train.mesh import jit
 
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
-              'seconds')
+              'seconds', 'checkpoint', 'extractor', 'seed')
 
 
 def classifier_dir(config) -> str:
@@ -58,6 +60,19 @@ def make_extractor(config):
   raise ValueError(f"unknown eval.extractor '{config.eval.extractor}'; choose classifier, inception or toy2d")
 
 
+def extractor_id(config) -> str:
+  """What the features depend on: the extractor and its weights (classifier checkpoint id, Inception file sha1)."""
+  if config.eval.extractor == 'classifier':
+    return f'classifier@{checkpoint.checkpoint_id(classifier_dir(config))}'
+  if config.eval.extractor == 'inception':
+    digest = hashlib.sha1()
+    with open(config.eval.inception_path, 'rb') as f:
+      for block in iter(lambda: f.read(1 << 20), b''):
+        digest.update(block)
+    return f'inception@{digest.hexdigest()[:12]}'
+  return config.eval.extractor
+
+
 def _real_batches(config, batch_size: int):
   """Real images of the reference split, in batches, at most eval.reference_examples of them."""
   name, limit = config.data.name, config.eval.reference_examples
@@ -81,16 +96,26 @@ def _update(stats, features):
 
 
 def reference_stats(config, extractor_name, extract, cache_dir: str):
-  """(mu, sigma) of the real data's features, computed once per (dataset, split, extractor) and cached."""
-  path = os.path.join(cache_dir, f'ref_{config.data.name}_{config.eval.reference_split}_{extractor_name}.npz')
-  if not os.path.exists(path):
-    stats = None
-    for images in _real_batches(config, config.eval.batch_size):
-      stats = _update(stats, extract(jnp.asarray(images))['pool'])
-    stats.save_npz(path)
-    logging.info('[fid] reference statistics of %d real examples -> %s', stats.count, path)
-  mu, sigma, _ = metrics.FeatureStats.load_npz(path)
-  return mu, sigma
+  """(mu, sigma) of the real data's features, cached per data set, split, example count and extractor_id.
+
+  A cache file that cannot be read is computed again, with a warning.
+  """
+  ev = config.eval
+  ident = hashlib.sha1(extractor_id(config).encode()).hexdigest()[:12]
+  path = os.path.join(cache_dir, f'ref_{config.data.name}_{ev.reference_split}_{ev.reference_examples}_'
+                      f'{extractor_name}_{ident}.npz')
+  if os.path.exists(path):
+    try:
+      mu, sigma, _ = metrics.FeatureStats.load_npz(path)
+      return mu, sigma
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+      logging.warning('[fid] reference statistics %s are unreadable (%s): computing them again', path, err)
+  stats = None
+  for images in _real_batches(config, ev.batch_size):
+    stats = _update(stats, extract(jnp.asarray(images))['pool'])
+  stats.save_npz(path)
+  logging.info('[fid] reference statistics of %d real examples -> %s', stats.count, path)
+  return stats.mean(), stats.cov()
 
 
 def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, reference, config,
@@ -130,7 +155,9 @@ def _cell_scalars(row: dict) -> dict:
 
 
 def _cell_key(row) -> tuple:
-  return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']))
+  """Everything a cell depends on: method, sampler, steps, w, sample count, checkpoint id, extractor id, seed."""
+  return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']),
+          row.get('checkpoint') or '', row.get('extractor') or '', int(row.get('seed') or -1))
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -153,7 +180,11 @@ def run_classifier(config) -> float:
 
 
 def run_fid(config) -> str:
-  """Evaluates every method x w of config.workdir; finished cells of results.csv are reused."""
+  """Evaluates every method x w of config.workdir; finished cells of results.csv are reused.
+
+  A cell is reused only when everything it depends on is the same (_cell_key: the checkpoint's step and record,
+  the extractor and its weights, the sample count and seed); the table and plots show this run's cells.
+  """
   out_dir = config.eval.out_dir or os.path.join(config.workdir, 'eval')
   csv_path = os.path.join(out_dir, 'results.csv')
   methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
@@ -165,26 +196,32 @@ def run_fid(config) -> str:
                           'there; train them first (--mode=pipeline) or fix --config.workdir')
   extractor_name, extract = make_extractor(config)
   reference = reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
-  rows = _read_rows(csv_path)
-  done = {_cell_key(r) for r in rows}
-  loaded = {}
+  rows = _read_rows(csv_path)  # every cell ever scored here; a retrained checkpoint's old cells stay, unused
+  done = {_cell_key(r): r for r in rows}
+  ids, current, loaded = {}, [], {}
   os.makedirs(out_dir, exist_ok=True)
   writer = make_writer(os.path.join(config.workdir, 'logs', 'eval'))
+  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), seed=config.eval.seed)
   for i, method in enumerate(methods):
+    ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
     for w in config.eval.guidance_ws:
-      key = (method.name, method.sampler, method.steps, float(w), config.eval.num_samples)
-      if key in done:
+      cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
+                  **keys)
+      if _cell_key(cell) in done:
+        current.append(done[_cell_key(cell)])
         continue
-      row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference, config=config,
-                          logits_are_classes=extractor_name != 'inception')
+      row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference,
+                          config=config, logits_are_classes=extractor_name != 'inception')
+      row.update(cell)
       rows.append(row)
+      current.append(row)
       logging.info('[fid] %d/%d %s w=%g: FID %.3f IS %.2f (%.0f s)', i + 1, len(methods), method.label, w,
                    row['fid'], row['is_mean'], row['seconds'])
       if jax.process_index() == 0:
         files.write_csv(csv_path, rows, CSV_FIELDS)  # atomically after every cell: a killed run keeps them
       writer.write_scalars(method.steps, _cell_scalars(row))
   writer.close()
-  rows = [r for r in _read_rows(csv_path) if int(r['num_samples']) == config.eval.num_samples]
+  rows = current
   if jax.process_index() == 0:
     write_table(rows, os.path.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
                 f'{config.eval.num_samples} samples per cell')

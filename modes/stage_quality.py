@@ -8,7 +8,6 @@ WORKDIR/results/stage_quality.json: a rerun of a finished pipeline recomputes no
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -24,7 +23,8 @@ from eval import metrics
 from modes import fid
 from modes.methods import Method
 from modes.sampling import load_cached
-from train import checkpoint, files
+from train import files
+from train.checkpoint import checkpoint_id
 
 RESULTS_NAME = 'stage_quality.json'
 
@@ -98,12 +98,6 @@ def fid_ratio(teacher_fid: Optional[float], student_fid: Optional[float]) -> Opt
   if teacher_fid is None or student_fid is None or teacher_fid <= 0:
     return None
   return student_fid / teacher_fid
-
-
-def checkpoint_id(ckpt_dir: str) -> str:
-  """'<latest step>-<hash of its record>': another training in the same directory gets another id."""
-  record = json.dumps(checkpoint.read_record(ckpt_dir), sort_keys=True)
-  return f'{checkpoint.latest_step(ckpt_dir)}-{hashlib.sha1(record.encode()).hexdigest()[:12]}'
 
 
 def _read_rows(path: str) -> dict:
@@ -185,9 +179,10 @@ class StageQuality:
     c, ev = self.config, self.config.eval
     methods = (comparison.teacher, comparison.student, comparison.stochastic)
     named = [f'{m.label} @ {self._checkpoint_id(m.ckpt_dir)}' for m in methods if m is not None]
+    self._features()  # the extractor's id names its weights: the classifier must exist first
     return ' | '.join([comparison.stage, f'w={w:g}', *named, f'n={c.pipeline.quality_samples}',
                        f'batch={ev.batch_size}', f'seed={c.pipeline.seed}',
-                       f'{ev.extractor} vs {ev.reference_split}[:{ev.reference_examples}]'])
+                       f'{fid.extractor_id(c)} vs {ev.reference_split}[:{ev.reference_examples}]'])
 
   def _checkpoint_id(self, ckpt_dir: str) -> str:
     if ckpt_dir not in self._ids:

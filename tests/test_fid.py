@@ -4,6 +4,7 @@ import csv
 import os
 
 import numpy as np
+import pytest
 
 from eval.report import write_table
 from modes import fid
@@ -35,6 +36,28 @@ def test_fid_mode_scores_every_method_and_reuses_cells(toy_run, monkeypatch):
   monkeypatch.setattr(fid, 'evaluate_cell', must_not_run)
   fid.run_fid(toy_run)
   assert len(_rows(os.path.join(out_dir, 'results.csv'))) == len(rows)
+  monkeypatch.setattr(fid.checkpoint, 'checkpoint_id', lambda ckpt_dir: 'retrained')
+  with pytest.raises(AssertionError, match='evaluated again'):
+    fid.run_fid(toy_run)  # another training in the same directory: its cells are not served from the cache
+
+
+def test_reference_statistics_are_keyed_by_example_count_and_a_damaged_file_is_recomputed(tmp_path, caplog):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)
+  name, extract = fid.make_extractor(config)
+  cache = tmp_path / 'reference_stats'
+  mu, sigma = fid.reference_stats(config, name, extract, str(cache))
+  (path,) = cache.iterdir()
+  config.eval.reference_examples = 1024
+  fid.reference_stats(config, name, extract, str(cache))
+  assert len(list(cache.iterdir())) == 2, 'another example count must not reuse the cached statistics'
+  config.eval.reference_examples = 2048
+  path.write_bytes(b'PK\x03\x04 cut short')
+  again_mu, again_sigma = fid.reference_stats(config, name, extract, str(cache))
+  assert 'unreadable' in caplog.text
+  np.testing.assert_array_equal(mu, again_mu)
+  np.testing.assert_array_equal(sigma, again_sigma)
+  assert fid.reference_stats(config, name, extract, str(cache))[0].shape == mu.shape  # the rewritten file reads
 
 
 def test_table_has_one_row_per_method_and_one_column_per_step_count(tmp_path):

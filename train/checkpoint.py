@@ -1,6 +1,7 @@
 """Orbax checkpoints: one manager per stage or round, a JSON record of what made them, clear refusals."""
 
 import hashlib
+import json
 import os
 from typing import Any, Optional
 
@@ -89,6 +90,12 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
                       step, ckpt_dir, str(err).splitlines()[0][:200] if str(err) else type(err).__name__, aside)
   raise CheckpointError(f'no readable checkpoint left in {ckpt_dir} (damaged ones are in corrupted.*): '
                         'restore them from a backup, or use another --config.workdir to start over')
+
+
+def checkpoint_id(ckpt_dir: str) -> str:
+  """'<latest step>-<hash of its record>': another training in the same directory gets another id."""
+  record = json.dumps(read_record(ckpt_dir), sort_keys=True)
+  return f'{latest_step(ckpt_dir)}-{hashlib.sha1(record.encode()).hexdigest()[:12]}'
 
 
 def params_digest(params) -> str:
