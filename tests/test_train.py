@@ -158,6 +158,16 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(tmp_path):
     stages.train_teacher(config)
   assert (tmp_path / 'teacher' / 'corrupted.10').is_dir()
   assert checkpoint.latest_step(str(tmp_path / 'teacher')) is None
+  with pytest.raises(checkpoint.CheckpointError, match=r'every checkpoint in .* was set aside as damaged \(corrupted.10\)'):
+    stages.train_teacher(config)  # the rerun does not silently start from step 0
+
+
+def test_loading_a_damaged_teacher_is_one_clear_error(tmp_path):
+  config = tiny_config(tmp_path, train=10, stage1=10)
+  stages.train_teacher(config)
+  _truncate_step(tmp_path / 'teacher', 10)
+  with pytest.raises(checkpoint.CheckpointError, match='step 10 of .*teacher is unreadable .*: rerun the mode'):
+    stages.train_stage1(config)
 
 
 def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path):

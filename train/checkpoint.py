@@ -87,7 +87,7 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
       aside = set_aside(manager.directory / str(step), manager.directory / f'corrupted.{step}')
       manager.reload()
       logging.warning('checkpoint step %d in %s is unreadable (%s): moved to %s, trying the previous one',
-                      step, ckpt_dir, str(err).splitlines()[0][:200] if str(err) else type(err).__name__, aside)
+                      step, ckpt_dir, _first_line(err), aside)
   raise CheckpointError(f'no readable checkpoint left in {ckpt_dir} (damaged ones are in corrupted.*): '
                         'restore them from a backup, or use another --config.workdir to start over')
 
@@ -179,24 +179,48 @@ def _replicated(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def check_not_all_set_aside(ckpt_dir: str) -> None:
+  """CheckpointError when ckpt_dir has no checkpoint left but damaged ones were set aside: never restart silently."""
+  if os.path.isdir(ckpt_dir) and latest_step(ckpt_dir) is None:
+    aside = sorted(name for name in os.listdir(ckpt_dir) if name.startswith('corrupted.'))
+    if aside:
+      raise CheckpointError(f'every checkpoint in {ckpt_dir} was set aside as damaged ({", ".join(aside)}): '
+                            'restore one from a backup, or move them out of the directory to train from scratch')
+
+
 def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: str = 'ema_params') -> Any:
   """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher.
 
-  The params come back replicated over this run's devices, whatever number of processes saved them.
+  The params come back replicated over this run's devices, whatever number of processes saved them. A damaged
+  latest step is one CheckpointError (nothing is moved: the mode that trains it sets it aside on its rerun).
   """
   if latest_step(ckpt_dir) is None:
     raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
   with open_manager(ckpt_dir, create=False) as manager:
-    saved = read_record(ckpt_dir)
-    check_compatible(saved, expected_record, ckpt_dir)
+    check_compatible(read_record(ckpt_dir), expected_record, ckpt_dir)
     step = manager.latest_step()
-    stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
+    try:
+      stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
+    except Exception as err:  # pylint: disable=broad-except
+      raise _unreadable(step, ckpt_dir, err) from err
     want = jax.tree.map(lambda x: tuple(x.shape), target_params)
     got = jax.tree.map(lambda x: tuple(x.shape), stored)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
       raise CheckpointError(f'checkpoint {ckpt_dir} holds parameters of another architecture: '
                             'use the config that made it')
     item = {which: _replicated(target_params)}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    except Exception as err:  # pylint: disable=broad-except
+      raise _unreadable(step, ckpt_dir, err) from err
   return restored['state'][which]
+
+
+def _unreadable(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
+  return CheckpointError(f'step {step} of {ckpt_dir} is unreadable ({_first_line(err)}): rerun the mode that '
+                         'trained it, which sets a damaged step aside and resumes from the previous one')
+
+
+def _first_line(err: Exception) -> str:
+  return str(err).splitlines()[0][:200] if str(err) else type(err).__name__

@@ -139,6 +139,7 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   and raises Preempted. Runs with the same step_key (a hashable naming what loss_fn computes) reuse
   one compiled step.
   """
+  checkpoint.check_not_all_set_aside(ckpt_dir)
   sharded = _sharded_step(loss_fn, section, step_key)
   state = sharded.init_state(params, seed=seed)
   record = dict(record, train_steps=section.num_steps)
