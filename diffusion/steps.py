@@ -23,10 +23,11 @@ def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s):
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   alpha_ts = alpha_t / alpha_s
-  sigma2_ts = sigma_t**2 - alpha_ts**2 * sigma_s**2
+  # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(logsnr_t - logsnr_s), as expm1: no cancellation when s is close to t.
+  var_ratio = -jnp.expm1(logsnr_t - logsnr_s)
   coef_z = alpha_ts * sigma_s**2 / sigma_t**2
-  coef_x = alpha_s * sigma2_ts / sigma_t**2
-  std = jnp.sqrt(jnp.maximum(sigma2_ts * sigma_s**2 / sigma_t**2, 0.0))
+  coef_x = alpha_s * var_ratio
+  std = jnp.sqrt(jnp.maximum(var_ratio * sigma_s**2, 0.0))
   mean = expand_like(coef_z, z_t) * z_t + expand_like(coef_x, z_t) * x_pred
   return mean, expand_like(std, z_t)
 
@@ -36,7 +37,8 @@ def renoise(*, z_s, logsnr_s, logsnr_u, noise):
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   alpha_u, sigma_u = alpha_sigma(logsnr_u)
   alpha_us = alpha_u / alpha_s
-  sigma_us = jnp.sqrt(jnp.maximum(sigma_u**2 - alpha_us**2 * sigma_s**2, 0.0))
+  # sigma_{u|s}^2 = sigma_u^2 - alpha_{u|s}^2 sigma_s^2 = -sigma_u^2 expm1(logsnr_u - logsnr_s), without cancellation.
+  sigma_us = jnp.sqrt(jnp.maximum(-sigma_u**2 * jnp.expm1(logsnr_u - logsnr_s), 0.0))
   return expand_like(alpha_us, z_s) * z_s + expand_like(sigma_us, z_s) * noise
 
 
