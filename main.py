@@ -9,8 +9,10 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)
-_MODE = flags.DEFINE_string('mode', 'pipeline', 'teacher | stage1 | stage2 | distill | encoder | sample | pipeline | '
-                            'classifier | fid | transfer | sweep')
+# The keys of modes.MODES (tests/test_cli.py checks they agree); listed here so --help needs no JAX import.
+MODE_NAMES = ('teacher', 'stage1', 'stage2', 'distill', 'encoder', 'sample', 'pipeline', 'classifier', 'fid', 'transfer',
+              'sweep')
+_MODE = flags.DEFINE_enum('mode', 'pipeline', MODE_NAMES, 'What to run (see the README, "Modes").')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
 _PRINT_ONLY = flags.DEFINE_bool('print_only', False, '--mode=sweep: print one main.py command per point, run nothing.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '',
@@ -54,8 +56,6 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
   from modes.validation import ConfigError, validate_config, validate_for_devices  # pylint: disable=g-import-not-at-top
-  if _MODE.value not in MODES:
-    raise ConfigError(f"unknown --mode '{_MODE.value}'; choose one of: {', '.join(sorted(MODES))}")
   if _CONFIG.value is None:
     raise ConfigError('--config is required, e.g. --config=configs/digits_teacher.py')
   import jax  # pylint: disable=g-import-not-at-top
