@@ -28,7 +28,7 @@ def get_config():
   config.workdir = 'runs/cifar10'
   config.data.update(name='cifar10', random_flip=True)
   config.model.update(name='unet', ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16,),
-                      dropout=0.2, num_groups=32)
+                      dropout=0.2, num_groups=32, dtype='bfloat16')  # bf16 compute, float32 params
   config.train.update(batch_size=128, num_steps=400_000, lr=2e-4, warmup_steps=1000, weight_decay=1e-3,
                       grad_clip=1.0, ema_decay=0.9999, p_uncond=0.1, log_every=500, checkpoint_every=10_000)
   # Stage 1 and 2: no EMA, no dropout, lr 5e-5 (stage 2 annealed linearly to 0 within each 50k-step round),

@@ -27,7 +27,7 @@ def get_config():
   config.workdir = 'runs/imagenet64'
   config.data.update(name='imagenet64', random_flip=True)
   config.model.update(name='unet', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
-                      dropout=0.1, num_groups=32)
+                      dropout=0.1, num_groups=32, dtype='bfloat16')  # bf16 compute, float32 params
   config.train.update(batch_size=2048, num_steps=500_000, lr=1e-4, warmup_steps=1000, weight_decay=0.0,
                       grad_clip=1.0, ema_decay=0.9999, p_uncond=0.1, log_every=500, checkpoint_every=5_000)
   config.distill.dropout = 0.0  # the published distillation uses no dropout

@@ -7,6 +7,12 @@ from models.mlp import MLPDenoiser
 from models.unet import UNet
 
 MODEL_NAMES = ('mlp', 'unet')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+def compute_dtype(model_config):
+  """model.dtype, the dtype networks compute in (parameters stay float32); float32 when the field is absent."""
+  return jnp.dtype(model_config.get('dtype', 'float32'))
 
 
 def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
@@ -21,14 +27,16 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
         dropout=model_config.dropout,
         num_groups=model_config.num_groups,
         num_heads=model_config.get('num_heads', 1),
-        guidance_input=guidance_input)
+        guidance_input=guidance_input,
+        dtype=compute_dtype(model_config))
   if model_config.name == 'mlp':
     return MLPDenoiser(
         num_classes=num_classes,
         hidden=model_config.hidden,
         num_layers=model_config.num_layers,
         dropout=model_config.dropout,
-        guidance_input=guidance_input)
+        guidance_input=guidance_input,
+        dtype=compute_dtype(model_config))
   raise ValueError(f"unknown model.name '{model_config.name}'; choose one of: {', '.join(MODEL_NAMES)}")
 
 

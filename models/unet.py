@@ -1,4 +1,11 @@
-"""DDPM / progressive-distillation style U-Net conditioned on logsnr, class label and optionally w."""
+"""DDPM / progressive-distillation style U-Net conditioned on logsnr, class label and optionally w.
+
+Mixed precision: `dtype` is the compute dtype of convolutions, dense layers and attention matmuls (bfloat16 on
+TPUs and recent GPUs); parameters stay float32, GroupNorm statistics and the softmax are computed in float32,
+the embeddings of logsnr, label and w are float32, and the output is float32 for the diffusion math and loss.
+"""
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -11,17 +18,20 @@ class ResBlock(nn.Module):
   out_ch: int
   num_groups: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, emb, *, train):
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name='norm_0')(x))  # [B, H, W, C_in]
-    h = nn.Conv(self.out_ch, (3, 3), name='conv_0')(h)  # [B, H, W, out_ch]
-    h = h + nn.Dense(self.out_ch, name='emb_proj')(nn.silu(emb))[:, None, None, :]
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name='norm_1')(h))
+    norm = lambda name: nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
+    conv = lambda features, size, name: nn.Conv(features, size, dtype=self.dtype, name=name)
+    h = nn.silu(norm('norm_0')(x))  # [B, H, W, C_in]
+    h = conv(self.out_ch, (3, 3), 'conv_0')(h)  # [B, H, W, out_ch]
+    h = h + nn.Dense(self.out_ch, dtype=self.dtype, name='emb_proj')(nn.silu(emb))[:, None, None, :]
+    h = nn.silu(norm('norm_1')(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_ch, (3, 3), name='conv_1')(h)
+    h = conv(self.out_ch, (3, 3), 'conv_1')(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), name='skip')(x)
+      x = conv(self.out_ch, (1, 1), 'skip')(x)
     return x + h  # [B, H, W, out_ch]
 
 
@@ -29,6 +39,7 @@ class AttnBlock(nn.Module):
   """GroupNorm + multi-head self-attention over the H*W positions, with a residual connection."""
   num_heads: int
   num_groups: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -36,34 +47,37 @@ class AttnBlock(nn.Module):
     if channels % self.num_heads:
       raise ValueError(f'AttnBlock: channels {channels} not divisible by num_heads {self.num_heads}')
     head_dim = channels // self.num_heads
-    h = nn.GroupNorm(num_groups=self.num_groups, name='norm')(x)
+    dense = lambda name: nn.Dense(channels, dtype=self.dtype, name=name)
+    h = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm')(x)
     h = h.reshape(batch, height * width, channels)  # [B, N, C]
     qkv_shape = (batch, height * width, self.num_heads, head_dim)
-    q = nn.Dense(channels, name='query')(h).reshape(qkv_shape)  # [B, N, heads, d]
-    k = nn.Dense(channels, name='key')(h).reshape(qkv_shape)
-    v = nn.Dense(channels, name='value')(h).reshape(qkv_shape)
+    q = dense('query')(h).reshape(qkv_shape)  # [B, N, heads, d]
+    k = dense('key')(h).reshape(qkv_shape)
+    v = dense('value')(h).reshape(qkv_shape)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)  # [B, heads, N, N]
-    weights = nn.softmax(logits, axis=-1)
+    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # softmax in float32
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, height * width, channels)  # [B, N, C]
-    out = nn.Dense(channels, name='proj_out')(out)
+    out = dense('proj_out')(out)
     return x + out.reshape(batch, height, width, channels)
 
 
 class Downsample(nn.Module):
   """Halves H and W with a stride-2 3x3 convolution."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), name='conv')(x)  # [B, H/2, W/2, C]
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name='conv')(x)  # [B, H/2, W/2, C]
 
 
 class Upsample(nn.Module):
   """Doubles H and W by nearest-neighbour repetition followed by a 3x3 convolution."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
-    return nn.Conv(x.shape[-1], (3, 3), name='conv')(x)
+    return nn.Conv(x.shape[-1], (3, 3), dtype=self.dtype, name='conv')(x)
 
 
 class UNet(nn.Module):
@@ -81,6 +95,7 @@ class UNet(nn.Module):
   num_groups: int = 8
   guidance_input: bool = False
   num_heads: int = 1
+  dtype: Any = jnp.float32  # compute dtype (see the module docstring)
 
   @nn.compact
   def __call__(self, z_t, logsnr_t, label, guidance_w=None, *, train: bool):
@@ -91,14 +106,15 @@ class UNet(nn.Module):
     self._check_config(z_t.shape)
     emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
                               emb_dim=4 * self.ch, freq_dim=self.ch)  # [B, 4 * ch]
-    h = nn.Conv(self.ch, (3, 3), name='conv_in')(z_t)  # [B, H, W, ch]
+    h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z_t)  # [B, H, W, ch]
     h, skips = self._down_path(h, emb, train=train)
     h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_0')(h, emb, train=train)
     h = self._attn_block('mid_attn')(h)
     h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_1')(h, emb, train=train)
     h = self._up_path(h, skips, emb, train=train)
-    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, name='norm_out')(h))
-    return nn.Conv(z_t.shape[-1], (3, 3), name='conv_out')(h)  # [B, H, W, C]
+    h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm_out')(h))
+    out = nn.Conv(z_t.shape[-1], (3, 3), dtype=self.dtype, name='conv_out')(h)  # [B, H, W, C]
+    return out.astype(jnp.float32)
 
   def _check_config(self, z_shape):
     factor = 2**(len(self.ch_mult) - 1)
@@ -114,10 +130,10 @@ class UNet(nn.Module):
                          f'num_groups={self.num_groups}; change ch, ch_mult or num_groups')
 
   def _res_block(self, out_ch, name):
-    return ResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout, name=name)
+    return ResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype, name=name)
 
   def _attn_block(self, name):
-    return AttnBlock(num_heads=self.num_heads, num_groups=self.num_groups, name=name)
+    return AttnBlock(num_heads=self.num_heads, num_groups=self.num_groups, dtype=self.dtype, name=name)
 
   def _down_path(self, h, emb, *, train):
     """Encoder; returns the bottleneck activations and the list of skip activations."""
@@ -129,7 +145,7 @@ class UNet(nn.Module):
           h = self._attn_block(f'down_{level}_attn_{block}')(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = Downsample(name=f'down_{level}_downsample')(h)
+        h = Downsample(dtype=self.dtype, name=f'down_{level}_downsample')(h)
         skips.append(h)
     return h, skips
 
@@ -142,5 +158,5 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = self._attn_block(f'up_{level}_attn_{block}')(h)
       if level != 0:
-        h = Upsample(name=f'up_{level}_upsample')(h)
+        h = Upsample(dtype=self.dtype, name=f'up_{level}_upsample')(h)
     return h

@@ -1,6 +1,7 @@
 """Config sanity checks: each bad value gives one ConfigError line that names the field and the fix."""
 
 from data import DataError, dataset_info
+from models import COMPUTE_DTYPES, MODEL_NAMES
 
 OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder')
 LR_DECAYS = ('constant', 'linear')  # train/state.py learning_rate_schedule
@@ -43,7 +44,9 @@ def _check_optimizer(name: str, section) -> None:
 
 def _check_model(config, info) -> None:
   model = config.model
-  _require(model.name in ('unet', 'mlp'), f"unknown model.name '{model.name}'; choose one of: mlp, unet")
+  _require(model.name in MODEL_NAMES, f"unknown model.name '{model.name}'; choose one of: {', '.join(MODEL_NAMES)}")
+  _require(model.get('dtype', 'float32') in COMPUTE_DTYPES,
+           f"unknown model.dtype '{model.get('dtype')}'; choose one of: {', '.join(COMPUTE_DTYPES)}")
   if model.name == 'mlp':
     _require(not info.is_image, f"model.name 'mlp' is for vector data, not images of {info.name}: use 'unet'")
     return
