@@ -99,8 +99,11 @@ def run():
   try:
     argv = flags.FLAGS(sys.argv)  # parsed here, once, so a bad --config.* override gets one line, no traceback
   except (AttributeError, KeyError) as err:
-    print(f'error: --config override names no field of the config ({err}): check the spelling against the '
-          'config file', file=sys.stderr)
+    while isinstance(err, (AttributeError, KeyError)) and err.args and isinstance(err.args[0], BaseException):
+      err = err.args[0]  # ml_collections wraps the KeyError in an AttributeError
+    field, *hint = str(err.args[0] if err.args else err).splitlines()  # not str(KeyError): that is a repr
+    hint = f' {" ".join(hint)}' if hint else ' Check the spelling against the config file.'
+    print(f'error: --config override names no field of the config: {field}.{hint}', file=sys.stderr)
     sys.exit(1)
   except flags.Error as err:
     print(f'error: {err}', file=sys.stderr)
