@@ -13,7 +13,7 @@ from eval.images import image_grid, save_png, save_samples_png
 from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
 from modes.stage_quality import StageQuality
-from train import files
+from train import checkpoint, files
 from train.loop import make_writer
 
 
@@ -77,6 +77,13 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
+def _trained(config, stage: str, sampling_steps=None) -> bool:
+  """Whether a stage (or round) already holds its final checkpoint: a rerun will skip it."""
+  section = {'teacher': config.train, 'stage1': config.stage1, 'stage2': config.stage2}[stage]
+  step = checkpoint.latest_step(stages.stage_dir(config.workdir, stage, sampling_steps))
+  return step is not None and step >= section.num_steps
+
+
 def run_pipeline(config) -> str:
   """Runs (or resumes) every stage, each followed by its quality-lost table row; then samples.
 
@@ -85,23 +92,30 @@ def run_pipeline(config) -> str:
   results_dir = os.path.join(config.workdir, 'results')
   timings_path = os.path.join(results_dir, 'timings.json')
   timings = _read_json(timings_path)
-  run = {}
+  run, skipped = {}, set()  # this invocation's seconds; the names of stages that were already done
   writer = make_writer(os.path.join(config.workdir, 'logs', 'pipeline'))
   quality = StageQuality(config, writer)
-  _timed(run, 'teacher', stages.train_teacher, config)
-  _timed(run, 'stage1', stages.train_stage1, config)
-  quality.after_stage1()
-  for n in stages.stage2_rounds(config):
-    _timed(run, f'stage2 round -> {n} steps', stages.train_stage2_round, config, n)
-    quality.after_round(n)
+  trainings = [('teacher', 'teacher', None, stages.train_teacher, ()),
+               ('stage1', 'stage1', None, stages.train_stage1, ())]
+  trainings += [(f'stage2 round -> {n} steps', 'stage2', n, stages.train_stage2_round, (n,))
+                for n in stages.stage2_rounds(config)]
+  for name, stage, steps, train, args in trainings:
+    if _trained(config, stage, steps):
+      skipped.add(name)
+    _timed(run, name, train, config, *args)
+    if stage == 'stage1':
+      quality.after_stage1()
+    elif stage == 'stage2':
+      quality.after_round(steps)
   if quality.enabled:
     run['quality'] = round(quality.seconds, 1)
+    skipped.update(() if quality.computed_rows else ('quality',))
     logging.info('[pipeline] quality took %.1f s', run['quality'])
   entries = _timed(run, 'sampling', _sample_all, config, results_dir, writer)
   writer.write_texts(0, {'timings': json.dumps(run)})
   writer.close()
   # A stage skipped on a rerun keeps the time it took when it was trained.
-  timings.update({k: v for k, v in run.items() if k not in timings or v > 5.0})
+  timings.update({k: v for k, v in run.items() if k not in timings or k not in skipped})
   timings['pipeline (this invocation)'] = round(sum(run.values()), 1)
   if jax.process_index() == 0:
     os.makedirs(results_dir, exist_ok=True)

@@ -126,6 +126,7 @@ class StageQuality:
                       config.eval.inception_path)
       self.enabled = False
     self.rows, self.seconds = [], 0.0  # this run's rows in stage order; seconds spent here in this run
+    self.computed_rows = 0  # rows this run sampled and scored (0 on a rerun that found them all)
     self._done = _read_rows(self.path) if self.enabled else {}  # key -> row, over every run of this workdir
     self._samples, self._fids, self._loaded, self._ids = {}, {}, {}, {}
     self._scorer = None  # (extract, reference statistics), built when a row is first computed
@@ -167,6 +168,7 @@ class StageQuality:
                num_samples=self.config.pipeline.quality_samples, extractor=self.config.eval.extractor,
                seconds=round(time.time() - start, 1))
     self._done[key] = row
+    self.computed_rows += 1
     if jax.process_index() == 0:
       files.write_json(self.path, {'rows': self._done})  # after every row: a killed run keeps them
     logging.info('[quality] %s w=%g: teacher FID %s, student FID %s, ratio %s, paired RMS %s (%.1f s)',

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -73,10 +74,13 @@ def _run_all(config, writer=None) -> stage_quality.StageQuality:
   return quality
 
 
-def _pipeline_without_training(config, monkeypatch):
-  """run_pipeline with every stage already trained and no sample grids: only the quality table does work."""
+def _pipeline_without_training(config, monkeypatch, **stand_ins):
+  """run_pipeline with every stage already trained and no sample grids: only the quality table does work.
+
+  stand_ins replace a training function (by name) with another stand-in than the one that does nothing.
+  """
   for name in ('train_teacher', 'train_stage1', 'train_stage2_round'):
-    monkeypatch.setattr(pipeline.stages, name, lambda *args: None)
+    monkeypatch.setattr(pipeline.stages, name, stand_ins.get(name, lambda *args: None))
   monkeypatch.setattr(pipeline, '_sample_all', lambda *args: [])
   writer = FakeWriter()
   monkeypatch.setattr(pipeline, 'make_writer', lambda logdir: writer)
@@ -192,3 +196,24 @@ def test_bad_quality_fields_give_one_line_naming_the_field(tmp_path, field, valu
   config.pipeline[field] = value
   with pytest.raises(ConfigError, match=re.escape(message)):
     validate_config(config)
+
+
+def test_a_rerun_keeps_the_recorded_time_of_what_it_skipped(fake_run, monkeypatch):
+  config, _ = fake_run
+  results_dir = os.path.join(config.workdir, 'results')
+  os.makedirs(results_dir)
+  with open(os.path.join(results_dir, 'timings.json'), 'w', encoding='utf-8') as f:
+    json.dump({'teacher': 257.0}, f)  # trained by an earlier invocation
+  monkeypatch.setattr(pipeline, '_trained', lambda config, stage, steps=None: stage == 'teacher')
+  _pipeline_without_training(config, monkeypatch)
+  with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
+    first = json.load(f)
+  assert first['teacher'] == 257.0 and first['stage1'] < 1.0 and first['quality'] > 0.0
+  monkeypatch.setattr(pipeline, '_trained', lambda config, stage, steps=None: True)  # a rerun of a finished run
+  _pipeline_without_training(config, monkeypatch, train_stage1=lambda *args: time.sleep(1.5))  # loading, checks
+  with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
+    second = json.load(f)
+  assert {k: second[k] for k in ('teacher', 'stage1', 'quality')} == {k: first[k] for k in ('teacher', 'stage1',
+                                                                                             'quality')}
+  assert second['pipeline (this invocation)'] >= 1.5
+
