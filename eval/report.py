@@ -22,11 +22,16 @@ def write_table(rows: list[dict], path: str, *, title: str) -> None:
     grid = collections.defaultdict(dict)
     for r in by_w[w]:
       grid[f'{r["method"]} {r["sampler"]}'][int(r['steps'])] = f'{_as_float(r["fid"]):.2f} / {_as_float(r["is_mean"]):.2f}'
-    lines += [f'## w = {w:g}', '', '| method | ' + ' | '.join(f'{s} steps' for s in steps) + ' |',
-              '|---' * (len(steps) + 1) + '|']
-    lines += [f'| {name} | ' + ' | '.join(cells.get(s, '') for s in steps) + ' |' for name, cells in grid.items()]
+    nfe_per_step = {f'{r["method"]} {r["sampler"]}': int(r['nfe']) // int(r['steps']) for r in by_w[w] if 'nfe' in r}
+    lines += [f'## w = {w:g}', '', '| method | NFE per step | ' + ' | '.join(f'{s} steps' for s in steps) + ' |',
+              '|---' * (len(steps) + 2) + '|']
+    lines += [f'| {name} | {nfe_per_step.get(name, "")} | ' + ' | '.join(cells.get(s, '') for s in steps) + ' |'
+              for name, cells in grid.items()]
     lines.append('')
   files.write_text(path, '\n'.join(lines))
+
+
+MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', '<', '>', 'h', 'p', '8')  # with tab20: no two curves alike
 
 
 def write_plots(rows: list[dict], out_dir: str) -> None:
@@ -54,9 +59,11 @@ def write_plots(rows: list[dict], out_dir: str) -> None:
   for r in rows:
     curves[f'{r["method"]} {r["sampler"]} {r["steps"]}'].append(
         (_as_float(r['w']), _as_float(r['is_mean']), _as_float(r['fid'])))
-  for name, points in sorted(curves.items()):
+  colours = plt.get_cmap('tab20').colors
+  for i, (name, points) in enumerate(sorted(curves.items())):
     points.sort()
-    ax.plot([p[1] for p in points], [p[2] for p in points], marker='o', label=name)
+    ax.plot([p[1] for p in points], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)],
+            color=colours[i % len(colours)], label=name)
   ax.set(xlabel='IS', ylabel='FID', yscale='log', title='FID vs IS over w (points: increasing w)')
   ax.legend(fontsize=6)
   fig.tight_layout()

@@ -61,13 +61,14 @@ def test_reference_statistics_are_keyed_by_example_count_and_a_damaged_file_is_r
 
 
 def test_table_has_one_row_per_method_and_one_column_per_step_count(tmp_path):
-  rows = [dict(method='teacher CFG', sampler='ddim', steps=s, w=1.0, fid=10.0 / s, is_mean=2.0) for s in (4, 256)]
-  rows.append(dict(method='student', sampler='ddim', steps=4, w=1.0, fid=1.5, is_mean=3.0))
+  rows = [dict(method='teacher CFG', sampler='ddim', steps=s, nfe=2 * s, w=1.0, fid=10.0 / s, is_mean=2.0)
+          for s in (4, 256)]
+  rows.append(dict(method='student', sampler='ddim', steps=4, nfe=4, w=1.0, fid=1.5, is_mean=3.0))
   write_table(rows, tmp_path / 'table.md', title='t')
   text = (tmp_path / 'table.md').read_text()
-  assert '| method | 4 steps | 256 steps |' in text
-  assert '| teacher CFG ddim | 2.50 / 2.00 | 0.04 / 2.00 |' in text
-  assert '| student ddim | 1.50 / 3.00 |  |' in text
+  assert '| method | NFE per step | 4 steps | 256 steps |' in text
+  assert '| teacher CFG ddim | 2 | 2.50 / 2.00 | 0.04 / 2.00 |' in text
+  assert '| student ddim | 1 | 1.50 / 3.00 |  |' in text
 
 
 def test_classifier_extractor_trains_the_missing_classifier_once(tmp_path, monkeypatch):
