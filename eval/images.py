@@ -2,7 +2,7 @@
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from train import files
 
@@ -24,6 +24,21 @@ def image_grid(images, *, num_rows: int, pad: int = 1, scale: int = 1):
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
   return grid
+
+
+def with_row_labels(grid, labels: list[str], *, row_height: int, top: int = 0, font_size: int = 12):
+  """grid uint8 [H, W, C] with a white margin on the left holding labels[i] beside row i -> [H, W', C]."""
+  grid = np.asarray(grid)
+  font = ImageFont.load_default(size=font_size)
+  text_width = max(int(np.ceil(font.getlength(label))) for label in labels) + 8
+  canvas = np.full((grid.shape[0], text_width + grid.shape[1], grid.shape[2]), 255, np.uint8)
+  canvas[:, text_width:] = grid
+  image = Image.fromarray(canvas[..., 0] if grid.shape[-1] == 1 else canvas)
+  draw = ImageDraw.Draw(image)
+  for i, label in enumerate(labels):
+    draw.text((4, top + i * row_height + row_height // 2), label, fill=0, font=font, anchor='lm')
+  pixels = np.asarray(image)
+  return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def save_png(path: str, grid) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 from absl import logging
 
 from distill import stages
-from eval.images import image_grid, save_png, save_samples_png
+from eval.images import image_grid, save_png, save_samples_png, with_row_labels
 from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
 from modes.stage_quality import StageQuality
@@ -44,13 +44,18 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
       tag = f'{method.name.replace(" ", "_")}_{method.sampler}_w{w:g}'
       writer.write_images(method.steps, {f'samples/{tag}': grid[None]})
       writer.write_scalars(method.steps, {f'saturated/{tag}': float(np.mean(np.abs(samples) > 1.0))})
-      overview.setdefault(w, []).append(samples[::config.pipeline.per_class])  # one sample per class
+      overview.setdefault(w, []).append((f'{method.label} (NFE {method.nfe})',
+                                         samples[::config.pipeline.per_class]))  # one sample per class
       entries.append(dict(method=method.label, nfe=method.nfe, w=w, file=file,
                           mean=float(samples.mean()), std=float(samples.std()),
                           saturated=float(np.mean(np.abs(samples) > 1.0)), seconds=round(time.time() - start, 2)))
-  if np.asarray(overview[config.pipeline.guidance_ws[0]][0]).ndim == 4:
+  if np.asarray(overview[config.pipeline.guidance_ws[0]][0][1]).ndim == 4:
     for w, rows in overview.items():
-      grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=max(1, 32 // rows[0].shape[1]))
+      labels, images = zip(*rows)
+      scale = max(1, 32 // images[0].shape[1])
+      grid = image_grid(np.concatenate(images), num_rows=len(images), scale=scale)
+      grid = with_row_labels(grid, [f'{label}, w={w:g}' for label in labels],
+                             row_height=(images[0].shape[1] + 1) * scale, top=scale)
       save_png(os.path.join(results_dir, f'overview_w{w:g}.png'), grid)
       writer.write_images(0, {f'overview/w{w:g}': grid[None]})
   return entries

@@ -249,3 +249,15 @@ def test_classifier_fid_ranks_digits_above_noise(trained_classifier):
   fid_digits = frechet_distance(*stats(train_x), *reference)
   fid_noise = frechet_distance(*stats(noise), *reference)
   assert fid_digits >= 0 and fid_noise > 10 * fid_digits
+
+
+def test_row_labels_sit_beside_their_rows_and_keep_the_grid():
+  from eval.images import image_grid, with_row_labels  # pylint: disable=g-import-not-at-top
+  grid = image_grid(np.ones((6, 8, 8, 1)), num_rows=3, scale=4)  # white images, 3 rows of 36 px
+  labelled = with_row_labels(grid, ['teacher CFG ddim 64 (NFE 128)', 'student ddim 8 (NFE 8)', ''], row_height=36,
+                             top=4)
+  margin = labelled.shape[1] - grid.shape[1]
+  assert margin > 50 and labelled.shape[0] == grid.shape[0]
+  np.testing.assert_array_equal(labelled[:, margin:], grid)
+  ink = [(labelled[4 + 36 * i:4 + 36 * (i + 1), :margin] < 128).sum() for i in range(3)]
+  assert ink[0] > ink[1] > 0 and ink[2] == 0  # the longer label has more ink; an empty one none
