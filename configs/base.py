@@ -51,6 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
       source_class=3, target_class=8, num_images=8, steps=(1, 2, 4, 8), w_encode=0.0, w_decode=1.0,
       eval_ws=(0.0, 1.0, 4.0), eval_images=100, out_dir=''))
 
+  # Every training stage: a profiler trace of num_steps steps from start_step into its log folder (0 = none;
+  # TensorBoard's profile plugin or Perfetto read it); flops: log XLA's FLOP count of the step as
+  # model_flops_per_sec and, on known accelerators, mfu ('auto': on accelerators only, 'on', 'off').
+  config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0, flops='auto'))
+
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir=''))
   # quality_samples: samples per guidance weight of the "quality lost per stage" table (0 = off); stage 1 is

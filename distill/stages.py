@@ -115,7 +115,7 @@ def _train(config, job: TrainingJob) -> tuple[str, dict]:
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
                             make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,
-                            logdir=log_dir(config, ckpt_dir), step_key=job.step_key)
+                            logdir=log_dir(config, ckpt_dir), step_key=job.step_key, profile=config.profile)
   return ckpt_dir, scalars
 
 

@@ -106,6 +106,10 @@ def validate_config(config) -> None:
   _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')
   _check_eval(config, info)
   _check_quality(config)
+  profile = config.profile
+  _require(profile.start_step >= 1 and profile.num_steps >= 0, 'profile.start_step must be >= 1 and '
+           f'profile.num_steps >= 0 (0 = no trace), got {profile.start_step} and {profile.num_steps}')
+  _require(profile.flops in ('auto', 'on', 'off'), f"unknown profile.flops '{profile.flops}'; choose auto, on or off")
 
 
 def validate_for_devices(config, mode: str, device_count: int) -> None:

@@ -1,6 +1,7 @@
 """The one training loop every stage shares: sharded jit step, resume, Orbax saves, progress, scalars."""
 
 import contextlib
+import dataclasses
 import json
 import signal
 import threading
@@ -12,6 +13,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from train import checkpoint
+from train import profile as profile_lib
 from train.mesh import data_mesh, jit
 from train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, make_train_step
 
@@ -128,16 +130,29 @@ def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
   return scalars
 
 
+def _step_flops(sharded: ShardedStep, state, frozen, section, record: dict, profile) -> Optional[float]:
+  """XLA's FLOP count of one train step when profile.flops asks for it ('auto': on accelerators only)."""
+  if profile is None or 'x_shape' not in record:
+    return None
+  if not (profile.flops == 'on' or (profile.flops == 'auto' and jax.default_backend() != 'cpu')):
+    return None
+  batch = {'x': jax.ShapeDtypeStruct((section.batch_size, *record['x_shape']), jax.numpy.float32,
+                                     sharding=sharded.batch_sharding),
+           'label': jax.ShapeDtypeStruct((section.batch_size,), jax.numpy.int32, sharding=sharded.batch_sharding)}
+  return profile_lib.step_flops(sharded.step_fn, state, batch, frozen)
+
+
 def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: str, record: dict,
                  make_batches: Callable[[int], Iterator[dict]], seed: int, frozen=None,
-                 logdir: Optional[str] = None, step_key=None) -> tuple[TrainState, dict]:
+                 logdir: Optional[str] = None, step_key=None, profile=None) -> tuple[TrainState, dict]:
   """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
   passed to every step but never optimised or saved. Returns the final state and the scalars of the
   last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
   and raises Preempted. Runs with the same step_key (a hashable naming what loss_fn computes) reuse
-  one compiled step.
+  one compiled step. profile (config.profile, optional) turns on a trace of some steps into logdir and the
+  FLOP count behind the logged model_flops_per_sec and mfu.
   """
   checkpoint.check_not_all_set_aside(ckpt_dir)
   sharded = _sharded_step(loss_fn, section, step_key)
@@ -151,11 +166,17 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
       logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step), ckpt_dir)
       return state, {}
     writer = make_writer(logdir)
+    frozen = sharded.put_frozen(frozen)
+    tracer = profile_lib.StepTracer(logdir if profile is not None else None,
+                                    start_step=profile.start_step if profile else 0,
+                                    num_steps=profile.num_steps if profile else 0)
+    monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile), profile_lib.peak_flops(), tracer)
     try:
       with watch_preemption(manager) as preempted:
-        return _train_steps(title, sharded, state, section, manager, record, make_batches,
-                            sharded.put_frozen(frozen), writer, preempted)
+        return _train_steps(title, sharded, state, section, manager, record, make_batches, frozen, writer,
+                            preempted, monitor)
     finally:
+      monitor.tracer.close()
       _finish(manager, writer)
       if writer is not None:
         writer.close()
@@ -168,12 +189,20 @@ def _check_nonfinite(title: str, step_and_count, limit: int, manager) -> None:
   step, count = step_and_count[0], int(step_and_count[1])
   if count >= limit:
     manager.wait_until_finished()
-    raise NonFiniteError(f'[{title}] {count} non-finite steps in a row at step {step}: stopped, the last '
-                         f'checkpoint (step {manager.latest_step()}) is kept; lower the learning rate or check the data')
+    raise NonFiniteError(f'[{title}] {count} non-finite steps in a row at step {step}: stopped, the last checkpoint '
+                         f'(step {manager.latest_step()}) is kept; lower the learning rate or check the data')
+
+
+@dataclasses.dataclass
+class _Monitor:
+  """What a training run measures besides its metrics: FLOPs per step, the devices' peak, a step tracer."""
+  flops: Optional[float]
+  peak: Optional[float]
+  tracer: profile_lib.StepTracer
 
 
 def _train_steps(title, sharded: ShardedStep, state, section, manager, record, make_batches, frozen, writer,
-                 preempted) -> tuple[TrainState, dict]:
+                 preempted, monitor: _Monitor) -> tuple[TrainState, dict]:
   """The steps from state.step to section.num_steps: log, check non-finite runs, save, honour SIGTERM."""
   block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # CPU collectives
   start = int(jax.device_get(state.step))
@@ -181,9 +210,11 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
   summed, count, scalars, t_log = None, 0, {}, time.time()
   t_start, previous = t_log, None
   for done in range(start + 1, section.num_steps + 1):
+    monitor.tracer.before_step(done)
     state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
     if block_each_step:
       jax.block_until_ready(state)
+    monitor.tracer.after_step(done, state)
     # The previous step's count of consecutive skipped updates, read once this step is queued behind it (the
     # device never waits for the host): a run of non-finite steps stops at the limit, before anything is saved.
     _check_nonfinite(title, previous, section.max_nonfinite_steps, manager)
@@ -192,10 +223,13 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
     count += 1
     if done % section.log_every == 0 or done == section.num_steps:
       scalars = _log_scalars(summed, count, metrics, t_log)
+      scalars.update(profile_lib.utilisation(monitor.flops, scalars['steps_per_sec'], monitor.peak))
       summed, count, t_log = None, 0, time.time()
       eta = (section.num_steps - done) * (t_log - t_start) / max(done - start, 1)
-      logging.info('[%s] step %d/%d loss %.4f %.1f steps/s ETA %s', title, done, section.num_steps,
-                   scalars['loss'], scalars['steps_per_sec'], format_seconds(eta))
+      usage = (f' {scalars["model_flops_per_sec"] / 1e12:.2f} TFLOP/s' if 'model_flops_per_sec' in scalars else '') + (
+          f' MFU {100 * scalars["mfu"]:.1f}%' if 'mfu' in scalars else '')
+      logging.info('[%s] step %d/%d loss %.4f %.1f steps/s%s ETA %s', title, done, section.num_steps,
+                   scalars['loss'], scalars['steps_per_sec'], usage, format_seconds(eta))
       if writer is not None:
         writer.write_scalars(done, scalars)
     if done == section.num_steps:

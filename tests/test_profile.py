@@ -1,0 +1,41 @@
+"""Profiling: a trace of chosen train steps, XLA's FLOP count of the step, model FLOP/s and MFU in the logs."""
+
+import glob
+import os
+import types
+
+import pytest
+
+from conftest import tiny_config
+from distill import stages
+from train import profile, writers
+
+
+def test_a_teacher_run_writes_a_trace_and_logs_model_flops(tmp_path):
+  config = tiny_config(tmp_path, train=20)
+  config.profile.update(start_step=5, num_steps=3, flops='on')
+  stages.train_teacher(config)
+  logdir = tmp_path / 'logs' / 'teacher'
+  assert glob.glob(str(logdir / 'plugins' / 'profile' / '*' / '*.xplane.pb')), os.listdir(logdir)
+  rows = [r for r in writers.read_jsonl(str(logdir / writers.JSONL_NAME)) if 'loss' in r]
+  assert rows and all(r['model_flops_per_sec'] > 0 for r in rows)
+  assert all('mfu' not in r for r in rows)  # a CPU has no published peak
+
+
+def test_flops_are_off_on_a_cpu_by_default(tmp_path):
+  config = tiny_config(tmp_path, train=10)
+  stages.train_teacher(config)
+  rows = [r for r in writers.read_jsonl(str(tmp_path / 'logs' / 'teacher' / writers.JSONL_NAME)) if 'loss' in r]
+  assert rows and all('model_flops_per_sec' not in r for r in rows)
+  assert not (tmp_path / 'logs' / 'teacher' / 'plugins').exists()
+
+
+def test_mfu_is_achieved_over_peak_flops_of_every_device():
+  devices = [types.SimpleNamespace(device_kind='TPU v4')] * 4
+  peak = profile.peak_flops(devices)
+  assert peak == 4 * 275e12
+  scalars = profile.utilisation(2e12, 110.0, peak)
+  assert scalars['model_flops_per_sec'] == pytest.approx(2.2e14)
+  assert scalars['mfu'] == pytest.approx(2.2e14 / 1.1e15)
+  assert profile.peak_flops([types.SimpleNamespace(device_kind='cpu')]) is None
+  assert profile.utilisation(None, 110.0, peak) == {}
