@@ -34,9 +34,10 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
   methods += [Method('teacher CFG', 'ddpm', n, 2 * n, teacher_dir) for n in sorted(teacher_ddpm_steps, reverse=True)]
   stage1_dir = stages.stage_dir(config.workdir, 'stage1')
   methods += [Method('stage 1', 'ddim', n, n, stage1_dir) for n in sorted(stage1_steps, reverse=True)]
+  samplers = ('ddim', 'stochastic') if config.stage2.fine_grid else ('ddim',)  # stochastic needs the 1/(2N) grid
   for n in stages.stage2_rounds(config):
     round_dir = stages.stage_dir(config.workdir, 'stage2', n)
-    for sampler, steps in (('ddim', n), ('stochastic', 2 * n)):
+    for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
       if student_steps is None or steps in student_steps:
         methods.append(Method('student', sampler, steps, steps, round_dir))
   return methods

@@ -37,7 +37,14 @@ def allowed_steps(record: dict, sampler: str) -> Optional[list[int]]:
   n = record['sampling_steps']
   if record['stage'] == 'encoder':
     return {'encode': [n]}.get(sampler, [])
+  if sampler == 'stochastic' and not trained_on_fine_grid(record):
+    return []  # the stochastic sampler visits the odd multiples of 1/(2N), which this student never saw
   return {'ddim': [n], 'stochastic': [2 * n]}.get(sampler, [])
+
+
+def trained_on_fine_grid(record: dict) -> bool:
+  """Whether a stage-2 student was trained at the 1/(2N) times its stochastic 2N-step sampler needs."""
+  return bool(record.get('config', {}).get('stage2', {}).get('fine_grid', True))
 
 
 def check_steps(record: dict, sampler: str, num_steps: int, ckpt_dir: str) -> None:

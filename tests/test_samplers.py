@@ -87,3 +87,19 @@ def test_make_sampler_rejects_bad_input():
     make_sampler('euler', point_mass, num_steps=4, logsnr_fn=LOGSNR_FN)
   with pytest.raises(ValueError, match='steps must be >= 1'):
     make_sampler('ddim', point_mass, num_steps=0, logsnr_fn=LOGSNR_FN)
+
+
+def test_the_stochastic_sampler_is_refused_for_a_student_not_trained_on_the_fine_grid(tmp_path):
+  from conftest import tiny_config  # pylint: disable=g-import-not-at-top
+  from distill import stages  # pylint: disable=g-import-not-at-top
+  from modes import sampling  # pylint: disable=g-import-not-at-top
+  from modes.methods import list_methods  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)
+  record = stages.make_record(config, stage='stage2', sampling_steps=2)
+  assert sampling.allowed_steps(record, 'stochastic') == [4]
+  config.stage2.fine_grid = False
+  record = stages.make_record(config, stage='stage2', sampling_steps=2)
+  assert sampling.allowed_steps(record, 'stochastic') == [] and sampling.allowed_steps(record, 'ddim') == [2]
+  with pytest.raises(sampling.SamplingError, match='no stochastic sampler'):
+    sampling.check_steps(record, 'stochastic', 4, 'stage2/steps_0002')
+  assert {m.sampler for m in list_methods(config, teacher_steps=())} == {'ddim'}
