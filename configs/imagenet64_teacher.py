@@ -36,5 +36,6 @@ def get_config():
   config.stage2.update(batch_size=2048, num_steps=50_000, lr=1e-4, warmup_steps=0, lr_decay='linear',
                        start_steps=1024, final_steps=1, log_every=500, checkpoint_every=5_000)
   config.pipeline.teacher_steps = (4, 8, 256)
+  config.eval.clip_x = config.sample.clip_x = True  # as the reference samplers: x predictions clipped to [-1, 1]
   validate_config(config)
   return config

@@ -6,9 +6,11 @@ Teacher, students and samplers all use these `denoise_fn(params, z_t, logsnr_t, 
 - 'conditional': the network at its label, guidance_w ignored (1 NFE, same as guided at w = 0).
 """
 
+import functools
+
 import jax.numpy as jnp
 
-from diffusion import guided_prediction, x_eps_from_output
+from diffusion import guided_prediction, predict_eps_from_x, x_eps_from_output
 
 DENOISER_KINDS = ('guided', 'w_input', 'conditional')
 
@@ -41,3 +43,18 @@ def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int)
     return x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)
 
   return denoise_fn
+
+
+@functools.lru_cache(maxsize=None)  # one wrapper per denoiser: its sampler programs compile once
+def clip_x(denoise_fn):
+  """denoise_fn with x_pred clipped to [-1, 1] and eps_pred recomputed from the clipped x (z_t unchanged).
+
+  The reference implementation's sampling default ('clip_x'); the data lies in [-1, 1].
+  """
+
+  def clipped(params, z_t, logsnr_t, label, guidance_w):
+    x_pred, _ = denoise_fn(params, z_t, logsnr_t, label, guidance_w)
+    x_pred = jnp.clip(x_pred, -1.0, 1.0)
+    return x_pred, predict_eps_from_x(z=z_t, x=x_pred, logsnr=logsnr_t)
+
+  return clipped

@@ -22,7 +22,7 @@ from train.loop import make_writer
 from train.mesh import jit
 
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
-              'seconds', 'checkpoint', 'extractor', 'seed')
+              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x')
 
 
 def classifier_dir(config) -> str:
@@ -130,7 +130,7 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
   for b in range(-(-config.eval.num_samples // batch_size)):
     z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=config.eval.seed)
     images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
-                           seed=config.eval.seed + b)
+                           seed=config.eval.seed + b, clip_x=config.eval.clip_x)
     features = extract(jnp.clip(jnp.asarray(images), -1.0, 1.0))
     stats = _update(stats, features['pool'])
     logits.append(np.asarray(features['logits']))
@@ -155,9 +155,10 @@ def _cell_scalars(row: dict) -> dict:
 
 
 def _cell_key(row) -> tuple:
-  """Everything a cell depends on: method, sampler, steps, w, sample count, checkpoint id, extractor id, seed."""
+  """Everything a cell depends on: method, sampler, steps, w, samples, checkpoint id, extractor id, seed, clip_x."""
   return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']),
-          row.get('checkpoint') or '', row.get('extractor') or '', int(row.get('seed') or -1))
+          row.get('checkpoint') or '', row.get('extractor') or '', int(row.get('seed') or -1),
+          str(row.get('clip_x')) == 'True')
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -201,7 +202,8 @@ def run_fid(config) -> str:
   ids, current, loaded = {}, [], {}
   os.makedirs(out_dir, exist_ok=True)
   writer = make_writer(os.path.join(config.workdir, 'logs', 'eval'))
-  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), seed=config.eval.seed)
+  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), seed=config.eval.seed,
+              clip_x=config.eval.clip_x)
   for i, method in enumerate(methods):
     ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
     for w in config.eval.guidance_ws:

@@ -38,7 +38,7 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
     for w in config.pipeline.guidance_ws:
       start = time.time()
       samples = ckpt.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init,
-                            label=label, seed=config.pipeline.seed)
+                            label=label, seed=config.pipeline.seed, clip_x=config.eval.clip_x)
       file = f'{method.file_stem}_w{w:g}.png'
       grid = save_samples_png(os.path.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
       tag = f'{method.name.replace(" ", "_")}_{method.sampler}_w{w:g}'

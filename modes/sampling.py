@@ -13,6 +13,7 @@ import ml_collections
 
 from distill.stages import build_from_record, halving_rounds, stage_dir
 from eval.images import save_samples_png
+from models.denoiser import clip_x as clip_denoised_x
 from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
 from train import checkpoint
@@ -104,12 +105,17 @@ class LoadedCheckpoint:
     x, label, w = shard_rows(x, label, jnp.full(label.shape, guidance_w, jnp.float32))
     return np.asarray(self._samplers[key](self.params, x, label, w))
 
-  def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int):
-    """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program."""
+  def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int,
+             clip_x: bool = False):
+    """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program.
+
+    clip_x clips every step's x prediction to [-1, 1] (models.denoiser.clip_x), as the reference samplers do.
+    """
     check_steps(self.record, sampler, num_steps, self.ckpt_dir)
-    key = (sampler, num_steps)
+    key = (sampler, num_steps, clip_x)
     if key not in self._samplers:
-      self._samplers[key] = make_sampler(sampler, self.denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
+      denoise_fn = clip_denoised_x(self.denoise_fn) if clip_x else self.denoise_fn
+      self._samplers[key] = make_sampler(sampler, denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
     run = self._samplers[key]
     w = jnp.full(label.shape, guidance_w, jnp.float32)
     z_init, label, w = shard_rows(z_init, label, w)
@@ -139,7 +145,7 @@ def run_sample(config) -> str:
   num_steps = config.sample.num_steps or default_steps(loaded.record, sampler)
   z_init, label, num_rows = fixed_inputs(loaded.record, per_class=config.sample.per_class, seed=config.sample.seed)
   samples = loaded.sample(sampler=sampler, num_steps=num_steps, guidance_w=config.sample.guidance_w, z_init=z_init,
-                          label=label, seed=config.sample.seed)
+                          label=label, seed=config.sample.seed, clip_x=config.sample.clip_x)
   out_dir = config.sample.out_dir or os.path.join(config.workdir, 'samples')
   name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{config.sample.guidance_w:g}'
   png = os.path.join(out_dir, name + '.png')

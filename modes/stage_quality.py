@@ -62,7 +62,8 @@ def round_comparison(config, student_steps: int) -> Comparison:
                     else None)  # the stochastic sampler needs a student trained on the 1/(2N) grid
 
 
-def sample_set(loaded, method: Method, *, w: float, num_samples: int, batch_size: int, seed: int) -> np.ndarray:
+def sample_set(loaded, method: Method, *, w: float, num_samples: int, batch_size: int, seed: int,
+               clip_x: bool = False) -> np.ndarray:
   """num_samples class-balanced samples [N, ...] of a method; the noise and labels depend only on the seed.
 
   Images are clipped to [-1, 1], as they are shown and as --mode=fid scores them.
@@ -71,7 +72,7 @@ def sample_set(loaded, method: Method, *, w: float, num_samples: int, batch_size
   for b in range(num_samples // batch_size):
     z_init, label = fid.balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=seed)
     batches.append(loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init,
-                                 label=label, seed=seed + b))  # [B, ...]
+                                 label=label, seed=seed + b, clip_x=clip_x))  # [B, ...]
   samples = np.concatenate(batches).astype(np.float64)  # [N, ...]
   return np.clip(samples, -1.0, 1.0) if samples.ndim == 4 else samples
 
@@ -184,7 +185,7 @@ class StageQuality:
     named = [f'{m.label} @ {self._checkpoint_id(m.ckpt_dir)}' for m in methods if m is not None]
     self._features()  # the extractor's id names its weights: the classifier must exist first
     return ' | '.join([comparison.stage, f'w={w:g}', *named, f'n={c.pipeline.quality_samples}',
-                       f'batch={ev.batch_size}', f'seed={c.pipeline.seed}',
+                       f'batch={ev.batch_size}', f'seed={c.pipeline.seed}', *(['clip_x'] if ev.clip_x else []),
                        f'{fid.extractor_id(c)} vs {ev.reference_split}[:{ev.reference_examples}]'])
 
   def _checkpoint_id(self, ckpt_dir: str) -> str:
@@ -197,7 +198,8 @@ class StageQuality:
     if key not in self._samples:
       self._samples[key] = sample_set(load_cached(self._loaded, method.ckpt_dir), method, w=w,
                                       num_samples=self.config.pipeline.quality_samples,
-                                      batch_size=self.config.eval.batch_size, seed=self.config.pipeline.seed)
+                                      batch_size=self.config.eval.batch_size, seed=self.config.pipeline.seed,
+                                      clip_x=self.config.eval.clip_x)
     return self._samples[key]
 
   def _fid_of(self, method: Method, w: float) -> Optional[float]:

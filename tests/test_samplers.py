@@ -103,3 +103,22 @@ def test_the_stochastic_sampler_is_refused_for_a_student_not_trained_on_the_fine
   with pytest.raises(sampling.SamplingError, match='no stochastic sampler'):
     sampling.check_steps(record, 'stochastic', 4, 'stage2/steps_0002')
   assert {m.sampler for m in list_methods(config, teacher_steps=())} == {'ddim'}
+
+
+def test_clip_x_clips_the_x_prediction_and_keeps_z_consistent():
+  from diffusion import diffusion_forward  # pylint: disable=g-import-not-at-top
+  from models.denoiser import clip_x  # pylint: disable=g-import-not-at-top
+
+  def overshooting(params, z_t, logsnr_t, label, guidance_w):
+    del params, label, guidance_w
+    x_pred = 3.0 * jnp.ones_like(z_t)
+    return x_pred, jnp.zeros_like(z_t)
+
+  z_t, logsnr_t = jnp.full((2, 3), 0.5), jnp.array([0.0, 2.0])
+  x_pred, eps_pred = clip_x(overshooting)(None, z_t, logsnr_t, None, None)
+  np.testing.assert_allclose(x_pred, 1.0)
+  np.testing.assert_allclose(diffusion_forward(x=x_pred, eps=eps_pred, logsnr=logsnr_t), z_t, atol=1e-6)
+  assert clip_x(overshooting) is clip_x(overshooting)  # one wrapper per denoiser: one compiled sampler
+  inside = lambda params, z, s, l, w: (0.5 * jnp.ones_like(z), 0.1 * jnp.ones_like(z))
+  x_in, _ = clip_x(inside)(None, z_t, logsnr_t, None, None)
+  np.testing.assert_allclose(x_in, 0.5)
