@@ -30,6 +30,7 @@ import data, main, modes
 from test_multiprocess import global_batches, train_chain
 data._in_memory_batches = global_batches
 modes.MODES['chain'] = train_chain
+main.flags.FLAGS['mode'].parser.enum_values.append('chain')  # a test-only mode for the --mode enum
 sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=chain', '--config.workdir={workdir}',
             '--coordinator_address={coordinator}', '--num_processes={num_processes}', '--process_id={process_id}',
             '--config.train.num_steps={steps}', '--config.stage2.num_steps={steps}',
