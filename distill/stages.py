@@ -252,9 +252,10 @@ def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> st
   ckpt_dir, scalars = _train(config, halving_job(config, student_steps, stage))
   if scalars:  # empty when the round was already trained
     writer = make_writer(os.path.join(config.workdir, 'logs', stage, 'rounds'))
+    usage = {k: scalars[k] for k in ('examples_per_sec', 'model_flops_per_sec', 'mfu') if k in scalars}
     writer.write_scalars(halving_rounds(config, stage).index(student_steps) + 1, {
         'final_loss': scalars['loss'], 'steps_per_sec': scalars['steps_per_sec'], 'seconds': time.time() - start,
-        'student_steps': student_steps})
+        'student_steps': student_steps, **usage})
     writer.close()
   return ckpt_dir
 

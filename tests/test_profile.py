@@ -1,7 +1,6 @@
 """Profiling: a trace of chosen train steps, XLA's FLOP count of the step, model FLOP/s and MFU in the logs."""
 
 import glob
-import os
 import types
 
 import pytest
@@ -16,10 +15,13 @@ def test_a_teacher_run_writes_a_trace_and_logs_model_flops(tmp_path):
   config.profile.update(start_step=5, num_steps=3, flops='on')
   stages.train_teacher(config)
   logdir = tmp_path / 'logs' / 'teacher'
-  assert glob.glob(str(logdir / 'plugins' / 'profile' / '*' / '*.xplane.pb')), os.listdir(logdir)
+  (trace,) = glob.glob(str(logdir / 'plugins' / 'profile' / '*' / '*.xplane.pb'))
+  with open(trace, 'rb') as f:
+    assert b'step_num' in f.read()  # the traced steps carry step annotations
   rows = [r for r in writers.read_jsonl(str(logdir / writers.JSONL_NAME)) if 'loss' in r]
   assert rows and all(r['model_flops_per_sec'] > 0 for r in rows)
-  assert all('mfu' not in r for r in rows)  # a CPU has no published peak
+  assert all(r['examples_per_sec'] == pytest.approx(r['steps_per_sec'] * config.train.batch_size) for r in rows)
+  assert all('mfu' not in r for r in rows)  # a CPU has no published peak: "MFU n/a" in the progress line
 
 
 def test_flops_are_off_on_a_cpu_by_default(tmp_path):
@@ -34,8 +36,12 @@ def test_mfu_is_achieved_over_peak_flops_of_every_device():
   devices = [types.SimpleNamespace(device_kind='TPU v4')] * 4
   peak = profile.peak_flops(devices)
   assert peak == 4 * 275e12
+  assert profile.peak_flops(devices, dtype='float32') is None  # TPUs publish bf16 peaks only
+  assert profile.peak_flops([types.SimpleNamespace(device_kind='NVIDIA H100 80GB HBM3')], dtype='float32') == 494e12
   scalars = profile.utilisation(2e12, 110.0, peak)
   assert scalars['model_flops_per_sec'] == pytest.approx(2.2e14)
   assert scalars['mfu'] == pytest.approx(2.2e14 / 1.1e15)
   assert profile.peak_flops([types.SimpleNamespace(device_kind='cpu')]) is None
   assert profile.utilisation(None, 110.0, peak) == {}
+  assert profile.describe({'examples_per_sec': 1280.0}) == ' 1280 ex/s MFU n/a'
+  assert profile.describe({'examples_per_sec': 1.0, **scalars}) == ' 1 ex/s 220.00 TFLOP/s MFU 20.0%'

@@ -170,7 +170,9 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     tracer = profile_lib.StepTracer(logdir if profile is not None else None,
                                     start_step=profile.start_step if profile else 0,
                                     num_steps=profile.num_steps if profile else 0)
-    monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile), profile_lib.peak_flops(), tracer)
+    dtype = (record.get('model') or {}).get('dtype', 'float32')  # MFU is against the peak at the compute dtype
+    monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile),
+                       profile_lib.peak_flops(dtype=dtype), tracer)
     try:
       with watch_preemption(manager) as preempted:
         return _train_steps(title, sharded, state, section, manager, record, make_batches, frozen, writer,
@@ -211,7 +213,8 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
   t_start, previous = t_log, None
   for done in range(start + 1, section.num_steps + 1):
     monitor.tracer.before_step(done)
-    state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
+    with monitor.tracer.annotate(done):
+      state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
     if block_each_step:
       jax.block_until_ready(state)
     monitor.tracer.after_step(done, state)
@@ -223,13 +226,12 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
     count += 1
     if done % section.log_every == 0 or done == section.num_steps:
       scalars = _log_scalars(summed, count, metrics, t_log)
+      scalars['examples_per_sec'] = scalars['steps_per_sec'] * section.batch_size
       scalars.update(profile_lib.utilisation(monitor.flops, scalars['steps_per_sec'], monitor.peak))
       summed, count, t_log = None, 0, time.time()
       eta = (section.num_steps - done) * (t_log - t_start) / max(done - start, 1)
-      usage = (f' {scalars["model_flops_per_sec"] / 1e12:.2f} TFLOP/s' if 'model_flops_per_sec' in scalars else '') + (
-          f' MFU {100 * scalars["mfu"]:.1f}%' if 'mfu' in scalars else '')
       logging.info('[%s] step %d/%d loss %.4f %.1f steps/s%s ETA %s', title, done, section.num_steps,
-                   scalars['loss'], scalars['steps_per_sec'], usage, format_seconds(eta))
+                   scalars['loss'], scalars['steps_per_sec'], profile_lib.describe(scalars), format_seconds(eta))
       if writer is not None:
         writer.write_scalars(done, scalars)
     if done == section.num_steps:

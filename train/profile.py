@@ -1,33 +1,36 @@
 """How much of the chip a train step uses: XLA's FLOP count of the step, model FLOP/s, MFU, and traces.
 
 MFU = (FLOPs of one train step, from XLA's cost analysis of the lowered step) x (steps per second) /
-(peak dense bf16 FLOP/s of one device x number of devices). Peaks are the vendors' published figures for the
-device kinds below; on any other device (e.g. a CPU) only the achieved FLOP/s is reported.
+(peak dense FLOP/s of one device at the model's compute dtype x number of devices). Peaks are the vendors'
+published figures for the device kinds below; on any other device (e.g. a CPU) MFU is "n/a" and only the
+achieved FLOP/s is reported (when the FLOP count is on).
 """
 
+import contextlib
 from typing import Optional
 
 import jax
 from absl import logging
 
-# Peak dense bf16 FLOP/s per device (jax.Device.device_kind -> FLOP/s), from the vendors' data sheets.
-PEAK_BF16_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,  # v5e
-    'TPU v5': 459e12,  # v5p
-    'TPU v6 lite': 918e12,  # v6e (Trillium)
-    'NVIDIA A100-SXM4-40GB': 312e12,
-    'NVIDIA A100-SXM4-80GB': 312e12,
-    'NVIDIA H100 80GB HBM3': 989e12,  # SXM
-    'NVIDIA H100 PCIe': 756e12,
-    'NVIDIA H200': 989e12,
+# Peak dense FLOP/s per device: jax.Device.device_kind -> {compute dtype: FLOP/s}, from the vendors' data sheets
+# (GPU float32: the TF32 tensor-core rate XLA uses for float32 matmuls by default; TPUs publish bf16 only).
+PEAK_FLOPS = {
+    'TPU v4': {'bfloat16': 275e12},
+    'TPU v5 lite': {'bfloat16': 197e12},  # v5e
+    'TPU v5': {'bfloat16': 459e12},  # v5p
+    'TPU v6 lite': {'bfloat16': 918e12},  # v6e (Trillium)
+    'NVIDIA A100-SXM4-40GB': {'bfloat16': 312e12, 'float32': 156e12},
+    'NVIDIA A100-SXM4-80GB': {'bfloat16': 312e12, 'float32': 156e12},
+    'NVIDIA H100 80GB HBM3': {'bfloat16': 989e12, 'float32': 494e12},  # SXM
+    'NVIDIA H100 PCIe': {'bfloat16': 756e12, 'float32': 378e12},
+    'NVIDIA H200': {'bfloat16': 989e12, 'float32': 494e12},
 }
 
 
-def peak_flops(devices=None) -> Optional[float]:
-  """Peak bf16 FLOP/s of all devices together, or None when a device kind is not in PEAK_BF16_FLOPS."""
+def peak_flops(devices=None, *, dtype: str = 'bfloat16') -> Optional[float]:
+  """Peak FLOP/s of all devices together at a compute dtype, or None when a device kind or dtype is not listed."""
   devices = jax.devices() if devices is None else devices
-  peaks = [PEAK_BF16_FLOPS.get(device.device_kind) for device in devices]
+  peaks = [PEAK_FLOPS.get(device.device_kind, {}).get(dtype) for device in devices]
   return None if any(p is None for p in peaks) else float(sum(peaks))
 
 
@@ -56,6 +59,14 @@ def utilisation(flops_per_step: Optional[float], steps_per_sec: float, peak: Opt
   return scalars
 
 
+def describe(scalars: dict) -> str:
+  """The progress line's part: ' 123 ex/s 4.56 TFLOP/s MFU 41.0%', or 'MFU n/a' without a known peak."""
+  text = f' {scalars["examples_per_sec"]:.0f} ex/s' if 'examples_per_sec' in scalars else ''
+  if 'model_flops_per_sec' in scalars:
+    text += f' {scalars["model_flops_per_sec"] / 1e12:.2f} TFLOP/s'
+  return text + (f' MFU {100 * scalars["mfu"]:.1f}%' if 'mfu' in scalars else ' MFU n/a')
+
+
 class StepTracer:
   """Writes a profiler trace (TensorBoard's profile plugin, Perfetto) of steps [start, start + num_steps)."""
 
@@ -69,6 +80,10 @@ class StepTracer:
       jax.profiler.start_trace(self.logdir)
       self.active = True
       logging.info('profiling steps %d-%d into %s', self.start, self.stop - 1, self.logdir)
+
+  def annotate(self, step: int):
+    """A context naming the train step in the trace (a no-op outside the traced window)."""
+    return jax.profiler.StepTraceAnnotation('train', step_num=step) if self.active else contextlib.nullcontext()
 
   def after_step(self, step: int, state) -> None:
     if self.active and step == self.stop - 1:
