@@ -102,3 +102,11 @@ def test_a_workdir_the_lock_created_and_nothing_filled_is_removed(tmp_path):
   with lock.workdir_lock(str(tmp_path / 'new')):
     assert (tmp_path / 'new' / lock.LOCK_NAME).exists()
   assert not (tmp_path / 'new').exists()
+
+
+def test_a_model_field_added_after_a_checkpoint_or_another_compute_dtype_keeps_it_usable():
+  saved = {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24}}
+  checkpoint.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24, 'num_heads': 1,
+                                                                    'dtype': 'bfloat16'}}, 'teacher')
+  with pytest.raises(checkpoint.CheckpointError, match="was made with model="):
+    checkpoint.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 32}}, 'teacher')

@@ -49,17 +49,21 @@ def read_record(ckpt_dir: str, step: Optional[int] = None) -> dict:
     return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
 
 
-def _identity(key: str, value):
-  """A record field as compared: the model's compute dtype does not change its parameters, so it is left out."""
-  if key == 'model' and isinstance(value, dict):
-    return {k: v for k, v in value.items() if k != 'dtype'}
+def _identity(key: str, value, other):
+  """A record field as compared with the other record's: for the model, the fields both records have, except
+  the compute dtype (it does not change the parameters); a field added to the config after a checkpoint was
+  written is left out, so a new field's default never orphans an existing run."""
+  if key == 'model' and isinstance(value, dict) and isinstance(other, dict):
+    return {k: v for k, v in value.items() if k != 'dtype' and k in other}
   return value
 
 
 def check_compatible(saved: dict, expected: dict, ckpt_dir: str) -> None:
   """Raises CheckpointError naming the first identity field where saved and expected records differ."""
   for key in IDENTITY_KEYS:
-    if key in expected and _identity(key, saved.get(key)) != _identity(key, expected[key]):
+    if key not in expected:
+      continue
+    if _identity(key, saved.get(key), expected[key]) != _identity(key, expected[key], saved.get(key)):
       raise CheckpointError(
           f'checkpoint {ckpt_dir} was made with {key}={saved.get(key)!r} but the config gives '
           f'{expected[key]!r}: use another --config.workdir or the config that made it')
