@@ -19,9 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir=''))
   # unet fields: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups; mlp: hidden, num_layers.
   # dtype: compute dtype of convolutions, dense layers and attention (float32 | bfloat16); params stay float32.
+  # num_heads: attention heads; ref_unet also: head_dim (> 0: heads of head_dim channels), resblock_resample.
   config.model = ml_collections.ConfigDict(dict(
       name='unet', ch=32, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,), dropout=0.1,
-      num_groups=8, hidden=128, num_layers=3, dtype='float32'))
+      num_groups=8, hidden=128, num_layers=3, dtype='float32', num_heads=1, head_dim=0, resblock_resample=True))
   config.diffusion = ml_collections.ConfigDict(dict(
       schedule='cosine', logsnr_min=-20.0, logsnr_max=20.0, parametrization='v',
       loss_weighting='truncated_snr'))

@@ -1,22 +1,30 @@
-"""CIFAR-10 guided teacher at paper scale (progressive-distillation U-Net, 47.7M params); needs accelerators.
+"""CIFAR-10 guided teacher at paper scale (the reference PD U-Net, 60.0M params); needs accelerators.
 
   python main.py --config=configs/cifar10_teacher.py --mode=teacher --config.data.tfds_data_dir=DIR
   python main.py --config=configs/cifar10_teacher.py --mode=pipeline --config.data.tfds_data_dir=DIR  # all stages
-  python main.py --config=configs/cifar10_teacher.py --mode=pipeline --dry_run    # one step of each stage, ~3 min CPU
+  python main.py --config=configs/cifar10_teacher.py --mode=pipeline --dry_run    # one step of each stage
 
 Data: `tfds build cifar10 --data_dir=DIR` on a machine with internet, then copy DIR.
-Model and optimizer follow the official progressive-distillation CIFAR-10 base config (batch 128, Adam
-2e-4 with 1k warmup, weight decay 1e-3, EMA 0.9999, dropout 0.2, grad clip 1, truncated-SNR loss), with
-v-prediction (the distillation default) and label dropout 0.1 for guidance. Distillation: batch 128, lr
-5e-5 annealed linearly to 0 within each 50k-iteration round, no EMA, no dropout, 8192 -> 1 steps.
+Model: model.name 'ref_unet' (models/ref_unet.py) with the architecture of the official progressive-distillation
+CIFAR-10 config (config/cifar_base.py): ch 256, ch_mult (1, 1, 1), 3 res blocks, attention at 8x8 and 16x16 with
+1 head, dropout 0.2, residual-block resampling, FiLM conditioning, zero-initialised output layers. 60,015,363
+params (the stage-1 student adds 1,312,768 in 'guidance_embed'). Differences from the published model: it is
+class-conditional (an 11-row label embedding, the 11th the null label of classifier-free guidance, 11,264
+params the unconditional published model lacks), v-prediction instead of its x-prediction (mean_type 'x'),
+this repo's logsnr embedding (sinusoid frequencies spaced ln(1e4)/(ch/2), the reference's ln(1e4)/(ch/2 - 1);
+the same shapes), bf16 compute (params float32), and label dropout 0.1 for guidance.
+Optimizer as the published base config (batch 128, Adam 2e-4 with 1k warmup, weight decay 1e-3, EMA 0.9999,
+grad clip 1, truncated-SNR loss). Distillation: batch 128, lr 5e-5 annealed linearly to 0 within each
+50k-iteration round, no EMA, no dropout, 8192 -> 1 steps.
 
-Expected cost (`python benchmarks/paper_scale_budget.py`: XLA's compile-time estimates on the CPU, not
-measured on an accelerator; time at 40% of 156 TFLOP/s, an A100's TF32 peak): 16 examples per device need
-about 3.3 GiB per device for every stage; the teacher is 0.096 TFLOP per example-step, about 22
-device-hours for 400k steps; stage 1 about 5, stage 2 (13 rounds of 50k) about 59 device-hours.
+Expected cost: not yet re-estimated for 'ref_unet'. For the earlier 'unet' network (47.7M params,
+`python benchmarks/paper_scale_budget.py`: XLA's compile-time estimates on the CPU, not measured on an
+accelerator; time at 40% of 156 TFLOP/s, an A100's TF32 peak) 16 examples per device needed about 3.3 GiB
+per device; the teacher was 0.096 TFLOP per example-step, about 22 device-hours for 400k steps; stage 1
+about 5, stage 2 (13 rounds of 50k) about 59 device-hours. Rerun the benchmark for the current numbers.
 Multi-host: the same command on every host with `--multihost` (TPU pods, SLURM) or
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (README, "Multi-host").
-Not run here beyond --dry_run (no accelerator, no data on the machine this was built on).
+Not run here (no accelerator, no data); with 'ref_unet' only shape-checked (tests/test_ref_unet.py).
 """
 
 from configs import base
@@ -27,8 +35,9 @@ def get_config():
   config = base.get_config()
   config.workdir = 'runs/cifar10'
   config.data.update(name='cifar10', random_flip=True)
-  config.model.update(name='unet', ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(16,),
-                      dropout=0.2, num_groups=32, dtype='bfloat16')  # bf16 compute, float32 params
+  config.model.update(name='ref_unet', ch=256, ch_mult=(1, 1, 1), num_res_blocks=3, attn_resolutions=(8, 16),
+                      num_heads=1, head_dim=0, resblock_resample=True, dropout=0.2, num_groups=32,
+                      dtype='bfloat16')  # bf16 compute, float32 params
   config.train.update(batch_size=128, num_steps=400_000, lr=2e-4, warmup_steps=1000, weight_decay=1e-3,
                       grad_clip=1.0, ema_decay=0.9999, p_uncond=0.1, log_every=500, checkpoint_every=10_000)
   # Stage 1 and 2: no EMA, no dropout, lr 5e-5 (stage 2 annealed linearly to 0 within each 50k-step round),

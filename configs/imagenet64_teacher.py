@@ -1,21 +1,30 @@
-"""ImageNet 64x64 guided teacher at paper scale (265.7M params; Meng et al. distill 1024 -> 1); needs a pod.
+"""ImageNet 64x64 guided teacher at paper scale (reference PD U-Net, 295.9M params; 1024 -> 1 steps); needs a pod.
 
   python main.py --config=configs/imagenet64_teacher.py --mode=teacher --config.data.tfds_data_dir=DIR --multihost
-  python main.py --config=configs/imagenet64_teacher.py --mode=pipeline --dry_run    # one step per stage, ~10 min CPU
+  python main.py --config=configs/imagenet64_teacher.py --mode=pipeline --dry_run    # one step per stage
 
-Data: tfds 'imagenet_resized/64x64' prepared in DIR (needs the manual ImageNet download). Distillation
-follows the published settings: batch 2048, lr 1e-4 annealed linearly to 0 within each 50k-iteration round,
-no dropout, 1024 -> 1 steps. The published base model used the "both" (x/eps blend) output; this config
-uses v-prediction.
+Data: tfds 'imagenet_resized/64x64' prepared in DIR (needs the manual ImageNet download).
+Model: model.name 'ref_unet' (models/ref_unet.py) with the architecture of the official progressive-distillation
+ImageNet 64 config (config/imagenet64_base.py): ch 192, ch_mult (1, 2, 3, 4), 3 res blocks, attention at 8x8,
+16x16 and 32x32 in heads of 64 channels, dropout 0.1, residual-block resampling, FiLM conditioning,
+zero-initialised output layers. 295,900,035 params (the stage-1 student adds 738,816 in 'guidance_embed').
+Differences from the published model: v-prediction with one 3-channel output instead of its "both" output
+(x and eps, 6 channels: 5,187 more params in conv_out), a 1001-row label embedding (the last row the null label
+of classifier-free guidance; the same count as its Dense on one-hot labels), this repo's logsnr embedding
+(sinusoid frequencies spaced ln(1e4)/(ch/2), the reference's ln(1e4)/(ch/2 - 1); the same shapes), bf16
+compute (params float32), label dropout 0.1 for guidance, and teacher lr 1e-4 (the published base: 3e-4).
+Distillation follows the published settings: batch 2048, lr 1e-4 annealed linearly to 0 within each
+50k-iteration round, no dropout, 1024 -> 1 steps.
 
-Expected cost (`python benchmarks/paper_scale_budget.py --configs=imagenet64_teacher --per_device_batch=N`:
-XLA's compile-time estimates on the CPU, not measured on an accelerator; time at 40% of 156 TFLOP/s per
-device): 16 examples per device need about 17 GiB per device, 32 about 28.5 GiB (teacher) and 27 GiB
-(stage 1), so the global batch 2048 fits e.g. 64 or 128 accelerators of 32+ GiB. The teacher is 0.57
+Expected cost: not yet re-estimated for 'ref_unet'. For the earlier 'unet' network (265.7M params,
+`python benchmarks/paper_scale_budget.py --configs=imagenet64_teacher --per_device_batch=N`: XLA's compile-time
+estimates on the CPU, not measured on an accelerator; time at 40% of 156 TFLOP/s per device) 16 examples per
+device needed about 17 GiB per device, 32 about 28.5 GiB (teacher) and 27 GiB (stage 1); the teacher was 0.57
 TFLOP per example-step, about 2,600 device-hours for 500k steps; stage 1 about 430, stage 2 (10 rounds of
-50k) about 4,300 device-hours. Multi-host: run the same command on every host/TPU worker with --multihost,
-or with --coordinator_address/--num_processes/--process_id (README, "Multi-host").
-Not run here beyond --dry_run (no accelerator, no data on the machine this was built on).
+50k) about 4,300 device-hours. Rerun the benchmark for the current numbers. Multi-host: run the same command
+on every host/TPU worker with --multihost, or with --coordinator_address/--num_processes/--process_id
+(README, "Multi-host").
+Not run here (no accelerator, no data); with 'ref_unet' only shape-checked (tests/test_ref_unet.py).
 """
 
 from configs import base
@@ -26,8 +35,9 @@ def get_config():
   config = base.get_config()
   config.workdir = 'runs/imagenet64'
   config.data.update(name='imagenet64', random_flip=True)
-  config.model.update(name='unet', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(32, 16, 8),
-                      dropout=0.1, num_groups=32, dtype='bfloat16')  # bf16 compute, float32 params
+  config.model.update(name='ref_unet', ch=192, ch_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(8, 16, 32),
+                      head_dim=64, resblock_resample=True, dropout=0.1, num_groups=32,
+                      dtype='bfloat16')  # bf16 compute, float32 params; heads of 64 channels
   config.train.update(batch_size=2048, num_steps=500_000, lr=1e-4, warmup_steps=1000, weight_decay=0.0,
                       grad_clip=1.0, ema_decay=0.9999, p_uncond=0.1, log_every=500, checkpoint_every=5_000)
   config.distill.dropout = 0.0  # the published distillation uses no dropout

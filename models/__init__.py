@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 
 from models.mlp import MLPDenoiser
+from models.ref_unet import RefUNet
 from models.unet import UNet
 
-MODEL_NAMES = ('mlp', 'unet')
+MODEL_NAMES = ('mlp', 'unet', 'ref_unet')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -16,7 +17,7 @@ def compute_dtype(model_config):
 
 
 def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
-  """Builds a UNet or MLPDenoiser from model_config (a ConfigDict with `name` in MODEL_NAMES)."""
+  """Builds a UNet, RefUNet or MLPDenoiser from model_config (a ConfigDict with `name` in MODEL_NAMES)."""
   if model_config.name == 'unet':
     return UNet(
         num_classes=num_classes,
@@ -27,6 +28,20 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
         dropout=model_config.dropout,
         num_groups=model_config.num_groups,
         num_heads=model_config.get('num_heads', 1),
+        guidance_input=guidance_input,
+        dtype=compute_dtype(model_config))
+  if model_config.name == 'ref_unet':
+    return RefUNet(
+        num_classes=num_classes,
+        ch=model_config.ch,
+        ch_mult=tuple(model_config.ch_mult),
+        num_res_blocks=model_config.num_res_blocks,
+        attn_resolutions=tuple(model_config.attn_resolutions),
+        dropout=model_config.dropout,
+        num_groups=model_config.num_groups,
+        num_heads=model_config.get('num_heads', 1),
+        head_dim=model_config.get('head_dim', 0),
+        resblock_resample=model_config.get('resblock_resample', True),
         guidance_input=guidance_input,
         dtype=compute_dtype(model_config))
   if model_config.name == 'mlp':

@@ -50,7 +50,7 @@ def _check_model(config, info) -> None:
   if model.name == 'mlp':
     _require(not info.is_image, f"model.name 'mlp' is for vector data, not images of {info.name}: use 'unet'")
     return
-  _require(info.is_image, f"model.name 'unet' needs image data; {info.name} is vector data: use 'mlp'")
+  _require(info.is_image, f"model.name '{model.name}' needs image data; {info.name} is vector data: use 'mlp'")
   factor = 2 ** (len(model.ch_mult) - 1)
   size = info.shape[0]
   _require(size % factor == 0, f'image size {size} does not divide by the U-Net downsampling factor {factor} '
@@ -58,6 +58,16 @@ def _check_model(config, info) -> None:
   _require(model.ch % model.num_groups == 0, f'model.ch={model.ch} must be a multiple of model.num_groups='
            f'{model.num_groups}')
   _require(0 <= model.dropout < 1, f'model.dropout must be in [0, 1), got {model.dropout}')
+  if model.name != 'ref_unet':
+    return
+  num_heads, head_dim = model.get('num_heads', 1), model.get('head_dim', 0)
+  _require(num_heads >= 1, f'model.num_heads must be >= 1, got {num_heads}')
+  _require(head_dim >= 0, f'model.head_dim must be >= 0 (0 = use model.num_heads), got {head_dim}')
+  _require(isinstance(model.get('resblock_resample', True), bool),
+           f"model.resblock_resample must be True or False, got {model.get('resblock_resample')!r}")
+  head_split = f'model.head_dim={head_dim}' if head_dim > 0 else f'model.num_heads={num_heads}'
+  _require(model.ch % (head_dim or num_heads) == 0,  # then every level's ch * mult channels split too
+           f'model.ch={model.ch} channels do not split into attention heads of {head_split}')
 
 
 def _check_halving(config, name: str) -> None:
