@@ -104,14 +104,14 @@ class TrainingJob:
 def _train(config, job: TrainingJob) -> tuple[str, dict]:
   """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars."""
   ckpt_dir = job.ckpt_dir(config.workdir)
-  if config.distill.redistill:
-    if checkpoint.is_stale(ckpt_dir, job.record):
-      aside = checkpoint.set_aside(ckpt_dir, f'{ckpt_dir}.stale')
-      logging.warning('[%s] distilled from an older teacher: moved %s to %s, distilling again', job.title,
-                      ckpt_dir, aside)
+  _write_config(ckpt_dir, config)  # first: every process then sees the directory before a manager opens it
+  if config.distill.redistill and checkpoint.is_stale(ckpt_dir, job.record):
+    aside = checkpoint.set_aside(ckpt_dir, f'{ckpt_dir}.stale')
+    logging.warning('[%s] distilled from an older teacher: moved %s to %s, distilling again', job.title,
+                    ckpt_dir, aside)
+    _write_config(ckpt_dir, config)
   else:
     checkpoint.check_same_teacher(ckpt_dir, job.record)
-  _write_config(ckpt_dir, config)
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
                             make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,

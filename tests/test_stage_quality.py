@@ -31,7 +31,8 @@ class FakeCheckpoint:
     self.ckpt_dir, self.calls = ckpt_dir, calls
     self.record = {'num_classes': 4, 'x_shape': [2]}
 
-  def sample(self, *, sampler, num_steps, guidance_w, z_init, label, seed):
+  def sample(self, *, sampler, num_steps, guidance_w, z_init, label, seed, clip_x=False):
+    del clip_x
     self.calls.append(dict(ckpt=os.path.basename(self.ckpt_dir), sampler=sampler, steps=num_steps, w=guidance_w,
                            z_init=np.asarray(z_init), label=np.asarray(label), seed=seed))
     error = ERRORS[os.path.basename(self.ckpt_dir)] * (2.0 if sampler == 'stochastic' else 1.0)

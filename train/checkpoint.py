@@ -145,10 +145,10 @@ def is_stale(ckpt_dir: str, expected_record: dict) -> bool:
   Records name their teacher as {'dir', 'step', 'params_sha1'}; a record without one (a dry run, or a
   checkpoint written before records named teachers) is never stale.
   """
-  if latest_step(ckpt_dir) is None:
+  if expected_record.get('teacher') is None or latest_step(ckpt_dir) is None:
     return False
-  saved, expected = read_record(ckpt_dir).get('teacher'), expected_record.get('teacher')
-  return saved is not None and expected is not None and saved != expected
+  saved = read_record(ckpt_dir).get('teacher')
+  return saved is not None and saved != expected_record['teacher']
 
 
 def check_same_teacher(ckpt_dir: str, expected_record: dict) -> None:
