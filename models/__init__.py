@@ -16,34 +16,22 @@ def compute_dtype(model_config):
   return jnp.dtype(model_config.get('dtype', 'float32'))
 
 
+def _unet_fields(model_config) -> dict:
+  """The fields UNet and RefUNet share, from model_config."""
+  return dict(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
+              attn_resolutions=tuple(model_config.attn_resolutions), dropout=model_config.dropout,
+              num_groups=model_config.num_groups, num_heads=model_config.get('num_heads', 1))
+
+
 def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
   """Builds a UNet, RefUNet or MLPDenoiser from model_config (a ConfigDict with `name` in MODEL_NAMES)."""
   if model_config.name == 'unet':
-    return UNet(
-        num_classes=num_classes,
-        ch=model_config.ch,
-        ch_mult=tuple(model_config.ch_mult),
-        num_res_blocks=model_config.num_res_blocks,
-        attn_resolutions=tuple(model_config.attn_resolutions),
-        dropout=model_config.dropout,
-        num_groups=model_config.num_groups,
-        num_heads=model_config.get('num_heads', 1),
-        guidance_input=guidance_input,
-        dtype=compute_dtype(model_config))
+    return UNet(**_unet_fields(model_config), num_classes=num_classes, guidance_input=guidance_input,
+                dtype=compute_dtype(model_config))
   if model_config.name == 'ref_unet':
-    return RefUNet(
-        num_classes=num_classes,
-        ch=model_config.ch,
-        ch_mult=tuple(model_config.ch_mult),
-        num_res_blocks=model_config.num_res_blocks,
-        attn_resolutions=tuple(model_config.attn_resolutions),
-        dropout=model_config.dropout,
-        num_groups=model_config.num_groups,
-        num_heads=model_config.get('num_heads', 1),
-        head_dim=model_config.get('head_dim', 0),
-        resblock_resample=model_config.get('resblock_resample', True),
-        guidance_input=guidance_input,
-        dtype=compute_dtype(model_config))
+    return RefUNet(**_unet_fields(model_config), head_dim=model_config.get('head_dim', 0),
+                   resblock_resample=model_config.get('resblock_resample', True), num_classes=num_classes,
+                   guidance_input=guidance_input, dtype=compute_dtype(model_config))
   if model_config.name == 'mlp':
     return MLPDenoiser(
         num_classes=num_classes,

@@ -1,5 +1,16 @@
 """Shape and argument checks shared by the denoisers, raising ValueError with a clear message."""
 
+import jax.numpy as jnp
+
+
+def denoiser_inputs(z_t, logsnr_t, label, guidance_w, *, data_rank, guidance_input, model_name):
+  """(logsnr_t, guidance_w) as float32 arrays (guidance_w may be None), after check_denoiser_inputs."""
+  logsnr_t = jnp.asarray(logsnr_t, jnp.float32)
+  guidance_w = None if guidance_w is None else jnp.asarray(guidance_w, jnp.float32)
+  check_denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=data_rank, guidance_input=guidance_input,
+                        model_name=model_name)
+  return logsnr_t, guidance_w
+
 
 def check_denoiser_inputs(z_t, logsnr_t, label, guidance_w, *, data_rank, guidance_input, model_name):
   """Validates (z_t, logsnr_t, label, guidance_w) for a denoiser taking z_t of rank data_rank."""

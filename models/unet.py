@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.checks import check_denoiser_inputs
+from models.checks import denoiser_inputs
 from models.embeddings import conditioning_vector
 
 
@@ -99,10 +99,8 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, z_t, logsnr_t, label, guidance_w=None, *, train: bool):
-    logsnr_t = jnp.asarray(logsnr_t, jnp.float32)
-    guidance_w = None if guidance_w is None else jnp.asarray(guidance_w, jnp.float32)
-    check_denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=4,
-                          guidance_input=self.guidance_input, model_name='UNet')
+    logsnr_t, guidance_w = denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=4,
+                                           guidance_input=self.guidance_input, model_name='UNet')
     self._check_config(z_t.shape)
     emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
                               emb_dim=4 * self.ch, freq_dim=self.ch)  # [B, 4 * ch]
