@@ -1,8 +1,10 @@
-"""Prints the teacher's train steps/s and guided-DDIM sampling images/s for a config on this device.
+"""Prints the teacher's train steps/s, model FLOP/s and MFU, and guided-DDIM sampling images/s on this device.
 
   python benchmarks/teacher_speed.py --config=configs/digits_teacher.py [--steps=50 --sample_steps=64]
+  python benchmarks/teacher_speed.py --config=configs/cifar10_teacher.py --config.model.dtype=float32  # on a GPU/TPU
 
-Timing: every function is jitted and run once to compile, then timed with block_until_ready.
+Timing: every function is jitted and run once to compile, then timed with block_until_ready. FLOPs of a
+step are XLA's cost analysis of the lowered step (`train/profile.py`); MFU needs a device kind listed there.
 """
 
 import os
@@ -22,6 +24,7 @@ from models import count_params, init_params  # pylint: disable=wrong-import-pos
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
 from train.loop import ShardedStep  # pylint: disable=wrong-import-position
+from train import profile  # pylint: disable=wrong-import-position
 from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
@@ -55,6 +58,8 @@ def main(_):
     state, _ = step_fn(state, batch, None)
   jax.block_until_ready(state)
   train_sps = _STEPS.value / (time.perf_counter() - start)
+  utilisation = profile.utilisation(profile.step_flops(step_fn, state, batch, None), train_sps,
+                                    profile.peak_flops(dtype=config.model.dtype))
 
   denoise_fn = make_denoise_fn(model, parametrization=config.diffusion.parametrization, kind='guided',
                                num_classes=record['num_classes'])
@@ -70,7 +75,8 @@ def main(_):
     times.append(time.perf_counter() - start)
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})')
   print(f'model: {config.model.name}, {count_params(params):,} params, data {config.data.name} {record["x_shape"]}')
-  print(f'teacher train: {train_sps:.2f} steps/s at batch {batch_size} ({train_sps * batch_size:.0f} examples/s)')
+  print(f'teacher train ({config.model.dtype} compute): {train_sps:.2f} steps/s at batch {batch_size}'
+        f'{profile.describe({"examples_per_sec": train_sps * batch_size, **utilisation})}')
   print(f'teacher guided DDIM {_SAMPLE_STEPS.value} steps ({2 * _SAMPLE_STEPS.value} NFE): '
         f'{n / float(np.median(times)):.1f} images/s at batch {n}')
 

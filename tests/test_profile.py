@@ -45,3 +45,21 @@ def test_mfu_is_achieved_over_peak_flops_of_every_device():
   assert profile.utilisation(None, 110.0, peak) == {}
   assert profile.describe({'examples_per_sec': 1280.0}) == ' 1280 ex/s MFU n/a'
   assert profile.describe({'examples_per_sec': 1.0, **scalars}) == ' 1 ex/s 220.00 TFLOP/s MFU 20.0%'
+
+
+def test_step_flops_count_matmuls_and_convolutions_forward_and_backward():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a, b = jnp.ones((8, 16)), jnp.ones((16, 4))
+  assert profile.step_flops(jax.jit(lambda a, b: a @ b), a, b) == 2 * 8 * 16 * 4
+  x, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))  # [B, H, W, C], [kh, kw, C_in, C_out]
+  conv = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  forward = 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)  # 2 x outputs x taps x input channels
+  assert profile.step_flops(jax.jit(conv), x, kernel) == forward
+  grads = jax.jit(jax.grad(lambda x, kernel: conv(x, kernel).sum(), argnums=(0, 1)))
+  assert profile.step_flops(grads, x, kernel) == 3 * forward  # forward, input gradient, kernel gradient
+  scanned = jax.jit(lambda a, b: jax.lax.scan(lambda c, _: (c, c @ b), a, None, length=5)[1])
+  assert profile.step_flops(scanned, a, b) == 5 * 2 * 8 * 16 * 4
+  broken = types.SimpleNamespace(trace=lambda *args: (_ for _ in ()).throw(RuntimeError('no backend')))
+  assert profile.step_flops(broken, a, b) is None  # a missing figure never stops training

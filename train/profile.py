@@ -1,15 +1,17 @@
-"""How much of the chip a train step uses: XLA's FLOP count of the step, model FLOP/s, MFU, and traces.
+"""How much of the chip a train step uses: the FLOPs of the step, model FLOP/s, MFU, and traces.
 
-MFU = (FLOPs of one train step, from XLA's cost analysis of the lowered step) x (steps per second) /
+MFU = (FLOPs of one train step: the matmuls and convolutions of its traced program) x (steps per second) /
 (peak dense FLOP/s of one device at the model's compute dtype x number of devices). Peaks are the vendors'
 published figures for the device kinds below; on any other device (e.g. a CPU) MFU is "n/a" and only the
 achieved FLOP/s is reported (when the FLOP count is on).
 """
 
 import contextlib
+import math
 from typing import Optional
 
 import jax
+import jax.extend.core as jax_core
 from absl import logging
 
 # Peak dense FLOP/s per device: jax.Device.device_kind -> {compute dtype: FLOP/s}, from the vendors' data sheets
@@ -35,18 +37,43 @@ def peak_flops(devices=None, *, dtype: str = 'bfloat16') -> Optional[float]:
 
 
 def step_flops(jitted_step, *args) -> Optional[float]:
-  """FLOPs of one call of a jitted function on args (whole computation, all devices), from XLA's cost analysis.
+  """FLOPs of one call of a jitted function on args (whole computation, all devices): its matmuls and convolutions.
 
-  Lowers the step again (tracing, no compile); None when the backend reports no count.
+  Counted on the traced program (`jaxpr_flops`), the same on every backend: XLA's own cost analysis counts
+  nothing on a GPU before compiling, and after compiling misses the convolutions it hands to cuDNN. None when
+  the step cannot be traced.
   """
   try:
-    cost = jitted_step.lower(*args).cost_analysis()
+    flops = jaxpr_flops(jitted_step.trace(*args).jaxpr.jaxpr)
   except Exception as err:  # pylint: disable=broad-except  (a missing figure must not stop training)
     logging.warning('no FLOP count for the train step: %s', err)
     return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = (cost or {}).get('flops')
-  return float(flops) if flops and flops > 0 else None
+  return flops or None
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """2 x multiply-adds of every dot_general and conv_general_dilated in a jaxpr and the jaxprs inside it.
+
+  The model-FLOPs convention of MFU: elementwise work, normalisation and softmax are not counted. A scan's
+  body counts `length` times, a cond its costliest branch, a while loop's body once (its trip count is data).
+  """
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'dot_general':
+      (contracting, _), _ = eqn.params['dimension_numbers']
+      lhs_shape = eqn.invars[0].aval.shape
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in contracting)
+    elif name == 'conv_general_dilated':
+      rhs_shape, rhs_spec = eqn.invars[1].aval.shape, eqn.params['dimension_numbers'].rhs_spec
+      per_output = rhs_shape[rhs_spec[1]] * math.prod(rhs_shape[d] for d in rhs_spec[2:])  # in-features x taps
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
+    inner = [jaxpr_flops(sub) for sub in jax_core.jaxprs_in_params(eqn.params)]
+    if name == 'cond':
+      total += max(inner, default=0.0)
+    else:
+      total += sum(inner) * (eqn.params['length'] if name == 'scan' else 1)
+  return total
 
 
 def utilisation(flops_per_step: Optional[float], steps_per_sec: float, peak: Optional[float]) -> dict:
