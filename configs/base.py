@@ -29,13 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Teacher: class-conditional, label dropout (p_uncond) makes it unconditional too.
   config.train = _optimizer(ema_decay=0.9999, p_uncond=0.1)
-  # Guidance weights w ~ U[w_min, w_max] for stage 1 and stage 2.
+  # Guidance weights w ~ U[w_min, w_max] for stage 1 and stage 2; w_zero_fraction of each batch at w = 0 exactly
+  # (the teacher's conditional model, where stage 1 starts).
   # dropout: the students' (stage 1, stage 2, encoder) U-Net dropout; -1 keeps the teacher's model.dropout.
   # allow_incomplete_teacher: distill from a teacher whose training stopped early (refused otherwise).
   # redistill: a student whose teacher changed since it was distilled is set aside (*.stale) and distilled
   # again (refused otherwise).
-  config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, dropout=-1.0,
-                                                  allow_incomplete_teacher=False, redistill=False))
+  config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, w_zero_fraction=0.0,
+                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False))
   # lr_scales: lr factors of top-level parameter keys ('guidance_embed': the fresh w-embedding).
   config.stage1 = _optimizer(lr_scales=ml_collections.ConfigDict({'guidance_embed': 1.0}))
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.

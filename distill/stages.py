@@ -190,7 +190,8 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
                                     num_classes=teacher_record['num_classes'])
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
-                                      w_max=config.distill.w_max, **_loss_kwargs(config))
+                                      w_max=config.distill.w_max, w_zero_fraction=config.distill.w_zero_fraction,
+                                      **_loss_kwargs(config))
   return TrainingJob('stage1', record, config.stage1, loss_fn, stage1_init_params(teacher_params, fresh),
                      seed_offset=1, frozen={'teacher_params': teacher_params})
 
@@ -221,7 +222,7 @@ def _halving_loss_fn(config, stage, teacher, teacher_denoise):
   if stage == 'stage2':
     return objectives.stage2_loss_fn(teacher, teacher_denoise, fine_grid=config.stage2.fine_grid,
                                      off_grid_fraction=config.stage2.off_grid_fraction,
-                                     weighting=config.diffusion.loss_weighting, **kwargs)
+                                     w_zero_fraction=config.distill.w_zero_fraction, weighting=config.diffusion.loss_weighting, **kwargs)
   return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
 
 

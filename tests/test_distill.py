@@ -66,6 +66,17 @@ def test_stage2_times_off_grid_fraction(fraction):
   assert set(np.round(np.asarray(t_coarse) * 8).astype(int)) == {2, 4, 6, 8}
 
 
+@pytest.mark.parametrize('fraction', [0.0, 0.2])
+def test_guidance_w_draw_puts_w_zero_fraction_at_exactly_zero(fraction):
+  guidance_w = np.asarray(objectives._sample_w(jax.random.key(3), 20000, 1.0, 4.0, fraction))  # pylint: disable=protected-access
+  at_zero = guidance_w == 0.0
+  assert abs(at_zero.mean() - fraction) < 0.01
+  rest = guidance_w[~at_zero]
+  assert rest.min() >= 1.0 and rest.max() <= 4.0 and abs(rest.mean() - 2.5) < 0.03  # U[1, 4] elsewhere
+  if fraction == 0.0:  # the default draws exactly what earlier versions drew: old runs reproduce
+    np.testing.assert_array_equal(guidance_w, jax.random.uniform(jax.random.key(3), (20000,), minval=1.0, maxval=4.0))
+
+
 def _guided_samples(ckpt_dir, *, sampler, steps, w, n_per_class=512, seed=7):
   loaded = LoadedCheckpoint(ckpt_dir)
   label = jnp.repeat(jnp.arange(4, dtype=jnp.int32), n_per_class)
