@@ -1,7 +1,7 @@
 """The embedded default: scikit-learn's 8x8 digits, a small U-Net; the whole pipeline runs on a CPU.
 
   python main.py --config=configs/digits_teacher.py --mode=teacher      # ~4 min on 2 CPU cores
-  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~11 min: every stage, the
+  python main.py --config=configs/digits_teacher.py --mode=pipeline     # 11-15 min: every stage, the
                                                                         # quality-lost-per-stage table, samples
 
 The recipe was chosen by measurement (README, "Choosing the digits recipe"): a 24-channel U-Net (about half
