@@ -134,7 +134,7 @@ def encoder_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, 
     t = i.astype(jnp.float32) / student_steps
     logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t + 0.5 / student_steps), logsnr_fn(t + 1.0 / student_steps)
     z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
-    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction)
+    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)
     z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
                               logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
     v_target = v_target_between(z_t=z_t, z_s=z_end, logsnr_t=logsnr_t, logsnr_s=logsnr_end)
