@@ -17,14 +17,13 @@ Optimizer as the published base config (batch 128, Adam 2e-4 with 1k warmup, wei
 grad clip 1, truncated-SNR loss). Distillation: batch 128, lr 5e-5 annealed linearly to 0 within each
 50k-iteration round, no EMA, no dropout, 8192 -> 1 steps.
 
-Expected cost: not yet re-estimated for 'ref_unet'. For the earlier 'unet' network (47.7M params,
-`python benchmarks/paper_scale_budget.py`: XLA's compile-time estimates on the CPU, not measured on an
-accelerator; time at 40% of 156 TFLOP/s, an A100's TF32 peak) 16 examples per device needed about 3.3 GiB
-per device; the teacher was 0.096 TFLOP per example-step, about 22 device-hours for 400k steps; stage 1
-about 5, stage 2 (13 rounds of 50k) about 59 device-hours. Rerun the benchmark for the current numbers.
+Expected cost (`python benchmarks/paper_scale_budget.py --peak_tflops=989 --utilization=0.35`: XLA's compile-time
+estimates on the CPU, time at the 35% MFU measured on one H200 in bf16): 16 examples per device need about
+3.7 GiB per device; the teacher is 0.103 TFLOP per example-step, about 4 device-hours for 400k steps (measured on
+one H200: 24.95 steps/s, 4.5 hours); stage 1 about 1, stage 2 (13 rounds of 50k) about 11 device-hours.
 Multi-host: the same command on every host with `--multihost` (TPU pods, SLURM) or
 `--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (README, "Multi-host").
-Not run here (no accelerator, no data); with 'ref_unet' only shape-checked (tests/test_ref_unet.py).
+Not trained here (no data); its teacher step ran on one H200 on synthetic data (README, 'Paper scale').
 """
 
 from configs import base

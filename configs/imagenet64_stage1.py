@@ -3,7 +3,7 @@
   python main.py --config=configs/imagenet64_stage1.py --mode=distill --config.data.tfds_data_dir=DIR
   python main.py --config=configs/imagenet64_stage1.py --mode=distill --dry_run   # one step on any machine
 
-Expected cost: ~17 GiB per device at 16 examples per device, ~430 device-hours (estimates, see imagenet64_teacher.py).
+Expected cost: ~26 GiB per device at 16 examples per device, ~90 device-hours (estimates, see imagenet64_teacher.py).
 Multi-host: add --multihost on every host (README, "Multi-host").
 """
 

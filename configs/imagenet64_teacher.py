@@ -16,15 +16,14 @@ compute (params float32), label dropout 0.1 for guidance, and teacher lr 1e-4 (t
 Distillation follows the published settings: batch 2048, lr 1e-4 annealed linearly to 0 within each
 50k-iteration round, no dropout, 1024 -> 1 steps.
 
-Expected cost: not yet re-estimated for 'ref_unet'. For the earlier 'unet' network (265.7M params,
-`python benchmarks/paper_scale_budget.py --configs=imagenet64_teacher --per_device_batch=N`: XLA's compile-time
-estimates on the CPU, not measured on an accelerator; time at 40% of 156 TFLOP/s per device) 16 examples per
-device needed about 17 GiB per device, 32 about 28.5 GiB (teacher) and 27 GiB (stage 1); the teacher was 0.57
-TFLOP per example-step, about 2,600 device-hours for 500k steps; stage 1 about 430, stage 2 (10 rounds of
-50k) about 4,300 device-hours. Rerun the benchmark for the current numbers. Multi-host: run the same command
+Expected cost (`python benchmarks/paper_scale_budget.py --peak_tflops=989 --utilization=0.35`: XLA's compile-time
+estimates on the CPU, time at the 35% MFU measured on one H200 for the CIFAR-10 teacher): 16 examples per device
+need about 26 GiB per device (teacher and stage 1) and 27 GiB (stage 2); the teacher is 0.64 TFLOP per
+example-step, about 520 device-hours for 500k steps; stage 1 about 90, stage 2 (10 rounds of 50k) about 870
+device-hours. Multi-host: run the same command
 on every host/TPU worker with --multihost, or with --coordinator_address/--num_processes/--process_id
 (README, "Multi-host").
-Not run here (no accelerator, no data); with 'ref_unet' only shape-checked (tests/test_ref_unet.py).
+Not run here (no data); on one H200 its compile did not finish within 170 s (README, 'Paper scale').
 """
 
 from configs import base
