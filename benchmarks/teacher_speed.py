@@ -4,7 +4,7 @@
   python benchmarks/teacher_speed.py --config=configs/cifar10_teacher.py --config.model.dtype=float32  # on a GPU/TPU
 
 Timing: every function is jitted and run once to compile, then timed with block_until_ready. FLOPs of a
-step are XLA's cost analysis of the lowered step (`train/profile.py`); MFU needs a device kind listed there.
+step are the matmuls and convolutions of its traced program (`train/profile.py`); MFU needs a device kind listed there.
 """
 
 import os

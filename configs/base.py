@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
       eval_ws=(0.0, 1.0, 4.0), eval_images=100, out_dir=''))
 
   # Every training stage: a profiler trace of num_steps steps from start_step into its log folder (0 = none;
-  # TensorBoard's profile plugin or Perfetto read it); flops: log XLA's FLOP count of the step as
+  # TensorBoard's profile plugin or Perfetto read it); flops: log the step's FLOPs (matmuls, convolutions) as
   # model_flops_per_sec and, on known accelerators, mfu ('auto': on accelerators only, 'on', 'off').
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0, flops='auto'))
 

@@ -131,7 +131,7 @@ def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
 
 
 def _step_flops(sharded: ShardedStep, state, frozen, section, record: dict, profile) -> Optional[float]:
-  """XLA's FLOP count of one train step when profile.flops asks for it ('auto': on accelerators only)."""
+  """FLOPs of one train step (`profile.step_flops`) when profile.flops asks for it ('auto': accelerators only)."""
   if profile is None or 'x_shape' not in record:
     return None
   if not (profile.flops == 'on' or (profile.flops == 'auto' and jax.default_backend() != 'cpu')):
