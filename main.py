@@ -84,7 +84,7 @@ def main(argv):
 
 
 def run():
-  """Runs main; expected errors (bad config, data, checkpoint) exit 1 with one line, no traceback.
+  """Runs main; expected errors (bad config, data, checkpoint, out of memory) exit 1 with one line, no traceback.
 
   A run stopped by SIGTERM (pre-emption) saves a checkpoint and exits PREEMPTED_EXIT_CODE with one line.
   """
@@ -94,7 +94,7 @@ def run():
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
-  from train.loop import NonFiniteError, Preempted  # pylint: disable=g-import-not-at-top
+  from train.loop import NonFiniteError, OutOfMemoryError, Preempted  # pylint: disable=g-import-not-at-top
   app.define_help_flags()
   try:
     argv = flags.FLAGS(sys.argv)  # parsed here, once, so a bad --config.* override gets one line, no traceback
@@ -115,7 +115,8 @@ def run():
     sys.exit(1)
   try:
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
-  except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, WeightsError, WorkdirLocked) as err:
+  except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, OutOfMemoryError, WeightsError,
+          WorkdirLocked) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)
   except Preempted as err:

@@ -17,7 +17,7 @@ import data
 from distill import stages
 from models import count_params, init_params
 from modes.validation import ConfigError
-from train.loop import NonFiniteError, ShardedStep, per_host_batch_size
+from train.loop import NonFiniteError, ShardedStep, config_section, out_of_memory_as_error, per_host_batch_size
 
 # The stages of the method a --mode trains (pipeline: all of them).
 MODE_STAGES = {'teacher': ('teacher',), 'stage1': ('stage1',), 'stage2': ('stage2',), 'encoder': ('encoder',),
@@ -94,25 +94,60 @@ def _tflops(compiled) -> float:
     return float('nan')
 
 
-def dry_run_stage(config, stage: str, *, batch_size: int) -> dict:
-  """One sharded train step of `stage` on one batch of size batch_size; returns what it measured."""
-  job = build_job(config, stage)
+def _starts_from_teacher(job: stages.TrainingJob) -> bool:
+  """Whether the student's initial params hold every array of its teacher's: stage 1 and the halving stages."""
+  teacher = (job.frozen or {}).get('teacher_params')
+  return teacher is not None and all(job.params.get(name) is value for name, value in teacher.items())
+
+
+def loss_note(loss: float, starts_from_teacher: bool) -> str:
+  """Why a first loss that prints as 0.0000 is expected, or ''.
+
+  A student starting from its teacher's weights already matches it: at stage 2's 8192 -> 4096 steps one student
+  step all but equals two teacher steps, and a freshly initialised reference U-Net outputs exactly 0 (zero
+  output conv), so stage 1's guided target equals the student's output.
+  """
+  if not starts_from_teacher or f'{loss:.4f}' != '0.0000':  # as the dry run prints it
+    return ''
+  return " (expected: the student starts from its stand-in teacher's weights)"
+
+
+def _step(config, stage: str, job: stages.TrainingJob, batch_size: int, measured: dict) -> dict:
+  """Shards, compiles (into measured['compiled']) and runs one step of job; returns its result."""
   section = job.section.copy_and_resolve_references()
   section.batch_size = batch_size
   sharded = ShardedStep(job.loss_fn, section)
+  starts_from_teacher = _starts_from_teacher(job)
   state = sharded.init_state(job.params, seed=config.seed)
   batch = sharded.global_batch(_one_batch(config, batch_size))
   frozen = sharded.put_frozen(job.frozen)
   start = time.time()
-  compiled = sharded.step_fn.lower(state, batch, frozen).compile()
+  compiled = measured['compiled'] = sharded.step_fn.lower(state, batch, frozen).compile()
   compile_seconds = time.time() - start
   start = time.time()
   state, metrics = compiled(state, batch, frozen)
   loss = float(jax.block_until_ready(metrics['loss']))
-  result = dict(stage=stage, title=job.title, params=count_params(job.params), batch=tuple(batch['x'].shape),
-                loss=loss, compile_seconds=compile_seconds, step_seconds=time.time() - start,
-                memory_gib=_memory_gib(compiled), tflops=_tflops(compiled),
-                skipped=int(jax.device_get(state.num_skipped)))
+  return dict(stage=stage, title=job.title, params=count_params(job.params),
+              batch=tuple(batch['x'].shape), loss=loss, loss_note=loss_note(loss, starts_from_teacher),
+              compile_seconds=compile_seconds, step_seconds=time.time() - start, memory_gib=_memory_gib(compiled),
+              tflops=_tflops(compiled), skipped=int(jax.device_get(state.num_skipped)))
+
+
+def dry_run_stage(config, stage: str, *, batch_size: int) -> dict:
+  """One sharded train step of `stage` on one batch of size batch_size; returns what it measured.
+
+  Out of device memory, it raises OutOfMemoryError: one line with XLA's estimate and the batch to lower.
+  """
+  job = build_job(config, stage)
+  measured = {}  # the compiled step, once there is one: XLA's memory estimate for an out-of-memory message
+
+  def memory_gib():
+    return _memory_gib(measured['compiled']) if 'compiled' in measured else float('nan')
+
+  with out_of_memory_as_error(f'[dry run] {job.title}', section=config_section(stage), batch_size=batch_size,
+                              dry_run=True, memory_gib=memory_gib):
+    result = _step(config, stage, job, batch_size, measured)
+  loss = result['loss']
   if result['skipped'] or not math.isfinite(loss):
     raise NonFiniteError(f'dry run of {job.title}: the step was not finite (loss {loss}); check the config\'s lr '
                          'and data')
@@ -125,9 +160,9 @@ def run_dry_run(config, mode: str, *, batch_size: int = 0) -> list[dict]:
   results = []
   for stage in stages_of(config, mode):
     result = dry_run_stage(config, stage, batch_size=batch_size)
-    logging.info('[dry run] %s: %.1fM params, batch %s on %d %s device(s), loss %.4f, compile %.1f s, step %.2f s, '
+    logging.info('[dry run] %s: %.1fM params, batch %s on %d %s device(s), loss %.4f%s, compile %.1f s, step %.2f s, '
                  'XLA estimates: %.3g GiB per device, %.3g TFLOP per step', result['title'], result['params'] / 1e6,
-                 result['batch'], jax.device_count(), jax.default_backend(), result['loss'],
+                 result['batch'], jax.device_count(), jax.default_backend(), result['loss'], result['loss_note'],
                  result['compile_seconds'], result['step_seconds'], result['memory_gib'], result['tflops'])
     results.append(result)
   logging.info('[dry run] %s: every stage of --mode=%s builds, shards and steps', config.workdir, mode)

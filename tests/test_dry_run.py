@@ -5,12 +5,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import tiny_config
 from modes import dry_run
 from modes.validation import ConfigError
+from train.loop import OutOfMemoryError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each paper-scale config with the mode its docstring's command runs.
@@ -27,6 +29,7 @@ def test_tiny_pipeline_dry_run_steps_every_stage_and_writes_nothing(tmp_path):
   for result in results:
     assert np.isfinite(result['loss']) and result['loss'] > 0 and result['skipped'] == 0
     assert result['batch'][0] == 1 and result['params'] > 0
+    assert result['loss_note'] == ''  # the loss is not 0.0000: nothing to explain
   assert [r['title'] for r in dry_run.run_dry_run(config, 'encoder', batch_size=4)] == ['encoder 4->2 steps']
   assert not (tmp_path / 'run').exists()
 
@@ -37,6 +40,62 @@ def test_estimates_compile_without_running_and_scale_with_the_batch(tmp_path):
   assert small['title'] == 'stage2 4->2 steps' and small['params'] == large['params'] > 0
   assert 0 < small['tflops'] < large['tflops'] and 0 < small['memory_gib'] < large['memory_gib']
   assert large['tflops'] / small['tflops'] > 2  # the step's work grows with the batch; the params do not
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_zero_first_loss_of_a_student_starting_from_its_teacher_says_it_is_expected(tmp_path):
+  config = tiny_config(tmp_path / 'run')
+  config.stage2.update(start_steps=8192, final_steps=4096)  # one student step all but equals two teacher steps
+  result = dry_run.dry_run_stage(config, 'stage2', batch_size=1)
+  assert f"loss {result['loss']:.4f}{result['loss_note']}" == (
+      "loss 0.0000 (expected: the student starts from its stand-in teacher's weights)")
+  assert dry_run.loss_note(0.0, starts_from_teacher=False) == ''  # the teacher: a zero loss would be news
+  assert dry_run.loss_note(0.0012, starts_from_teacher=True) == ''
+
+
+def _oom(*args, **kwargs):
+  del args, kwargs
+  raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.54GiB.\n...')
+
+
+def test_a_dry_run_out_of_memory_is_one_line_with_the_estimate_and_the_batch_to_lower(tmp_path, monkeypatch):
+  monkeypatch.setattr(dry_run, '_tflops', _oom)  # as if the compiled step ran out of memory
+  devices = jax.device_count()
+  with pytest.raises(OutOfMemoryError) as caught:
+    dry_run.run_dry_run(tiny_config(tmp_path / 'run'), 'teacher', batch_size=4 * devices)
+  message = str(caught.value)
+  assert '\n' not in message and message.startswith(
+      f'[dry run] teacher: out of device memory at global batch {4 * devices} (4 per device on {devices} ')
+  assert ' GiB per device for the step; ' in message and 'XLA estimates ' in message
+  assert message.endswith(f'lower the batch per device: --config.train.batch_size={2 * devices} '
+                          f'(--dry_run_batch_size={2 * devices} to check it), or run on more devices')
+  assert not (tmp_path / 'run').exists()
+
+
+_MAIN_OUT_OF_MEMORY = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from modes import dry_run
+from test_dry_run import _oom
+dry_run._one_batch = _oom
+sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=teacher', '--dry_run', '--cpu_devices=1',
+            '--dry_run_batch_size=8', '--config.workdir={workdir}']
+import main
+main.run()
+"""
+
+
+def test_main_prints_a_dry_run_out_of_memory_as_one_error_line(tmp_path):
+  script = _MAIN_OUT_OF_MEMORY.format(repo=REPO, tests=os.path.dirname(os.path.abspath(__file__)),
+                                      workdir=tmp_path / 'run')
+  proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert errors == ['error: [dry run] teacher: out of device memory at global batch 8 (8 per device on 1 cpu device); '
+                    'XLA gave no memory estimate of the step; lower the batch per device: '
+                    '--config.train.batch_size=4 (--dry_run_batch_size=4 to check it), or run on more devices'], \
+      proc.stderr[-3000:]
   assert not (tmp_path / 'run').exists()
 
 

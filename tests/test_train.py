@@ -211,3 +211,53 @@ def test_lr_scales_multiply_the_learning_rate_of_one_top_level_key():
   np.testing.assert_allclose(updates['guidance_embed']['kernel'], 10 * plain_updates['guidance_embed']['kernel'],
                              rtol=1e-5)
   assert float(jnp.abs(plain_updates['conv']['kernel'][0])) > 0
+
+
+@pytest.mark.parametrize('err, expected', [
+    (jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.'), True),
+    (jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.'), True),
+    (RuntimeError('INTERNAL: Failed to allocate: CUDA_ERROR_OUT_OF_MEMORY: out of memory'), True),
+    (jax.errors.JaxRuntimeError('INVALID_ARGUMENT: shapes do not match'), False),
+    (RuntimeError('INTERNAL: cuDNN failed'), False),
+    (ValueError('out of memory'), False),  # not XLA's runtime error
+])
+def test_is_out_of_memory_matches_xla_out_of_memory_errors_only(err, expected):
+  from train.loop import is_out_of_memory  # pylint: disable=g-import-not-at-top
+  assert is_out_of_memory(err) is expected
+
+
+def _train_raising(tmp_path, err, stage='stage2'):
+  """run_training of a tiny section whose first batch raises err, as a step out of device memory would."""
+  from train.loop import run_training  # pylint: disable=g-import-not-at-top
+  section = tiny_config(tmp_path).stage2
+
+  def make_batches(start):
+    del start
+    raise err
+    yield  # pylint: disable=unreachable
+
+  run_training(title=f'{stage} 4->2 steps', loss_fn=lambda params, batch, rng, frozen: (jnp.sum(params['w']), {}),
+               params={'w': jnp.zeros(3)}, section=section, ckpt_dir=str(tmp_path / 'ckpt'),
+               record={'stage': stage}, make_batches=make_batches, seed=0)
+
+
+def test_a_train_step_out_of_memory_is_one_line_naming_the_batch_to_lower(tmp_path):
+  from train.loop import OutOfMemoryError  # pylint: disable=g-import-not-at-top
+  oom = jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.\n'
+                                   'BufferAssignment OOM Debugging.\n...')
+  with pytest.raises(OutOfMemoryError) as caught:
+    _train_raising(tmp_path, oom)
+  message, devices = str(caught.value), jax.device_count()
+  assert '\n' not in message and caught.value.__cause__ is oom
+  assert message.startswith(f'[stage2 4->2 steps] train step: out of device memory at global batch 64 '
+                            f'({64 // devices} per device on {devices} ')
+  assert '--dry_run --dry_run_batch_size=64' in message  # where XLA's memory estimate is
+  assert message.endswith(f'lower the batch per device: --config.stage2.batch_size={64 // devices // 2 * devices}, '
+                          'or run on more devices')
+
+
+def test_other_runtime_errors_of_a_train_step_pass_unchanged(tmp_path):
+  other = jax.errors.JaxRuntimeError('INTERNAL: something else')
+  with pytest.raises(jax.errors.JaxRuntimeError) as caught:
+    _train_raising(tmp_path, other)
+  assert caught.value is other

@@ -78,6 +78,67 @@ class NonFiniteError(ValueError):
   """More than max_nonfinite_steps consecutive updates had a non-finite loss or gradient."""
 
 
+class OutOfMemoryError(ValueError):
+  """A train step needed more device memory than the devices have; the message says which batch to lower."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+  """Whether err is XLA's out-of-device-memory error: RESOURCE_EXHAUSTED, 'Out of memory', CUDA's OUT_OF_MEMORY."""
+  text = str(err).lower().replace('_', ' ')
+  return isinstance(err, RuntimeError) and ('resource exhausted' in text or 'out of memory' in text)
+
+
+def config_section(stage: str) -> str:
+  """The config section holding a stage's batch_size and optimizer: 'train' for the teacher."""
+  return 'train' if stage == 'teacher' else stage
+
+
+def _devices_text() -> str:
+  """'8 NVIDIA H100 80GB HBM3 devices; 59.6 GiB usable each' (JAX's allocator limit, where the backend has one)."""
+  count, device = jax.device_count(), jax.local_devices()[0]
+  text = f'{count} {device.device_kind} device{"s" if count > 1 else ""}'
+  try:
+    limit = (device.memory_stats() or {}).get('bytes_limit')
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    limit = None
+  return f'{text}; {limit / 2**30:.3g} GiB usable each' if limit else text
+
+
+def out_of_memory_message(where: str, *, section: str, batch_size: int, memory_gib: float = float('nan'),
+                          dry_run: bool = False) -> str:
+  """One line: where, the global and per-device batch, the devices, XLA's memory estimate, what to lower."""
+  per_device, count = batch_size // jax.device_count(), jax.device_count()
+  line = (f'{where}: out of device memory at global batch {batch_size} ({per_device} per device on '
+          f'{_devices_text()}); ')
+  if memory_gib == memory_gib:  # not nan
+    line += f'XLA estimates {memory_gib:.3g} GiB per device for the step; '
+  elif dry_run:
+    line += 'XLA gave no memory estimate of the step; '
+  else:
+    line += f'for XLA\'s memory estimate of the step add --dry_run --dry_run_batch_size={batch_size}; '
+  if per_device <= 1:
+    return line + 'even 1 example per device does not fit: use devices with more memory or a smaller model'
+  lower = per_device // 2 * count
+  check = f' (--dry_run_batch_size={lower} to check it)' if dry_run else ''
+  return line + f'lower the batch per device: --config.{section}.batch_size={lower}{check}, or run on more devices'
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(where: str, *, section: str, batch_size: int, dry_run: bool = False,
+                           memory_gib: Callable[[], float] = lambda: float('nan')):
+  """Turns XLA's out-of-memory error inside into an OutOfMemoryError of one line; other errors pass unchanged.
+
+  memory_gib() gives XLA's per-device estimate of the step where it is at hand (nan: none).
+  """
+  try:
+    yield
+  except RuntimeError as err:
+    if not is_out_of_memory(err):
+      raise
+    raise OutOfMemoryError(out_of_memory_message(where, section=section, batch_size=batch_size,
+                                                 memory_gib=memory_gib(), dry_run=dry_run)) from err
+
+
 class ShardedStep:
   """The jitted, data-parallel train step of one section: state replicated, batch split along 'data'."""
 
@@ -150,9 +211,10 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
   passed to every step but never optimised or saved. Returns the final state and the scalars of the
   last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
-  and raises Preempted. Runs with the same step_key (a hashable naming what loss_fn computes) reuse
-  one compiled step. profile (config.profile, optional) turns on a trace of some steps into logdir and the
-  FLOP count behind the logged model_flops_per_sec and mfu.
+  and raises Preempted; a step out of device memory raises OutOfMemoryError (one line). Runs with the same
+  step_key (a hashable naming what loss_fn computes) reuse one compiled step. profile (config.profile,
+  optional) turns on a trace of some steps into logdir and the FLOP count behind the logged
+  model_flops_per_sec and mfu.
   """
   checkpoint.check_not_all_set_aside(ckpt_dir)
   sharded = _sharded_step(loss_fn, section, step_key)
@@ -174,7 +236,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile),
                        profile_lib.peak_flops(dtype=dtype), tracer)
     try:
-      with watch_preemption(manager) as preempted:
+      with watch_preemption(manager) as preempted, out_of_memory_as_error(
+          f'[{title}] train step', section=config_section(record['stage']), batch_size=section.batch_size):
         return _train_steps(title, sharded, state, section, manager, record, make_batches, frozen, writer,
                             preempted, monitor)
     finally:
