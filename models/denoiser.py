@@ -21,8 +21,13 @@ def _pairs(a, b):
   return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
 
 
+@functools.lru_cache(maxsize=None)
 def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int):
-  """Returns denoise_fn(params, z_t [B, ...], logsnr_t [B], label [B], guidance_w [B]) -> (x, eps)."""
+  """Returns denoise_fn(params, z_t [B, ...], logsnr_t [B], label [B], guidance_w [B]) -> (x, eps).
+
+  Cached: equal networks (flax modules compare by their fields) get the same function, so the checkpoints of
+  one architecture (stage 1 and every stage-2 round) share their jitted sampler programs within a process.
+  """
   if kind not in DENOISER_KINDS:
     raise ValueError(f"unknown denoiser kind '{kind}'; choose one of: {', '.join(DENOISER_KINDS)}")
 

@@ -297,3 +297,24 @@ def test_build_model_from_config():
 def test_build_model_unknown_name():
   with pytest.raises(ValueError, match=r"^unknown model.name 'x'; choose one of: mlp, unet, ref_unet$"):
     build_model(ml_collections.ConfigDict(dict(name='x')), num_classes=NUM_CLASSES, guidance_input=False)
+
+
+def test_equal_networks_share_one_denoiser_and_sampler_program():
+  """Checkpoints of one architecture (every stage-2 round) reuse one jitted sampler: compiled once per shape."""
+  from diffusion import get_logsnr_schedule  # pylint: disable=g-import-not-at-top
+  from models.denoiser import make_denoise_fn  # pylint: disable=g-import-not-at-top
+  from samplers import make_sampler  # pylint: disable=g-import-not-at-top
+  from samplers import _sampler_program  # pylint: disable=g-import-not-at-top
+  make = lambda model, kind='w_input': make_denoise_fn(model, parametrization='v', kind=kind, num_classes=3)
+  net = functools.partial(MLPDenoiser, num_classes=3, guidance_input=True)
+  first, second = net(hidden=16), net(hidden=16)
+  assert first is not second and make(first) is make(second)
+  assert make(first) is not make(net(hidden=32))
+  assert make(first) is not make(first, kind='conditional')
+  logsnr_fn = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
+  params = [init_params(m, rng=jax.random.key(i), x_shape=(2,), guidance_input=True) for i, m in enumerate((first, second))]
+  z_init, label, w = jnp.ones((4, 2)), jnp.arange(4, dtype=jnp.int32) % 3, jnp.ones((4,))
+  outputs = [make_sampler('ddim', make(m), num_steps=n, logsnr_fn=logsnr_fn)(p, z_init, label, w, jax.random.key(0))
+             for m, p, n in ((first, params[0], 4), (second, params[1], 2))]
+  assert not np.allclose(outputs[0], outputs[1])  # different params and step counts, one program
+  assert _sampler_program('ddim', make(first), logsnr_fn, 'small')._cache_size() == 1
