@@ -59,19 +59,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0, flops='auto'))
 
   # clip_x: clip each sampling step's x prediction to [-1, 1] (the reference samplers' default).
+  # ddpm_variance: the DDPM sampler's step variance, 'small' (the posterior's) or 'large' (sigma_{t|s}^2).
   config.sample = ml_collections.ConfigDict(dict(
-      checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir='', clip_x=False))
+      checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir='', clip_x=False,
+      ddpm_variance='small'))
   # quality_samples: samples per guidance weight of the "quality lost per stage" table (0 = off); stage 1 is
   # compared with the guided teacher at quality_steps DDIM steps.
   config.pipeline = ml_collections.ConfigDict(dict(
       guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1, quality_steps=64,
       quality_samples=0))
   # --mode=fid: features from 'inception' (weights file at inception_path) or the embedded 'classifier'.
-  # clip_x: sample with x predictions clipped to [-1, 1] for --mode=fid, the pipeline's grids and its table.
+  # Protocol options (README, "Evaluation protocol"). clip_x: sample with x predictions clipped to [-1, 1] for
+  # --mode=fid, the pipeline's grids and its table; quantize_uint8: round samples and real images to the 256
+  # uint8 levels before the feature extractor (--mode=fid, the pipeline's table); ddpm_variance: as
+  # sample.ddpm_variance, for the DDPM rows of --mode=fid.
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
       stage1_steps=(),
       student_steps=(1, 2, 4, 8, 16), seed=2, reference_split='train', reference_examples=50_000, out_dir='',
-      clip_x=False))
+      clip_x=False, quantize_uint8=False, ddpm_variance='small'))
   return config

@@ -48,5 +48,7 @@ def get_config():
                        start_steps=8192, final_steps=1, log_every=500, checkpoint_every=10_000)
   config.pipeline.teacher_steps = (4, 8, 256)
   config.eval.clip_x = config.sample.clip_x = True  # as the reference samplers: x predictions clipped to [-1, 1]
+  config.eval.quantize_uint8 = True  # FID of 8-bit images, as from saved samples (README, "Evaluation protocol")
+  config.eval.ddpm_variance = config.sample.ddpm_variance = 'large'  # the reference's logvar_type 'fixed_large'
   validate_config(config)
   return config

@@ -46,5 +46,8 @@ def get_config():
                        start_steps=1024, final_steps=1, log_every=500, checkpoint_every=5_000)
   config.pipeline.teacher_steps = (4, 8, 256)
   config.eval.clip_x = config.sample.clip_x = True  # as the reference samplers: x predictions clipped to [-1, 1]
+  config.eval.quantize_uint8 = True  # FID of 8-bit images, as from saved samples (README, "Evaluation protocol")
+  config.eval.ddpm_variance = config.sample.ddpm_variance = 'large'  # the reference's logvar_type 'fixed_large'
+  config.eval.teacher_steps = (1024, 256, 8, 4)  # 1024: the paper's reference teacher (DDIM, 1024 steps)
   validate_config(config)
   return config

@@ -18,16 +18,34 @@ def ddim_step(*, x_pred, eps_pred, logsnr_s):
   return expand_like(alpha_s, x_pred) * x_pred + expand_like(sigma_s, x_pred) * eps_pred
 
 
-def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s):
-  """Mean and std of q(z_s | z_t, x = x_pred) for s < t (ancestral sampling)."""
+def ddpm_small_variance(*, logsnr_t, logsnr_s):
+  """Var of q(z_s | z_t, x), s < t: sigma_{t|s}^2 sigma_s^2 / sigma_t^2 = sigma_s^2 (1 - SNR_t / SNR_s)."""
+  _, sigma_s = alpha_sigma(logsnr_s)
+  # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(logsnr_t - logsnr_s), as expm1: no cancellation when s is close to t.
+  return jnp.maximum(-jnp.expm1(logsnr_t - logsnr_s) * sigma_s**2, 0.0)
+
+
+def ddpm_large_variance(*, logsnr_t, logsnr_s):
+  """Var of the forward transition q(z_t | z_s), s < t: sigma_{t|s}^2 = sigma_t^2 (1 - SNR_t / SNR_s) >= small."""
+  _, sigma_t = alpha_sigma(logsnr_t)
+  return jnp.maximum(-jnp.expm1(logsnr_t - logsnr_s) * sigma_t**2, 0.0)
+
+
+DDPM_VARIANCES = {'small': ddpm_small_variance, 'large': ddpm_large_variance}
+
+
+def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s, variance: str = 'small'):
+  """Mean and std of the ancestral step z_t -> z_s, s < t: the mean of q(z_s | z_t, x = x_pred) with the
+  variance DDPM_VARIANCES[variance] ('small': that posterior's own, 'large': the forward sigma_{t|s}^2)."""
+  if variance not in DDPM_VARIANCES:
+    raise ValueError(f"unknown DDPM variance '{variance}'; choose one of: {', '.join(DDPM_VARIANCES)}")
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   alpha_ts = alpha_t / alpha_s
-  # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(logsnr_t - logsnr_s), as expm1: no cancellation when s is close to t.
-  var_ratio = -jnp.expm1(logsnr_t - logsnr_s)
+  var_ratio = -jnp.expm1(logsnr_t - logsnr_s)  # sigma_{t|s}^2 / sigma_t^2 = 1 - SNR_t / SNR_s
   coef_z = alpha_ts * sigma_s**2 / sigma_t**2
   coef_x = alpha_s * var_ratio
-  std = jnp.sqrt(jnp.maximum(var_ratio * sigma_s**2, 0.0))
+  std = jnp.sqrt(DDPM_VARIANCES[variance](logsnr_t=logsnr_t, logsnr_s=logsnr_s))
   mean = expand_like(coef_z, z_t) * z_t + expand_like(coef_x, z_t) * x_pred
   return mean, expand_like(std, z_t)
 

@@ -12,6 +12,17 @@ def to_uint8(images):
   return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def quantize_uint8(images):
+  """[-1, 1] floats [B, H, W, C] -> float32 k / 127.5 - 1 with k = to_uint8(images): what a saved PNG holds.
+
+  The evaluation protocol's eval.quantize_uint8: samples (and real images) reach the feature extractor on the
+  256 levels of an 8-bit image, as in FIDs computed from saved images. Each value moves by at most 1/255 after
+  clipping to [-1, 1]; quantising twice changes nothing.
+  """
+  return to_uint8(images).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+
 def image_grid(images, *, num_rows: int, pad: int = 1, scale: int = 1):
   """images [N, H, W, C] in [-1, 1] -> one uint8 grid [rows*(H+pad)+pad, cols*(W+pad)+pad, C]."""
   images = to_uint8(images)

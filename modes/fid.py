@@ -13,6 +13,7 @@ from absl import logging
 
 import data
 from eval import metrics
+from eval.images import quantize_uint8
 from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
 from modes.sampling import LoadedCheckpoint, load_cached
@@ -22,7 +23,7 @@ from train.loop import make_writer
 from train.mesh import jit
 
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
-              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x')
+              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x', 'quantize_uint8', 'ddpm_variance')
 
 
 def classifier_dir(config) -> str:
@@ -74,17 +75,21 @@ def extractor_id(config) -> str:
 
 
 def _real_batches(config, batch_size: int):
-  """Real images of the reference split, in batches, at most eval.reference_examples of them."""
+  """Real images of the reference split, in batches, at most eval.reference_examples of them.
+
+  With eval.quantize_uint8 they are rounded to the 256 uint8 levels as the samples are: a no-op for tfds
+  data (stored as uint8), a change for the digits (17 grey levels, not on the uint8 grid).
+  """
   name, limit = config.data.name, config.eval.reference_examples
   if name in ('digits', 'toy2d'):
     x, _ = data.load_arrays(name, config.eval.reference_split)
-    for start in range(0, min(len(x), limit), batch_size):
-      yield x[start:min(start + batch_size, limit)]
-    return
-  iterator = data.make_tfds_iterator(name, split=config.eval.reference_split, per_host_batch_size=batch_size,
-                                     seed=0, random_flip=False, data_dir=config.data.tfds_data_dir or None)
-  for _ in range(limit // batch_size):
-    yield next(iterator)['x']
+    batches = (x[start:min(start + batch_size, limit)] for start in range(0, min(len(x), limit), batch_size))
+  else:
+    iterator = data.make_tfds_iterator(name, split=config.eval.reference_split, per_host_batch_size=batch_size,
+                                       seed=0, random_flip=False, data_dir=config.data.tfds_data_dir or None)
+    batches = (next(iterator)['x'] for _ in range(limit // batch_size))
+  for images in batches:  # [B, ...]
+    yield quantize_uint8(images) if config.eval.quantize_uint8 else images
 
 
 def _update(stats, features):
@@ -96,14 +101,15 @@ def _update(stats, features):
 
 
 def reference_stats(config, extractor_name, extract, cache_dir: str):
-  """(mu, sigma) of the real data's features, cached per data set, split, example count and extractor_id.
+  """(mu, sigma) of the real data's features, cached per data set, split, example count, extractor_id and
+  eval.quantize_uint8 ('_u8' in the file name).
 
   A cache file that cannot be read is computed again, with a warning.
   """
   ev = config.eval
   ident = hashlib.sha1(extractor_id(config).encode()).hexdigest()[:12]
   path = os.path.join(cache_dir, f'ref_{config.data.name}_{ev.reference_split}_{ev.reference_examples}_'
-                      f'{extractor_name}_{ident}.npz')
+                      f'{extractor_name}_{ident}{"_u8" if ev.quantize_uint8 else ""}.npz')
   if os.path.exists(path):
     try:
       mu, sigma, _ = metrics.FeatureStats.load_npz(path)
@@ -123,15 +129,18 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
   """Samples eval.num_samples class-balanced images (fixed seeds) and scores them.
 
   With logits_are_classes (the digits classifier, the toy mixture) the extractor's logits are the data
-  set's own classes, so class accuracy of the samples is reported too.
+  set's own classes, so class accuracy of the samples is reported too. Samples reach the extractor clipped to
+  [-1, 1] and, with eval.quantize_uint8, rounded to the 256 uint8 levels (eval.images.quantize_uint8).
   """
   start, stats, logits, labels = time.time(), None, [], []
   batch_size = config.eval.batch_size
   for b in range(-(-config.eval.num_samples // batch_size)):
     z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=config.eval.seed)
     images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
-                           seed=config.eval.seed + b, clip_x=config.eval.clip_x)
-    features = extract(jnp.clip(jnp.asarray(images), -1.0, 1.0))
+                           seed=config.eval.seed + b, clip_x=config.eval.clip_x,
+                           ddpm_variance=config.eval.ddpm_variance)
+    images = np.clip(images, -1.0, 1.0)  # [B, ...]
+    features = extract(jnp.asarray(quantize_uint8(images) if config.eval.quantize_uint8 else images))
     stats = _update(stats, features['pool'])
     logits.append(np.asarray(features['logits']))
     labels.append(np.asarray(label))
@@ -155,10 +164,12 @@ def _cell_scalars(row: dict) -> dict:
 
 
 def _cell_key(row) -> tuple:
-  """Everything a cell depends on: method, sampler, steps, w, samples, checkpoint id, extractor id, seed, clip_x."""
+  """Everything a cell depends on: method, sampler, steps, w, samples, checkpoint id, extractor id, seed, clip_x,
+  quantize_uint8 and, for DDPM cells, ddpm_variance (a row written before a field existed had its default)."""
+  ddpm_variance = (row.get('ddpm_variance') or 'small') if row['sampler'] == 'ddpm' else ''
   return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']),
           row.get('checkpoint') or '', row.get('extractor') or '', int(row.get('seed') or -1),
-          str(row.get('clip_x')) == 'True')
+          str(row.get('clip_x')) == 'True', str(row.get('quantize_uint8')) == 'True', ddpm_variance)
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -184,7 +195,8 @@ def run_fid(config) -> str:
   """Evaluates every method x w of config.workdir; finished cells of results.csv are reused.
 
   A cell is reused only when everything it depends on is the same (_cell_key: the checkpoint's step and record,
-  the extractor and its weights, the sample count and seed); the table and plots show this run's cells.
+  the extractor and its weights, the sample count and seed, the protocol options); the table and plots show
+  this run's cells.
   """
   out_dir = config.eval.out_dir or os.path.join(config.workdir, 'eval')
   csv_path = os.path.join(out_dir, 'results.csv')
@@ -203,12 +215,12 @@ def run_fid(config) -> str:
   os.makedirs(out_dir, exist_ok=True)
   writer = make_writer(os.path.join(config.workdir, 'logs', 'eval'))
   keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), seed=config.eval.seed,
-              clip_x=config.eval.clip_x)
+              clip_x=config.eval.clip_x, quantize_uint8=config.eval.quantize_uint8)
   for i, method in enumerate(methods):
     ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
     for w in config.eval.guidance_ws:
       cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
-                  **keys)
+                  ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '', **keys)
       if _cell_key(cell) in done:
         current.append(done[_cell_key(cell)])
         continue

@@ -31,7 +31,8 @@ def allowed_steps(record: dict, sampler: str) -> Optional[list[int]]:
   """Step counts a checkpoint supports for a sampler; None means any.
 
   The teacher (guided, 2 calls/step) and stage 1 are continuous-time: any count, any sampler. An
-  N-step stage-2 student runs DDIM at N steps and the stochastic sampler at 2N steps (MATH.md).
+  N-step stage-2 student runs DDIM at N steps and the stochastic sampler at 2N steps
+  (docs/math.md#stochastic-n-step-sampler).
   """
   if record['stage'] in ('teacher', 'stage1'):
     return None
@@ -106,16 +107,19 @@ class LoadedCheckpoint:
     return np.asarray(self._samplers[key](self.params, x, label, w))
 
   def sample(self, *, sampler: str, num_steps: int, guidance_w: float, z_init, label, seed: int,
-             clip_x: bool = False):
+             clip_x: bool = False, ddpm_variance: str = 'small'):
     """x [B, ...] from the fixed initial noise z_init and labels; the whole loop is one jitted program.
 
-    clip_x clips every step's x prediction to [-1, 1] (models.denoiser.clip_x), as the reference samplers do.
+    clip_x clips every step's x prediction to [-1, 1] (models.denoiser.clip_x), as the reference samplers do;
+    ddpm_variance ('small' | 'large') is the DDPM sampler's step variance (ignored by the others).
     """
     check_steps(self.record, sampler, num_steps, self.ckpt_dir)
-    key = (sampler, num_steps, clip_x)
+    ddpm_variance = ddpm_variance if sampler == 'ddpm' else 'small'
+    key = (sampler, num_steps, clip_x, ddpm_variance)
     if key not in self._samplers:
       denoise_fn = clip_denoised_x(self.denoise_fn) if clip_x else self.denoise_fn
-      self._samplers[key] = make_sampler(sampler, denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn)
+      self._samplers[key] = make_sampler(sampler, denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn,
+                                         ddpm_variance=ddpm_variance)
     run = self._samplers[key]
     w = jnp.full(label.shape, guidance_w, jnp.float32)
     z_init, label, w = shard_rows(z_init, label, w)
@@ -145,7 +149,8 @@ def run_sample(config) -> str:
   num_steps = config.sample.num_steps or default_steps(loaded.record, sampler)
   z_init, label, num_rows = fixed_inputs(loaded.record, per_class=config.sample.per_class, seed=config.sample.seed)
   samples = loaded.sample(sampler=sampler, num_steps=num_steps, guidance_w=config.sample.guidance_w, z_init=z_init,
-                          label=label, seed=config.sample.seed, clip_x=config.sample.clip_x)
+                          label=label, seed=config.sample.seed, clip_x=config.sample.clip_x,
+                          ddpm_variance=config.sample.ddpm_variance)
   out_dir = config.sample.out_dir or os.path.join(config.workdir, 'samples')
   name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{config.sample.guidance_w:g}'
   png = os.path.join(out_dir, name + '.png')

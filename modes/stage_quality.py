@@ -20,6 +20,7 @@ from absl import logging
 
 from distill import stages
 from eval import metrics
+from eval.images import quantize_uint8
 from modes import fid
 from modes.methods import Method
 from modes.sampling import load_cached
@@ -77,13 +78,19 @@ def sample_set(loaded, method: Method, *, w: float, num_samples: int, batch_size
   return np.clip(samples, -1.0, 1.0) if samples.ndim == 4 else samples
 
 
-def frechet_to_reference(samples: np.ndarray, *, extract, reference, batch_size: int) -> Optional[float]:
-  """FID of samples [N, ...] against reference (mu, sigma); None when a sample is not finite."""
+def frechet_to_reference(samples: np.ndarray, *, extract, reference, batch_size: int,
+                         quantize: bool = False) -> Optional[float]:
+  """FID of samples [N, ...] against reference (mu, sigma); None when a sample is not finite.
+
+  quantize (eval.quantize_uint8) rounds each batch to the 256 uint8 levels before the extractor, as --mode=fid.
+  """
   if not np.all(np.isfinite(samples)):
     return None
   stats = None
   for start in range(0, len(samples), batch_size):
-    features = np.asarray(extract(jnp.asarray(samples[start:start + batch_size], jnp.float32))['pool'])  # [B, D]
+    batch = samples[start:start + batch_size]  # [B, ...]
+    batch = quantize_uint8(batch) if quantize else batch
+    features = np.asarray(extract(jnp.asarray(batch, jnp.float32))['pool'])  # [B, D]
     stats = stats or metrics.FeatureStats(features.shape[1])
     stats.update(features)
   return metrics.frechet_distance(stats.mean(), stats.cov(), *reference)
@@ -186,6 +193,7 @@ class StageQuality:
     self._features()  # the extractor's id names its weights: the classifier must exist first
     return ' | '.join([comparison.stage, f'w={w:g}', *named, f'n={c.pipeline.quality_samples}',
                        f'batch={ev.batch_size}', f'seed={c.pipeline.seed}', *(['clip_x'] if ev.clip_x else []),
+                       *(['uint8'] if ev.quantize_uint8 else []),
                        f'{fid.extractor_id(c)} vs {ev.reference_split}[:{ev.reference_examples}]'])
 
   def _checkpoint_id(self, ckpt_dir: str) -> str:
@@ -207,7 +215,8 @@ class StageQuality:
     if key not in self._fids:
       extract, reference = self._features()
       self._fids[key] = frechet_to_reference(self._samples_of(method, w), extract=extract, reference=reference,
-                                             batch_size=self.config.eval.batch_size)
+                                             batch_size=self.config.eval.batch_size,
+                                             quantize=self.config.eval.quantize_uint8)
     return self._fids[key]
 
   def _features(self):

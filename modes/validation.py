@@ -1,6 +1,7 @@
 """Config sanity checks: each bad value gives one ConfigError line that names the field and the fix."""
 
 from data import DataError, dataset_info
+from diffusion.steps import DDPM_VARIANCES
 from models import COMPUTE_DTYPES, MODEL_NAMES
 
 OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder')
@@ -113,6 +114,7 @@ def validate_config(config) -> None:
   _require(config.sample.num_steps >= 0, f'sample.num_steps must be >= 0 (0 = the checkpoint default), '
            f'got {config.sample.num_steps}')
   _require(config.sample.per_class > 0, f'sample.per_class must be > 0, got {config.sample.per_class}')
+  _check_ddpm_variance('sample', config.sample.ddpm_variance)
   _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')
   _check_eval(config, info)
   _check_quality(config)
@@ -143,6 +145,11 @@ def _check_quality(config) -> None:
            f'({pipeline.quality_samples}) must be a multiple of eval.batch_size ({config.eval.batch_size})')
 
 
+def _check_ddpm_variance(section: str, value) -> None:
+  _require(value in DDPM_VARIANCES,
+           f"unknown {section}.ddpm_variance '{value}'; choose one of: {', '.join(DDPM_VARIANCES)}")
+
+
 def _check_eval(config, info) -> None:
   ev = config.eval
   _require(ev.extractor in ('inception', 'classifier', 'toy2d'),
@@ -155,3 +162,8 @@ def _check_eval(config, info) -> None:
            f'eval.batch_size ({ev.batch_size})')
   _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.stage1_steps, *ev.student_steps)),
            'eval step counts must all be > 0')
+  _check_ddpm_variance('eval', ev.ddpm_variance)
+  _require(isinstance(ev.quantize_uint8, bool),
+           f'eval.quantize_uint8 must be True or False, got {ev.quantize_uint8!r}')
+  _require(not ev.quantize_uint8 or info.is_image,
+           f'eval.quantize_uint8 rounds images to uint8 levels; {info.name} is vector data: set it False')

@@ -14,7 +14,7 @@ from train.mesh import jit
 
 
 @functools.lru_cache(maxsize=None)
-def _sampler_program(name: str, denoise_fn, logsnr_fn):
+def _sampler_program(name: str, denoise_fn, logsnr_fn, ddpm_variance: str):
   """The jitted `(params, z_init, label, guidance_w, rng, num_steps) -> x` of sampler `name`."""
   if name not in SAMPLERS:
     raise ValueError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
@@ -22,17 +22,23 @@ def _sampler_program(name: str, denoise_fn, logsnr_fn):
 
   def run(params, z_init, label, guidance_w, rng, num_steps):
     kwargs = {} if name == 'ddim' else {'rng': rng}  # DDIM is deterministic
+    if name == 'ddpm':
+      kwargs['variance'] = ddpm_variance
     return fn(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w, num_steps=num_steps,
               logsnr_fn=logsnr_fn, **kwargs)
 
   return jit(run)
 
 
-def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn):
-  """A jitted `(params, z_init, label, guidance_w, rng) -> x` for sampler `name` at `num_steps` steps."""
+def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn, ddpm_variance: str = 'small'):
+  """A jitted `(params, z_init, label, guidance_w, rng) -> x` for sampler `name` at `num_steps` steps.
+
+  ddpm_variance ('small' | 'large', diffusion.DDPM_VARIANCES) is the DDPM sampler's step variance; the other
+  samplers ignore it (and share one program whatever it is).
+  """
   if num_steps < 1:
     raise ValueError(f'sampler steps must be >= 1, got {num_steps}')
-  program = _sampler_program(name, denoise_fn, logsnr_fn)
+  program = _sampler_program(name, denoise_fn, logsnr_fn, ddpm_variance if name == 'ddpm' else 'small')
   steps = jnp.int32(num_steps)
   return lambda params, z_init, label, guidance_w, rng: program(params, z_init, label, guidance_w, rng, steps)
 

@@ -64,8 +64,12 @@ def sample_stochastic(denoise_fn, params, *, z_init, label, guidance_w, num_step
   return jax.lax.fori_loop(0, num_steps, body, z_init)
 
 
-def sample_ddpm(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int, logsnr_fn, rng):
-  """DDPM ancestral sampling on the N-step grid: z_s ~ q(z_s | z_t, x = x_pred)."""
+def sample_ddpm(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int, logsnr_fn, rng,
+                variance: str = 'small'):
+  """DDPM ancestral sampling on the N-step grid: z_s ~ N(mean of q(z_s | z_t, x = x_pred), variance).
+
+  variance: 'small' (the posterior's, sigma_{t|s}^2 sigma_s^2 / sigma_t^2) or 'large' (sigma_{t|s}^2).
+  """
   batch = z_init.shape[0]
 
   def body(i, z_t):
@@ -74,7 +78,7 @@ def sample_ddpm(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int
     logsnr_t = _batch_logsnr(logsnr_fn, t, batch)
     x_pred, _ = denoise_fn(params, z_t, logsnr_t, label, guidance_w)
     mean, std = ddpm_posterior(z_t=z_t, x_pred=x_pred, logsnr_t=logsnr_t,
-                               logsnr_s=_batch_logsnr(logsnr_fn, s, batch))
+                               logsnr_s=_batch_logsnr(logsnr_fn, s, batch), variance=variance)
     z_s = mean + std * jax.random.normal(jax.random.fold_in(rng, i), z_t.shape, z_t.dtype)
     return jnp.where(i == num_steps - 1, x_pred, z_s)
 

@@ -44,3 +44,13 @@ def test_paper_scale_students_train_without_dropout_and_cifar10_halves_from_8192
   assert stages.stage2_rounds(cifar10)[0] == 4096 and len(stages.stage2_rounds(cifar10)) == 13
   digits = importlib.import_module('configs.digits_teacher').get_config()
   assert stages.make_record(digits, stage='stage1')['model']['dropout'] == 0.0 < digits.model.dropout == 0.1
+
+
+def test_paper_scale_configs_default_to_the_reference_evaluation_protocol():
+  for name in ('cifar10_teacher', 'cifar10_stage1', 'cifar10_stage2', 'imagenet64_teacher', 'imagenet64_stage1',
+               'imagenet64_stage2'):
+    ev = importlib.import_module(f'configs.{name}').get_config().eval
+    assert ev.clip_x and ev.quantize_uint8 and ev.ddpm_variance == 'large', name
+    assert (1024 in ev.teacher_steps) == name.startswith('imagenet64'), name  # the paper's 1024-step DDIM teacher
+  digits = importlib.import_module('configs.digits_teacher').get_config().eval
+  assert not digits.clip_x and not digits.quantize_uint8 and digits.ddpm_variance == 'small'

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion import (alpha_sigma, ddim_step, ddpm_posterior, diffusion_forward, get_logsnr_schedule,
-                       guided_prediction, loss_weight, predict_eps_from_v, predict_eps_from_x, predict_v,
-                       predict_x_from_eps, predict_x_from_v, renoise, stage2_x_target, weighted_x_loss,
-                       x_eps_from_output)
+from diffusion import (alpha_sigma, ddim_step, ddpm_large_variance, ddpm_posterior, ddpm_small_variance,
+                       diffusion_forward, get_logsnr_schedule, guided_prediction, loss_weight, predict_eps_from_v,
+                       predict_eps_from_x, predict_v, predict_x_from_eps, predict_x_from_v, renoise, stage2_x_target,
+                       weighted_x_loss, x_eps_from_output)
 
 LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
 
@@ -162,3 +162,35 @@ def test_ddpm_posterior_and_renoise_preserve_the_marginals():
   z_u = renoise(z_s=z_s, logsnr_s=logsnr_s, logsnr_u=logsnr_t, noise=_normal(2, (n, 1)))
   alpha_t, sigma_t = alpha_sigma(LOGSNR_FN(0.8))
   np.testing.assert_allclose([z_u.mean(), z_u.std()], [alpha_t * x0, sigma_t], atol=5e-3)
+
+
+def test_ddpm_large_variance_is_at_least_the_small_one_for_every_s_before_t():
+  t = jnp.linspace(0.0, 1.0, 41)
+  s_grid, t_grid = (a.ravel() for a in jnp.meshgrid(t, t))
+  earlier = s_grid < t_grid
+  logsnr_s, logsnr_t = LOGSNR_FN(s_grid[earlier]), LOGSNR_FN(t_grid[earlier])  # [P] each, s < t
+  small = ddpm_small_variance(logsnr_t=logsnr_t, logsnr_s=logsnr_s)
+  large = ddpm_large_variance(logsnr_t=logsnr_t, logsnr_s=logsnr_s)
+  assert np.all(np.asarray(small) >= 0) and np.all(np.asarray(large) >= np.asarray(small))
+  assert np.all(np.asarray(large) <= 1.0)  # a variance-preserving step never adds more than unit variance
+
+
+@pytest.mark.parametrize('logsnr_t, logsnr_s, small, large', [
+    # SNR_t = 1, SNR_s = 3: sigma_t^2 = 1/2, sigma_s^2 = 1/4, 1 - SNR_t / SNR_s = 2/3
+    (0.0, np.log(3.0), 2 / 3 * 1 / 4, 2 / 3 * 1 / 2),
+    # SNR_t = 1/3, SNR_s = 3: sigma_t^2 = 3/4, sigma_s^2 = 1/4, 1 - SNR_t / SNR_s = 8/9; large = 1 - alpha_t^2/alpha_s^2
+    (-np.log(3.0), np.log(3.0), 8 / 9 * 1 / 4, 1 - (1 / 4) / (3 / 4)),
+])
+def test_ddpm_variances_match_hand_computed_closed_forms(logsnr_t, logsnr_s, small, large):
+  as_batch = lambda v: jnp.full((1,), v, jnp.float32)
+  kwargs = dict(logsnr_t=as_batch(logsnr_t), logsnr_s=as_batch(logsnr_s))
+  np.testing.assert_allclose(ddpm_small_variance(**kwargs), [small], rtol=1e-5)
+  np.testing.assert_allclose(ddpm_large_variance(**kwargs), [large], rtol=1e-5)
+  z_t, x_pred = jnp.full((1, 2), 0.3), jnp.full((1, 2), -0.6)
+  mean_small, std_small = ddpm_posterior(z_t=z_t, x_pred=x_pred, **kwargs)
+  mean_large, std_large = ddpm_posterior(z_t=z_t, x_pred=x_pred, variance='large', **kwargs)
+  np.testing.assert_allclose(mean_large, mean_small)  # the choice changes the noise only
+  np.testing.assert_allclose(std_small, np.sqrt(small), rtol=1e-5)
+  np.testing.assert_allclose(std_large, np.sqrt(large), rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown DDPM variance 'medium'; choose one of: small, large"):
+    ddpm_posterior(z_t=z_t, x_pred=x_pred, variance='medium', **kwargs)

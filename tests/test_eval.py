@@ -261,3 +261,17 @@ def test_row_labels_sit_beside_their_rows_and_keep_the_grid():
   np.testing.assert_array_equal(labelled[:, margin:], grid)
   ink = [(labelled[4 + 36 * i:4 + 36 * (i + 1), :margin] < 128).sum() for i in range(3)]
   assert ink[0] > ink[1] > 0 and ink[2] == 0  # the longer label has more ink; an empty one none
+
+
+def test_quantize_uint8_lands_on_the_256_levels_is_idempotent_and_moves_at_most_half_a_level():
+  from eval.images import quantize_uint8, to_uint8  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).uniform(-1.0, 1.0, (4, 8, 8, 3)).astype(np.float32)  # [B, H, W, C]
+  x[0, 0, 0] = [-1.0, 1.0, 0.0]
+  q = quantize_uint8(x)
+  k = to_uint8(x).astype(np.float32)
+  assert q.dtype == np.float32 and q.shape == x.shape
+  np.testing.assert_array_equal(q, k / np.float32(127.5) - np.float32(1.0))  # exactly k / 127.5 - 1
+  np.testing.assert_array_equal(quantize_uint8(q), q)
+  assert np.max(np.abs(q - x)) <= 1 / 255 + 1e-7
+  assert len(np.unique(quantize_uint8(np.linspace(-1.0, 1.0, 10_001)))) == 256
+  np.testing.assert_array_equal(quantize_uint8(np.array([-3.0, 3.0])), [-1.0, 1.0])  # clipped first

@@ -2,12 +2,16 @@
 
 import csv
 import os
+import re
 
 import numpy as np
 import pytest
 
+from conftest import tiny_config
+from eval.images import quantize_uint8
 from eval.report import write_table
 from modes import fid
+from modes.validation import ConfigError, validate_config
 
 
 def _rows(path):
@@ -86,3 +90,77 @@ def test_classifier_extractor_trains_the_missing_classifier_once(tmp_path, monke
     raise AssertionError(f'trained again: {args} {kwargs}')
   monkeypatch.setattr(classifier, '_make_train_step', no_training)  # cached now: loaded, not retrained
   fid.make_extractor(config)
+
+
+def _stub_scoring(monkeypatch) -> list:
+  """run_fid on a tiny config with no checkpoints: every method 'exists' and a cell is a stand-in row; returns
+  the list that gets one (sampler, steps, w) per evaluated cell."""
+  evaluated = []
+
+  def evaluate_cell(loaded, method, w, **kwargs):
+    del loaded, kwargs
+    evaluated.append((method.sampler, method.steps, w))
+    return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w, num_samples=1,
+                fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
+
+  monkeypatch.setattr(fid, 'existing', lambda methods: methods)
+  monkeypatch.setattr(fid.checkpoint, 'checkpoint_id', lambda ckpt_dir: 'fixed')
+  monkeypatch.setattr(fid, 'load_cached', lambda cache, ckpt_dir: None)
+  monkeypatch.setattr(fid, 'reference_stats', lambda *args: (np.zeros(2), np.eye(2)))
+  monkeypatch.setattr(fid, 'evaluate_cell', evaluate_cell)
+  return evaluated
+
+
+def test_a_changed_protocol_option_reevaluates_exactly_the_cells_it_affects(tmp_path, monkeypatch):
+  evaluated = _stub_scoring(monkeypatch)
+  config = tiny_config(tmp_path)  # teacher ddim 64 and 4, ddpm 64; students ddim 2, 1 and stochastic 4, 2; w 0, 2
+  fid.run_fid(config)
+  assert len(evaluated) == 7 * 2
+  evaluated.clear()
+  fid.run_fid(config)
+  assert not evaluated  # everything read back from results.csv
+  config.eval.ddpm_variance = 'large'
+  fid.run_fid(config)
+  assert evaluated == [('ddpm', 64, 0.0), ('ddpm', 64, 2.0)]  # DDIM and stochastic cells do not depend on it
+  evaluated.clear()
+  config.eval.quantize_uint8 = True
+  fid.run_fid(config)
+  assert len(evaluated) == 7 * 2
+
+
+def test_cell_keys_of_rows_written_before_the_protocol_options_existed_mean_their_defaults():
+  old = dict(method='teacher CFG', sampler='ddpm', steps='64', w='1.0', num_samples='512', checkpoint='c',
+             extractor='toy2d', seed='2', clip_x='False')  # a results.csv row without the newer columns
+  now = dict(old, quantize_uint8=False, ddpm_variance='small')
+  assert fid._cell_key(old) == fid._cell_key(now)
+  assert fid._cell_key(dict(now, ddpm_variance='large')) != fid._cell_key(now)
+  assert fid._cell_key(dict(now, quantize_uint8=True)) != fid._cell_key(now)
+  ddim = dict(now, sampler='ddim', ddpm_variance='')
+  assert fid._cell_key(dict(ddim, ddpm_variance='large')) == fid._cell_key(ddim)
+
+
+def test_reference_statistics_are_keyed_by_quantisation_and_see_quantised_images(tmp_path):
+  config = tiny_config(tmp_path)
+  config.data.name = 'digits'  # 17 grey levels, not on the uint8 grid: quantising changes them
+  config.eval.update(reference_examples=500, batch_size=250)
+  extract = lambda images: {'pool': np.asarray(images).reshape(len(images), -1)[:, :6]}  # [B, 6]
+  plain, _ = fid.reference_stats(config, 'stand_in', extract, str(tmp_path))
+  config.eval.quantize_uint8 = True
+  quantized, _ = fid.reference_stats(config, 'stand_in', extract, str(tmp_path))
+  assert sorted(p.name.endswith('_u8.npz') for p in tmp_path.glob('ref_*.npz')) == [False, True]
+  x = np.concatenate(list(fid._real_batches(config, 250)))  # [500, 8, 8, 1]
+  np.testing.assert_array_equal(x, quantize_uint8(x))
+  np.testing.assert_allclose(quantized, x.reshape(500, -1)[:, :6].mean(0), rtol=1e-5)
+  assert not np.allclose(plain, quantized)
+
+
+@pytest.mark.parametrize('section, field, value, message', [
+    ('sample', 'ddpm_variance', 'medium', "unknown sample.ddpm_variance 'medium'; choose one of: small, large"),
+    ('eval', 'ddpm_variance', 'fixed_large', "unknown eval.ddpm_variance 'fixed_large'; choose one of: small, large"),
+    ('eval', 'quantize_uint8', True, 'eval.quantize_uint8 rounds images to uint8 levels; toy2d is vector data'),
+])
+def test_bad_protocol_options_give_one_line_naming_the_field(tmp_path, section, field, value, message):
+  config = tiny_config(tmp_path)
+  config[section][field] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    validate_config(config)

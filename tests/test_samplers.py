@@ -11,9 +11,9 @@ from samplers import make_sampler, sample_ddim, sample_stochastic, stochastic_st
 from exact_denoisers import LOGSNR_FN, MU, STD, X0, gaussian, point_mass, with_eps
 
 
-def _run(name, denoise_fn, z_init, num_steps, seed=0):
+def _run(name, denoise_fn, z_init, num_steps, seed=0, **kwargs):
   label = jnp.zeros(z_init.shape[:1], jnp.int32)
-  run = make_sampler(name, denoise_fn, num_steps=num_steps, logsnr_fn=LOGSNR_FN)
+  run = make_sampler(name, denoise_fn, num_steps=num_steps, logsnr_fn=LOGSNR_FN, **kwargs)
   return run(None, z_init, label, jnp.zeros(label.shape), jax.random.key(seed))
 
 
@@ -122,3 +122,20 @@ def test_clip_x_clips_the_x_prediction_and_keeps_z_consistent():
   inside = lambda params, z, s, l, w: (0.5 * jnp.ones_like(z), 0.1 * jnp.ones_like(z))
   x_in, _ = clip_x(inside)(None, z_t, logsnr_t, None, None)
   np.testing.assert_allclose(x_in, 0.5)
+
+
+def test_ddpm_with_large_variance_is_exact_on_a_point_mass_and_finite_on_a_tiny_model():
+  from models import init_params  # pylint: disable=g-import-not-at-top
+  from models.denoiser import make_denoise_fn  # pylint: disable=g-import-not-at-top
+  from models.mlp import MLPDenoiser  # pylint: disable=g-import-not-at-top
+  z_init = jax.random.normal(jax.random.key(5), (16, 3))  # [B, D]
+  np.testing.assert_allclose(_run('ddpm', point_mass, z_init, 4, ddpm_variance='large'),
+                             jnp.broadcast_to(X0, (16, 3)), atol=1e-5)
+  model = MLPDenoiser(num_classes=2, hidden=16, num_layers=1)
+  params = init_params(model, rng=jax.random.key(6), x_shape=(3,), guidance_input=False)
+  denoise_fn = make_denoise_fn(model, parametrization='v', kind='guided', num_classes=2)
+  label, w = jnp.arange(16, dtype=jnp.int32) % 2, jnp.full((16,), 1.0)
+  outputs = {variance: make_sampler('ddpm', denoise_fn, num_steps=8, logsnr_fn=LOGSNR_FN, ddpm_variance=variance)(
+      params, z_init, label, w, jax.random.key(7)) for variance in ('small', 'large')}  # [B, D] each
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in outputs.values())
+  assert not np.allclose(outputs['small'], outputs['large'])  # the variance reaches the sampler

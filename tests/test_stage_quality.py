@@ -166,6 +166,15 @@ def test_a_rerun_reads_the_cache_and_samples_nothing_and_a_killed_run_resumes(fa
     _run_all(config)  # another training in the same directory is not served from the cache
 
 
+def test_a_row_is_keyed_by_the_evaluation_protocol(fake_run):
+  config, _ = fake_run
+  comparison = stage_quality.stage1_comparison(config)
+  plain = stage_quality.StageQuality(config)._key(comparison, 1.0)
+  config.eval.quantize_uint8 = True  # (refused for toy data by validate_config; the key does not look at data)
+  quantized = stage_quality.StageQuality(config)._key(comparison, 1.0)
+  assert quantized != plain and ' | uint8 | ' in quantized
+
+
 def test_quality_samples_0_turns_it_off(fake_run, monkeypatch):
   config, calls = fake_run
   config.pipeline.quality_samples = 0
