@@ -1,5 +1,6 @@
 """Log-SNR noise schedules; convention: t=0 -> logsnr_max (clean data), t=1 -> logsnr_min (pure noise)."""
 
+import functools
 import math
 from typing import Callable
 
@@ -30,8 +31,12 @@ def linear_logsnr(t, *, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
 SCHEDULES = {'cosine': cosine_logsnr, 'linear': linear_logsnr}
 
 
+@functools.lru_cache(maxsize=None)
 def get_logsnr_schedule(name: str, *, logsnr_min: float, logsnr_max: float) -> LogsnrSchedule:
-  """Returns t -> logsnr for a registered schedule; the bounds are clipping limits of logsnr."""
+  """Returns t -> logsnr for a registered schedule; the bounds are clipping limits of logsnr.
+
+  Cached: equal arguments give the same function, so the programs jitted over it (samplers) are shared.
+  """
   if name not in SCHEDULES:
     raise ValueError(f"unknown diffusion.schedule '{name}'; choose one of: {', '.join(sorted(SCHEDULES))}")
   if not logsnr_min < logsnr_max:

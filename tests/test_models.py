@@ -299,7 +299,7 @@ def test_build_model_unknown_name():
     build_model(ml_collections.ConfigDict(dict(name='x')), num_classes=NUM_CLASSES, guidance_input=False)
 
 
-def test_equal_networks_share_one_denoiser_and_sampler_program():
+def test_equal_networks_and_schedules_share_one_denoiser_and_sampler_program():
   """Checkpoints of one architecture (every stage-2 round) reuse one jitted sampler: compiled once per shape."""
   from diffusion import get_logsnr_schedule  # pylint: disable=g-import-not-at-top
   from models.denoiser import make_denoise_fn  # pylint: disable=g-import-not-at-top
@@ -312,6 +312,7 @@ def test_equal_networks_share_one_denoiser_and_sampler_program():
   assert make(first) is not make(net(hidden=32))
   assert make(first) is not make(first, kind='conditional')
   logsnr_fn = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
+  assert get_logsnr_schedule('cosine', logsnr_min=-20, logsnr_max=20) is logsnr_fn  # as read from two records
   params = [init_params(m, rng=jax.random.key(i), x_shape=(2,), guidance_input=True) for i, m in enumerate((first, second))]
   z_init, label, w = jnp.ones((4, 2)), jnp.arange(4, dtype=jnp.int32) % 3, jnp.ones((4,))
   outputs = [make_sampler('ddim', make(m), num_steps=n, logsnr_fn=logsnr_fn)(p, z_init, label, w, jax.random.key(0))
