@@ -71,7 +71,8 @@ def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool, off_gr
 
   Without fine_grid, t ~ U{1/N, ..., 1} (the times the N-step DDIM sampler visits). With fine_grid, a
   fraction off_grid_fraction of the batch is drawn at the odd multiples of 1/(2N) instead, the times
-  only the stochastic 2N-step sampler visits (MATH.md); 0.5 is the uniform draw on the 1/(2N) grid.
+  only the stochastic 2N-step sampler visits (docs/math.md#fine-grid-and-off-grid-times); 0.5 is the
+  uniform draw on the 1/(2N) grid.
   t = 1/(2N) clips t'' to 0.
   """
   rng_i, rng_off = jax.random.split(rng)

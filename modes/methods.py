@@ -26,8 +26,8 @@ class Method:
 def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None) -> list[Method]:
   """Teacher CFG DDIM (and DDPM) and the stage-1 student's DDIM at the given steps; every stage-2 round.
 
-  An N-step round gives 'student ddim N' and 'student stochastic 2N' (MATH.md); student_steps, if
-  given, keeps only rows whose step count is in it.
+  An N-step round gives 'student ddim N' and 'student stochastic 2N'
+  (docs/math.md#stochastic-n-step-sampler); student_steps, if given, keeps only rows whose step count is in it.
   """
   teacher_dir = stages.stage_dir(config.workdir, 'teacher')
   methods = [Method('teacher CFG', 'ddim', n, 2 * n, teacher_dir) for n in sorted(teacher_steps, reverse=True)]
