@@ -3,7 +3,7 @@
 import warnings
 
 import numpy as np
-from scipy import linalg
+from scipy import linalg, special
 
 from train import files
 
@@ -94,24 +94,17 @@ class FeatureStats:
       return stats['mu'], stats['sigma'], int(stats['count'])
 
 
-def _log_softmax(logits):
-  """Row-wise log-softmax in float64; logits [N, K]."""
-  logits = np.asarray(logits, np.float64)
-  shifted = logits - logits.max(axis=1, keepdims=True)
-  return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def inception_score(logits_or_probs, *, num_splits: int = 10, from_probs: bool = False) -> tuple[float, float]:
   """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))); logits [N, K] (probabilities if from_probs)."""
   if from_probs:
     log_p = np.log(np.clip(np.asarray(logits_or_probs, np.float64), 1e-30, None))  # [N, K]
   else:
-    log_p = _log_softmax(logits_or_probs)  # [N, K]
+    log_p = special.log_softmax(np.asarray(logits_or_probs, np.float64), axis=1)  # [N, K]
   if len(log_p) < num_splits:
     raise ValueError(f'inception_score needs at least num_splits={num_splits} samples, got {len(log_p)}')
   scores = []
   for part in np.array_split(log_p, num_splits):
-    log_marginal = np.log(np.exp(part).mean(axis=0, keepdims=True))  # [1, K]
+    log_marginal = special.logsumexp(part, axis=0, keepdims=True) - np.log(len(part))  # [1, K]
     kl = np.sum(np.exp(part) * (part - log_marginal), axis=1)  # [n]
     scores.append(np.exp(kl.mean()))
   return float(np.mean(scores)), float(np.std(scores))
