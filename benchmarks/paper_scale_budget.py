@@ -19,6 +19,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-
 
 from distill.stages import halving_rounds  # pylint: disable=wrong-import-position
 from modes.dry_run import estimate_stage  # pylint: disable=wrong-import-position
+from train.loop import config_section  # pylint: disable=wrong-import-position
 
 _CONFIGS = flags.DEFINE_list('configs', ['cifar10_teacher', 'imagenet64_teacher'], 'Config modules in configs/.')
 _STAGES = flags.DEFINE_list('stages', ['teacher', 'stage1', 'stage2'], 'Stages to compile.')
@@ -29,7 +30,7 @@ _UTILIZATION = flags.DEFINE_float('utilization', 0.4, 'Assumed fraction of the p
 
 def _iterations(config, stage: str) -> tuple[int, int]:
   """(optimizer steps of the whole stage, global batch); stage 2 is num_steps per halving round."""
-  section = {'teacher': config.train, 'stage1': config.stage1, 'stage2': config.stage2}[stage]
+  section = config[config_section(stage)]
   rounds = len(halving_rounds(config)) if stage == 'stage2' else 1
   return section.num_steps * rounds, section.batch_size
 

@@ -22,7 +22,6 @@ def quantize_uint8(images):
   return to_uint8(images).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-
 def image_grid(images, *, num_rows: int, pad: int = 1, scale: int = 1):
   """images [N, H, W, C] in [-1, 1] -> one uint8 grid [rows*(H+pad)+pad, cols*(W+pad)+pad, C]."""
   images = to_uint8(images)

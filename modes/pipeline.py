@@ -14,7 +14,7 @@ from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
 from modes.stage_quality import StageQuality
 from train import checkpoint, files
-from train.loop import make_writer
+from train.loop import config_section, make_writer
 
 
 def _timed(timings: dict, name: str, fn, *args):
@@ -84,7 +84,7 @@ def _read_json(path: str) -> dict:
 
 def _trained(config, stage: str, sampling_steps=None) -> bool:
   """Whether a stage (or round) already holds its final checkpoint: a rerun will skip it."""
-  section = {'teacher': config.train, 'stage1': config.stage1, 'stage2': config.stage2}[stage]
+  section = config[config_section(stage)]
   step = checkpoint.latest_step(stages.stage_dir(config.workdir, stage, sampling_steps))
   return step is not None and step >= section.num_steps
 

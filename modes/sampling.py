@@ -114,8 +114,7 @@ class LoadedCheckpoint:
     ddpm_variance ('small' | 'large') is the DDPM sampler's step variance (ignored by the others).
     """
     check_steps(self.record, sampler, num_steps, self.ckpt_dir)
-    ddpm_variance = ddpm_variance if sampler == 'ddpm' else 'small'
-    key = (sampler, num_steps, clip_x, ddpm_variance)
+    key = (sampler, num_steps, clip_x, ddpm_variance)  # make_sampler gives the non-DDPM samplers one program
     if key not in self._samplers:
       denoise_fn = clip_denoised_x(self.denoise_fn) if clip_x else self.denoise_fn
       self._samplers[key] = make_sampler(sampler, denoise_fn, num_steps=num_steps, logsnr_fn=self.logsnr_fn,
