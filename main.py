@@ -71,7 +71,8 @@ def main(argv):
     run_dry_run(_CONFIG.value, _MODE.value, batch_size=_DRY_RUN_BATCH_SIZE.value)
     return
   # Compiled programs are cached on disk: stage-2 rounds share one program, reruns start faster.
-  jax.config.update('jax_compilation_cache_dir', os.path.join(_CONFIG.value.workdir, 'jax_cache'))
+  from train import files  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', files.join(_CONFIG.value.workdir, 'jax_cache'))
   logging.info('mode=%s workdir=%s devices=%d (%s) process %d/%d', _MODE.value, _CONFIG.value.workdir,
                jax.device_count(), jax.default_backend(), jax.process_index(), jax.process_count())
   from train.lock import workdir_lock  # pylint: disable=g-import-not-at-top

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -35,8 +34,8 @@ def logsnr_schedule(config):
 def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) -> str:
   """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064 (encoder alike)."""
   if stage in ('stage2', 'encoder'):
-    return os.path.join(workdir, stage, f'steps_{sampling_steps:04d}')
-  return os.path.join(workdir, stage)
+    return files.join(workdir, stage, f'steps_{sampling_steps:04d}')
+  return files.join(workdir, stage)
 
 
 def stage_model_config(config, stage: str) -> dict:
@@ -74,9 +73,9 @@ def _batches(config, section, seed_offset: int):
 
 def _write_config(ckpt_dir: str, config) -> None:
   """Saves the config beside the checkpoints once; never overwrites an existing one."""
-  os.makedirs(ckpt_dir, exist_ok=True)
-  path = os.path.join(ckpt_dir, 'config.json')
-  if not os.path.exists(path) and jax.process_index() == 0:
+  files.makedirs(ckpt_dir)
+  path = files.join(ckpt_dir, 'config.json')
+  if not files.exists(path) and jax.process_index() == 0:
     files.write_text(path, config.to_json_best_effort(indent=2))
 
 
@@ -121,7 +120,7 @@ def _train(config, job: TrainingJob) -> tuple[str, dict]:
 
 def log_dir(config, ckpt_dir: str) -> str:
   """WORKDIR/logs/<the checkpoint directory relative to WORKDIR>: one TensorBoard run per stage or round."""
-  return os.path.join(config.workdir, 'logs', os.path.relpath(ckpt_dir, config.workdir))
+  return files.join(config.workdir, 'logs', files.relative(ckpt_dir, config.workdir))
 
 
 def teacher_job(config) -> TrainingJob:
@@ -150,7 +149,7 @@ def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
   ckpt_dir = stage_dir(config.workdir, stage, sampling_steps)
   step = checkpoint.check_complete(ckpt_dir, allow_incomplete=config.distill.allow_incomplete_teacher)
   params = checkpoint.load_params(ckpt_dir, abstract, record)
-  provenance = dict(dir=os.path.relpath(ckpt_dir, config.workdir), step=step,
+  provenance = dict(dir=files.relative(ckpt_dir, config.workdir), step=step,
                     params_sha1=checkpoint.params_digest(params))
   return model, params, dict(record, provenance=provenance)
 
@@ -252,7 +251,7 @@ def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> st
   start = time.time()
   ckpt_dir, scalars = _train(config, halving_job(config, student_steps, stage))
   if scalars:  # empty when the round was already trained
-    writer = make_writer(os.path.join(config.workdir, 'logs', stage, 'rounds'))
+    writer = make_writer(files.join(config.workdir, 'logs', stage, 'rounds'))
     usage = {k: scalars[k] for k in ('examples_per_sec', 'model_flops_per_sec', 'mfu') if k in scalars}
     writer.write_scalars(halving_rounds(config, stage).index(student_steps) + 1, {
         'final_loss': scalars['loss'], 'steps_per_sec': scalars['steps_per_sec'], 'seconds': time.time() - start,

@@ -1,5 +1,7 @@
 """Sample grids as PNG files: one row per class for images, a scatter plot for 2-D points."""
 
+import io
+
 import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -57,7 +59,9 @@ def save_png(path: str, grid) -> None:
     return
   grid = np.asarray(grid)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-  files.atomic_write(path, image.save)
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  files.write_bytes(path, buffer.getvalue())
 
 
 def samples_image(samples, labels, *, num_rows: int):

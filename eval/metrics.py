@@ -85,13 +85,13 @@ class FeatureStats:
 
   def save_npz(self, path: str) -> None:
     """Writes {mu, sigma, count} (e.g. cached reference statistics of a data set)."""
-    files.atomic_write(path, lambda tmp: np.savez(tmp, mu=self.mean(), sigma=self.cov(), count=np.int64(self.count)))
+    files.write_npz(path, mu=self.mean(), sigma=self.cov(), count=np.int64(self.count))
 
   @staticmethod
   def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Reads (mu [D], sigma [D, D], count) written by save_npz."""
-    with np.load(path) as stats:
-      return stats['mu'], stats['sigma'], int(stats['count'])
+    stats = files.read_npz(path)
+    return stats['mu'], stats['sigma'], int(stats['count'])
 
 
 def inception_score(logits_or_probs, *, num_splits: int = 10, from_probs: bool = False) -> tuple[float, float]:

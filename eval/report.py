@@ -1,7 +1,7 @@
 """The paper-style results table (rows method x sampler, columns steps) and plots from results rows."""
 
 import collections
-import os
+import io
 
 from train import files
 
@@ -52,7 +52,7 @@ def write_plots(rows: list[dict], out_dir: str) -> None:
     ax.set(xscale='log', yscale='log', xlabel='sampling steps', ylabel='FID', title=f'w = {w:g}')
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'fid_vs_steps.png'), dpi=100)
+  _save_figure(fig, files.join(out_dir, 'fid_vs_steps.png'))
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(5, 4))
   curves = collections.defaultdict(list)
@@ -67,5 +67,12 @@ def write_plots(rows: list[dict], out_dir: str) -> None:
   ax.set(xlabel='IS', ylabel='FID', yscale='log', title='FID vs IS over w (points: increasing w)')
   ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, 'fid_vs_is.png'), dpi=100)
+  _save_figure(fig, files.join(out_dir, 'fid_vs_is.png'))
   plt.close(fig)
+
+
+def _save_figure(fig, path: str) -> None:
+  """A matplotlib figure as a PNG at 100 dpi, written atomically (local or remote path)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  files.write_bytes(path, buffer.getvalue())

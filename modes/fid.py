@@ -2,7 +2,7 @@
 
 import csv
 import hashlib
-import os
+import io
 import time
 import zipfile
 
@@ -28,7 +28,7 @@ CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'i
 
 def classifier_dir(config) -> str:
   """Where the digits classifier is cached: eval.classifier_dir, else WORKDIR/classifier."""
-  return config.eval.classifier_dir or os.path.join(config.workdir, 'classifier')
+  return config.eval.classifier_dir or files.join(config.workdir, 'classifier')
 
 
 def balanced_batch(record: dict, *, batch_index: int, batch_size: int, seed: int):
@@ -108,9 +108,9 @@ def reference_stats(config, extractor_name, extract, cache_dir: str):
   """
   ev = config.eval
   ident = hashlib.sha1(extractor_id(config).encode()).hexdigest()[:12]
-  path = os.path.join(cache_dir, f'ref_{config.data.name}_{ev.reference_split}_{ev.reference_examples}_'
-                      f'{extractor_name}_{ident}{"_u8" if ev.quantize_uint8 else ""}.npz')
-  if os.path.exists(path):
+  path = files.join(cache_dir, f'ref_{config.data.name}_{ev.reference_split}_{ev.reference_examples}_'
+                    f'{extractor_name}_{ident}{"_u8" if ev.quantize_uint8 else ""}.npz')
+  if files.exists(path):
     try:
       mu, sigma, _ = metrics.FeatureStats.load_npz(path)
       return mu, sigma
@@ -173,10 +173,7 @@ def _cell_key(row) -> tuple:
 
 
 def _read_rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return list(csv.DictReader(f))
+  return list(csv.DictReader(io.StringIO(files.read_text(path)))) if files.exists(path) else []
 
 
 def run_classifier(config) -> float:
@@ -184,7 +181,7 @@ def run_classifier(config) -> float:
   from eval import classifier  # pylint: disable=g-import-not-at-top
   ckpt_dir = classifier_dir(config)
   _, accuracy = classifier.train_classifier(ckpt_dir=ckpt_dir, num_steps=config.eval.classifier_steps)
-  writer = make_writer(os.path.join(config.workdir, 'logs', 'classifier'))
+  writer = make_writer(files.join(config.workdir, 'logs', 'classifier'))
   writer.write_scalars(config.eval.classifier_steps, {'held_out_accuracy': accuracy})
   writer.close()
   logging.info('[classifier] held-out accuracy %.4f (%s)', accuracy, ckpt_dir)
@@ -198,8 +195,8 @@ def run_fid(config) -> str:
   the extractor and its weights, the sample count and seed, the protocol options); the table and plots show
   this run's cells.
   """
-  out_dir = config.eval.out_dir or os.path.join(config.workdir, 'eval')
-  csv_path = os.path.join(out_dir, 'results.csv')
+  out_dir = config.eval.out_dir or files.join(config.workdir, 'eval')
+  csv_path = files.join(out_dir, 'results.csv')
   methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
                                   teacher_ddpm_steps=config.eval.teacher_ddpm_steps,
                                   stage1_steps=config.eval.stage1_steps,
@@ -208,12 +205,12 @@ def run_fid(config) -> str:
     raise CheckpointError(f'nothing to evaluate in {config.workdir}: no teacher, stage-1 or stage-2 checkpoint '
                           'there; train them first (--mode=pipeline) or fix --config.workdir')
   extractor_name, extract = make_extractor(config)
-  reference = reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
+  reference = reference_stats(config, extractor_name, extract, files.join(config.workdir, 'reference_stats'))
   rows = _read_rows(csv_path)  # every cell ever scored here; a retrained checkpoint's old cells stay, unused
   done = {_cell_key(r): r for r in rows}
   ids, current, loaded = {}, [], {}
-  os.makedirs(out_dir, exist_ok=True)
-  writer = make_writer(os.path.join(config.workdir, 'logs', 'eval'))
+  files.makedirs(out_dir)
+  writer = make_writer(files.join(config.workdir, 'logs', 'eval'))
   keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), seed=config.eval.seed,
               clip_x=config.eval.clip_x, quantize_uint8=config.eval.quantize_uint8)
   for i, method in enumerate(methods):
@@ -237,7 +234,7 @@ def run_fid(config) -> str:
   writer.close()
   rows = current
   if jax.process_index() == 0:
-    write_table(rows, os.path.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
+    write_table(rows, files.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
                 f'{config.eval.num_samples} samples per cell')
     write_plots(rows, out_dir)
   logging.info('[fid] results in %s', out_dir)

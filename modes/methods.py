@@ -1,9 +1,9 @@
 """The methods the results compare: (checkpoint, sampler, steps) rows shared by the pipeline and FID."""
 
 import dataclasses
-import os
 
 from distill import stages
+from train import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,4 +45,4 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
 
 def existing(methods: list[Method]) -> list[Method]:
   """The methods whose checkpoint directory exists (a partly distilled run evaluates what it has)."""
-  return [m for m in methods if os.path.isdir(m.ckpt_dir)]
+  return [m for m in methods if files.is_dir(m.ckpt_dir)]

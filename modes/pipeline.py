@@ -1,7 +1,6 @@
 """--mode=pipeline: teacher -> stage 1 -> stage-2 rounds -> sample grids and a Markdown summary."""
 
 import json
-import os
 import time
 
 import jax
@@ -40,7 +39,7 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
       samples = ckpt.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init,
                             label=label, seed=config.pipeline.seed, clip_x=config.eval.clip_x)
       file = f'{method.file_stem}_w{w:g}.png'
-      grid = save_samples_png(os.path.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
+      grid = save_samples_png(files.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
       tag = f'{method.name.replace(" ", "_")}_{method.sampler}_w{w:g}'
       writer.write_images(method.steps, {f'samples/{tag}': grid[None]})
       writer.write_scalars(method.steps, {f'saturated/{tag}': float(np.mean(np.abs(samples) > 1.0))})
@@ -56,7 +55,7 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
       grid = image_grid(np.concatenate(images), num_rows=len(images), scale=scale)
       grid = with_row_labels(grid, [f'{label}, w={w:g}' for label in labels],
                              row_height=(images[0].shape[1] + 1) * scale, top=scale)
-      save_png(os.path.join(results_dir, f'overview_w{w:g}.png'), grid)
+      save_png(files.join(results_dir, f'overview_w{w:g}.png'), grid)
       writer.write_images(0, {f'overview/w{w:g}': grid[None]})
   return entries
 
@@ -76,10 +75,7 @@ def _summary(config, timings: dict, entries: list[dict], quality_lines: list[str
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  return files.read_json(path) if files.exists(path) else {}
 
 
 def _trained(config, stage: str, sampling_steps=None) -> bool:
@@ -94,11 +90,11 @@ def run_pipeline(config) -> str:
 
   Returns the results folder.
   """
-  results_dir = os.path.join(config.workdir, 'results')
-  timings_path = os.path.join(results_dir, 'timings.json')
+  results_dir = files.join(config.workdir, 'results')
+  timings_path = files.join(results_dir, 'timings.json')
   timings = _read_json(timings_path)
   run, skipped = {}, set()  # this invocation's seconds; the names of stages that were already done
-  writer = make_writer(os.path.join(config.workdir, 'logs', 'pipeline'))
+  writer = make_writer(files.join(config.workdir, 'logs', 'pipeline'))
   quality = StageQuality(config, writer)
   trainings = [('teacher', 'teacher', None, stages.train_teacher, ()),
                ('stage1', 'stage1', None, stages.train_stage1, ())]
@@ -123,9 +119,8 @@ def run_pipeline(config) -> str:
   timings.update({k: v for k, v in run.items() if k not in timings or k not in skipped})
   timings['pipeline (this invocation)'] = round(sum(run.values()), 1)
   if jax.process_index() == 0:
-    os.makedirs(results_dir, exist_ok=True)
     files.write_json(timings_path, timings)
     summary = _summary(config, timings, entries, quality.summary_lines())
-    files.write_text(os.path.join(results_dir, 'summary.md'), summary)
+    files.write_text(files.join(results_dir, 'summary.md'), summary)
   logging.info('[pipeline] results in %s', results_dir)
   return results_dir

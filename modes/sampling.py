@@ -1,6 +1,5 @@
 """Sampling from any checkpoint (teacher, stage 1, any stage-2 round) with a checked step count."""
 
-import os
 from typing import Optional
 
 import jax
@@ -16,7 +15,7 @@ from eval.images import save_samples_png
 from models.denoiser import clip_x as clip_denoised_x
 from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
-from train import checkpoint
+from train import checkpoint, files
 from train.loop import make_writer
 from train.mesh import shard_rows
 
@@ -150,13 +149,13 @@ def run_sample(config) -> str:
   samples = loaded.sample(sampler=sampler, num_steps=num_steps, guidance_w=config.sample.guidance_w, z_init=z_init,
                           label=label, seed=config.sample.seed, clip_x=config.sample.clip_x,
                           ddpm_variance=config.sample.ddpm_variance)
-  out_dir = config.sample.out_dir or os.path.join(config.workdir, 'samples')
+  out_dir = config.sample.out_dir or files.join(config.workdir, 'samples')
   name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{config.sample.guidance_w:g}'
-  png = os.path.join(out_dir, name + '.png')
+  png = files.join(out_dir, name + '.png')
   if jax.process_index() == 0:
     grid = save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)
-    np.savez(os.path.join(out_dir, name + '.npz'), samples=samples, labels=np.asarray(label))
-    writer = make_writer(os.path.join(config.workdir, 'logs', 'sample'))
+    files.write_npz(files.join(out_dir, name + '.npz'), samples=samples, labels=np.asarray(label))
+    writer = make_writer(files.join(config.workdir, 'logs', 'sample'))
     writer.write_images(num_steps, {name: grid[None]})
     writer.close()
   logging.info('wrote %s (%d network calls per sample)', png, num_steps * loaded.nfe_per_step)

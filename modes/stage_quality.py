@@ -8,7 +8,6 @@ WORKDIR/results/stage_quality.json: a rerun of a finished pipeline recomputes no
 """
 
 import dataclasses
-import json
 import os
 import time
 from typing import Optional
@@ -110,10 +109,7 @@ def fid_ratio(teacher_fid: Optional[float], student_fid: Optional[float]) -> Opt
 
 
 def _read_rows(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)['rows']
+  return files.read_json(path)['rows'] if files.exists(path) else {}
 
 
 def _scalars(comparison: Comparison, row: dict) -> dict:
@@ -128,7 +124,7 @@ class StageQuality:
 
   def __init__(self, config, writer=None):
     self.config, self.writer = config, writer
-    self.path = os.path.join(config.workdir, 'results', RESULTS_NAME)
+    self.path = files.join(config.workdir, 'results', RESULTS_NAME)
     self.enabled = config.pipeline.quality_samples > 0
     if self.enabled and config.eval.extractor == 'inception' and not os.path.isfile(config.eval.inception_path):
       logging.warning('[quality] no table: no Inception weights at eval.inception_path=%r (see --mode=fid)',
@@ -224,7 +220,7 @@ class StageQuality:
     if self._scorer is None:
       config = self.config
       name, extract = fid.make_extractor(config)
-      reference = fid.reference_stats(config, name, extract, os.path.join(config.workdir, 'reference_stats'))
+      reference = fid.reference_stats(config, name, extract, files.join(config.workdir, 'reference_stats'))
       self._scorer = (extract, reference)
     return self._scorer
 

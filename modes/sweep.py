@@ -1,7 +1,6 @@
 """--mode=sweep: the pipeline once per override point of the config's get_sweep(), each in its own workdir."""
 
 import importlib.util
-import os
 import re
 import shlex
 import time
@@ -100,11 +99,11 @@ def run_sweep(config, *, config_path: str, print_only: bool = False, points=None
   (for a cluster launcher) and runs nothing. Returns the points' workdirs.
   """
   points = load_sweep(config_path) if points is None else points
-  sweep_dir = os.path.join(config.workdir, 'sweep')
+  sweep_dir = files.join(config.workdir, 'sweep')
   names = [point_name(p) for p in points]
   if len(set(names)) != len(names):
     raise ConfigError(f'sweep points repeat: {names}')
-  configs = [point_config(config, p, os.path.join(sweep_dir, name)) for p, name in zip(points, names)]
+  configs = [point_config(config, p, files.join(sweep_dir, name)) for p, name in zip(points, names)]
   if print_only:
     defaults = load_config_module(config_path).get_config()
     for overrides, point in zip(points, configs):
@@ -117,6 +116,6 @@ def run_sweep(config, *, config_path: str, print_only: bool = False, points=None
     run_pipeline(point)
     rows.append(dict(name=name, workdir=point.workdir, seconds=round(time.time() - start, 1)))
     if jax.process_index() == 0:
-      _write_index(os.path.join(sweep_dir, 'index.md'), rows)
-  logging.info('[sweep] index in %s', os.path.join(sweep_dir, 'index.md'))
+      _write_index(files.join(sweep_dir, 'index.md'), rows)
+  logging.info('[sweep] index in %s', files.join(sweep_dir, 'index.md'))
   return [c.workdir for c in configs]

@@ -1,11 +1,10 @@
 """--mode=transfer: encode class A with the distilled guided encoder, decode as class B (vs DDIM)."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 import data
 from distill import stages
@@ -60,7 +59,7 @@ def _write_grid(config, pairs, out_dir: str):
                           w_decode=tr.w_decode)
     spacer = np.ones_like(x[:1])  # a white tile between sources, reconstructions and transfers
     rows.append(np.concatenate([x, spacer, recon, spacer, moved]))
-  path = os.path.join(out_dir, f'transfer_{tr.source_class}_to_{tr.target_class}.png')
+  path = files.join(out_dir, f'transfer_{tr.source_class}_to_{tr.target_class}.png')
   if x.ndim != 4:
     return path, None
   grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=6)  # [H, W, C]
@@ -88,8 +87,8 @@ def _evaluate(config, pair, method: str, w_decode: float, extract, reference) ->
 def run_transfer(config) -> str:
   """Writes the transfer grid and transfer_results.{csv,md} over steps x w_decode, distilled vs DDIM."""
   tr = config.transfer
-  out_dir = tr.out_dir or os.path.join(config.workdir, 'transfer')
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = tr.out_dir or files.join(config.workdir, 'transfer')
+  files.makedirs(out_dir)
   cache = {}
   pairs = {(m, n): EncoderDecoder(config, m, n, cache) for m in ('distilled', 'ddim') for n in tr.steps}
   grid_path, grid = _write_grid(config, list(pairs.values()), out_dir)
@@ -97,9 +96,9 @@ def run_transfer(config) -> str:
   target = np.asarray(extract(jnp.asarray(_class_examples(config, tr.target_class, 'train', 10_000)))['pool'], np.float64)
   reference = (target.mean(0), np.cov(target, rowvar=False))
   rows = []
-  writer = make_writer(os.path.join(config.workdir, 'logs', 'transfer'))
+  writer = make_writer(files.join(config.workdir, 'logs', 'transfer'))
   if grid is not None:
-    writer.write_images(0, {os.path.basename(grid_path)[:-4]: grid[None]})
+    writer.write_images(0, {epath.Path(grid_path).stem: grid[None]})
   for (method, n), pair in pairs.items():
     for w in tr.eval_ws:
       rows.append(_evaluate(config, pair, method, w, extract, reference))
@@ -109,8 +108,8 @@ def run_transfer(config) -> str:
                    rows[-1]['recon_mse'], rows[-1]['target_accuracy'], rows[-1]['transfer_fid'])
   writer.close()
   if jax.process_index() == 0:
-    files.write_csv(os.path.join(out_dir, 'transfer_results.csv'), rows, CSV_FIELDS)
-    _write_table(rows, os.path.join(out_dir, 'transfer_results.md'), config)
+    files.write_csv(files.join(out_dir, 'transfer_results.csv'), rows, CSV_FIELDS)
+    _write_table(rows, files.join(out_dir, 'transfer_results.md'), config)
   logging.info('[transfer] grid %s, results in %s', grid_path, out_dir)
   return out_dir
 

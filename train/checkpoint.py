@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
+from train import files
 from train.mesh import data_mesh
 
 # Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
@@ -22,13 +24,14 @@ class CheckpointError(ValueError):
 
 
 def open_manager(ckpt_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
+  """An Orbax manager of ckpt_dir: a local directory (made absolute, as TensorStore needs) or a gs:// one."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-  return ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options)
+  return ocp.CheckpointManager(epath.Path(files.absolute(ckpt_dir)), options=options)
 
 
 def latest_step(ckpt_dir: str) -> Optional[int]:
   """The newest complete checkpoint's step in ckpt_dir, or None when there is none."""
-  if not os.path.isdir(ckpt_dir):
+  if not files.is_dir(ckpt_dir):
     return None
   with open_manager(ckpt_dir, create=False) as manager:
     return manager.latest_step()
@@ -164,7 +167,7 @@ def check_same_teacher(ckpt_dir: str, expected_record: dict) -> None:
 def _unused_name(path: str) -> str:
   """path, or path.1, path.2, ...: the first that does not exist."""
   candidate, n = path, 0
-  while os.path.exists(candidate):
+  while files.exists(candidate):
     n += 1
     candidate = f'{path}.{n}'
   return candidate
@@ -174,10 +177,11 @@ def set_aside(path, aside) -> str:
   """Renames path to aside, or to aside.1, aside.2, ... if taken (kept as evidence, never deleted); returns it.
 
   Process 0 renames; with several processes, every process waits until it has, so none reads a half-moved tree.
+  On an object store the rename is a copy of every object, then a delete: not atomic, but nothing is lost.
   """
   aside = _unused_name(os.fspath(aside))
   if jax.process_index() == 0:
-    os.rename(path, aside)
+    epath.Path(path).rename(aside)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f'set_aside {aside}')
@@ -192,8 +196,8 @@ def _replicated(tree):
 
 def check_not_all_set_aside(ckpt_dir: str) -> None:
   """CheckpointError when ckpt_dir has no checkpoint left but damaged ones were set aside: never restart silently."""
-  if os.path.isdir(ckpt_dir) and latest_step(ckpt_dir) is None:
-    aside = sorted(name for name in os.listdir(ckpt_dir) if name.startswith('corrupted.'))
+  if files.is_dir(ckpt_dir) and latest_step(ckpt_dir) is None:
+    aside = [name for name in files.listdir(ckpt_dir) if name.startswith('corrupted.')]
     if aside:
       raise CheckpointError(f'every checkpoint in {ckpt_dir} was set aside as damaged ({", ".join(aside)}): '
                             'restore one from a backup, or move them out of the directory to train from scratch')

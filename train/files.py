@@ -1,41 +1,128 @@
-"""Result files written atomically: a killed process leaves the old file or the new one, never half of one."""
+"""Every path under a run's workdir, local or remote (gs://, s3://, ...), through etils.epath as Orbax's own.
+
+Result files are written atomically: a killed process leaves the old file or the new one, never half of one. On a
+local disk that is a temporary file in the same directory renamed over the target (os.replace is atomic on one
+filesystem); on an object store (a path with a URL scheme) the object is written in one go, which is atomic there
+(an object appears whole or not at all) and which is all it offers: it has no rename.
+
+Paths stay strings in the rest of the code (dictionary keys, records, messages); these helpers take str or
+os.PathLike and turn them into epath.Path where they touch storage.
+"""
 
 import csv
 import io
 import json
 import os
-from typing import Callable
+import re
+from typing import Union
+
+import numpy as np
+from etils import epath
+
+PathLike = Union[str, os.PathLike]
+
+_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-  """Calls write(tmp_path), then renames tmp_path over path (os.replace is atomic on one filesystem)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def is_local(path: PathLike) -> bool:
+  """Whether path is on the local filesystem: it has no URL scheme such as gs:// or s3://."""
+  return _URL.match(os.fspath(path)) is None
+
+
+def join(path: PathLike, *parts: str) -> str:
+  """path/part/...; a URL keeps its scheme ('gs://b/run' + 'logs' -> 'gs://b/run/logs')."""
+  return os.fspath(epath.Path(path).joinpath(*parts))
+
+
+def relative(path: PathLike, start: PathLike) -> str:
+  """path relative to start, a directory above it: ('gs://b/run/stage2/steps_0004', 'gs://b/run') -> 'stage2/...'."""
+  return os.fspath(epath.Path(path).relative_to(epath.Path(start)))
+
+
+def absolute(path: PathLike) -> str:
+  """A local path made absolute (what Orbax's TensorStore needs); a URL is returned unchanged."""
+  path = os.fspath(path)
+  return os.path.abspath(path) if is_local(path) else path
+
+
+def exists(path: PathLike) -> bool:
+  return epath.Path(path).exists()
+
+
+def is_dir(path: PathLike) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def listdir(path: PathLike) -> list[str]:
+  """The names in a directory, sorted."""
+  return sorted(child.name for child in epath.Path(path).iterdir())
+
+
+def makedirs(path: PathLike) -> None:
+  """Creates a directory and its parents; an existing one is fine (a no-op where directories are implicit)."""
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(path: PathLike) -> str:
+  return epath.Path(path).read_text(encoding='utf-8')
+
+
+def read_bytes(path: PathLike) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
+def read_json(path: PathLike):
+  return json.loads(read_text(path))
+
+
+def read_npz(path: PathLike) -> dict[str, np.ndarray]:
+  """The arrays of an .npz written by write_npz (or np.savez), read whole."""
+  with np.load(io.BytesIO(read_bytes(path))) as archive:
+    return {key: archive[key] for key in archive.files}
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+  """Writes data to path atomically, creating its directory.
+
+  Local disk: PATH_ROOT.tmpPID.EXT is written, flushed to disk and renamed over path (removed if anything
+  fails). Elsewhere: one write of the whole object, which object stores commit atomically.
+  """
+  path = os.fspath(path)
+  makedirs(epath.Path(path).parent)
+  if not is_local(path):
+    epath.Path(path).write_bytes(data)
+    return
   root, ext = os.path.splitext(path)
-  tmp_path = f'{root}.tmp{os.getpid()}{ext}'  # same extension: np.savez and PIL pick the format from it
+  tmp_path = f'{root}.tmp{os.getpid()}{ext}'  # beside path: the rename stays on one filesystem
   try:
-    write(tmp_path)
+    with open(tmp_path, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp_path, path)
   finally:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
 
 
-def write_text(path: str, text: str) -> None:
-  def write(tmp_path):
-    with open(tmp_path, 'w', encoding='utf-8') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-  atomic_write(path, write)
+def write_text(path: PathLike, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
 
 
-def write_json(path: str, value) -> None:
+def write_json(path: PathLike, value) -> None:
   write_text(path, json.dumps(value, indent=2) + '\n')
 
 
-def write_csv(path: str, rows: list[dict], fieldnames) -> None:
+def write_csv(path: PathLike, rows: list[dict], fieldnames) -> None:
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
   write_text(path, buffer.getvalue())
+
+
+def write_npz(path: PathLike, **arrays) -> None:
+  """np.savez(path, **arrays), atomically."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes(path, buffer.getvalue())

@@ -8,6 +8,9 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
+
+from train import files
 
 LOCK_NAME = 'run.lock'
 
@@ -28,32 +31,45 @@ def _alive(pid: int) -> bool:
 
 def _read(path: str) -> dict:
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return files.read_json(path)
   except (OSError, ValueError):
     return {}  # unreadable: a holder killed while writing it
 
 
-def _take_or_refuse(path: str, me: dict) -> None:
-  """Creates the lock; takes over one left by a dead process on this host; refuses a live holder's."""
+def _create(path: str, me: dict) -> bool:
+  """Writes me to path unless path exists; False when it does.
+
+  Local: created with O_EXCL, so of two runs starting at once exactly one creates it. Elsewhere (an object store
+  has no exclusive create through epath): checked, then written, so two runs started within the same moment can
+  both pass; one started while another runs is refused as on a local disk.
+  """
+  if not files.is_local(path):
+    if files.exists(path):
+      return False
+    files.write_json(path, me)
+    return True
   try:
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
   except FileExistsError:
-    holder = _read(path)
-    same_host = holder.get('host') == me['host']
-    if holder and not (same_host and not _alive(int(holder.get('pid', -1)))):
-      where = 'this host' if same_host else f'host {holder.get("host")}'
-      raise WorkdirLocked(  # pylint: disable=raise-missing-from
-          f'{os.path.dirname(path)} is in use by process {holder.get("pid")} on {where} since '
-          f'{holder.get("started")}: wait for it, use another --config.workdir, or delete {path} if that run is gone')
-    logging.warning('taking over %s from a process that is gone: %s', path, holder or 'unreadable lock')
-    tmp = f'{path}.{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(me, f)
-    os.replace(tmp, path)
-    return
+    return False
   with os.fdopen(fd, 'w', encoding='utf-8') as f:
     json.dump(me, f)
+  return True
+
+
+def _take_or_refuse(path: str, me: dict) -> None:
+  """Creates the lock; takes over one left by a dead process on this host; refuses a live holder's."""
+  if _create(path, me):
+    return
+  holder = _read(path)
+  same_host = holder.get('host') == me['host']
+  if holder and not (same_host and not _alive(int(holder.get('pid', -1)))):
+    where = 'this host' if same_host else f'host {holder.get("host")}'
+    raise WorkdirLocked(
+        f'{epath.Path(path).parent} is in use by process {holder.get("pid")} on {where} since '
+        f'{holder.get("started")}: wait for it, use another --config.workdir, or delete {path} if that run is gone')
+  logging.warning('taking over %s from a process that is gone: %s', path, holder or 'unreadable lock')
+  files.write_json(path, me)
 
 
 @contextlib.contextmanager
@@ -63,19 +79,22 @@ def workdir_lock(workdir: str):
   A second run in the same workdir stops with WorkdirLocked before writing anything. A lock left by a killed
   process on this host is detected (its pid is gone) and taken over with a warning. A workdir this call
   created and that stays empty is removed again.
+
+  A remote workdir (gs://, s3://, ...) gets the same lock file through epath, but without an exclusive create: a run
+  started while another holds the lock is refused, two started at the same moment may both run (see _create).
   """
   if jax.process_index() != 0:
     yield
     return
-  created = not os.path.isdir(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_NAME)
+  created = not files.is_dir(workdir)
+  files.makedirs(workdir)
+  path = files.join(workdir, LOCK_NAME)
   me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
   _take_or_refuse(path, me)
   try:
     yield
   finally:
     if _read(path) == me:
-      os.remove(path)
-    if created and not os.listdir(workdir):
-      os.rmdir(workdir)
+      epath.Path(path).unlink()
+    if created and not files.listdir(workdir):
+      epath.Path(workdir).rmdir()

@@ -1,4 +1,7 @@
-"""Metric writers of every mode: TensorBoard (clu) plus a plain metrics.jsonl, written by process 0 only."""
+"""Metric writers of every mode: TensorBoard (clu) plus a plain metrics.jsonl, written by process 0 only.
+
+Both take remote log directories (gs://, ...): TensorBoard's through tf.io.gfile, metrics.jsonl through epath.
+"""
 
 import json
 import os
@@ -8,6 +11,9 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
+
+from train import files
 
 JSONL_NAME = 'metrics.jsonl'
 
@@ -18,12 +24,13 @@ class JsonlWriter(metric_writers.MetricWriter):
   Lines are appended (a resumed run adds to its file; after a kill a step may appear twice, the later line
   wins). A last line cut short by a killed process is removed before appending, so the file stays one JSON
   object per line. Images, videos, audio and histograms go to TensorBoard only: this writer leaves them out.
+  An object store has no appends: on one, every flush uploads the whole file again.
   """
 
   def __init__(self, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.makedirs(epath.Path(path).parent)
     _drop_cut_last_line(path)
-    self._file = open(path, 'a', encoding='utf-8')  # pylint: disable=consider-using-with
+    self._file = epath.Path(path).open('a', encoding='utf-8')
 
   def _write(self, step: Optional[int], values: Mapping[str, Any]) -> None:
     line = {'step': None if step is None else int(step), 'time': round(time.time(), 3)}
@@ -62,13 +69,12 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def _drop_cut_last_line(path: str) -> None:
-  """Truncates path after its last newline: removes a line a killed writer left without one."""
-  if not os.path.exists(path):
+  """Cuts path after its last newline (atomically): removes a line a killed writer left without one."""
+  if not files.exists(path):
     return
-  with open(path, 'rb+') as f:
-    content = f.read()
-    if content and not content.endswith(b'\n'):
-      f.truncate(content.rfind(b'\n') + 1)
+  content = files.read_bytes(path)
+  if content and not content.endswith(b'\n'):
+    files.write_bytes(path, content[:content.rfind(b'\n') + 1])
 
 
 def _plain(value):
@@ -83,14 +89,15 @@ def create_writer(logdir: str) -> metric_writers.MetricWriter:
   """TensorBoard event files and metrics.jsonl in logdir on process 0; a writer that writes nothing elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
+  logdir = os.fspath(logdir)  # a str, as clu's SummaryWriter (tf.summary, tf.io.gfile) takes it: 'gs://...' too
   tensorboard = metric_writers.create_default_writer(logdir, asynchronous=False)
-  return metric_writers.MultiWriter([tensorboard, JsonlWriter(os.path.join(logdir, JSONL_NAME))])
+  return metric_writers.MultiWriter([tensorboard, JsonlWriter(files.join(logdir, JSONL_NAME))])
 
 
 def read_jsonl(path: str) -> list[dict]:
   """The lines of a metrics.jsonl; a line cut short by a killed process is skipped."""
   rows = []
-  with open(path, encoding='utf-8') as f:
+  with epath.Path(path).open('r', encoding='utf-8') as f:
     for line in f:
       try:
         rows.append(json.loads(line))
