@@ -72,11 +72,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Protocol options (README, "Evaluation protocol"). clip_x: sample with x predictions clipped to [-1, 1] for
   # --mode=fid, the pipeline's grids and its table; quantize_uint8: round samples and real images to the 256
   # uint8 levels before the feature extractor (--mode=fid, the pipeline's table); ddpm_variance: as
-  # sample.ddpm_variance, for the DDPM rows of --mode=fid.
+  # sample.ddpm_variance, for the DDPM rows of --mode=fid. num_seeds: every cell is scored on eval.num_seeds
+  # independent noise draws (seeds eval.seed, eval.seed + 1, ...); the table gives their mean and spread.
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
       stage1_steps=(),
-      student_steps=(1, 2, 4, 8, 16), seed=2, reference_split='train', reference_examples=50_000, out_dir='',
+      student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train', reference_examples=50_000, out_dir='',
       clip_x=False, quantize_uint8=False, ddpm_variance='small'))
   return config

@@ -124,20 +124,28 @@ def reference_stats(config, extractor_name, extract, cache_dir: str):
   return stats.mean(), stats.cov()
 
 
+def eval_seeds(config) -> list[int]:
+  """The noise seeds of --mode=fid: eval.seed, eval.seed + 1, ... (eval.num_seeds of them).
+
+  Every method is sampled from the same noise and labels for a given seed, so rows of one seed are paired.
+  """
+  return [config.eval.seed + k for k in range(config.eval.num_seeds)]
+
+
 def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, reference, config,
-                  logits_are_classes: bool) -> dict:
-  """Samples eval.num_samples class-balanced images (fixed seeds) and scores them.
+                  logits_are_classes: bool, seed=None) -> dict:
+  """Samples eval.num_samples class-balanced images from noise seed (default eval.seed) and scores them.
 
   With logits_are_classes (the digits classifier, the toy mixture) the extractor's logits are the data
   set's own classes, so class accuracy of the samples is reported too. Samples reach the extractor clipped to
   [-1, 1] and, with eval.quantize_uint8, rounded to the 256 uint8 levels (eval.images.quantize_uint8).
   """
   start, stats, logits, labels = time.time(), None, [], []
-  batch_size = config.eval.batch_size
+  batch_size, seed = config.eval.batch_size, config.eval.seed if seed is None else seed
   for b in range(-(-config.eval.num_samples // batch_size)):
-    z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=config.eval.seed)
+    z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=seed)
     images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
-                           seed=config.eval.seed + b, clip_x=config.eval.clip_x,
+                           seed=seed + b, clip_x=config.eval.clip_x,
                            ddpm_variance=config.eval.ddpm_variance)
     images = np.clip(images, -1.0, 1.0)  # [B, ...]
     features = extract(jnp.asarray(quantize_uint8(images) if config.eval.quantize_uint8 else images))
@@ -154,9 +162,13 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
               seconds=round(time.time() - start, 1))
 
 
-def _cell_scalars(row: dict) -> dict:
-  """TensorBoard tags of one cell, e.g. 'fid/student_ddim/w1' (step = sampling steps, so a curve per row)."""
+def _cell_scalars(row: dict, *, with_seed: bool = False) -> dict:
+  """TensorBoard tags of one cell, e.g. 'fid/student_ddim/w1' (step = sampling steps, so a curve per row).
+
+  with_seed (several noise seeds) appends the seed: 'fid/student_ddim/w1/seed2'.
+  """
   tag = f'{row["method"].replace(" ", "_")}_{row["sampler"]}/w{float(row["w"]):g}'
+  tag += f'/seed{row["seed"]}' if with_seed else ''
   scalars = {f'fid/{tag}': row['fid'], f'is/{tag}': row['is_mean'], f'seconds/{tag}': row['seconds']}
   if row['accuracy'] != '':
     scalars[f'accuracy/{tag}'] = row['accuracy']
@@ -211,31 +223,31 @@ def run_fid(config) -> str:
   ids, current, loaded = {}, [], {}
   files.makedirs(out_dir)
   writer = make_writer(files.join(config.workdir, 'logs', 'eval'))
-  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), seed=config.eval.seed,
-              clip_x=config.eval.clip_x, quantize_uint8=config.eval.quantize_uint8)
-  for i, method in enumerate(methods):
+  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), clip_x=config.eval.clip_x,
+              quantize_uint8=config.eval.quantize_uint8)
+  cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)]
+  for i, (method, w, seed) in enumerate(cells):
     ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
-    for w in config.eval.guidance_ws:
-      cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
-                  ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '', **keys)
-      if _cell_key(cell) in done:
-        current.append(done[_cell_key(cell)])
-        continue
-      row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference,
-                          config=config, logits_are_classes=extractor_name != 'inception')
-      row.update(cell)
-      rows.append(row)
-      current.append(row)
-      logging.info('[fid] %d/%d %s w=%g: FID %.3f IS %.2f (%.0f s)', i + 1, len(methods), method.label, w,
-                   row['fid'], row['is_mean'], row['seconds'])
-      if jax.process_index() == 0:
-        files.write_csv(csv_path, rows, CSV_FIELDS)  # atomically after every cell: a killed run keeps them
-      writer.write_scalars(method.steps, _cell_scalars(row))
+    cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
+                seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '', **keys)
+    if _cell_key(cell) in done:
+      current.append(done[_cell_key(cell)])
+      continue
+    row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference,
+                        config=config, logits_are_classes=extractor_name != 'inception', seed=seed)
+    row.update(cell)
+    rows.append(row)
+    current.append(row)
+    logging.info('[fid] %d/%d %s w=%g seed %d: FID %.3f IS %.2f (%.0f s)', i + 1, len(cells), method.label, w, seed,
+                 row['fid'], row['is_mean'], row['seconds'])
+    if jax.process_index() == 0:
+      files.write_csv(csv_path, rows, CSV_FIELDS)  # atomically after every cell: a killed run keeps them
+    writer.write_scalars(method.steps, _cell_scalars(row, with_seed=config.eval.num_seeds > 1))
   writer.close()
   rows = current
   if jax.process_index() == 0:
     write_table(rows, files.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
-                f'{config.eval.num_samples} samples per cell')
+                f'{config.eval.num_samples} samples per cell, {config.eval.num_seeds} noise seed(s)')
     write_plots(rows, out_dir)
   logging.info('[fid] results in %s', out_dir)
   return out_dir

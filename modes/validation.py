@@ -158,6 +158,8 @@ def _check_eval(config, info) -> None:
            f"eval.extractor 'classifier' is the digits classifier; for {info.name} use 'inception'")
   _require(ev.extractor != 'toy2d' or info.name == 'toy2d', "eval.extractor 'toy2d' is only for data.name toy2d")
   _require(ev.num_samples > 0 and ev.batch_size > 0, 'eval.num_samples and eval.batch_size must be > 0')
+  _require(isinstance(ev.num_seeds, int) and ev.num_seeds >= 1,
+           f'eval.num_seeds must be an integer >= 1 (noise draws per cell), got {ev.num_seeds!r}')
   _require(ev.num_samples % ev.batch_size == 0, f'eval.num_samples ({ev.num_samples}) must be a multiple of '
            f'eval.batch_size ({ev.batch_size})')
   _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.stage1_steps, *ev.student_steps)),

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import tiny_config
 from eval.images import quantize_uint8
+from eval import report as fid_report
 from eval.report import write_table
 from modes import fid
 from modes.validation import ConfigError, validate_config
@@ -128,6 +129,43 @@ def test_a_changed_protocol_option_reevaluates_exactly_the_cells_it_affects(tmp_
   assert len(evaluated) == 7 * 2
 
 
+def test_more_noise_seeds_score_only_the_new_draws_and_the_table_gives_mean_and_spread(tmp_path, monkeypatch):
+  evaluated = _stub_scoring(monkeypatch)
+  seeds = []
+  stub = fid.evaluate_cell
+  monkeypatch.setattr(fid, 'evaluate_cell', lambda *args, seed, **kwargs: seeds.append(seed) or stub(*args, **kwargs))
+  config = tiny_config(tmp_path)
+  config.eval.seed = 5
+  fid.run_fid(config)
+  assert set(seeds) == {5} and len(evaluated) == 7 * 2
+  evaluated.clear(), seeds.clear()
+  config.eval.num_seeds = 3
+  out_dir = fid.run_fid(config)
+  assert sorted(set(seeds)) == [6, 7] and len(evaluated) == 7 * 2 * 2  # seed 5's cells are read back
+  rows = _rows(os.path.join(out_dir, 'results.csv'))
+  assert sorted({int(r['seed']) for r in rows}) == [5, 6, 7] and len(rows) == 7 * 2 * 3
+  with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
+    assert '| 1.00 ± 0.00 / 1.00 |' in f.read()  # the stand-in scores 1.0 in every draw
+
+
+def test_paired_differences_are_taken_seed_by_seed_against_the_teacher(tmp_path):
+  # The student is 0.1 worse than the teacher's 8 steps in every draw while the draws themselves move by +-1.
+  draws = {0: 4.0, 1: 5.0, 2: 6.0}
+  rows = [dict(method='teacher CFG', sampler='ddim', steps=s, nfe=2 * s, w=0.0, seed=k, is_mean=9.0,
+               fid=v + (0.0 if s == 8 else -0.3)) for k, v in draws.items() for s in (8, 64)]
+  rows += [dict(method='student', sampler='ddim', steps=8, nfe=8, w=0.0, seed=k, is_mean=9.0, fid=v + 0.1)
+           for k, v in draws.items()]
+  (same_steps, converged) = fid_report.paired_differences(rows)
+  assert same_steps[1:4] == ('student ddim', 8, 8) and converged[3] == 64
+  np.testing.assert_allclose(same_steps[4:6], (0.1, 0.0), atol=1e-12)  # mean, standard error
+  np.testing.assert_allclose(converged[4], 0.4)
+  assert same_steps[6:] == (0, 3)  # better in 0 of 3 seeds
+  write_table(rows, tmp_path / 'table.md', title='t')
+  text = (tmp_path / 'table.md').read_text(encoding='utf-8')
+  assert '| student ddim | 1 | 5.10 ± 1.00 / 9.00 |' in text
+  assert '| 0 | student ddim | 8 | 8 | +0.100 ± 0.000 | 0/3 |' in text
+
+
 def test_cell_keys_of_rows_written_before_the_protocol_options_existed_mean_their_defaults():
   old = dict(method='teacher CFG', sampler='ddpm', steps='64', w='1.0', num_samples='512', checkpoint='c',
              extractor='toy2d', seed='2', clip_x='False')  # a results.csv row without the newer columns
@@ -158,6 +196,7 @@ def test_reference_statistics_are_keyed_by_quantisation_and_see_quantised_images
     ('sample', 'ddpm_variance', 'medium', "unknown sample.ddpm_variance 'medium'; choose one of: small, large"),
     ('eval', 'ddpm_variance', 'fixed_large', "unknown eval.ddpm_variance 'fixed_large'; choose one of: small, large"),
     ('eval', 'quantize_uint8', True, 'eval.quantize_uint8 rounds images to uint8 levels; toy2d is vector data'),
+    ('eval', 'num_seeds', 0, 'eval.num_seeds must be an integer >= 1 (noise draws per cell), got 0'),
 ])
 def test_bad_protocol_options_give_one_line_naming_the_field(tmp_path, section, field, value, message):
   config = tiny_config(tmp_path)
