@@ -1,6 +1,7 @@
 """The three trainings of the method, chained through checkpoints: teacher -> stage 1 -> stage-2 rounds."""
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any, Callable, Optional
@@ -59,9 +60,14 @@ def build_from_record(record: dict):
   """The model a record describes, and abstract (shape-only) params for it."""
   model = build_model(ml_collections.ConfigDict(record['model']), num_classes=record['num_classes'],
                       guidance_input=record['guidance_input'])
-  abstract = jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']),
-                                                guidance_input=record['guidance_input']))
-  return model, abstract
+  return model, _abstract_params(model, tuple(record['x_shape']), record['guidance_input'])
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_params(model, x_shape: tuple, guidance_input: bool):
+  """Shape-only params, traced once per network (flax modules compare by fields): every round shares them."""
+  return jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=x_shape,
+                                            guidance_input=guidance_input))
 
 
 def _batches(config, section, seed_offset: int):
