@@ -1,4 +1,5 @@
-"""A sweep on the embedded digits: the pipeline for every w_max x stage-2 round length (4 points, ~10 min each).
+"""A sweep on the embedded digits: the pipeline for every w_max x stage-2 round length (4 points; one teacher,
+trained by the first point and copied to the others: ~10 min for the first point, ~6 for each other).
 
   python main.py --config=configs/digits_sweep.py --mode=sweep                 # runs/digits_sweep/sweep/...
   python main.py --config=configs/digits_sweep.py --mode=sweep --print_only    # one command per point

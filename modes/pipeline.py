@@ -24,20 +24,41 @@ def _timed(timings: dict, name: str, fn, *args):
   return result
 
 
+def _grid_samples(config, results_dir: str, loaded: dict, method, w: float, *, z_init, label) -> np.ndarray:
+  """A grid's samples [B, ...] of one method and w, kept in results/grid_samples/ with what they depend on.
+
+  A rerun reads them back (without loading the checkpoint) when the checkpoint (by id), sampler, steps, w, noise
+  and clip_x are unchanged, as --mode=fid reuses its cells; anything else samples them again.
+  """
+  key = ' | '.join([method.label, checkpoint.checkpoint_id(method.ckpt_dir), f'w={w:g}', f'n={len(label)}',
+                    f'seed={config.pipeline.seed}', f'clip_x={config.eval.clip_x}'])
+  path = files.join(results_dir, 'grid_samples', f'{method.file_stem}_w{w:g}.npz')
+  if files.exists(path):
+    stored = files.read_npz(path)
+    if str(stored['key']) == key:
+      return stored['samples']
+  samples = load_cached(loaded, method.ckpt_dir).sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w,
+                                                        z_init=z_init, label=label, seed=config.pipeline.seed,
+                                                        clip_x=config.eval.clip_x)
+  if jax.process_index() == 0:
+    files.write_npz(path, samples=samples, key=np.array(key))
+  return samples
+
+
 def _sample_all(config, results_dir: str, writer) -> list[dict]:
-  """Samples every method at every w from the same noise and labels; writes grids and an overview.
+  """Samples every method at every w from the same noise and labels (or reads them back: _grid_samples); writes
+  grids and an overview.
 
   The grids also go to TensorBoard (logs/pipeline): tag 'samples/<method>_w<w>', step = sampling steps.
   """
   entries, overview = [], {}
   loaded = {}
   for method in list_methods(config, teacher_steps=config.pipeline.teacher_steps):
-    ckpt = load_cached(loaded, method.ckpt_dir)
-    z_init, label, num_rows = fixed_inputs(ckpt.record, per_class=config.pipeline.per_class, seed=config.pipeline.seed)
+    z_init, label, num_rows = fixed_inputs(checkpoint.read_record(method.ckpt_dir), per_class=config.pipeline.per_class,
+                                           seed=config.pipeline.seed)
     for w in config.pipeline.guidance_ws:
       start = time.time()
-      samples = ckpt.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init,
-                            label=label, seed=config.pipeline.seed, clip_x=config.eval.clip_x)
+      samples = _grid_samples(config, results_dir, loaded, method, w, z_init=z_init, label=label)
       file = f'{method.file_stem}_w{w:g}.png'
       grid = save_samples_png(files.join(results_dir, file), samples, np.asarray(label), num_rows=num_rows)
       tag = f'{method.name.replace(" ", "_")}_{method.sampler}_w{w:g}'

@@ -7,8 +7,10 @@ import time
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 from absl import logging
 
+from distill.stages import stage_dir
 from modes.pipeline import run_pipeline
 from modes.validation import ConfigError, validate_config
 from train import files
@@ -84,17 +86,54 @@ def pipeline_command(config_path: str, point, overrides: dict, defaults) -> str:
   return shlex.join(args)
 
 
+# The config sections a stage's checkpoint does not depend on: those of later stages, evaluation and output.
+_NOT_INPUTS = {
+    'teacher': ('distill', 'stage1', 'stage2', 'encoder', 'transfer', 'eval', 'pipeline', 'sample', 'profile',
+                'workdir'),
+    'stage1': ('stage2', 'encoder', 'transfer', 'eval', 'pipeline', 'sample', 'profile', 'workdir'),
+}
+SHARED_STAGES = tuple(_NOT_INPUTS)  # in chain order: a stage is shared only if the ones before it are
+
+
+def stage_inputs(config, stage: str) -> str:
+  """Every config field stage's checkpoint depends on, as one string: equal strings train equal checkpoints."""
+  fields = {k: v for k, v in _flatten(config.to_dict()).items() if k.split('.')[0] not in _NOT_INPUTS[stage]}
+  return repr(sorted(fields.items()))
+
+
+def reuse_stages(point, trained: dict) -> list[str]:
+  """Copies into point's workdir the stages an earlier point trained from the same inputs; returns their names.
+
+  trained maps (stage, stage_inputs) to the workdir of the point that trained it. A stage already in point's
+  workdir (a rerun) is kept as it is.
+  """
+  reused = []
+  for stage in SHARED_STAGES:
+    source = trained.get((stage, stage_inputs(point, stage)))
+    if source is None:
+      break
+    target = stage_dir(point.workdir, stage)
+    if not files.exists(target):
+      files.copy_tree(stage_dir(source, stage), target)
+      logging.info('[sweep] %s: reusing %s of %s', point.workdir, stage, source)
+    reused.append(stage)
+  return reused
+
+
 def _write_index(path: str, rows: list[dict]) -> None:
-  lines = ['# Sweep', '', '| point | workdir | pipeline wall time (s, this invocation) | summary |', '|---|---|---|---|']
-  lines += [f'| `{r["name"]}` | `{r["workdir"]}` | {r["seconds"]} | [summary.md]({r["name"]}/results/summary.md) |'
-            for r in rows]
+  lines = ['# Sweep', '', '| point | workdir | reused from an earlier point | pipeline wall time (s, this invocation) '
+           '| summary |', '|---|---|---|---|---|']
+  lines += [f'| `{r["name"]}` | `{r["workdir"]}` | {r["reused"]} | {r["seconds"]} '
+            f'| [summary.md]({r["name"]}/results/summary.md) |' for r in rows]
   files.write_text(path, '\n'.join(lines) + '\n')
 
 
 def run_sweep(config, *, config_path: str, print_only: bool = False, points=None) -> list[str]:
   """Runs the pipeline for every point (get_sweep() of config_path unless points is given) in turn.
 
-  Each point runs in <config.workdir>/sweep/<point name>; <config.workdir>/sweep/index.md lists them.
+  Each point runs in <config.workdir>/sweep/<point name>; <config.workdir>/sweep/index.md lists them. A point whose
+  teacher (and stage 1) would be trained from the same config fields as an earlier point's gets a copy of it
+  (reuse_stages): a sweep over distillation fields trains one teacher.
   Every point is built and validated before any runs. print_only prints one main.py command per point
   (for a cluster launcher) and runs nothing. Returns the points' workdirs.
   """
@@ -109,12 +148,20 @@ def run_sweep(config, *, config_path: str, print_only: bool = False, points=None
     for overrides, point in zip(points, configs):
       print(pipeline_command(config_path, point, overrides, defaults))
     return [c.workdir for c in configs]
-  rows = []
+  rows, trained = [], {}
   for i, (name, point) in enumerate(zip(names, configs)):
     logging.info('[sweep] point %d/%d: %s', i + 1, len(configs), name)
     start = time.time()
+    reused = reuse_stages(point, trained) if jax.process_index() == 0 else list(SHARED_STAGES)
+    if jax.process_count() > 1:  # every process sees the copies before any looks for a trained stage
+      multihost_utils.sync_global_devices(f'sweep reuse {name}')
     run_pipeline(point)
-    rows.append(dict(name=name, workdir=point.workdir, seconds=round(time.time() - start, 1)))
+    for stage in SHARED_STAGES:
+      trained.setdefault((stage, stage_inputs(point, stage)), point.workdir)
+    sources = {stage: names[[c.workdir for c in configs].index(trained[(stage, stage_inputs(point, stage))])]
+               for stage in reused}
+    rows.append(dict(name=name, workdir=point.workdir, seconds=round(time.time() - start, 1),
+                     reused=', '.join(f'{stage} (`{source}`)' for stage, source in sources.items()) or '-'))
     if jax.process_index() == 0:
       _write_index(files.join(sweep_dir, 'index.md'), rows)
   logging.info('[sweep] index in %s', files.join(sweep_dir, 'index.md'))

@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from modes import fid
 from modes.pipeline import run_pipeline
+from modes.sampling import LoadedCheckpoint
 from modes.sampling import run_sample
 from train import writers
 
@@ -94,3 +95,19 @@ def test_sampling_and_eval_modes_write_images_and_scalars(toy_copy):
   assert {'fid/student_ddim/w1', 'is/student_ddim/w1'} <= tensorboard_tags(os.path.join(logs, 'eval'))['scalars']
   rows = [r for r in writers.read_jsonl(os.path.join(logs, 'eval', writers.JSONL_NAME)) if 'fid/student_ddim/w1' in r]
   assert rows[-1]['step'] == 4 and rows[-1]['fid/student_ddim/w1'] >= 0
+
+
+def test_a_rerun_of_the_pipeline_reads_its_grids_back_and_samples_nothing(toy_copy, monkeypatch):
+  run_pipeline(toy_copy)
+  results = os.path.join(toy_copy.workdir, 'results')
+  pngs = {name: open(os.path.join(results, name), 'rb').read() for name in os.listdir(results) if name.endswith('.png')}
+
+  def must_not_sample(*args, **kwargs):
+    raise AssertionError('a grid whose checkpoint, noise and settings are unchanged was sampled again')
+
+  monkeypatch.setattr(LoadedCheckpoint, 'sample', must_not_sample)
+  run_pipeline(toy_copy)
+  assert pngs and all(open(os.path.join(results, name), 'rb').read() == png for name, png in pngs.items())
+  toy_copy.pipeline.per_class += 1  # other grid inputs (the quality table keeps its rows): grids are drawn again
+  with pytest.raises(AssertionError, match='sampled again'):
+    run_pipeline(toy_copy)

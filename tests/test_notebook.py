@@ -44,3 +44,25 @@ def test_demo_notebook_runs_on_the_tiny_config(tmp_path, monkeypatch):
     assert (workdir / 'eval' / name).stat().st_size > 0
   assert len(_outputs(nb, 'image/png')) == 2  # the sample grid and fid_vs_steps.png
   assert len(_outputs(nb, 'text/markdown')) == 1  # the FID table
+
+
+def _setup_cell() -> str:
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  return next(cell.source for cell in nb.cells if cell.cell_type == 'code')
+
+
+def test_setup_cell_clones_the_repository_from_elsewhere_and_finds_it_again_after_a_restart(tmp_path):
+  """Colab: the first cell runs in a directory that is not the repository, clones it, and a restarted runtime
+  (a new process, no clone address given) finds the clone and imports the code from it."""
+  check = '\nimport configs.tiny\nprint("cwd", os.getcwd())\nprint("config", configs.tiny.__file__)\n'
+  clone, elsewhere = tmp_path / 'clone', tmp_path / 'content'
+  elsewhere.mkdir()
+  env = dict(os.environ, DEMO_REPO_DIR=str(clone), DEMO_SKIP_INSTALL='1', PYTHONPATH='')
+  for repo_url in (REPO, ''):  # first run: clone from this repository; after a restart: nothing to clone from
+    result = subprocess.run([sys.executable, '-c', _setup_cell() + check], cwd=elsewhere, capture_output=True,
+                            text=True, env=dict(env, DEMO_REPO_URL=repo_url), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f'cwd {clone}' in result.stdout and f'config {clone}' in result.stdout, result.stdout
+  result = subprocess.run([sys.executable, '-c', _setup_cell()], cwd=elsewhere, capture_output=True, text=True,
+                          env=dict(env, DEMO_REPO_DIR=str(tmp_path / 'none'), DEMO_REPO_URL=''), timeout=300)
+  assert result.returncode != 0 and 'repository not found: set REPO_URL' in result.stderr

@@ -10,7 +10,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from conftest import tiny_config
+from distill import stages
 from modes import sweep
+from train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PATH = os.path.join(REPO, 'configs', 'tiny.py')
@@ -45,6 +47,29 @@ def test_sweep_runs_each_point_in_its_own_workdir(tmp_path):
       assert json.load(f)['distill']['w_max'] == point['distill.w_max']
   index = (tmp_path / 'sweep' / 'index.md').read_text()
   assert all(f'`{name}`' in index and workdir in index for name, workdir in zip(names, workdirs))
+  # Only distillation fields differ: the second point gets a copy of the first point's teacher, not a new one.
+  assert f'| teacher (`{names[0]}`) |' in index
+  teachers = [checkpoint.params_digest(checkpoint.load_params(stages.stage_dir(w, 'teacher'), abstract, record))
+              for w in workdirs for abstract, record in [_teacher_shapes(config, w)]]
+  assert teachers[0] == teachers[1]
+  assert not os.path.isdir(os.path.join(workdirs[1], 'logs', 'teacher')), 'the second point trained a teacher'
+
+
+def _teacher_shapes(config, workdir):
+  record = stages.make_record(config, stage='teacher')
+  return stages.build_from_record(record)[1], record
+
+
+def test_stage_inputs_share_the_teacher_for_distillation_fields_and_stage_1_for_stage_2_fields(tmp_path):
+  config = tiny_config(tmp_path)
+  points = {name: sweep.point_config(config, overrides, str(tmp_path / name)) for name, overrides in (
+      ('base', {}), ('w_max', {'distill.w_max': 3.0}), ('rounds', {'stage2.num_steps': 7}),
+      ('teacher_lr', {'train.lr': 1e-4}), ('eval', {'eval.num_samples': 1024}))}
+  same = lambda stage, a, b: sweep.stage_inputs(points[a], stage) == sweep.stage_inputs(points[b], stage)
+  assert same('teacher', 'base', 'w_max') and not same('stage1', 'base', 'w_max')
+  assert same('teacher', 'base', 'rounds') and same('stage1', 'base', 'rounds')
+  assert not same('teacher', 'base', 'teacher_lr')
+  assert same('teacher', 'base', 'eval') and same('stage1', 'base', 'eval')
 
 
 @pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections loading tiny.py

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 from typing import Union
 
 import numpy as np
@@ -126,3 +127,24 @@ def write_npz(path: PathLike, **arrays) -> None:
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   write_bytes(path, buffer.getvalue())
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> None:
+  """Copies the directory src to dst, which must not exist yet.
+
+  Local disk: into a temporary sibling renamed to dst at the end, so a killed copy leaves no partial dst. Elsewhere:
+  file by file (an object store has no directory rename).
+  """
+  if is_local(dst):
+    dst = os.fspath(dst)
+    tmp = f'{dst}.copy{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.fspath(src), tmp)
+    os.rename(tmp, dst)
+    return
+  src, dst = epath.Path(src), epath.Path(dst)
+  for path in src.rglob('*'):
+    if path.is_file():
+      target = dst / path.relative_to(src)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      path.copy(target)
