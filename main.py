@@ -64,7 +64,7 @@ def main(argv):
   else:
     from train.mesh import set_cpu_devices  # pylint: disable=g-import-not-at-top
     set_cpu_devices(_CPU_DEVICES.value)
-  validate_config(_CONFIG.value)  # again: command-line overrides come after get_config()
+  validate_config(_CONFIG.value)  # after the command-line overrides (a config file's get_config() does not validate)
   validate_for_devices(_CONFIG.value, _MODE.value, jax.device_count())  # before anything is written
   if _DRY_RUN.value:
     from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top

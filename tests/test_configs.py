@@ -3,11 +3,14 @@
 import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 
 from distill import stages
 from models import count_params
+from modes.validation import validate_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, '*.py'))
@@ -17,6 +20,7 @@ NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_D
 @pytest.mark.parametrize('name', NAMES)
 def test_config_loads_validates_and_builds(name):
   config = importlib.import_module(f'configs.{name}').get_config()
+  validate_config(config)  # main.py validates after the command-line overrides; sweeps validate every point
   for stage in ('teacher', 'stage1'):
     _, abstract = stages.build_from_record(stages.make_record(config, stage=stage))
     assert count_params(abstract) > 0
@@ -54,3 +58,15 @@ def test_paper_scale_configs_default_to_the_reference_evaluation_protocol():
     assert (1024 in ev.teacher_steps) == name.startswith('imagenet64'), name  # the paper's 1024-step DDIM teacher
   digits = importlib.import_module('configs.digits_teacher').get_config().eval
   assert not digits.clip_x and not digits.quantize_uint8 and digits.ddpm_variance == 'small'
+
+
+def test_loading_a_config_imports_neither_jax_nor_the_modes():
+  """A config is data: reading one (e.g. a launcher listing a sweep) must not pull in jax, flax or orbax."""
+  code = ('import importlib, sys\n'
+          f'for name in {NAMES!r}:\n'
+          '  importlib.import_module(f"configs.{name}").get_config()\n'
+          'heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "orbax", "modes", "train"))\n'
+          'print(heavy)\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(CONFIG_DIR), capture_output=True,
+                          text=True, check=True)
+  assert result.stdout.strip() == '[]', result.stdout
