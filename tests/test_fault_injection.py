@@ -44,8 +44,8 @@ def _kill_plan(seed: int) -> list[tuple[str, re.Pattern, float, re.Pattern]]:
       ('pipeline', re.compile(r'\[pipeline\] stage2 round -> 1 steps took'), rng.uniform(0.1, 1.0),
        re.compile(r'stage2 round -> 1 steps took')),  # sampling: the next line would be 'sampling took'
       ('fid', re.compile(r'\[fid\] reference statistics'), rng.uniform(0, 0.3), re.compile(r'\[fid\] ')),
-      ('fid', re.compile(rf'\[fid\] {rng.randrange(2, FID_METHODS)}/{FID_METHODS} '), rng.uniform(0, 0.3),
-       re.compile(r'\[fid\] \d/')),
+      ('fid', re.compile(rf'\[fid\] {rng.randrange(2, FID_CELLS)}/{FID_CELLS} '), rng.uniform(0, 0.3),
+       re.compile(r'\[fid\] \d+/')),
   ]
 
 
