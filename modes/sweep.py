@@ -32,10 +32,16 @@ def load_sweep(config_path: str) -> list[dict]:
   return module.get_sweep()
 
 
+def _name_value(value) -> str:
+  """2.0 -> '2', (0.0, 1.0) -> '0+1', 'x' -> 'x'."""
+  if isinstance(value, (tuple, list)):
+    return '+'.join(_name_value(v) for v in value)
+  return f'{value:g}' if isinstance(value, float) else f'{value}'
+
+
 def point_name(overrides: dict) -> str:
-  """'distill.w_max=2,stage2.num_steps=100': a directory name, one `key=value` per override."""
-  text = ','.join(f'{key}={value:g}' if isinstance(value, float) else f'{key}={value}'
-                  for key, value in overrides.items())
+  """'distill.w_max=2,stage2.num_steps=100': a directory name, one `key=value` per override (tuples as 'a+b')."""
+  text = ','.join(f'{key}={_name_value(value)}' for key, value in overrides.items())
   return re.sub(r'[^A-Za-z0-9._,=+-]+', '_', text) or 'base'
 
 

@@ -103,3 +103,19 @@ def test_digits_sweep_lists_four_valid_points(tmp_path):
   for point in points:
     config = sweep.point_config(base, point, str(tmp_path / sweep.point_name(point)))
     assert (config.distill.w_max, config.stage2.num_steps) == (point['distill.w_max'], point['stage2.num_steps'])
+
+
+def test_fixed_w_sweep_has_one_valid_point_per_w_sharing_one_teacher(tmp_path):
+  path = os.path.join(REPO, 'configs', 'digits_fixed_w.py')
+  module = sweep.load_config_module(path)
+  config = module.get_config()
+  points = sweep.load_sweep(path)
+  names = [sweep.point_name(p) for p in points]
+  assert names[1] == 'distill.w_min=1,distill.w_max=1,pipeline.guidance_ws=1,eval.guidance_ws=1'
+  configs = [sweep.point_config(config, p, str(tmp_path / n)) for p, n in zip(points, names)]
+  assert [(c.distill.w_min, c.distill.w_max, tuple(c.pipeline.guidance_ws)) for c in configs] == \
+      [(w, w, (w,)) for w in module.GUIDANCE_WS]
+  assert len({sweep.stage_inputs(c, 'teacher') for c in configs}) == 1
+  assert len({sweep.stage_inputs(c, 'stage1') for c in configs}) == 3
+  default = sweep.point_config(config, {}, str(tmp_path / 'default'))
+  assert sweep.stage_inputs(default, 'teacher') == sweep.stage_inputs(configs[0], 'teacher')  # the default's teacher
