@@ -26,10 +26,15 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+def _cell_stats(by_seed: dict) -> tuple[float, float, float]:
+  """(FID mean, FID sd, IS mean) of one cell over its noise seeds."""
+  fid_mean, fid_sd = _mean_sd([_as_float(r['fid']) for r in by_seed.values()])
+  return fid_mean, fid_sd, float(np.mean([_as_float(r['is_mean']) for r in by_seed.values()]))
+
+
 def _cell_text(by_seed: dict) -> str:
   """'FID / IS' of one seed, or 'mean ± sd / mean IS' over several."""
-  fid_mean, fid_sd = _mean_sd([_as_float(r['fid']) for r in by_seed.values()])
-  is_mean = float(np.mean([_as_float(r['is_mean']) for r in by_seed.values()]))
+  fid_mean, fid_sd, is_mean = _cell_stats(by_seed)
   return f'{fid_mean:.2f} / {is_mean:.2f}' if len(by_seed) == 1 else f'{fid_mean:.2f} ± {fid_sd:.2f} / {is_mean:.2f}'
 
 
@@ -41,7 +46,6 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
 
   Each distilled row (not the teacher's own) is compared with the teacher's CFG DDIM at the same step count
   and at the teacher's largest step count, seed by seed (same noise and labels), over the seeds both have.
-  The spread of a difference over seeds is far smaller than that of either FID: both move with the noise draw.
   """
   cells, out = _cells(rows), []
   for (w, name, steps), by_seed in sorted(cells.items()):
@@ -102,9 +106,7 @@ def write_plots(rows: list[dict], out_dir: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  means = {key: (*_mean_sd([_as_float(r['fid']) for r in by_seed.values()]),
-                 float(np.mean([_as_float(r['is_mean']) for r in by_seed.values()])))
-           for key, by_seed in _cells(rows).items()}  # (w, name, steps) -> (FID mean, FID sd, IS mean)
+  means = {key: _cell_stats(by_seed) for key, by_seed in _cells(rows).items()}  # (w, name, steps) -> stats
   ws = sorted({key[0] for key in means})
   fig, axes = plt.subplots(1, len(ws), figsize=(4 * len(ws), 3.5), squeeze=False)
   for ax, w in zip(axes[0], ws):
