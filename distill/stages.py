@@ -18,7 +18,6 @@ from models import build_model, init_params
 from models.denoiser import make_denoise_fn
 from train import checkpoint, files
 from train.loop import make_writer, per_host_batch_size, run_training
-from train.mesh import jit
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
 
@@ -69,20 +68,6 @@ def _abstract_params(model, x_shape: tuple, guidance_input: bool):
   """Shape-only params, traced once per network (flax modules compare by fields): every round shares them."""
   return jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=x_shape,
                                             guidance_input=guidance_input))
-
-
-def fresh_params(model, record: dict, *, seed: int):
-  """Randomly initialised params of a record's model, computed by one compiled program.
-
-  Run op by op, every initializer compiles on its own: the digits U-Net took 17 s to initialise that way and
-  9 s as one program (compiled like the train step, `train.mesh.jit`).
-  """
-  x_shape, guidance_input = tuple(record['x_shape']), record['guidance_input']
-  init = lambda rng: init_params(model, rng=rng, x_shape=x_shape, guidance_input=guidance_input)
-  rng = jax.random.key(seed)
-  if isinstance(rng, jax.core.Tracer):  # inside a trace already (the dry run's eval_shape): part of that program
-    return init(rng)
-  return jit(init)(rng)
 
 
 def _batches(config, section, seed_offset: int):
@@ -148,7 +133,8 @@ def teacher_job(config) -> TrainingJob:
   """The class-conditional teacher with label dropout (one network, conditional and unconditional)."""
   record = make_record(config, stage='teacher')
   model, _ = build_from_record(record)
-  params = fresh_params(model, record, seed=config.seed)
+  params = init_params(model, rng=jax.random.key(config.seed), x_shape=tuple(record['x_shape']),
+                       guidance_input=False)
   loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond, num_classes=record['num_classes'],
                                        **_loss_kwargs(config))
   return TrainingJob('teacher', record, config.train, loss_fn, params, seed_offset=0)
@@ -204,7 +190,8 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
   teacher, teacher_params, teacher_record = _teacher_of(config, 'teacher', None, teacher_params)
   record = _student_record(config, teacher_record, stage='stage1')
   student, _ = build_from_record(record)
-  fresh = fresh_params(student, record, seed=config.seed + 1)
+  fresh = init_params(student, rng=jax.random.key(config.seed + 1), x_shape=tuple(record['x_shape']),
+                      guidance_input=True)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
                                     num_classes=teacher_record['num_classes'])
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,

@@ -15,7 +15,7 @@ from absl import logging
 
 import data
 from distill import stages
-from models import count_params
+from models import count_params, init_params
 from modes.validation import ConfigError
 from train.loop import NonFiniteError, ShardedStep, config_section, out_of_memory_as_error, per_host_batch_size
 
@@ -38,7 +38,8 @@ def _fresh_params(config, stage: str, sampling_steps=None):
   """Randomly initialised params of a stage's model: the stand-in teacher of the next stage."""
   record = stages.make_record(config, stage=stage, sampling_steps=sampling_steps)
   model, _ = stages.build_from_record(record)
-  return stages.fresh_params(model, record, seed=config.seed)
+  return init_params(model, rng=jax.random.key(config.seed), x_shape=tuple(record['x_shape']),
+                     guidance_input=record['guidance_input'])
 
 
 def build_job(config, stage: str) -> stages.TrainingJob:

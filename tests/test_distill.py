@@ -35,21 +35,6 @@ def test_stage1_student_starts_as_the_teachers_conditional_model():
     np.testing.assert_array_equal(out, conditional)
 
 
-def test_fresh_params_is_init_params_in_one_program(tmp_path):
-  """stages.fresh_params (one compiled program) gives init_params' values (op by op), teacher and student."""
-  from configs import tiny  # pylint: disable=g-import-not-at-top
-  config = tiny.get_config()
-  config.workdir = str(tmp_path)
-  for stage in ('teacher', 'stage1'):
-    record = stages.make_record(config, stage=stage)
-    model, abstract = stages.build_from_record(record)
-    fresh = stages.fresh_params(model, record, seed=3)
-    eager = init_params(model, rng=jax.random.key(3), x_shape=tuple(record['x_shape']),
-                        guidance_input=record['guidance_input'])
-    assert jax.tree.structure(fresh) == jax.tree.structure(abstract)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fresh, eager)
-
-
 def test_stage2_target_with_a_real_teacher_network():
   model, params = _model_and_params(True, 3)
   denoise_fn = make_denoise_fn(model, parametrization='v', kind='w_input', num_classes=4)
