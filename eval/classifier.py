@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
 import data
 from train.checkpoint import CheckpointError, latest_step, open_manager
-from train.mesh import data_mesh, jit
+from train.mesh import jit
 
 NUM_CLASSES = 10
 MAX_SHIFT = 1  # Random translations of up to this many pixels during training.
@@ -56,20 +55,12 @@ def _random_shift(key, images):
 
 
 def _make_train_step(model: DigitsClassifier, optimizer, train_x, train_label, batch_size: int):
-  """A jitted step(params, opt_state, key) -> (params, opt_state, loss) on an augmented random batch.
-
-  One process: the batch is split over its devices where it divides (params replicated, as in the train loop); on 2
-  CPU cores 1500 steps took 23 s on one device.
-  """
-  split = jax.process_count() == 1 and jax.device_count() > 1 and batch_size % jax.device_count() == 0
-  rows = NamedSharding(data_mesh(), PartitionSpec('data')) if split else None
+  """A jitted step(params, opt_state, key) -> (params, opt_state, loss) on an augmented random batch."""
 
   def loss_fn(params, key):
     index_key, shift_key, dropout_key = jax.random.split(key, 3)
     indices = jax.random.randint(index_key, (batch_size,), 0, train_x.shape[0])  # [B]
     images = _random_shift(shift_key, train_x[indices])  # [B, 8, 8, 1]
-    if rows is not None:
-      images = jax.lax.with_sharding_constraint(images, rows)
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})['logits']
     return optax.softmax_cross_entropy_with_integer_labels(logits, train_label[indices]).mean()
 
