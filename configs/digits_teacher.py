@@ -1,16 +1,15 @@
 """The embedded default: scikit-learn's 8x8 digits, a small U-Net; the whole pipeline runs on a CPU.
 
   python main.py --config=configs/digits_teacher.py --mode=teacher      # ~4 min on 2 CPU cores
-  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~11-14 min: every stage, the
+  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~11 min: every stage, the
                                                                         # quality-lost-per-stage table, samples
 
 The recipe was chosen by measurement (README, "Choosing the digits recipe"): a 24-channel U-Net (about half
 the FLOPs of a 32-channel one; the 16-channel one was clearly worse), batch 64 in every stage (twice the updates
-of batch 128 for the same examples and time: the teacher's FID at w = 0 fell by a third), stage 1 for 1000
-iterations (500 left it 12-33% behind the teacher at w = 0), students without dropout (as published), stage 2
-from 16 steps with student EMA and a quarter of its times off the N-step grid. Stage 2 from 32 steps
-(`--config.stage2.start_steps=32 --config.pipeline.quality_steps=32`) was better at w = 0 but took 15 instead of
-10.5 minutes (README).
+of batch 128 for the same examples and time: the teacher's FID at w = 0 fell by a third, stage 1 follows it more
+closely at every w), students without dropout (as published), stage 2 from 16 steps with student EMA and a
+quarter of its times off the N-step grid. Stage 2 from 32 steps (`--config.stage2.start_steps=32
+--config.pipeline.quality_steps=32`) was better at w = 0 but took 15 instead of 10.5 minutes (README).
 """
 
 from configs import base
@@ -25,8 +24,8 @@ def get_config():
   config.train.update(batch_size=64, num_steps=1600, lr=1e-3, warmup_steps=200, ema_decay=0.999,
                       p_uncond=0.1, log_every=200, checkpoint_every=800)
   config.distill.dropout = 0.0  # students: no dropout, as published
-  config.stage1.update(batch_size=64, num_steps=1000, lr=3e-4, warmup_steps=30, log_every=200,
-                       checkpoint_every=1000)
+  config.stage1.update(batch_size=64, num_steps=500, lr=3e-4, warmup_steps=30, log_every=100,
+                       checkpoint_every=500)
   # Student EMA (each round's EMA is the next round's teacher) and a quarter of the times off the N-step grid.
   config.stage2.update(batch_size=64, num_steps=240, lr=2e-4, start_steps=16, final_steps=1, ema_decay=0.99,
                        off_grid_fraction=0.25, log_every=80, checkpoint_every=240)
