@@ -19,4 +19,4 @@ def get_config():
 def get_sweep() -> list[dict]:
   """Override points (flat dotted keys) of --mode=sweep."""
   return [{'distill.w_max': w_max, 'stage2.num_steps': num_steps}
-          for w_max, num_steps in itertools.product((2.0, 4.0), (200, 300))]
+          for w_max, num_steps in itertools.product((2.0, 4.0), (120, 240))]

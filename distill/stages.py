@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -16,8 +17,10 @@ from diffusion import get_logsnr_schedule
 from distill import objectives
 from models import build_model, init_params
 from models.denoiser import make_denoise_fn
+from models.embeddings import GuidanceEmbedding
 from train import checkpoint, files
 from train.loop import make_writer, per_host_batch_size, run_training
+from train.mesh import jit
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
 
@@ -68,6 +71,28 @@ def _abstract_params(model, x_shape: tuple, guidance_input: bool):
   """Shape-only params, traced once per network (flax modules compare by fields): every round shares them."""
   return jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=x_shape,
                                             guidance_input=guidance_input))
+
+
+def fresh_params(model, record: dict, *, seed: int):
+  """A record's model randomly initialised by one compiled program.
+
+  Op by op, every initializer compiles on its own for each parameter shape (the digits U-Net: 17 s on 2 cores,
+  about half that as one program).
+  """
+  x_shape, guidance_input = tuple(record['x_shape']), record['guidance_input']
+  init = jit(lambda rng: init_params(model, rng=rng, x_shape=x_shape, guidance_input=guidance_input))
+  return init(jax.random.key(seed))
+
+
+def fresh_guidance_embed(abstract_params, *, seed: int):
+  """Fresh params of a student's w-embedding alone (the rest of stage 1 starts from the teacher's)."""
+  kernel = abstract_params[GUIDANCE_EMBED_KEY]['dense_0']['kernel']  # [freq_dim, emb_dim]
+  embed = GuidanceEmbedding(emb_dim=kernel.shape[1], freq_dim=kernel.shape[0])
+  params = embed.init(jax.random.key(seed), jnp.zeros((2,), jnp.float32))['params']
+  if jax.tree.map(lambda leaf: leaf.shape, params) != jax.tree.map(lambda leaf: leaf.shape,
+                                                                 abstract_params[GUIDANCE_EMBED_KEY]):
+    raise ValueError('the model\'s w-embedding is not models.embeddings.GuidanceEmbedding')
+  return params
 
 
 def _batches(config, section, seed_offset: int):
@@ -133,8 +158,7 @@ def teacher_job(config) -> TrainingJob:
   """The class-conditional teacher with label dropout (one network, conditional and unconditional)."""
   record = make_record(config, stage='teacher')
   model, _ = build_from_record(record)
-  params = init_params(model, rng=jax.random.key(config.seed), x_shape=tuple(record['x_shape']),
-                       guidance_input=False)
+  params = fresh_params(model, record, seed=config.seed)
   loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond, num_classes=record['num_classes'],
                                        **_loss_kwargs(config))
   return TrainingJob('teacher', record, config.train, loss_fn, params, seed_offset=0)
@@ -189,9 +213,8 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
   """
   teacher, teacher_params, teacher_record = _teacher_of(config, 'teacher', None, teacher_params)
   record = _student_record(config, teacher_record, stage='stage1')
-  student, _ = build_from_record(record)
-  fresh = init_params(student, rng=jax.random.key(config.seed + 1), x_shape=tuple(record['x_shape']),
-                      guidance_input=True)
+  student, abstract = build_from_record(record)
+  fresh = dict(abstract, **{GUIDANCE_EMBED_KEY: fresh_guidance_embed(abstract, seed=config.seed + 1)})
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
                                     num_classes=teacher_record['num_classes'])
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
