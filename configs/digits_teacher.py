@@ -1,16 +1,17 @@
 """The embedded default: scikit-learn's 8x8 digits, a small U-Net; the whole pipeline runs on a CPU.
 
   python main.py --config=configs/digits_teacher.py --mode=teacher      # ~4 min on 2 CPU cores
-  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~10 min: every stage, the
+  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~11-12 min: every stage, the
                                                                         # quality-lost-per-stage table, samples
 
 The recipe was chosen by measurement (README, "Choosing the digits recipe"): a 24-channel U-Net (about half
 the FLOPs of a 32-channel one; the 16-channel one was clearly worse), batch 64 in every stage (twice the updates
 of batch 128 for the same examples and time: the teacher's FID at w = 0 fell by a third, stage 1 follows it more
 closely at every w), students without dropout (as published), stage 1 at lr 2e-3 decaying linearly to 0 (as close
-to the teacher in 500 iterations as 1000 at a constant 3e-4), stage 2 from 16 steps at lr 5e-4 for 160 iterations a
-round (as good as 2e-4 for 240) with student EMA and a quarter of its times off the N-step grid. Stage 2 from 32 steps (`--config.stage2.start_steps=32
---config.pipeline.quality_steps=32`) was better at w = 0 but took 15 instead of 10.5 minutes (README).
+to the teacher in 500 iterations as 1000 at a constant 3e-4), stage 2 from 16 steps at lr 5e-4 for 160 iterations
+a round (as good as 2e-4 for 240) with student EMA and a quarter of its times off the N-step grid. Stage 2 from 32
+steps (`--config.stage2.start_steps=32 --config.pipeline.quality_steps=32`) was better at w = 0 but took 15 instead
+of 10.5 minutes (README).
 """
 
 from configs import base

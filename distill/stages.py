@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax.core.scope import LazyRng
 
 import data
 from diffusion import get_logsnr_schedule
@@ -85,12 +86,17 @@ def fresh_params(model, record: dict, *, seed: int):
 
 
 def fresh_guidance_embed(abstract_params, *, seed: int):
-  """Fresh params of a student's w-embedding alone (the rest of stage 1 starts from the teacher's)."""
+  """The w-embedding of a student initialised with jax.random.key(seed), without initialising the rest.
+
+  Same values as the 'guidance_embed' entry of init_params(student, rng=jax.random.key(seed), ...): flax derives
+  a submodule's keys from the root key and its path, and a LazyRng carries that path. Stage 1 takes every other
+  parameter from the teacher, so initialising them would only cost time (op by op, each initializer compiles).
+  """
   kernel = abstract_params[GUIDANCE_EMBED_KEY]['dense_0']['kernel']  # [freq_dim, emb_dim]
   embed = GuidanceEmbedding(emb_dim=kernel.shape[1], freq_dim=kernel.shape[0])
-  params = embed.init(jax.random.key(seed), jnp.zeros((2,), jnp.float32))['params']
-  if jax.tree.map(lambda leaf: leaf.shape, params) != jax.tree.map(lambda leaf: leaf.shape,
-                                                                 abstract_params[GUIDANCE_EMBED_KEY]):
+  rng = LazyRng.create(jax.random.key(seed), GUIDANCE_EMBED_KEY)  # the key path of the submodule
+  params = embed.init({'params': rng}, jnp.zeros((2,), jnp.float32))['params']
+  if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, abstract_params[GUIDANCE_EMBED_KEY]):
     raise ValueError('the model\'s w-embedding is not models.embeddings.GuidanceEmbedding')
   return params
 
