@@ -1,17 +1,18 @@
 """The embedded default: scikit-learn's 8x8 digits, a small U-Net; the whole pipeline runs on a CPU.
 
-  python main.py --config=configs/digits_teacher.py --mode=teacher      # ~4 min on 2 CPU cores
-  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~11-12 min: every stage, the
-                                                                        # quality-lost-per-stage table, samples
+  python main.py --config=configs/digits_teacher.py --mode=teacher      # ~2-4 min on 2 CPU cores
+  python main.py --config=configs/digits_teacher.py --mode=pipeline     # ~6-7 min on a 2-core AMD EPYC with
+                                                                        # AVX-512 (about twice that on an AVX2
+                                                                        # one): every stage, the quality-lost-
+                                                                        # per-stage table, samples
 
 The recipe was chosen by measurement (README, "Choosing the digits recipe"): a 24-channel U-Net (about half
 the FLOPs of a 32-channel one; the 16-channel one was clearly worse), batch 64 in every stage (twice the updates
 of batch 128 for the same examples and time: the teacher's FID at w = 0 fell by a third, stage 1 follows it more
 closely at every w), students without dropout (as published), stage 1 at lr 2e-3 decaying linearly to 0 (as close
-to the teacher in 500 iterations as 1000 at a constant 3e-4), stage 2 from 16 steps at lr 5e-4 for 160 iterations
-a round (as good as 2e-4 for 240) with student EMA and a quarter of its times off the N-step grid. Stage 2 from 32
-steps (`--config.stage2.start_steps=32 --config.pipeline.quality_steps=32`) was better at w = 0 but took 15 instead
-of 10.5 minutes (README).
+to the teacher in 500 iterations as 1000 at a constant 3e-4), stage 2 from 32 steps (every student 0.2-0.4 FID
+better at w = 0 than from 16, for one round more) at lr 5e-4 for 160 iterations a round (as good as 2e-4 for 240)
+with student EMA and a quarter of its times off the N-step grid.
 """
 
 from configs import base
@@ -30,12 +31,12 @@ def get_config():
   config.stage1.update(batch_size=64, num_steps=500, lr=2e-3, lr_decay='linear', warmup_steps=30, log_every=100,
                        checkpoint_every=500)
   # Student EMA (each round's EMA is the next round's teacher) and a quarter of the times off the N-step grid.
-  config.stage2.update(batch_size=64, num_steps=160, lr=5e-4, start_steps=16, final_steps=1, ema_decay=0.99,
+  config.stage2.update(batch_size=64, num_steps=160, lr=5e-4, start_steps=32, final_steps=1, ema_decay=0.99,
                        off_grid_fraction=0.25, log_every=80, checkpoint_every=160)
   config.encoder.update(batch_size=128, num_steps=150, lr=2e-4, start_steps=16, final_steps=1, log_every=50,
                         checkpoint_every=150)
   # Stage 1 is compared with the teacher at stage2.start_steps: those samples are also round 1's teacher's.
-  config.pipeline.update(teacher_steps=(4, 8, 64), quality_samples=1000, quality_steps=16)
+  config.pipeline.update(teacher_steps=(4, 8, 64), quality_samples=1000, quality_steps=32)
   config.eval.update(extractor='classifier', num_samples=2000, batch_size=250, guidance_ws=(0.0, 1.0, 4.0),
                      teacher_steps=(64, 8, 4, 2), teacher_ddpm_steps=(), stage1_steps=(64,),
                      reference_examples=1500)

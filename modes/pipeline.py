@@ -14,6 +14,7 @@ from modes.sampling import fixed_inputs, load_cached
 from modes.stage_quality import StageQuality
 from train import checkpoint, files
 from train.loop import config_section, make_writer
+from train.mesh import host_description
 
 
 def _timed(timings: dict, name: str, fn, *args):
@@ -83,8 +84,9 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
 
 def _summary(config, timings: dict, entries: list[dict], quality_lines: list[str]) -> str:
   lines = [f'# Pipeline results: {config.data.name}', '', f'Workdir: `{config.workdir}`', '',
-           '## Wall time (this machine)', '', '| stage | seconds |', '|---|---|']
-  lines += [f'| {k} | {v} |' for k, v in timings.items()]
+           '## Wall time', '', f'Machine: {timings.get("machine (this invocation)", "-")}', '',
+           '| stage | seconds |', '|---|---|']
+  lines += [f'| {k} | {v} |' for k, v in timings.items() if not isinstance(v, str)]
   lines += ['', *quality_lines] if quality_lines else []
   lines += ['', '## Samples (same noise and labels for every method; one row per class)', '',
             'Overview per w: rows are the methods below in order, one sample per class: ' +
@@ -139,6 +141,7 @@ def run_pipeline(config) -> str:
   # A stage skipped on a rerun keeps the time it took when it was trained.
   timings.update({k: v for k, v in run.items() if k not in timings or k not in skipped})
   timings['pipeline (this invocation)'] = round(sum(run.values()), 1)
+  timings['machine (this invocation)'] = host_description()  # wall times compare only on the same machine
   if jax.process_index() == 0:
     files.write_json(timings_path, timings)
     summary = _summary(config, timings, entries, quality.summary_lines())

@@ -119,3 +119,16 @@ def test_fixed_w_sweep_has_one_valid_point_per_w_sharing_one_teacher(tmp_path):
   assert len({sweep.stage_inputs(c, 'stage1') for c in configs}) == 3
   default = sweep.point_config(config, {}, str(tmp_path / 'default'))
   assert sweep.stage_inputs(default, 'teacher') == sweep.stage_inputs(configs[0], 'teacher')  # the default's teacher
+
+
+def test_w_range_sweep_varies_only_w_max_and_shares_the_default_teacher(tmp_path):
+  path = os.path.join(REPO, 'configs', 'digits_w_range.py')
+  module = sweep.load_config_module(path)
+  config = module.get_config()
+  points = sweep.load_sweep(path)
+  configs = [sweep.point_config(config, p, str(tmp_path / sweep.point_name(p))) for p in points]
+  assert [c.distill.w_max for c in configs] == [1.0, 2.0, 4.0, 8.0]
+  default = sweep.point_config(config, {}, str(tmp_path / 'default'))
+  assert {sweep.stage_inputs(c, 'teacher') for c in configs} == {sweep.stage_inputs(default, 'teacher')}
+  assert sweep.stage_inputs(configs[2], 'stage1') == sweep.stage_inputs(default, 'stage1')  # w_max = 4: the default
+  assert len({sweep.stage_inputs(c, 'stage1') for c in configs}) == 4
