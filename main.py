@@ -10,8 +10,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)
 # The keys of modes.MODES (tests/test_cli.py checks they agree); listed here so --help needs no JAX import.
-MODE_NAMES = ('teacher', 'stage1', 'stage2', 'distill', 'encoder', 'sample', 'pipeline', 'classifier', 'fid', 'transfer',
-              'sweep')
+MODE_NAMES = ('teacher', 'stage1', 'stage2', 'distill', 'encoder', 'direct', 'sample', 'pipeline', 'classifier', 'fid',
+              'transfer', 'sweep')
 _MODE = flags.DEFINE_enum('mode', 'pipeline', MODE_NAMES, 'What to run (see the README, "Modes").')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
 _PRINT_ONLY = flags.DEFINE_bool('print_only', False, '--mode=sweep: print one main.py command per point, run nothing.')

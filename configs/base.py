@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Encoder distillation (--mode=encoder): halving of the guided DDIM encoder, t -> t + 1/N.
   config.encoder = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1)
+  # The paper's direct baseline (--mode=direct): the teacher itself halved from start_steps, conditional and
+  # unconditional (label dropout train.p_uncond), sampled with guidance at 2 network calls a step.
+  config.direct = _optimizer(lr=5e-5, warmup_steps=0, lr_decay='linear', start_steps=1024, final_steps=1)
   # --mode=transfer: encode class source_class, decode as target_class (distilled pair vs DDIM).
   config.transfer = ml_collections.ConfigDict(dict(
       source_class=3, target_class=8, num_images=8, steps=(1, 2, 4, 8), w_encode=0.0, w_decode=1.0,

@@ -33,6 +33,9 @@ def get_config():
   # Student EMA (each round's EMA is the next round's teacher) and a quarter of the times off the N-step grid.
   config.stage2.update(batch_size=64, num_steps=160, lr=5e-4, start_steps=32, final_steps=1, ema_decay=0.99,
                        off_grid_fraction=0.25, log_every=80, checkpoint_every=160)
+  # The direct baseline (--mode=direct, not part of the pipeline): stage 2's rounds, from the teacher itself.
+  config.direct.update(batch_size=64, num_steps=160, lr=5e-4, start_steps=32, final_steps=1, ema_decay=0.99,
+                       log_every=80, checkpoint_every=160)
   config.encoder.update(batch_size=128, num_steps=150, lr=2e-4, start_steps=16, final_steps=1, log_every=50,
                         checkpoint_every=150)
   # Stage 1 is compared with the teacher at stage2.start_steps: those samples are also round 1's teacher's.

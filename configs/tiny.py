@@ -11,11 +11,12 @@ def get_config():
   config.workdir = 'runs/tiny'
   config.data.name = 'toy2d'
   config.model.update(name='mlp', hidden=64, num_layers=2, dropout=0.0)
-  for section in (config.train, config.stage1, config.stage2, config.encoder):
+  for section in (config.train, config.stage1, config.stage2, config.encoder, config.direct):
     section.update(batch_size=64, num_steps=20, warmup_steps=2, log_every=10, checkpoint_every=10)
   config.train.lr = 1e-3
   config.stage2.update(start_steps=4, final_steps=1)
   config.encoder.update(start_steps=4, final_steps=1)
+  config.direct.update(start_steps=4, final_steps=1)
   config.transfer.update(source_class=0, target_class=1, num_images=4, steps=(1, 2), eval_ws=(0.0, 2.0),
                          eval_images=64)
   config.pipeline.update(teacher_steps=(2, 8), guidance_ws=(0.0, 2.0), per_class=4, quality_steps=8,

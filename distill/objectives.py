@@ -1,4 +1,5 @@
-"""The training objectives: teacher (label dropout), stage 1 (match the guided teacher), stage 2 (halving)."""
+"""The training objectives: teacher (label dropout), stage 1 (match the guided teacher), stage 2 (halving), the
+encoder's halving, and the direct baseline (halving the teacher itself)."""
 
 import jax
 import jax.numpy as jnp
@@ -115,6 +116,32 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
     return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
                       guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+
+  return loss_fn
+
+
+def direct_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
+  """The paper's direct baseline: halve the teacher itself, conditional and unconditional, no w input.
+
+  As in teacher training, a label becomes the null label (num_classes) w.p. p_uncond; the target is two unguided
+  DDIM steps of the teacher at that label (teacher_denoise_fn of kind 'conditional'). Guidance is applied only at
+  sampling time, from the student's conditional and unconditional predictions (2 calls a step).
+  frozen = {'teacher_params': ..., 'student_steps': int32 []}.
+  """
+
+  def loss_fn(params, batch, rng, frozen):
+    teacher_params, student_steps = frozen['teacher_params'], frozen['student_steps']
+    x, label = batch['x'], batch['label']  # [B, ...], [B]
+    rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
+    label = jnp.where(jax.random.bernoulli(rng_drop, p_uncond, label.shape), num_classes, label)
+    t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=False)
+    logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
+    z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
+    z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
+                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=None)
+    x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
+    return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
+                      guidance_w=None, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 

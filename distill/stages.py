@@ -24,6 +24,10 @@ from train.loop import make_writer, per_host_batch_size, run_training
 from train.mesh import jit
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
+# Progressive halving of the decoder (sampler, from stage 1), of the encoder (from stage 1), and the paper's direct
+# baseline: the teacher itself halved, conditional and unconditional, sampled with guidance (2 calls a step).
+HALVING_STAGES = ('stage2', 'encoder', 'direct')
+GUIDED_STAGES = ('teacher', 'direct')  # no w input: guidance is applied at sampling time, 2 network calls a step
 
 
 def to_json(tree):
@@ -37,8 +41,8 @@ def logsnr_schedule(config):
 
 
 def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) -> str:
-  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064 (encoder alike)."""
-  if stage in ('stage2', 'encoder'):
+  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064 (encoder, direct alike)."""
+  if stage in HALVING_STAGES:
     return files.join(workdir, stage, f'steps_{sampling_steps:04d}')
   return files.join(workdir, stage)
 
@@ -54,7 +58,7 @@ def stage_model_config(config, stage: str) -> dict:
 def make_record(config, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
   """What a checkpoint is: enough to rebuild its model and denoiser without the original command."""
   info = data.dataset_info(config.data.name)
-  return to_json(dict(stage=stage, sampling_steps=sampling_steps, guidance_input=stage != 'teacher',
+  return to_json(dict(stage=stage, sampling_steps=sampling_steps, guidance_input=stage not in GUIDED_STAGES,
                       model=stage_model_config(config, stage), x_shape=list(info.shape), num_classes=info.num_classes,
                       parametrization=config.diffusion.parametrization, diffusion=config.diffusion.to_dict(),
                       data=config.data.name, config=config.to_dict()))
@@ -234,9 +238,6 @@ def train_stage1(config) -> str:
   return _train(config, stage1_job(config))[0]
 
 
-HALVING_STAGES = ('stage2', 'encoder')  # progressive halving of the decoder (sampler) and of the encoder
-
-
 def halving_rounds(config, stage: str = 'stage2') -> list[int]:
   """The student step counts of every round: start_steps/2, ..., final_steps."""
   steps, rounds = config[stage].start_steps // 2, []
@@ -250,7 +251,16 @@ def stage2_rounds(config) -> list[int]:
   return halving_rounds(config, 'stage2')
 
 
+def halving_teacher_stage(stage: str) -> str:
+  """The stage whose model a halving stage's first round distils: the teacher itself for 'direct', else stage 1."""
+  return 'teacher' if stage == 'direct' else 'stage1'
+
+
 def _halving_loss_fn(config, stage, teacher, teacher_denoise):
+  if stage == 'direct':
+    return objectives.direct_loss_fn(teacher, teacher_denoise, p_uncond=config.train.p_uncond,
+                                     num_classes=data.dataset_info(config.data.name).num_classes,
+                                     **_loss_kwargs(config))
   kwargs = dict(w_min=config.distill.w_min, w_max=config.distill.w_max, logsnr_fn=logsnr_schedule(config),
                 parametrization=config.diffusion.parametrization)
   if stage == 'stage2':
@@ -263,18 +273,20 @@ def _halving_loss_fn(config, stage, teacher, teacher_denoise):
 def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_params=None) -> TrainingJob:
   """One halving round: the 2N-step teacher (stage 1 or the previous round) -> an N-step student.
 
-  stage 'stage2' distills the sampler (t -> t - 1/N), 'encoder' the DDIM encoder (t -> t + 1/N).
+  stage 'stage2' distills the sampler (t -> t - 1/N), 'encoder' the DDIM encoder (t -> t + 1/N), 'direct' the
+  teacher's own conditional / unconditional sampler (t -> t - 1/N, no w input; objectives.direct_loss_fn).
   teacher_params: None loads the teacher of config.workdir (a dry run passes fresh ones).
   """
   teacher_steps = 2 * student_steps
   if teacher_steps == config[stage].start_steps:
-    teacher, teacher_params, teacher_record = _teacher_of(config, 'stage1', None, teacher_params)
+    teacher, teacher_params, teacher_record = _teacher_of(config, halving_teacher_stage(stage), None, teacher_params)
   else:
     teacher, teacher_params, teacher_record = _teacher_of(config, stage, teacher_steps, teacher_params)
   record = _student_record(config, teacher_record, stage=stage, sampling_steps=student_steps)
-  teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='w_input',
+  teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization,
+                                    kind='conditional' if stage == 'direct' else 'w_input',
                                     num_classes=record['num_classes'])
-  offset = {'stage2': 100, 'encoder': 10_000}[stage] + student_steps
+  offset = {'stage2': 100, 'encoder': 10_000, 'direct': 20_000}[stage] + student_steps
   return TrainingJob(f'{stage} {teacher_steps}->{student_steps} steps', record, config[stage],
                      _halving_loss_fn(config, stage, teacher, teacher_denoise), teacher_params, seed_offset=offset,
                      frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)},
@@ -315,3 +327,8 @@ def train_stage2(config) -> list[str]:
 
 def train_encoder(config) -> list[str]:
   return train_halving(config, 'encoder')
+
+
+def train_direct(config) -> list[str]:
+  """The direct baseline: the teacher progressively halved as it was trained (no stage 1, no w input)."""
+  return train_halving(config, 'direct')

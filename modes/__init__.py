@@ -23,6 +23,7 @@ MODES = {
     'classifier': run_classifier,
     'fid': run_fid,
     'encoder': stages.train_encoder,
+    'direct': stages.train_direct,
     'transfer': run_transfer,
     'sweep': run_sweep,
 }

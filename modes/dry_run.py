@@ -21,6 +21,7 @@ from train.loop import NonFiniteError, ShardedStep, config_section, out_of_memor
 
 # The stages of the method a --mode trains (pipeline: all of them).
 MODE_STAGES = {'teacher': ('teacher',), 'stage1': ('stage1',), 'stage2': ('stage2',), 'encoder': ('encoder',),
+               'direct': ('direct',),
                'pipeline': ('teacher', 'stage1', 'stage2')}
 TFDS_DATASETS = ('cifar10', 'imagenet64')
 
@@ -49,7 +50,8 @@ def build_job(config, stage: str) -> stages.TrainingJob:
   if stage == 'stage1':
     return stages.stage1_job(config, teacher_params=_fresh_params(config, 'teacher'))
   student_steps = stages.halving_rounds(config, stage)[0]
-  return stages.halving_job(config, student_steps, stage, teacher_params=_fresh_params(config, 'stage1'))
+  teacher_params = _fresh_params(config, stages.halving_teacher_stage(stage))
+  return stages.halving_job(config, student_steps, stage, teacher_params=teacher_params)
 
 
 @contextlib.contextmanager

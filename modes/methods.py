@@ -24,10 +24,11 @@ class Method:
 
 
 def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None) -> list[Method]:
-  """Teacher CFG DDIM (and DDPM) and the stage-1 student's DDIM at the given steps; every stage-2 round.
+  """Teacher CFG DDIM (and DDPM) and the stage-1 student's DDIM at the given steps; every stage-2 round; every
+  round of the direct baseline that --mode=direct trained.
 
-  An N-step round gives 'student ddim N' and 'student stochastic 2N'
-  (docs/math.md#stochastic-n-step-sampler); student_steps, if given, keeps only rows whose step count is in it.
+  An N-step round gives 'student ddim N' and 'student stochastic 2N' (docs/math.md#stochastic-n-step-sampler), a
+  direct round 'direct PD CFG ddim N' (2N calls); student_steps, if given, keeps only rows whose step count is in it.
   """
   teacher_dir = stages.stage_dir(config.workdir, 'teacher')
   methods = [Method('teacher CFG', 'ddim', n, 2 * n, teacher_dir) for n in sorted(teacher_steps, reverse=True)]
@@ -40,6 +41,10 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
     for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
       if student_steps is None or steps in student_steps:
         methods.append(Method('student', sampler, steps, steps, round_dir))
+  for n in stages.halving_rounds(config, 'direct'):  # the direct baseline, where --mode=direct trained it
+    direct_dir = stages.stage_dir(config.workdir, 'direct', n)
+    if files.is_dir(direct_dir) and (student_steps is None or n in student_steps):
+      methods.append(Method('direct PD CFG', 'ddim', n, 2 * n, direct_dir))
   return methods
 
 

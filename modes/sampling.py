@@ -31,13 +31,15 @@ def allowed_steps(record: dict, sampler: str) -> Optional[list[int]]:
 
   The teacher (guided, 2 calls/step) and stage 1 are continuous-time: any count, any sampler. An
   N-step stage-2 student runs DDIM at N steps and the stochastic sampler at 2N steps
-  (docs/math.md#stochastic-n-step-sampler).
+  (docs/math.md#stochastic-n-step-sampler); an N-step direct-baseline student runs guided DDIM at N steps.
   """
   if record['stage'] in ('teacher', 'stage1'):
     return None
   n = record['sampling_steps']
   if record['stage'] == 'encoder':
     return {'encode': [n]}.get(sampler, [])
+  if record['stage'] == 'direct':
+    return {'ddim': [n]}.get(sampler, [])  # trained on the N-step grid only
   if sampler == 'stochastic' and not trained_on_fine_grid(record):
     return []  # the stochastic sampler visits the odd multiples of 1/(2N), which this student never saw
   return {'ddim': [n], 'stochastic': [2 * n]}.get(sampler, [])
@@ -58,12 +60,16 @@ def check_steps(record: dict, sampler: str, num_steps: int, ckpt_dir: str) -> No
 
 def _advice(record: dict, sampler: str, num_steps: int) -> str:
   """Which checkpoint of the run that made `record` runs `sampler` at num_steps steps."""
-  stage = record['stage']  # 'stage2' or 'encoder'
+  stage = record['stage']  # 'stage2', 'encoder' or 'direct'
   if 'config' not in record:
     return 'use --config.sample.checkpoint=.../stage1 or .../teacher (any step count, any sampler)'
   rounds = halving_rounds(ml_collections.ConfigDict(record['config']), stage)
   if sampler == 'encode' and num_steps in rounds:
     return f'use the encoder in .../encoder/steps_{num_steps:04d}'
+  if stage == 'direct':
+    found = f'pick --config.sample.checkpoint=.../direct/steps_{num_steps:04d}' if num_steps in rounds else \
+        f'this run\'s direct-baseline students sample with ddim at {", ".join(map(str, rounds))} steps'
+    return found if sampler == 'ddim' else f'they run ddim only; {found}'
   if sampler == 'ddim' and num_steps in rounds:
     return f'pick --config.sample.checkpoint=.../stage2/steps_{num_steps:04d}'
   if sampler == 'stochastic' and num_steps % 2 == 0 and num_steps // 2 in rounds:
@@ -90,7 +96,7 @@ class LoadedCheckpoint:
     self.params = checkpoint.load_params(ckpt_dir, abstract, self.record)
     d = self.record['diffusion']
     self.logsnr_fn = get_logsnr_schedule(d['schedule'], logsnr_min=d['logsnr_min'], logsnr_max=d['logsnr_max'])
-    kind = 'guided' if self.record['stage'] == 'teacher' else 'w_input'
+    kind = 'guided' if not self.record['guidance_input'] else 'w_input'  # teacher, direct baseline: CFG
     self.denoise_fn = make_denoise_fn(model, parametrization=self.record['parametrization'], kind=kind,
                                       num_classes=self.record['num_classes'])
     self.nfe_per_step = 2 if kind == 'guided' else 1

@@ -94,9 +94,9 @@ def pipeline_command(config_path: str, point, overrides: dict, defaults) -> str:
 
 # The config sections a stage's checkpoint does not depend on: those of later stages, evaluation and output.
 _NOT_INPUTS = {
-    'teacher': ('distill', 'stage1', 'stage2', 'encoder', 'transfer', 'eval', 'pipeline', 'sample', 'profile',
-                'workdir'),
-    'stage1': ('stage2', 'encoder', 'transfer', 'eval', 'pipeline', 'sample', 'profile', 'workdir'),
+    'teacher': ('distill', 'stage1', 'stage2', 'encoder', 'direct', 'transfer', 'eval', 'pipeline', 'sample',
+                'profile', 'workdir'),
+    'stage1': ('stage2', 'encoder', 'direct', 'transfer', 'eval', 'pipeline', 'sample', 'profile', 'workdir'),
 }
 SHARED_STAGES = tuple(_NOT_INPUTS)  # in chain order: a stage is shared only if the ones before it are
 

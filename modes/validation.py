@@ -4,10 +4,11 @@ from data import DataError, dataset_info
 from diffusion.steps import DDPM_VARIANCES
 from models import COMPUTE_DTYPES, MODEL_NAMES
 
-OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder')
+OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder', 'direct')
 LR_DECAYS = ('constant', 'linear')  # train/state.py learning_rate_schedule
 # The optimizer sections each --mode trains ('distill' trains the one distill.stage names).
 MODE_SECTIONS = {'teacher': ('train',), 'stage1': ('stage1',), 'stage2': ('stage2',), 'encoder': ('encoder',),
+                 'direct': ('direct',),
                  'pipeline': ('train', 'stage1', 'stage2')}
 STAGES = ('stage1', 'stage2')
 SAMPLER_NAMES = ('ddim', 'stochastic', 'ddpm')
@@ -109,6 +110,7 @@ def validate_config(config) -> None:
            f'distill.dropout must be -1 (the teacher\'s) or in [0, 1), got {config.distill.dropout}')
   _check_halving(config, 'stage2')
   _check_halving(config, 'encoder')
+  _check_halving(config, 'direct')
   _require(config.sample.sampler in SAMPLER_NAMES,
            f"unknown sample.sampler '{config.sample.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}")
   _require(config.sample.num_steps >= 0, f'sample.num_steps must be >= 0 (0 = the checkpoint default), '

@@ -64,7 +64,7 @@ def kill_after(monkeypatch, num_batches):
 @pytest.fixture(scope='session')
 def toy_run(tmp_path_factory):
   """A toy-2D run trained well enough to measure: stage 1 as a 16-step teacher, halved to 8 and 4 steps
-  for sampling (stage 2) and for encoding (encoder)."""
+  for sampling (stage 2) and for encoding (encoder); the teacher itself halved alike (the direct baseline)."""
   from distill import stages  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path_factory.mktemp('toy_run'), train=1500, stage1=600, stage2=600)
   config.model.update(hidden=128, num_layers=3)
@@ -73,9 +73,11 @@ def toy_run(tmp_path_factory):
   config.stage2.update(batch_size=256, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
   config.encoder.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4,
                         checkpoint_every=600)
+  config.direct.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
   config.transfer.update(steps=(4, 8), eval_images=256)
   stages.train_teacher(config)
   stages.train_stage1(config)
   stages.train_stage2(config)
   stages.train_encoder(config)
+  stages.train_direct(config)
   return config

@@ -100,6 +100,13 @@ def test_step_count_refusal_names_a_checkpoint_that_exists(tmp_path):
   encoder = stages.make_record(config, stage='encoder', sampling_steps=2)
   with pytest.raises(SamplingError, match=r'use the encoder in \.\.\./encoder/steps_0001'):
     check_steps(encoder, 'encode', 1, 'run/encoder/steps_0002')
+  direct = stages.make_record(config, stage='direct', sampling_steps=2)  # the direct baseline: guided DDIM only
+  check_steps(direct, 'ddim', 2, 'run/direct/steps_0002')
+  with pytest.raises(SamplingError, match=r'supports ddim at 2 steps, not 1; pick .*=\.\.\./direct/steps_0001$'):
+    check_steps(direct, 'ddim', 1, 'run/direct/steps_0002')
+  with pytest.raises(SamplingError, match=r'no stochastic sampler, not 4; they run ddim only; this run\'s direct-baseline '
+                                          r'students sample with ddim at 2, 1 steps$'):
+    check_steps(direct, 'stochastic', 4, 'run/direct/steps_0002')
 
 
 def test_a_config_file_that_does_not_exist_gives_one_line(tmp_path):

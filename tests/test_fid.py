@@ -203,3 +203,12 @@ def test_bad_protocol_options_give_one_line_naming_the_field(tmp_path, section, 
   config[section][field] = value
   with pytest.raises(ConfigError, match=re.escape(message)):
     validate_config(config)
+
+
+def test_direct_baseline_rows_are_listed_for_the_rounds_mode_direct_trained(tmp_path):
+  from modes.methods import Method, list_methods  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)  # direct rounds 4 -> 2 -> 1
+  assert not [m for m in list_methods(config, teacher_steps=(8,)) if m.name == 'direct PD CFG']
+  os.makedirs(tmp_path / 'direct' / 'steps_0002')  # --mode=direct trained its first round only
+  direct = [m for m in list_methods(config, teacher_steps=(8,)) if m.name == 'direct PD CFG']
+  assert direct == [Method('direct PD CFG', 'ddim', 2, 4, str(tmp_path / 'direct' / 'steps_0002'))]  # 2 calls a step

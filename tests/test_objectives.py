@@ -317,9 +317,9 @@ def _point_mass_output(parametrization):
   return output_fn
 
 
-def _point_mass_program(loss_kind, parametrization, fine_grid=True):
-  """The real stage2_loss_fn / encoder_loss_fn: point-mass teacher (spied), point-mass student (spied) whose raw
-  output is offset by params['offset']; student_steps is traced (in frozen), as in training."""
+def _point_mass_program(loss_kind, parametrization, fine_grid=True, p_uncond=0.0):
+  """The real stage2_loss_fn / encoder_loss_fn / direct_loss_fn: point-mass teacher (spied), point-mass student
+  (spied) whose raw output is offset by params['offset']; student_steps is traced (in frozen), as in training."""
   x0 = exact_denoisers.X0
   batch = {'x': jnp.broadcast_to(x0, (256, x0.shape[1])), 'label': jnp.arange(256, dtype=jnp.int32) % NUM_CLASSES}
   student, teacher_calls = _Spy(_point_mass_output(parametrization)), []
@@ -327,6 +327,9 @@ def _point_mass_program(loss_kind, parametrization, fine_grid=True):
   if loss_kind == 'stage2':
     loss_fn = objectives.stage2_loss_fn(student, teacher, logsnr_fn=LOGSNR_FN, parametrization=parametrization,
                                         weighting='truncated_snr', w_min=0.0, w_max=4.0, fine_grid=fine_grid)
+  elif loss_kind == 'direct':
+    loss_fn = objectives.direct_loss_fn(student, teacher, logsnr_fn=LOGSNR_FN, parametrization=parametrization,
+                                        weighting='truncated_snr', p_uncond=p_uncond, num_classes=NUM_CLASSES)
   else:
     loss_fn = objectives.encoder_loss_fn(student, teacher, logsnr_fn=LOGSNR_FN, parametrization=parametrization,
                                          w_min=0.0, w_max=4.0)
@@ -362,6 +365,28 @@ def test_stage2_loss_is_zero_for_a_student_equal_to_a_point_mass_teacher(paramet
     logsnr_t = call['logsnr_t']
     x_error = delta if parametrization == 'x' else _alpha_sigma(logsnr_t)[1] * delta
     np.testing.assert_allclose(loss, np.mean(_truncated_snr(logsnr_t) * x_error**2), rtol=1e-3)
+
+
+@pytest.mark.parametrize('p_uncond', [0.0, 0.5, 1.0])
+def test_direct_loss_halves_the_teacher_at_the_label_or_the_null_label_on_the_n_step_grid(p_uncond):
+  """[H4] for the direct baseline: the student is the teacher's own network (no w input), trained as the teacher
+  was, so a label becomes the null label with probability p_uncond, and both teacher steps and the student see
+  that label and no w; its times are those of the N-step sampler only. A student equal to the point-mass teacher
+  has loss 0 for every N, one whose v is off by delta exactly mean(omega(lambda_t) (sigma_t delta)^2)."""
+  run = _point_mass_program('direct', 'v', p_uncond=p_uncond)
+  delta = 0.05
+  for student_steps in (1, 4):
+    exact, call = run(student_steps, 0.0)
+    assert exact < 1e-8, (student_steps, exact)
+    assert call['guidance_w'] is None
+    dropped = np.asarray(call['label']) == NUM_CLASSES
+    assert dropped.mean() == p_uncond if p_uncond in (0.0, 1.0) else 0.3 < dropped.mean() < 0.7
+    steps_to_go = np.asarray(logsnr_to_time(call['logsnr_t'])) * student_steps  # integers 1..N: the N-step grid
+    np.testing.assert_allclose(steps_to_go, np.round(steps_to_go), atol=1e-3)
+    assert set(np.round(steps_to_go).astype(int)) == set(range(1, student_steps + 1))
+    loss, call = run(student_steps, delta)
+    x_error = _alpha_sigma(call['logsnr_t'])[1] * delta
+    np.testing.assert_allclose(loss, np.mean(_truncated_snr(call['logsnr_t']) * x_error**2), rtol=1e-3)
 
 
 def test_encoder_loss_is_zero_for_a_student_equal_to_a_point_mass_teacher():
