@@ -9,7 +9,7 @@ import numpy as np
 
 from data.digits import load_digits_arrays
 from data.errors import DataError
-from data.tfds_data import make_tfds_iterator
+from data.tfds_data import make_tfds_iterator, read_examples
 from data.toy2d import load_toy2d_arrays
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     'DatasetInfo',
     'dataset_info',
     'load_arrays',
+    'load_examples',
     'make_tfds_iterator',
     'make_train_iterator',
 ]
@@ -58,6 +59,19 @@ def load_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         f" datasets are: {', '.join(sorted(_IN_MEMORY_LOADERS))}"
     )
   return _IN_MEMORY_LOADERS[name](split)
+
+
+def load_examples(data_config: ml_collections.ConfigDict, split: str, *, limit: int,
+                  label: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(x [N, ...], label [N]): the first `limit` examples of a split (of one class if `label` is given), the same
+  ones on every call, for any data set: in-memory ones sliced, tfds ones read once in a fixed order."""
+  name = data_config.name
+  if name in _IN_MEMORY_LOADERS:
+    x, labels = load_arrays(name, split)
+    keep = np.ones(len(labels), bool) if label is None else labels == label
+    return x[keep][:limit], labels[keep][:limit]
+  dataset_info(name)
+  return read_examples(name, split=split, limit=limit, label=label, data_dir=data_config.tfds_data_dir or None)
 
 
 def _in_memory_batches(

@@ -8,6 +8,8 @@ import numpy as np
 from data.errors import DataError
 
 TFDS_NAMES = {'cifar10': 'cifar10', 'imagenet64': 'imagenet_resized/64x64'}
+# Held-out split names: imagenet_resized has no 'test' split; its 'validation' split plays that part.
+SPLIT_ALIASES = {'imagenet64': {'test': 'validation'}}
 
 
 def _hide_gpus_from_tf(tf) -> None:
@@ -35,6 +37,7 @@ def _load_split(name, *, split, seed, data_dir):
     raise DataError(f"'{name}' is not a tfds dataset; use one of: "
                     + ', '.join(sorted(TFDS_NAMES)))
   tfds_name = TFDS_NAMES[name]
+  split = SPLIT_ALIASES.get(name, {}).get(split, split)
   builder = tfds.builder(tfds_name, data_dir=data_dir)
   try:
     return builder.as_dataset(
@@ -89,3 +92,25 @@ def make_tfds_iterator(
   ds = ds.batch(per_host_batch_size, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return iter(tfds.as_numpy(ds))
+
+
+def read_examples(name: str, *, split: str, limit: int, label: int | None = None,
+                  data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(x [N, H, W, C] float32 in [-1, 1], label [N] int32): the first `limit` examples of a split (of one class
+  if `label` is given) in a fixed order (files in seed-0 order, read once: no shuffle buffer, no repeat), so
+  every call gets the same examples. N < limit when the split holds fewer. Each host reads its own part."""
+  import tensorflow as tf  # Lazy: TF imports slowly.
+  import tensorflow_datasets as tfds
+  _hide_gpus_from_tf(tf)
+  ds = _load_split(name, split=split, seed=0, data_dir=data_dir)
+  if label is not None:
+    ds = ds.filter(lambda example: tf.equal(tf.cast(example['label'], tf.int32), label))
+  ds = ds.take(limit).map(lambda example: (tf.cast(example['image'], tf.float32) / 127.5 - 1.0,
+                                           tf.cast(example['label'], tf.int32)))
+  xs, labels = [], []
+  for x, y in tfds.as_numpy(ds.batch(256)):
+    xs.append(x)
+    labels.append(y)
+  if not xs:
+    raise DataError(f"no examples{'' if label is None else f' of class {label}'} in split '{split}' of {name}")
+  return np.concatenate(xs), np.concatenate(labels)

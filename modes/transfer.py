@@ -37,8 +37,8 @@ class EncoderDecoder:
 
 
 def _class_examples(config, label: int, split: str, limit: int):
-  x, labels = data.load_arrays(config.data.name, split)
-  return x[labels == label][:limit]
+  """The first `limit` examples of class `label` [N, ...], in-memory or tfds data alike."""
+  return data.load_examples(config.data, split, limit=limit, label=label)[0]
 
 
 def _full(label: int, n: int):
@@ -67,10 +67,11 @@ def _write_grid(config, pairs, out_dir: str):
   return path, grid
 
 
-def _evaluate(config, pair, method: str, w_decode: float, extract, reference) -> dict:
+def _evaluate(config, pair, method: str, w_decode: float, extract, reference, *, logits_are_classes: bool) -> dict:
+  """One row; target_accuracy is None unless the extractor's logits are the data set's own classes."""
   tr = config.transfer
-  x_all, labels_all = data.load_arrays(config.data.name, 'test')
-  x_all, labels_all = x_all[:tr.eval_images], jnp.asarray(labels_all[:tr.eval_images])
+  x_all, labels_all = data.load_examples(config.data, 'test', limit=tr.eval_images)
+  labels_all = jnp.asarray(labels_all)
   recon = pair.transfer(x_all, labels_all, labels_all, w_encode=tr.w_encode, w_decode=w_decode)
   source = _class_examples(config, tr.source_class, 'train', tr.eval_images)
   moved = pair.transfer(source, _full(tr.source_class, len(source)), _full(tr.target_class, len(source)),
@@ -79,7 +80,8 @@ def _evaluate(config, pair, method: str, w_decode: float, extract, reference) ->
   pool = np.asarray(features['pool'], np.float64)
   return dict(method=method, steps=pair.num_steps, w_encode=tr.w_encode, w_decode=w_decode,
               recon_mse=float(np.mean((np.asarray(recon) - np.asarray(x_all)) ** 2)),
-              target_accuracy=metrics.classifier_accuracy(features['logits'], np.full(len(source), tr.target_class)),
+              target_accuracy=(metrics.classifier_accuracy(features['logits'], np.full(len(source), tr.target_class))
+                               if logits_are_classes else None),
               transfer_fid=metrics.frechet_distance(pool.mean(0), np.cov(pool, rowvar=False), *reference),
               num_images=len(source))
 
@@ -92,7 +94,8 @@ def run_transfer(config) -> str:
   cache = {}
   pairs = {(m, n): EncoderDecoder(config, m, n, cache) for m in ('distilled', 'ddim') for n in tr.steps}
   grid_path, grid = _write_grid(config, list(pairs.values()), out_dir)
-  _, extract = make_extractor(config)
+  extractor_name, extract = make_extractor(config)
+  logits_are_classes = extractor_name != 'inception'  # Inception's 1008 logits are not the data set's classes
   target = np.asarray(extract(jnp.asarray(_class_examples(config, tr.target_class, 'train', 10_000)))['pool'], np.float64)
   reference = (target.mean(0), np.cov(target, rowvar=False))
   rows = []
@@ -101,11 +104,11 @@ def run_transfer(config) -> str:
     writer.write_images(0, {epath.Path(grid_path).stem: grid[None]})
   for (method, n), pair in pairs.items():
     for w in tr.eval_ws:
-      rows.append(_evaluate(config, pair, method, w, extract, reference))
+      rows.append(_evaluate(config, pair, method, w, extract, reference, logits_are_classes=logits_are_classes))
       writer.write_scalars(n, {f'{key}/{method}/w{w:g}': rows[-1][key]
-                               for key in ('recon_mse', 'target_accuracy', 'transfer_fid')})
-      logging.info('[transfer] %s %d steps w=%g: recon MSE %.4f, target acc %.3f, FID %.3f', method, n, w,
-                   rows[-1]['recon_mse'], rows[-1]['target_accuracy'], rows[-1]['transfer_fid'])
+                               for key in ('recon_mse', 'target_accuracy', 'transfer_fid') if rows[-1][key] is not None})
+      logging.info('[transfer] %s %d steps w=%g: recon MSE %.4f, target acc %s, FID %.3f', method, n, w,
+                   rows[-1]['recon_mse'], _accuracy_text(rows[-1]), rows[-1]['transfer_fid'])
   writer.close()
   if jax.process_index() == 0:
     files.write_csv(files.join(out_dir, 'transfer_results.csv'), rows, CSV_FIELDS)
@@ -114,14 +117,21 @@ def run_transfer(config) -> str:
   return out_dir
 
 
+def _accuracy_text(row: dict) -> str:
+  return '-' if row['target_accuracy'] is None else f'{row["target_accuracy"]:.3f}'
+
+
 def _write_table(rows, path, config) -> None:
   tr = config.transfer
   lines = [f'# Transfer {tr.source_class} -> {tr.target_class} ({config.data.name})', '',
            f'Encoder w = {tr.w_encode:g}. recon MSE: test images encoded and decoded under their own label; '
            f'target acc / FID: class-{tr.source_class} images decoded as class {tr.target_class}, scored by the '
            f'{config.eval.extractor} features against real class-{tr.target_class} images. Equal network calls per '
-           'row: the distilled pair and DDIM with the stage-1 model both make N calls each way.', '',
+           'row: the distilled pair and DDIM with the stage-1 model both make N calls each way.'
+           + ('' if config.eval.extractor != 'inception' else ' target acc is left out (-): Inception\'s logits are '
+              'ImageNet\'s 1008 classes, not this data set\'s, and the repository has no classifier of its own for it.'),
+           '',
            '| method | steps | w decode | recon MSE | target acc | transfer FID |', '|---|---|---|---|---|---|']
-  lines += [f'| {r["method"]} | {r["steps"]} | {r["w_decode"]:g} | {r["recon_mse"]:.4f} | {r["target_accuracy"]:.3f} '
+  lines += [f'| {r["method"]} | {r["steps"]} | {r["w_decode"]:g} | {r["recon_mse"]:.4f} | {_accuracy_text(r)} '
             f'| {r["transfer_fid"]:.3f} |' for r in rows]
   files.write_text(path, '\n'.join(lines) + '\n')

@@ -85,3 +85,56 @@ def test_distilled_toy_encoder_decoder_round_trip_and_transfer(toy_run, tmp_path
   for row in rows:
     if row['method'] == 'distilled':
       assert float(row['target_accuracy']) > 0.95, row
+
+
+class _IdentityPair:
+  """A stand-in encoder-decoder: 'transfers' by returning its input (checkpoints are not what this tests)."""
+
+  def __init__(self, config, method, num_steps, cache):
+    del config, method, cache
+    self.num_steps = num_steps
+
+  def transfer(self, x, source_label, target_label, *, w_encode, w_decode):
+    del source_label, target_label, w_encode, w_decode
+    return np.asarray(x)
+
+
+def test_transfer_reads_tfds_data_and_leaves_out_accuracy_for_inception_features(tmp_path, monkeypatch):
+  """--mode=transfer on a tfds data set (CIFAR-10, mocked): the source and target classes' examples come from the
+  tfds pipeline, one class each; with Inception features the target accuracy is '-' (its logits are not
+  CIFAR-10's classes), with a note, instead of a meaningless number."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import data  # pylint: disable=g-import-not-at-top
+  from configs import cifar10_teacher  # pylint: disable=g-import-not-at-top
+  from modes import transfer  # pylint: disable=g-import-not-at-top
+  config = cifar10_teacher.get_config()
+  config.workdir = str(tmp_path)
+  config.transfer.update(source_class=3, target_class=5, num_images=2, steps=(1,), eval_ws=(0.0,), eval_images=16)
+  seen = []
+
+  def extractor(cfg):
+    assert cfg.eval.extractor == 'inception'
+
+    def extract(images):  # [B, 32, 32, 3]: per-channel means and spreads as 'features', 10 fake logits
+      seen.append(np.asarray(images))
+      pool = jnp.concatenate([images.mean((1, 2)), images.std((1, 2)), images.max((1, 2))], axis=1)  # [B, 9]
+      return {'pool': pool, 'logits': jnp.zeros((images.shape[0], 10))}
+
+    return 'inception', extract
+
+  monkeypatch.setattr(transfer, 'EncoderDecoder', _IdentityPair)
+  monkeypatch.setattr(transfer, 'make_extractor', extractor)
+  monkeypatch.setattr(transfer, 'save_png', lambda path, grid: None)
+  with tfds.testing.mock_data(num_examples=200):
+    out_dir = transfer.run_transfer(config)
+    source, labels = data.load_examples(config.data, 'train', limit=4, label=3)  # what _class_examples reads
+    again = transfer._class_examples(config, 3, 'train', 4)  # pylint: disable=protected-access
+  assert source.shape == (4, 32, 32, 3) and -1.0 <= source.min() and source.max() <= 1.0
+  assert list(labels) == [3] * 4 and np.array_equal(again, source)  # one class, the same examples every call
+  with open(os.path.join(out_dir, 'transfer_results.csv'), encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 2 and all(row['target_accuracy'] == '' and float(row['recon_mse']) == 0.0 for row in rows)
+  with open(os.path.join(out_dir, 'transfer_results.md'), encoding='utf-8') as f:
+    table = f.read()
+  assert "target acc is left out (-): Inception's logits" in table and '| distilled | 1 | 0 | 0.0000 | - |' in table
+  assert seen and all(batch.shape[1:] == (32, 32, 3) for batch in seen)
