@@ -1,8 +1,9 @@
 """Config sanity checks: each bad value gives one ConfigError line that names the field and the fix."""
 
 from data import DataError, dataset_info
-from diffusion.steps import DDPM_VARIANCES
+from diffusion import DDPM_VARIANCES, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
 from models import COMPUTE_DTYPES, MODEL_NAMES
+from samplers.samplers import SAMPLERS
 
 OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder', 'direct')
 LR_DECAYS = ('constant', 'linear')  # train/state.py learning_rate_schedule
@@ -11,7 +12,6 @@ MODE_SECTIONS = {'teacher': ('train',), 'stage1': ('stage1',), 'stage2': ('stage
                  'direct': ('direct',),
                  'pipeline': ('train', 'stage1', 'stage2')}
 STAGES = ('stage1', 'stage2')
-SAMPLER_NAMES = ('ddim', 'stochastic', 'ddpm')
 
 
 class ConfigError(ValueError):
@@ -94,12 +94,14 @@ def validate_config(config) -> None:
     raise ConfigError(str(err)) from err
   _check_model(config, info)
   diffusion = config.diffusion
-  _require(diffusion.schedule in ('cosine', 'linear'), f"unknown diffusion.schedule '{diffusion.schedule}'")
+  _require(diffusion.schedule in SCHEDULES,
+           f"unknown diffusion.schedule '{diffusion.schedule}'; choose one of: {', '.join(SCHEDULES)}")
   _require(diffusion.logsnr_min < diffusion.logsnr_max, 'diffusion.logsnr_min must be < diffusion.logsnr_max')
-  _require(diffusion.parametrization in ('v', 'x', 'eps'),
-           f"unknown diffusion.parametrization '{diffusion.parametrization}'; choose one of: eps, v, x")
-  _require(diffusion.loss_weighting in ('truncated_snr', 'snr_plus_one'),
-           f"unknown diffusion.loss_weighting '{diffusion.loss_weighting}'; choose truncated_snr or snr_plus_one")
+  _require(diffusion.parametrization in PARAMETRIZATIONS,
+           f"unknown diffusion.parametrization '{diffusion.parametrization}'; "
+           f"choose one of: {', '.join(PARAMETRIZATIONS)}")
+  _require(diffusion.loss_weighting in WEIGHTINGS,
+           f"unknown diffusion.loss_weighting '{diffusion.loss_weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
   for name in OPTIMIZER_SECTIONS:
     _check_optimizer(name, config[name])
   _require(0 <= config.train.p_uncond < 1, f'train.p_uncond must be in [0, 1), got {config.train.p_uncond}')
@@ -111,8 +113,8 @@ def validate_config(config) -> None:
   _check_halving(config, 'stage2')
   _check_halving(config, 'encoder')
   _check_halving(config, 'direct')
-  _require(config.sample.sampler in SAMPLER_NAMES,
-           f"unknown sample.sampler '{config.sample.sampler}'; choose one of: {', '.join(SAMPLER_NAMES)}")
+  _require(config.sample.sampler in SAMPLERS,
+           f"unknown sample.sampler '{config.sample.sampler}'; choose one of: {', '.join(SAMPLERS)}")
   _require(config.sample.num_steps >= 0, f'sample.num_steps must be >= 0 (0 = the checkpoint default), '
            f'got {config.sample.num_steps}')
   _require(config.sample.per_class > 0, f'sample.per_class must be > 0, got {config.sample.per_class}')
