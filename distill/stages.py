@@ -41,7 +41,8 @@ def logsnr_schedule(config):
 
 
 def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) -> str:
-  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064 (encoder, direct alike)."""
+  """teacher -> WORKDIR/teacher, stage1 -> WORKDIR/stage1, stage2 -> WORKDIR/stage2/steps_0064 (encoder and direct
+  alike)."""
   if stage in HALVING_STAGES:
     return files.join(workdir, stage, f'steps_{sampling_steps:04d}')
   return files.join(workdir, stage)

@@ -105,8 +105,8 @@ def run_transfer(config) -> str:
   for (method, n), pair in pairs.items():
     for w in tr.eval_ws:
       rows.append(_evaluate(config, pair, method, w, extract, reference, logits_are_classes=logits_are_classes))
-      writer.write_scalars(n, {f'{key}/{method}/w{w:g}': rows[-1][key]
-                               for key in ('recon_mse', 'target_accuracy', 'transfer_fid') if rows[-1][key] is not None})
+      scored = ('recon_mse', 'target_accuracy', 'transfer_fid')
+      writer.write_scalars(n, {f'{key}/{method}/w{w:g}': rows[-1][key] for key in scored if rows[-1][key] is not None})
       logging.info('[transfer] %s %d steps w=%g: recon MSE %.4f, target acc %s, FID %.3f', method, n, w,
                    rows[-1]['recon_mse'], _accuracy_text(rows[-1]), rows[-1]['transfer_fid'])
   writer.close()
@@ -129,7 +129,8 @@ def _write_table(rows, path, config) -> None:
            f'{config.eval.extractor} features against real class-{tr.target_class} images. Equal network calls per '
            'row: the distilled pair and DDIM with the stage-1 model both make N calls each way.'
            + ('' if config.eval.extractor != 'inception' else ' target acc is left out (-): Inception\'s logits are '
-              'ImageNet\'s 1008 classes, not this data set\'s, and the repository has no classifier of its own for it.'),
+              'ImageNet\'s 1008 classes, not this data set\'s, and the repository has no classifier of its '
+              'own for it.'),
            '',
            '| method | steps | w decode | recon MSE | target acc | transfer FID |', '|---|---|---|---|---|---|']
   lines += [f'| {r["method"]} | {r["steps"]} | {r["w_decode"]:g} | {r["recon_mse"]:.4f} | {_accuracy_text(r)} '
