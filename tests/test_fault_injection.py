@@ -112,19 +112,29 @@ def _fid_rows(workdir) -> dict:
           for r in rows}
 
 
-def test_killed_at_random_points_the_reruns_end_with_the_uninterrupted_results(tmp_path, capsys):
+def fault_seed() -> int:
+  """A new kill plan every run; FAULT_INJECTION_SEED=<seed> replays one (the seed is printed and in every failure)."""
+  return int(os.environ.get('FAULT_INJECTION_SEED') or random.SystemRandom().randrange(1 << 30))
+
+
+def test_killed_at_random_points_the_reruns_end_with_the_uninterrupted_results(tmp_path, capsys, record_property):
+  seed = fault_seed()
+  record_property('fault_injection_seed', seed)
+  with capsys.disabled():
+    print(f'\nfault injection seed {seed} (replay: FAULT_INJECTION_SEED={seed} python -m pytest '
+          'tests/test_fault_injection.py)')
   reference = Runner(tmp_path / 'uninterrupted', tmp_path)
   reference.run('pipeline')
   reference.run('fid')
 
   killed = Runner(tmp_path / 'killed', tmp_path)
-  plan = _kill_plan(seed=20261125)
+  plan = _kill_plan(seed=seed)
   for i, (mode, pattern, delay, phase) in enumerate(plan):
     log = killed.kill_after(mode, pattern, delay)
     last = [line.split('] ', 1)[-1] for line in log.splitlines() if re.search(r'\] \[', line)][-1]
     with capsys.disabled():
       print(f'\nkill {i + 1}: --mode={mode} {delay:.2f} s after {pattern.pattern!r}; last line: {last[:100]}')
-    assert phase.search(last), f'kill {i + 1} did not land in its phase {phase.pattern!r}: {last}'
+    assert phase.search(last), f'seed {seed}: kill {i + 1} did not land in its phase {phase.pattern!r}: {last}'
     if mode == 'pipeline' and i + 1 < len(plan) and plan[i + 1][0] != 'pipeline':
       killed.run('pipeline')  # the pipeline completes before FID starts
   killed.run('fid')
@@ -133,8 +143,8 @@ def test_killed_at_random_points_the_reruns_end_with_the_uninterrupted_results(t
   assert want.keys() == got.keys()
   for key in want:
     for a, b in zip(want[key], got[key], strict=True):
-      np.testing.assert_array_equal(a, b, err_msg=f'{key} differs from the uninterrupted run')
-  assert _sample_rows(killed.workdir) == _sample_rows(reference.workdir)
+      np.testing.assert_array_equal(a, b, err_msg=f'seed {seed}: {key} differs from the uninterrupted run')
+  assert _sample_rows(killed.workdir) == _sample_rows(reference.workdir), f'seed {seed}'
   for name in sorted(os.listdir(reference.workdir / 'results')):
     if name.endswith('.png'):
       assert (killed.workdir / 'results' / name).read_bytes() == (reference.workdir / 'results' / name).read_bytes()
