@@ -2,8 +2,9 @@
 
   python main.py --config=configs/digits_fixed_w.py --mode=sweep     # runs/digits_fixed_w/sweep/<w point>/...
 
-Each point distills stage 1 with w fixed (distill.w_min = distill.w_max = w) and halves it from 16 steps to 1, as
-the default does for the w-conditioned student; its quality table and grids are drawn at that w only. The points
+Each point distills stage 1 with w fixed (distill.w_min = distill.w_max = w) and halves it from
+stage2.start_steps (32) to 1, as the default does for the w-conditioned student; its quality table and grids are
+drawn at that w only. The points
 differ only in distillation fields, so the sweep trains one teacher (the default's: same fields) and copies it.
 Compare each point's results/summary.md with the default run's (same noise and labels): README, "Fixed-w students".
 """
