@@ -24,8 +24,9 @@ def test_fid_mode_scores_every_method_and_reuses_cells(toy_run, monkeypatch):
   out_dir = fid.run_fid(toy_run)
   rows = _rows(os.path.join(out_dir, 'results.csv'))
   cells = {(r['method'], r['sampler'], int(r['steps']), float(r['w'])): r for r in rows}
-  # teacher DDIM 64 and 4, DDPM 64; students: ddim 8 and 4, stochastic 16 and 8; two w each
-  assert len(cells) == 7 * 2
+  # teacher DDIM 64 and 4, DDPM 64; students: ddim 8 and 4, stochastic 16 and 8; the direct baseline's guided
+  # ddim 8 and 4 (toy_run trains it); two w each
+  assert len(cells) == 9 * 2 and ('direct PD CFG', 'ddim', 4, 2.0) in cells
   # 2-D 'FID' is a coarse moment match (noise floor ~0.01 at 512 samples): every method of a good toy
   # run is near 0, every sample lands in its own class (accuracy 1) and the 4 classes are balanced (IS ~ 4).
   for row in rows:
