@@ -77,10 +77,12 @@ def get_config() -> ml_collections.ConfigDict:
   # uint8 levels before the feature extractor (--mode=fid, the pipeline's table); ddpm_variance: as
   # sample.ddpm_variance, for the DDPM rows of --mode=fid. num_seeds: every cell is scored on eval.num_seeds
   # independent noise draws (seeds eval.seed, eval.seed + 1, ...); the table gives their mean and spread.
+  # fixed_w_dir: the workdir of a fixed-w sweep (configs/digits_fixed_w.py): its students become 'student fixed-w'
+  # rows, each scored at its own w only.
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
       stage1_steps=(),
       student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train', reference_examples=50_000, out_dir='',
-      clip_x=False, quantize_uint8=False, ddpm_variance='small'))
+      clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir=''))
   return config

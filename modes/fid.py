@@ -212,7 +212,7 @@ def run_fid(config) -> str:
   methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
                                   teacher_ddpm_steps=config.eval.teacher_ddpm_steps,
                                   stage1_steps=config.eval.stage1_steps,
-                                  student_steps=config.eval.student_steps))
+                                  student_steps=config.eval.student_steps, fixed_w_dir=config.eval.fixed_w_dir))
   if not methods:
     raise CheckpointError(f'nothing to evaluate in {config.workdir}: no teacher, stage-1 or stage-2 checkpoint '
                           'there; train them first (--mode=pipeline) or fix --config.workdir')
@@ -225,7 +225,8 @@ def run_fid(config) -> str:
   writer = make_writer(files.join(config.workdir, 'logs', 'eval'))
   keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), clip_x=config.eval.clip_x,
               quantize_uint8=config.eval.quantize_uint8)
-  cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)]
+  cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)
+           if method.guidance_w is None or method.guidance_w == w]  # a fixed-w student: its own w only
   for i, (method, w, seed) in enumerate(cells):
     ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
     cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,

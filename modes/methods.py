@@ -1,9 +1,12 @@
 """The methods the results compare: (checkpoint, sampler, steps) rows shared by the pipeline and FID."""
 
 import dataclasses
+from typing import Optional
+
+import ml_collections
 
 from distill import stages
-from train import files
+from train import checkpoint, files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,6 +16,7 @@ class Method:
   steps: int
   nfe: int  # network calls per sample
   ckpt_dir: str
+  guidance_w: Optional[float] = None  # a fixed-w student's only w; None: every w of the table
 
   @property
   def label(self) -> str:
@@ -23,9 +27,10 @@ class Method:
     return f'{self.name.replace(" ", "_")}_{self.sampler}_{self.steps:04d}'
 
 
-def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None) -> list[Method]:
+def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None,
+                 fixed_w_dir: str = '') -> list[Method]:
   """Teacher CFG DDIM (and DDPM) and the stage-1 student's DDIM at the given steps; every stage-2 round; every
-  round of the direct baseline that --mode=direct trained.
+  round of the direct baseline that --mode=direct trained; with fixed_w_dir, the fixed-w students of that sweep.
 
   An N-step round gives 'student ddim N' and 'student stochastic 2N' (docs/math.md#stochastic-n-step-sampler), a
   direct round 'direct PD CFG ddim N' (2N calls); student_steps, if given, keeps only rows whose step count is in it.
@@ -45,6 +50,38 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
     direct_dir = stages.stage_dir(config.workdir, 'direct', n)
     if files.is_dir(direct_dir) and (student_steps is None or n in student_steps):
       methods.append(Method('direct PD CFG', 'ddim', n, 2 * n, direct_dir))
+  return methods + fixed_w_students(fixed_w_dir, student_steps) if fixed_w_dir else methods
+
+
+def fixed_w_of(point_dir: str) -> Optional[float]:
+  """The w a sweep point's stage 1 was distilled at (distill.w_min == distill.w_max), else None."""
+  stage1_dir = stages.stage_dir(point_dir, 'stage1')
+  if not files.is_dir(stage1_dir):
+    return None
+  distill = checkpoint.read_record(stage1_dir)['config']['distill']
+  return float(distill['w_min']) if distill['w_min'] == distill['w_max'] else None
+
+
+def fixed_w_students(fixed_w_dir: str, student_steps=None) -> list[Method]:
+  """'student fixed-w' rows of a fixed-w sweep (configs/digits_fixed_w.py: WORKDIR/sweep/<point>/), each scored at
+  its own w only: every stage-2 round of every point whose stage 1 saw one w."""
+  sweep_dir = files.join(fixed_w_dir, 'sweep')
+  if not files.is_dir(sweep_dir):
+    raise checkpoint.CheckpointError(f'eval.fixed_w_dir={fixed_w_dir!r} holds no sweep/: run `--mode=sweep '
+                                     '--config=configs/digits_fixed_w.py` first, or leave it empty')
+  methods = []
+  for point in files.listdir(sweep_dir):
+    point_dir = files.join(sweep_dir, point)
+    w = fixed_w_of(point_dir)
+    if w is None:
+      continue
+    record_config = ml_collections.ConfigDict(checkpoint.read_record(stages.stage_dir(point_dir, 'stage1'))['config'])
+    samplers = ('ddim', 'stochastic') if record_config.stage2.fine_grid else ('ddim',)
+    for n in stages.stage2_rounds(record_config):
+      round_dir = stages.stage_dir(point_dir, 'stage2', n)
+      for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
+        if files.is_dir(round_dir) and (student_steps is None or steps in student_steps):
+          methods.append(Method('student fixed-w', sampler, steps, steps, round_dir, guidance_w=w))
   return methods
 
 

@@ -213,3 +213,27 @@ def test_direct_baseline_rows_are_listed_for_the_rounds_mode_direct_trained(tmp_
   os.makedirs(tmp_path / 'direct' / 'steps_0002')  # --mode=direct trained its first round only
   direct = [m for m in list_methods(config, teacher_steps=(8,)) if m.name == 'direct PD CFG']
   assert direct == [Method('direct PD CFG', 'ddim', 2, 4, str(tmp_path / 'direct' / 'steps_0002'))]  # 2 calls a step
+
+
+def test_fixed_w_students_are_scored_at_their_own_w_only(toy_run, tmp_path, monkeypatch):
+  """eval.fixed_w_dir adds a fixed-w sweep's students as 'student fixed-w' rows, each at the w its stage 1 saw."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from modes import methods  # pylint: disable=g-import-not-at-top
+  assert methods.fixed_w_of(toy_run.workdir) is None  # the w-conditioned run: w ~ U[w_min, w_max]
+  point = tmp_path / 'fixed' / 'sweep' / 'distill.w_min=2,distill.w_max=2'
+  for stage in ('stage1', 'stage2'):  # a stand-in point: the toy run's chain, read as distilled at w = 2
+    shutil.copytree(os.path.join(toy_run.workdir, stage), point / stage)
+  monkeypatch.setattr(methods, 'fixed_w_of', lambda point_dir: 2.0 if point_dir.endswith('w_max=2') else None)
+  config = toy_run.copy_and_resolve_references()
+  config.eval.update(fixed_w_dir=str(tmp_path / 'fixed'), out_dir=str(tmp_path / 'eval'), teacher_steps=(4,),
+                     teacher_ddpm_steps=(), student_steps=(4,))
+  out_dir = fid.run_fid(config)
+  rows = _rows(os.path.join(out_dir, 'results.csv'))
+  fixed = {(r['sampler'], int(r['steps']), float(r['w'])) for r in rows if r['method'] == 'student fixed-w'}
+  assert fixed == {('ddim', 4, 2.0)}  # the 4-step round at w = 2 only, not at w = 0
+  with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
+    table = f.read()
+  assert table.count('| student fixed-w ddim |') == 1 and table.index('## w = 2') < table.index('student fixed-w')
+  config.eval.fixed_w_dir = str(tmp_path / 'nothing')
+  with pytest.raises(ValueError, match=r"eval.fixed_w_dir='.*nothing' holds no sweep/: run `--mode=sweep"):
+    fid.run_fid(config)
