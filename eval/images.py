@@ -53,6 +53,21 @@ def with_row_labels(grid, labels: list[str], *, row_height: int, top: int = 0, f
   return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
+def with_column_titles(grid, titles: list[str], *, column_width: int, font_size: int = 12):
+  """grid uint8 [H, W, C] with a white margin on top holding titles[j] centred over the j-th column_width pixels."""
+  grid = np.asarray(grid)
+  font = ImageFont.load_default(size=font_size)
+  height = font_size + 8
+  canvas = np.full((height + grid.shape[0], grid.shape[1], grid.shape[2]), 255, np.uint8)
+  canvas[height:] = grid
+  image = Image.fromarray(canvas[..., 0] if grid.shape[-1] == 1 else canvas)
+  draw = ImageDraw.Draw(image)
+  for j, title in enumerate(titles):
+    draw.text((j * column_width + column_width // 2, height // 2), title, fill=0, font=font, anchor='mm')
+  pixels = np.asarray(image)
+  return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
 def save_png(path: str, grid) -> None:
   """Writes a uint8 grid [H, W, C] as a PNG, atomically; under jax.distributed only process 0 writes."""
   if jax.process_index() > 0:

@@ -9,7 +9,7 @@ from etils import epath
 import data
 from distill import stages
 from eval import metrics
-from eval.images import image_grid, save_png
+from eval.images import image_grid, save_png, with_column_titles, with_row_labels
 from modes.fid import make_extractor
 from modes.sampling import load_cached
 from train import files
@@ -47,12 +47,12 @@ def _full(label: int, n: int):
 
 def _write_grid(config, pairs, out_dir: str):
   """(png path, grid or None for 2-D data). One row per (method, steps), distilled rows first, in
-  transfer.steps order: sources | reconstructions under A | transfers to B."""
+  transfer.steps order: sources | reconstructions under A | transfers to B; rows labelled, panels titled."""
   tr = config.transfer
   x = _class_examples(config, tr.source_class, 'test', tr.num_images)
   n = len(x)
   rows = []
-  for pair in pairs:
+  for pair in pairs.values():
     recon = pair.transfer(x, _full(tr.source_class, n), _full(tr.source_class, n), w_encode=tr.w_encode,
                           w_decode=tr.w_decode)
     moved = pair.transfer(x, _full(tr.source_class, n), _full(tr.target_class, n), w_encode=tr.w_encode,
@@ -62,7 +62,15 @@ def _write_grid(config, pairs, out_dir: str):
   path = files.join(out_dir, f'transfer_{tr.source_class}_to_{tr.target_class}.png')
   if x.ndim != 4:
     return path, None
-  grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=6)  # [H, W, C]
+  scale = 6
+  grid = image_grid(np.concatenate(rows), num_rows=len(rows), scale=scale)  # [H, W, C]
+  tile = (x.shape[2] + 1) * scale  # one image and its padding, in pixels
+  grid = with_column_titles(grid, [f'class {tr.source_class} (source)', f'reconstructed as {tr.source_class}',
+                                   f'transferred to {tr.target_class}'], column_width=(n + 1) * tile)
+  labels = [f'{"distilled pair" if method == "distilled" else "DDIM, stage 1"}, {steps} step{"s" * (steps > 1)}'
+            for method, steps in pairs]
+  row_height = (x.shape[1] + 1) * scale
+  grid = with_row_labels(grid, labels, row_height=row_height, top=grid.shape[0] - len(rows) * row_height)
   save_png(path, grid)
   return path, grid
 
@@ -93,7 +101,7 @@ def run_transfer(config) -> str:
   files.makedirs(out_dir)
   cache = {}
   pairs = {(m, n): EncoderDecoder(config, m, n, cache) for m in ('distilled', 'ddim') for n in tr.steps}
-  grid_path, grid = _write_grid(config, list(pairs.values()), out_dir)
+  grid_path, grid = _write_grid(config, pairs, out_dir)
   extractor_name, extract = make_extractor(config)
   logits_are_classes = extractor_name != 'inception'  # Inception's 1008 logits are not the data set's classes
   target = np.asarray(extract(jnp.asarray(_class_examples(config, tr.target_class, 'train', 10_000)))['pool'], np.float64)

@@ -263,6 +263,17 @@ def test_row_labels_sit_beside_their_rows_and_keep_the_grid():
   assert ink[0] > ink[1] > 0 and ink[2] == 0  # the longer label has more ink; an empty one none
 
 
+def test_column_titles_sit_above_their_columns_and_keep_the_grid():
+  from eval.images import image_grid, with_column_titles  # pylint: disable=g-import-not-at-top
+  grid = image_grid(np.ones((12, 8, 8, 3)), num_rows=1, scale=4)  # white images, 12 columns of 36 px
+  titled = with_column_titles(grid, ['class 3 (source)', '', 'transferred to 8'], column_width=144)
+  margin = titled.shape[0] - grid.shape[0]
+  assert margin >= 12 and titled.shape[1] == grid.shape[1]
+  np.testing.assert_array_equal(titled[margin:], grid)
+  ink = [(titled[:margin, 144 * j:144 * (j + 1)] < 128).sum() for j in range(3)]
+  assert ink[0] > 0 and ink[1] == 0 and ink[2] > 0  # each title over its own columns; an empty one none
+
+
 def test_quantize_uint8_lands_on_the_256_levels_is_idempotent_and_moves_at_most_half_a_level():
   from eval.images import quantize_uint8, to_uint8  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(0).uniform(-1.0, 1.0, (4, 8, 8, 3)).astype(np.float32)  # [B, H, W, C]
