@@ -78,11 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
   # sample.ddpm_variance, for the DDPM rows of --mode=fid. num_seeds: every cell is scored on eval.num_seeds
   # independent noise draws (seeds eval.seed, eval.seed + 1, ...); the table gives their mean and spread.
   # fixed_w_dir: the workdir of a fixed-w sweep (configs/digits_fixed_w.py): its students become 'student fixed-w'
-  # rows, each scored at its own w only.
+  # rows, each scored at its own w only. teacher_clipped_steps: teacher CFG DDIM rows sampled with clip_x on
+  # whatever eval.clip_x is ('teacher CFG clipped'), so clipped and unclipped teachers share one table.
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
       stage1_steps=(),
       student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train', reference_examples=50_000, out_dir='',
-      clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir=''))
+      clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir='', teacher_clipped_steps=()))
   return config

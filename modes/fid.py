@@ -145,7 +145,7 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
   for b in range(-(-config.eval.num_samples // batch_size)):
     z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=seed)
     images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
-                           seed=seed + b, clip_x=config.eval.clip_x,
+                           seed=seed + b, clip_x=config.eval.clip_x if method.clip_x is None else method.clip_x,
                            ddpm_variance=config.eval.ddpm_variance)
     images = np.clip(images, -1.0, 1.0)  # [B, ...]
     features = extract(jnp.asarray(quantize_uint8(images) if config.eval.quantize_uint8 else images))
@@ -212,7 +212,8 @@ def run_fid(config) -> str:
   methods = existing(list_methods(config, teacher_steps=config.eval.teacher_steps,
                                   teacher_ddpm_steps=config.eval.teacher_ddpm_steps,
                                   stage1_steps=config.eval.stage1_steps,
-                                  student_steps=config.eval.student_steps, fixed_w_dir=config.eval.fixed_w_dir))
+                                  student_steps=config.eval.student_steps, fixed_w_dir=config.eval.fixed_w_dir,
+                                  teacher_clipped_steps=config.eval.teacher_clipped_steps))
   if not methods:
     raise CheckpointError(f'nothing to evaluate in {config.workdir}: no teacher, stage-1 or stage-2 checkpoint '
                           'there; train them first (--mode=pipeline) or fix --config.workdir')
@@ -230,7 +231,8 @@ def run_fid(config) -> str:
   for i, (method, w, seed) in enumerate(cells):
     ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
     cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
-                seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '', **keys)
+                seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '',
+                **dict(keys, **({} if method.clip_x is None else {'clip_x': method.clip_x})))
     if _cell_key(cell) in done:
       current.append(done[_cell_key(cell)])
       continue

@@ -17,6 +17,7 @@ class Method:
   nfe: int  # network calls per sample
   ckpt_dir: str
   guidance_w: Optional[float] = None  # a fixed-w student's only w; None: every w of the table
+  clip_x: Optional[bool] = None  # per-step x clipping of this row; None: the run's eval.clip_x
 
   @property
   def label(self) -> str:
@@ -28,7 +29,7 @@ class Method:
 
 
 def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None,
-                 fixed_w_dir: str = '') -> list[Method]:
+                 fixed_w_dir: str = '', teacher_clipped_steps=()) -> list[Method]:
   """Teacher CFG DDIM (and DDPM) and the stage-1 student's DDIM at the given steps; every stage-2 round; every
   round of the direct baseline that --mode=direct trained; with fixed_w_dir, the fixed-w students of that sweep.
 
@@ -37,6 +38,8 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
   """
   teacher_dir = stages.stage_dir(config.workdir, 'teacher')
   methods = [Method('teacher CFG', 'ddim', n, 2 * n, teacher_dir) for n in sorted(teacher_steps, reverse=True)]
+  methods += [Method('teacher CFG clipped', 'ddim', n, 2 * n, teacher_dir, clip_x=True)  # x_pred clipped every step
+              for n in sorted(teacher_clipped_steps, reverse=True)]
   methods += [Method('teacher CFG', 'ddpm', n, 2 * n, teacher_dir) for n in sorted(teacher_ddpm_steps, reverse=True)]
   stage1_dir = stages.stage_dir(config.workdir, 'stage1')
   methods += [Method('stage 1', 'ddim', n, n, stage1_dir) for n in sorted(stage1_steps, reverse=True)]

@@ -166,7 +166,8 @@ def _check_eval(config, info) -> None:
            f'eval.num_seeds must be an integer >= 1 (noise draws per cell), got {ev.num_seeds!r}')
   _require(ev.num_samples % ev.batch_size == 0, f'eval.num_samples ({ev.num_samples}) must be a multiple of '
            f'eval.batch_size ({ev.batch_size})')
-  _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.stage1_steps, *ev.student_steps)),
+  _require(all(n > 0 for n in (*ev.teacher_steps, *ev.teacher_ddpm_steps, *ev.teacher_clipped_steps,
+                                *ev.stage1_steps, *ev.student_steps)),
            'eval step counts must all be > 0')
   _check_ddpm_variance('eval', ev.ddpm_variance)
   _require(isinstance(ev.quantize_uint8, bool),

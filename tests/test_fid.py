@@ -237,3 +237,16 @@ def test_fixed_w_students_are_scored_at_their_own_w_only(toy_run, tmp_path, monk
   config.eval.fixed_w_dir = str(tmp_path / 'nothing')
   with pytest.raises(ValueError, match=r"eval.fixed_w_dir='.*nothing' holds no sweep/: run `--mode=sweep"):
     fid.run_fid(config)
+
+
+def test_clipped_teacher_rows_share_the_table_with_unclipped_ones(toy_run, tmp_path):
+  """eval.teacher_clipped_steps: 'teacher CFG clipped' rows sampled with per-step x clipping, whatever eval.clip_x,
+  keyed as clipped, beside the unclipped teacher of the same run."""
+  config = toy_run.copy_and_resolve_references()
+  config.eval.update(out_dir=str(tmp_path / 'eval'), teacher_steps=(4,), teacher_clipped_steps=(4,),
+                     teacher_ddpm_steps=(), stage1_steps=(), student_steps=(), guidance_ws=(0.0,))
+  rows = _rows(os.path.join(fid.run_fid(config), 'results.csv'))
+  by_method = {r['method']: r for r in rows}
+  assert set(by_method) == {'teacher CFG', 'teacher CFG clipped'}
+  assert by_method['teacher CFG']['clip_x'] == 'False' and by_method['teacher CFG clipped']['clip_x'] == 'True'
+  assert by_method['teacher CFG']['fid'] != by_method['teacher CFG clipped']['fid']  # toy points reach past +-1
