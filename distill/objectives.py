@@ -94,6 +94,19 @@ def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logs
   return ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=logsnr_end)
 
 
+def _halving_regression(student, params, teacher_denoise_fn, teacher_params, *, x, label, guidance_w, times,
+                        rng_eps, rng_dropout, logsnr_fn, parametrization, weighting):
+  """[H2]-[H4] at times (t, t', t''): z_t from x, two teacher DDIM steps to t'', the student regresses x_tilde."""
+  t, t_mid, t_end = times
+  logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
+  z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
+  z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
+                            logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
+  x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
+  return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
+                    guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+
+
 def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
                    fine_grid: bool, off_grid_fraction: float = 0.5, w_zero_fraction: float = 0.0):
   """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde.
@@ -106,16 +119,12 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     teacher_params, student_steps = frozen['teacher_params'], frozen['student_steps']
     x, label = batch['x'], batch['label']
     rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
-    t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid,
-                                    off_grid_fraction=off_grid_fraction)
-    logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
-    z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
+    times = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid,
+                         off_grid_fraction=off_grid_fraction)
     guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction)
-    z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
-                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
-    x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
-    return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
-                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+    return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x, label=label,
+                               guidance_w=guidance_w, times=times, rng_eps=rng_eps, rng_dropout=rng_dropout,
+                               logsnr_fn=logsnr_fn, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
@@ -134,14 +143,10 @@ def direct_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     x, label = batch['x'], batch['label']  # [B, ...], [B]
     rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
     label = jnp.where(jax.random.bernoulli(rng_drop, p_uncond, label.shape), num_classes, label)
-    t, t_mid, t_end = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=False)
-    logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
-    z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
-    z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
-                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=None)
-    x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
-    return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
-                      guidance_w=None, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+    times = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=False)
+    return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x, label=label,
+                               guidance_w=None, times=times, rng_eps=rng_eps, rng_dropout=rng_dropout,
+                               logsnr_fn=logsnr_fn, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
