@@ -43,17 +43,24 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
   methods += [Method('teacher CFG', 'ddpm', n, 2 * n, teacher_dir) for n in sorted(teacher_ddpm_steps, reverse=True)]
   stage1_dir = stages.stage_dir(config.workdir, 'stage1')
   methods += [Method('stage 1', 'ddim', n, n, stage1_dir) for n in sorted(stage1_steps, reverse=True)]
-  samplers = ('ddim', 'stochastic') if config.stage2.fine_grid else ('ddim',)  # stochastic needs the 1/(2N) grid
-  for n in stages.stage2_rounds(config):
-    round_dir = stages.stage_dir(config.workdir, 'stage2', n)
-    for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
-      if student_steps is None or steps in student_steps:
-        methods.append(Method('student', sampler, steps, steps, round_dir))
+  methods += _student_methods('student', config, config.workdir, student_steps)
   for n in stages.halving_rounds(config, 'direct'):  # the direct baseline, where --mode=direct trained it
     direct_dir = stages.stage_dir(config.workdir, 'direct', n)
     if files.is_dir(direct_dir) and (student_steps is None or n in student_steps):
       methods.append(Method('direct PD CFG', 'ddim', n, 2 * n, direct_dir))
   return methods + fixed_w_students(fixed_w_dir, student_steps) if fixed_w_dir else methods
+
+
+def _student_methods(name: str, config, workdir: str, student_steps, guidance_w=None) -> list[Method]:
+  """The stage-2 rounds config describes, under workdir: 'ddim N' and, trained on the 1/(2N) grid, 'stochastic 2N'."""
+  samplers = ('ddim', 'stochastic') if config.stage2.fine_grid else ('ddim',)  # stochastic needs the 1/(2N) grid
+  methods = []
+  for n in stages.stage2_rounds(config):
+    round_dir = stages.stage_dir(workdir, 'stage2', n)
+    for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
+      if student_steps is None or steps in student_steps:
+        methods.append(Method(name, sampler, steps, steps, round_dir, guidance_w=guidance_w))
+  return methods
 
 
 def fixed_w_of(point_dir: str) -> Optional[float]:
@@ -67,7 +74,7 @@ def fixed_w_of(point_dir: str) -> Optional[float]:
 
 def fixed_w_students(fixed_w_dir: str, student_steps=None) -> list[Method]:
   """'student fixed-w' rows of a fixed-w sweep (configs/digits_fixed_w.py: WORKDIR/sweep/<point>/), each scored at
-  its own w only: every stage-2 round of every point whose stage 1 saw one w."""
+  its own w only: every stage-2 round of every point whose stage 1 saw one w (run_fid keeps those that exist)."""
   sweep_dir = files.join(fixed_w_dir, 'sweep')
   if not files.is_dir(sweep_dir):
     raise checkpoint.CheckpointError(f'eval.fixed_w_dir={fixed_w_dir!r} holds no sweep/: run `--mode=sweep '
@@ -79,12 +86,7 @@ def fixed_w_students(fixed_w_dir: str, student_steps=None) -> list[Method]:
     if w is None:
       continue
     record_config = ml_collections.ConfigDict(checkpoint.read_record(stages.stage_dir(point_dir, 'stage1'))['config'])
-    samplers = ('ddim', 'stochastic') if record_config.stage2.fine_grid else ('ddim',)
-    for n in stages.stage2_rounds(record_config):
-      round_dir = stages.stage_dir(point_dir, 'stage2', n)
-      for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
-        if files.is_dir(round_dir) and (student_steps is None or steps in student_steps):
-          methods.append(Method('student fixed-w', sampler, steps, steps, round_dir, guidance_w=w))
+    methods += _student_methods('student fixed-w', record_config, point_dir, student_steps, guidance_w=w)
   return methods
 
 
