@@ -55,7 +55,7 @@ def build_job(config, stage: str) -> stages.TrainingJob:
 
 
 @contextlib.contextmanager
-def _mock_tfds(name: str):
+def mock_tfds(name: str):
   """tfds.testing.mock_data for the tfds data sets (random examples of the real features); else nothing."""
   if name not in TFDS_DATASETS:
     yield
@@ -67,7 +67,7 @@ def _mock_tfds(name: str):
 
 def _one_batch(config, batch_size: int) -> dict:
   """This process's rows of one global batch, through the real input pipeline (tfds mocked)."""
-  with _mock_tfds(config.data.name):
+  with mock_tfds(config.data.name):
     iterator = data.make_train_iterator(config.data, per_host_batch_size=per_host_batch_size(batch_size),
                                         seed=config.seed)
     batch = next(iterator)
