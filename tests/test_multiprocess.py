@@ -153,3 +153,40 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, laun
     saved += re.findall(r'^preempted: .* saved step (\d+) in', output, re.MULTILINE)
   assert len(saved) == 2 and saved[0] == saved[1], outputs
   assert stages.checkpoint.latest_step(str(workdir / 'teacher')) == int(saved[0])
+
+
+def test_kill_9_of_one_process_then_restarting_both_resumes_from_the_last_checkpoint(tmp_path, launch):
+  steps, every = 300, 100
+  one = tiny_config(tmp_path / 'one', train=steps)
+  one.train.checkpoint_every = every
+  stages.train_teacher(one)
+  workdir = tmp_path / 'two'
+
+  def argv(process_id, coordinator):
+    return [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
+            f'--config.train.num_steps={steps}', f'--config.train.checkpoint_every={every}',
+            '--config.train.log_every=50', f'--coordinator_address={coordinator}', '--num_processes=2',
+            f'--process_id={process_id}']
+
+  started = launch(argv, 2)
+  (proc0, log0), (proc1, _) = started
+  deadline = time.time() + TIMEOUT_S
+  while not [int(k) for k in re.findall(r'\[teacher\] step (\d+)/', log0.read_text()) if every < int(k) < steps]:
+    assert proc0.poll() is None and proc1.poll() is None, log0.read_text()[-3000:]
+    assert time.time() < deadline, log0.read_text()[-3000:]
+    time.sleep(0.01)
+  proc1.send_signal(signal.SIGKILL)  # a host lost without warning
+  try:
+    proc0.wait(timeout=10)  # the survivor fails in its next collective or waits on the dead peer ...
+  except subprocess.TimeoutExpired:
+    proc0.send_signal(signal.SIGKILL)  # ... until the cluster manager kills the job, as here
+  proc0.wait()
+  saved = stages.checkpoint.latest_step(str(workdir / 'teacher'))
+  assert saved is not None and every <= saved < steps
+
+  outputs = _wait_all(launch(argv, 2))  # both restarted: the stale workdir lock is taken over, training resumes
+  assert f'[teacher] resuming from step {saved}' in outputs[0], outputs[0][-3000:]
+  assert stages.checkpoint.latest_step(str(workdir / 'teacher')) == steps
+  two = tiny_config(workdir)
+  for a, b in zip(_params(one, 'teacher'), _params(two, 'teacher'), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
