@@ -162,8 +162,8 @@ def run_dry_run(config, mode: str, *, batch_size: int = 0) -> list[dict]:
   results = []
   for stage in stages_of(config, mode):
     result = dry_run_stage(config, stage, batch_size=batch_size)
-    logging.info('[dry run] %s: %.1fM params, batch %s on %d %s device(s), loss %.4f%s, compile %.1f s, step %.2f s, '
-                 'XLA estimates: %.3g GiB per device, %.3g TFLOP per step', result['title'], result['params'] / 1e6,
+    logging.info('[dry run] %s: %s params, batch %s on %d %s device(s), loss %.4f%s, compile %.1f s, step %.2f s, '
+                 'XLA estimates: %.3g GiB per device, %.3g TFLOP per step', result['title'], f"{result['params']:,}",
                  result['batch'], jax.device_count(), jax.default_backend(), result['loss'], result['loss_note'],
                  result['compile_seconds'], result['step_seconds'], result['memory_gib'], result['tflops'])
     results.append(result)

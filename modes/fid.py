@@ -116,6 +116,7 @@ def reference_stats(config, extractor_name, extract, cache_dir: str):
       return mu, sigma
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
       logging.warning('[fid] reference statistics %s are unreadable (%s): computing them again', path, err)
+  logging.info('[fid] reference statistics: computing them from %d real examples', ev.reference_examples)
   stats = None
   for images in _real_batches(config, ev.batch_size):
     stats = _update(stats, extract(jnp.asarray(images))['pool'])

@@ -10,9 +10,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny  # pylint: disable=wrong-import-position
 
 
+PAPER_SCALE_SKIP = 'paper-scale step on the CPU: run with --paper-scale'  # the one expected skip reason
+_UNEXPECTED_SKIPS = []  # 'nodeid: reason' of every other skip in this session
+
+
 def pytest_addoption(parser):
   parser.addoption('--paper-scale', action='store_true',
                    help='also run the tests marked paper_scale (a full-size network step on this CPU each)')
+  parser.addoption('--fail-on-unexpected-skip', action='store_true',
+                   help='fail the run when a test skips for any reason but the opt-in paper-scale marker (CI)')
 
 
 def pytest_configure(config):
@@ -24,12 +30,36 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
   """Tests using toy_run share one xdist worker (the session fixture is trained once, not once per worker);
   tests marked paper_scale are skipped unless --paper-scale is given, so the default suite stays fast."""
-  skip = pytest.mark.skip(reason='paper-scale step on the CPU: run with --paper-scale')
+  skip = pytest.mark.skip(reason=PAPER_SCALE_SKIP)
   for item in items:
     if 'toy_run' in getattr(item, 'fixturenames', ()):
       item.add_marker(pytest.mark.xdist_group('toy_run'))
     if item.get_closest_marker('paper_scale') and not config.getoption('--paper-scale'):
       item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+  """Collects skips other than the paper-scale opt-in (under pytest-xdist the controller sees every report)."""
+  if report.skipped and not hasattr(report, 'wasxfail'):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if PAPER_SCALE_SKIP not in reason:
+      _UNEXPECTED_SKIPS.append(f'{report.nodeid}: {reason}')
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  del exitstatus
+  if _UNEXPECTED_SKIPS:
+    failing = config.getoption('--fail-on-unexpected-skip')
+    terminalreporter.write_line(f'{len(_UNEXPECTED_SKIPS)} unexpected skip(s)'
+                                f'{" (--fail-on-unexpected-skip: the run fails)" if failing else ""}:', red=failing)
+    for line in _UNEXPECTED_SKIPS:
+      terminalreporter.write_line(f'  {line}')
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if (_UNEXPECTED_SKIPS and session.config.getoption('--fail-on-unexpected-skip')
+      and exitstatus == pytest.ExitCode.OK):
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def tiny_config(workdir, **stage_steps):

@@ -16,10 +16,14 @@ from train.loop import OutOfMemoryError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each paper-scale config with the mode its docstring's command runs.
-PAPER_SCALE = [('cifar10_teacher', 'teacher', 'teacher'), ('cifar10_stage1', 'distill', 'stage1'),
-               ('cifar10_stage2', 'distill', 'stage2 8192->4096 steps'),
-               ('imagenet64_teacher', 'teacher', 'teacher'), ('imagenet64_stage1', 'distill', 'stage1'),
-               ('imagenet64_stage2', 'distill', 'stage2 1024->512 steps')]
+# (config, mode, stage title, params printed): the teachers' counts are the reference U-Net's (tests/test_ref_unet.py
+# derives them layer by layer); the students add their w-embedding (CIFAR-10 1,312,768; ImageNet 64 738,816).
+PAPER_SCALE = [('cifar10_teacher', 'teacher', 'teacher', 60_015_363),
+               ('cifar10_stage1', 'distill', 'stage1', 60_015_363 + 1_312_768),
+               ('cifar10_stage2', 'distill', 'stage2 8192->4096 steps', 60_015_363 + 1_312_768),
+               ('imagenet64_teacher', 'teacher', 'teacher', 295_900_035),
+               ('imagenet64_stage1', 'distill', 'stage1', 295_900_035 + 738_816),
+               ('imagenet64_stage2', 'distill', 'stage2 1024->512 steps', 295_900_035 + 738_816)]
 
 
 def test_tiny_pipeline_dry_run_steps_every_stage_and_writes_nothing(tmp_path):
@@ -106,14 +110,14 @@ def test_modes_that_train_nothing_are_refused(tmp_path):
 
 @pytest.mark.paper_scale  # opt-in (--paper-scale): 2-6 min each on 2 CPU cores
 @pytest.mark.xdist_group('paper_scale')  # one at a time under pytest-xdist: an ImageNet 64 step takes ~12 GB
-@pytest.mark.parametrize('name,mode,title', PAPER_SCALE)
-def test_paper_scale_config_passes_its_dry_run(name, mode, title, tmp_path):
+@pytest.mark.parametrize('name,mode,title,params', PAPER_SCALE)
+def test_paper_scale_config_passes_its_dry_run(name, mode, title, params, tmp_path):
   workdir = tmp_path / 'run'
   proc = subprocess.run([sys.executable, 'main.py', f'--config=configs/{name}.py', f'--mode={mode}', '--dry_run',
                          f'--config.workdir={workdir}'], cwd=REPO, capture_output=True, text=True, timeout=900,
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   output = proc.stdout + proc.stderr
   assert proc.returncode == 0, output[-3000:]
-  assert f'[dry run] {title}: ' in output and f'every stage of --mode={mode} builds, shards and steps' in output, \
+  assert f'[dry run] {title}: {params:,} params, ' in output and f'every stage of --mode={mode} builds, shards and steps' in output, \
       output[-3000:]
   assert not workdir.exists()

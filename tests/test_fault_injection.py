@@ -1,6 +1,7 @@
 """Fault injection: `kill -9` the tiny pipeline and FID run at seeded random points of every phase (teacher,
-stage 1, mid stage-2 round, sampling, FID), rerun the same command each time, and compare the final
-checkpoints and results with an uninterrupted run of the same commands."""
+stage 1, mid stage-2 round, sampling, FID; every training kill after the phase's first checkpoint) and once inside
+an Orbax save, rerun the same command each time, and compare the final checkpoints and results with an
+uninterrupted run of the same commands."""
 
 import csv
 import os
@@ -20,30 +21,52 @@ from distill import stages
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 # Long enough phases that a kill right after a progress line lands inside the phase, on a loaded CPU too: a
-# kill follows a progress line at least 300 steps before the phase ends (100-150 tiny steps/s on 2 loaded cores).
-OVERRIDES = ('--config.train.num_steps=800', '--config.train.checkpoint_every=300', '--config.train.log_every=100',
-             '--config.stage1.num_steps=700', '--config.stage1.checkpoint_every=300', '--config.stage1.log_every=100',
-             '--config.stage2.num_steps=600', '--config.stage2.checkpoint_every=300', '--config.stage2.log_every=100',
-             '--config.pipeline.quality_samples=0')  # the kill at '[fid] reference statistics' needs them uncached
+# kill follows a progress line at least 300 steps before the phase ends (100-150 tiny steps/s on 2 loaded cores)
+# and at least 100 steps after its first checkpoint (step 300), so the rerun resumes instead of starting over.
+CHECKPOINT_EVERY = 300
+PHASE_STEPS = {'teacher': 1000, 'stage1': 1000, 'stage2': 900}
+OVERRIDES = (*(f'--config.{"train" if phase == "teacher" else phase}.{key}={value}' for phase, steps in PHASE_STEPS.items()
+               for key, value in (('num_steps', steps), ('checkpoint_every', CHECKPOINT_EVERY), ('log_every', 100))),
+             '--config.pipeline.quality_samples=0',  # the reference-statistics kill needs them uncached ...
+             '--config.eval.reference_examples=8192')  # ... and a computation long enough to land in (~0.2 s)
 FID_METHODS = 7  # tiny: teacher DDIM 64 and 4, DDPM 64, student DDIM 2 and 1, stochastic 4 and 2
 FID_CELLS = 2 * FID_METHODS  # x 2 values of w
 
 
-def _kill_plan(seed: int) -> list[tuple[str, re.Pattern, float, re.Pattern]]:
-  """(mode, log line after which to kill, extra delay in s, the phase the last log line must show at the kill):
-  a seeded random point in each phase."""
+class InSave:
+  """A kill trigger: the Orbax temporary directory of a save at `step` in a stage's checkpoint directory exists."""
+
+  def __init__(self, stage: str, steps, step: int):
+    self.stage, self.steps, self.step = stage, steps, step
+    self.pattern = f'{stage} {steps or ""} {step}.orbax-checkpoint-tmp'  # as printed
+
+  def paths(self, workdir):
+    """(the save's temporary directory, the finished checkpoint's directory)."""
+    ckpt_dir = stages.stage_dir(str(workdir), self.stage, self.steps)
+    return os.path.join(ckpt_dir, f'{self.step}.orbax-checkpoint-tmp'), os.path.join(ckpt_dir, str(self.step))
+
+
+def _kill_plan(seed: int) -> list[tuple[str, object, float, re.Pattern]]:
+  """(mode, trigger: a log line or an InSave, extra delay in s, the phase the last log line must show at the
+  kill): a seeded random point in each phase after its first checkpoint, and a kill inside the second save of a
+  seeded random training phase (placed before that phase's other kill, while the save is still to come)."""
   rng = random.Random(seed)
-  pick = lambda steps: rng.randrange(100, steps - 300, 100)  # a progress line well before the phase ends
+  pick = lambda steps: rng.randrange(CHECKPOINT_EVERY + 100, steps - 300 + 1, 100)
   progress = lambda title, steps: re.compile(rf'\[{re.escape(title)}\] step {pick(steps)}/')
   in_phase = lambda title: re.compile(rf'\[{re.escape(title)}\] (step|resuming)')
-  return [
-      ('pipeline', progress('teacher', 800), rng.uniform(0, 0.1), in_phase('teacher')),
-      ('pipeline', progress('stage1', 700), rng.uniform(0, 0.1), in_phase('stage1')),
-      ('pipeline', progress('stage2 4->2 steps', 600), rng.uniform(0, 0.1), in_phase('stage2 4->2 steps')),
-      ('pipeline', progress('stage2 2->1 steps', 600), rng.uniform(0, 0.1), in_phase('stage2 2->1 steps')),
+  training = [('teacher', None, 'teacher'), ('stage1', None, 'stage1'), ('stage2', 2, 'stage2 4->2 steps'),
+              ('stage2', 1, 'stage2 2->1 steps')]
+  in_save = rng.randrange(3)  # the teacher, stage 1 or the first stage-2 round
+  plan = []
+  for i, (stage, steps, title) in enumerate(training):
+    if i == in_save:
+      plan.append(('pipeline', InSave(stage, steps, 2 * CHECKPOINT_EVERY), 0.0, in_phase(title)))
+    plan.append(('pipeline', progress(title, PHASE_STEPS[stage]), rng.uniform(0, 0.1), in_phase(title)))
+  return plan + [
       ('pipeline', re.compile(r'\[pipeline\] stage2 round -> 1 steps took'), rng.uniform(0.1, 1.0),
        re.compile(r'stage2 round -> 1 steps took')),  # sampling: the next line would be 'sampling took'
-      ('fid', re.compile(r'\[fid\] reference statistics'), rng.uniform(0, 0.3), re.compile(r'\[fid\] ')),
+      ('fid', re.compile(r'\[fid\] reference statistics: computing'), rng.uniform(0, 0.03),
+       re.compile(r'\[fid\] reference statistics: computing')),  # inside their computation, before the save
       ('fid', re.compile(rf'\[fid\] {rng.randrange(2, FID_CELLS)}/{FID_CELLS} '), rng.uniform(0, 0.3),
        re.compile(r'\[fid\] \d+/')),
   ]
@@ -71,24 +94,32 @@ class Runner:
     proc.log_file.close()
     assert code == 0, f'{mode} exited {code}:\n{log_path.read_text()[-3000:]}'
 
-  def kill_after(self, mode: str, pattern: re.Pattern, delay: float) -> str:
-    """Starts mode, SIGKILLs it `delay` s after pattern shows in its log; returns the log up to the kill."""
+  def kill_after(self, mode: str, trigger, delay: float) -> str:
+    """Starts mode, SIGKILLs it `delay` s after the trigger (a pattern in its log, or an InSave) shows; returns
+    the log up to the kill."""
     proc, log_path = self.start(mode)
+    if isinstance(trigger, InSave):
+      tmp_dir, done_dir = trigger.paths(self.workdir)
+      triggered, poll_s = lambda: os.path.exists(tmp_dir), 0.001
+    else:
+      triggered, poll_s = lambda: trigger.search(log_path.read_text()), 0.005
     try:
       deadline = time.time() + TIMEOUT_S
-      while not pattern.search(log_path.read_text()):
-        assert proc.poll() is None, f'{mode} exited {proc.returncode} before {pattern.pattern!r}:\n' + \
+      while not triggered():
+        assert proc.poll() is None, f'{mode} exited {proc.returncode} before {trigger.pattern!r}:\n' + \
             log_path.read_text()[-3000:]
-        assert time.time() < deadline, f'timed out waiting for {pattern.pattern!r}'
-        time.sleep(0.02)
+        assert time.time() < deadline, f'timed out waiting for {trigger.pattern!r}'
+        time.sleep(poll_s)
       time.sleep(delay)
-      assert proc.poll() is None, f'{mode} finished before the kill after {pattern.pattern!r}'
+      assert proc.poll() is None, f'{mode} finished before the kill after {trigger.pattern!r}'
       proc.send_signal(signal.SIGKILL)
       assert proc.wait(timeout=TIMEOUT_S) == -signal.SIGKILL
     finally:
       if proc.poll() is None:
         proc.kill()
       proc.log_file.close()
+    if isinstance(trigger, InSave):  # the kill landed inside the save: its temporary directory was never finished
+      assert os.path.exists(tmp_dir) and not os.path.exists(done_dir), f'the kill missed the save {trigger.pattern}'
     return log_path.read_text()
 
 
@@ -150,4 +181,4 @@ def test_killed_at_random_points_the_reruns_end_with_the_uninterrupted_results(t
       assert (killed.workdir / 'results' / name).read_bytes() == (reference.workdir / 'results' / name).read_bytes()
   want_fid = _fid_rows(reference.workdir)
   assert len(want_fid) == FID_CELLS and _fid_rows(killed.workdir) == want_fid
-  assert len(plan) == 7
+  assert len(plan) == 8 and sum(isinstance(kill[1], InSave) for kill in plan) == 1

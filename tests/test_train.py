@@ -1,5 +1,6 @@
 """Training machinery: sharded step equality, kill-and-resume, checkpoint refusals, non-finite skips."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -168,6 +169,41 @@ def test_loading_a_damaged_teacher_is_one_clear_error(tmp_path):
   _truncate_step(tmp_path / 'teacher', 10)
   with pytest.raises(checkpoint.CheckpointError, match='step 10 of .*teacher is unreadable .*: rerun the mode'):
     stages.train_stage1(config)
+
+
+@pytest.mark.parametrize('err,damage', [
+    (ValueError('DATA_LOSS: Error opening "zarr" driver: Error reading "params/.zarray"'), True),
+    (ValueError('OUT_OF_RANGE: Error reading "ema_params/w/0"'), True),
+    (FileNotFoundError('Metadata file (named _METADATA) does not exist'), True),
+    (json.JSONDecodeError('Expecting value', '', 0), True),
+    (ValueError('UNAVAILABLE: Error reading "gs://bucket/run/teacher/10/state/manifest.ocdbt"'), False),
+    (ValueError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB'), False),
+    (ValueError('sharding of the target does not fit 4 devices'), False),
+    (MemoryError(), False), (ConnectionError('reset by peer'), False), (PermissionError('denied'), False),
+    (TimeoutError(), False), (RuntimeError('INTERNAL: CUDA error'), False)])
+def test_only_errors_about_the_files_count_as_damage(err, damage):
+  assert checkpoint.is_damage(err) == damage
+
+
+def test_a_read_error_that_is_not_damage_stops_the_run_and_moves_nothing(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, train=10)
+  stages.train_teacher(config)
+  monkeypatch.setattr(checkpoint, '_restore_step', lambda *args: (_ for _ in ()).throw(MemoryError('host RAM')))
+  config.train.num_steps = 20
+  with pytest.raises(checkpoint.CheckpointError, match=r'could not read step 10 of .*teacher \(host RAM\): not '
+                     'damage to its files, so nothing was moved'):
+    stages.train_teacher(config)
+  assert sorted(os.listdir(tmp_path / 'teacher')) == ['10', 'config.json']
+
+
+def test_loading_a_teacher_that_cannot_be_read_now_moves_nothing(tmp_path, monkeypatch):
+  config = tiny_config(tmp_path, train=10, stage1=10)
+  stages.train_teacher(config)
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, 'metadata',
+                      lambda *args: (_ for _ in ()).throw(ValueError('UNAVAILABLE: connection reset')))
+  with pytest.raises(checkpoint.CheckpointError, match='could not read step 10 of .*teacher .*nothing was moved'):
+    stages.train_stage1(config)
+  assert sorted(os.listdir(tmp_path / 'teacher')) == ['10', 'config.json']
 
 
 def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -19,8 +19,26 @@ IDENTITY_KEYS = ('stage', 'sampling_steps', 'model', 'guidance_input', 'x_shape'
                  'parametrization')
 
 
+# TensorStore's status codes for bytes that are missing, cut short or wrong (`ValueError: DATA_LOSS: Error reading
+# ...`); UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, PERMISSION_DENIED ... say nothing about the bytes.
+DAMAGE_CODES = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE', 'INVALID_ARGUMENT', 'FAILED_PRECONDITION')
+
+
 class CheckpointError(ValueError):
   """A checkpoint is missing, incomplete or was made for another model; the message names the fix."""
+
+
+def is_damage(err: Exception) -> bool:
+  """Whether a read error means the checkpoint's files are missing, truncated or corrupted (set the step aside)
+  rather than that they cannot be read now: memory, network, permissions, devices (stop, touch nothing)."""
+  if isinstance(err, (FileNotFoundError, EOFError, json.JSONDecodeError, UnicodeDecodeError)):
+    return True  # a file gone, cut short, or not the JSON / text it should be
+  return isinstance(err, ValueError) and str(err).startswith(DAMAGE_CODES)
+
+
+def _not_damage(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
+  return CheckpointError(f'could not read step {step} of {ckpt_dir} ({_first_line(err)}): not damage to its files, '
+                         'so nothing was moved; fix the cause (memory, network, permissions, devices) and rerun')
 
 
 def open_manager(ckpt_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
@@ -87,9 +105,10 @@ def _restore_step(manager, step: int, abstract, expected_record: dict, ckpt_dir:
 def restore_state(manager: ocp.CheckpointManager, target_state, expected_record: dict, ckpt_dir: str):
   """Restores the newest readable state into target_state's structure and shardings.
 
-  A damaged checkpoint (truncated or corrupted files) is moved aside to `corrupted.STEP` (kept as evidence,
-  never deleted) and the previous one is used, with a warning; if none is readable the run stops rather
-  than training from scratch. A checkpoint of another model is refused at once.
+  A damaged checkpoint (`is_damage`: missing, truncated or corrupted files) is moved aside to `corrupted.STEP`
+  (kept as evidence, never deleted) and the previous one is used, with a warning; if none is readable the run
+  stops rather than training from scratch. Any other read error (out of memory, network, permissions) stops the
+  run with one line and moves nothing. A checkpoint of another model is refused at once.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   for step in sorted(manager.all_steps(), reverse=True):
@@ -97,7 +116,9 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
       return _restore_step(manager, step, abstract, expected_record, ckpt_dir)
     except CheckpointError:
       raise
-    except Exception as err:  # pylint: disable=broad-except  (any read error means a damaged step)
+    except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage)
+      if not is_damage(err):
+        raise _not_damage(step, ckpt_dir, err) from err
       aside = set_aside(manager.directory / str(step), manager.directory / f'corrupted.{step}')
       manager.reload()
       logging.warning('checkpoint step %d in %s is unreadable (%s): moved to %s, trying the previous one',
@@ -216,7 +237,7 @@ def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: s
     step = manager.latest_step()
     try:
       stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
-    except Exception as err:  # pylint: disable=broad-except
+    except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage in _unreadable)
       raise _unreadable(step, ckpt_dir, err) from err
     want = jax.tree.map(lambda x: tuple(x.shape), target_params)
     got = jax.tree.map(lambda x: tuple(x.shape), stored)
@@ -233,6 +254,8 @@ def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: s
 
 
 def _unreadable(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
+  if not is_damage(err):
+    return _not_damage(step, ckpt_dir, err)
   return CheckpointError(f'step {step} of {ckpt_dir} is unreadable ({_first_line(err)}): rerun the mode that '
                          'trained it, which sets a damaged step aside and resumes from the previous one')
 

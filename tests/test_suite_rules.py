@@ -1,0 +1,44 @@
+"""The suite's own rules (tests/conftest.py): paper-scale tests are opt-in, and any other skip fails a CI run."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_TESTS = '''
+import pytest
+
+@pytest.mark.paper_scale
+def test_opt_in():
+  pass
+
+def test_passes():
+  pass
+'''
+
+
+def _pytest(tmp_path, body: str, *args):
+  (tmp_path / 'test_inner.py').write_text(body)
+  return subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'conftest', '-p', 'no:cacheprovider',
+                         str(tmp_path / 'test_inner.py'), *args], cwd=tmp_path, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=os.path.join(REPO, 'tests')), timeout=120, check=False)
+
+
+def test_the_paper_scale_opt_in_is_the_one_expected_skip(tmp_path):
+  result = _pytest(tmp_path, _TESTS, '--fail-on-unexpected-skip')
+  assert result.returncode == 0, result.stdout
+  assert '1 passed, 1 skipped' in result.stdout and 'unexpected' not in result.stdout
+
+
+def test_any_other_skip_is_listed_and_fails_the_run_with_the_ci_flag(tmp_path):
+  body = _TESTS + '''
+def test_environment():
+  pytest.skip('no kernel here')
+'''
+  lenient = _pytest(tmp_path, body)
+  assert lenient.returncode == 0, lenient.stdout
+  assert '1 unexpected skip(s):' in lenient.stdout and 'test_environment: Skipped: no kernel here' in lenient.stdout
+  strict = _pytest(tmp_path, body, '--fail-on-unexpected-skip')
+  assert strict.returncode == 1, strict.stdout
+  assert '(--fail-on-unexpected-skip: the run fails)' in strict.stdout
