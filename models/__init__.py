@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from clu import parameter_overview
 
 from models.mlp import MLPDenoiser
 from models.ref_unet import RefUNet
@@ -59,5 +60,5 @@ def init_params(model: nn.Module, *, rng, x_shape, guidance_input: bool):
 
 
 def count_params(params) -> int:
-  """Total number of scalar parameters in a params pytree."""
-  return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))
+  """Total number of scalar parameters in a params tree (arrays or shape-only ShapeDtypeStructs)."""
+  return parameter_overview.count_parameters(params)

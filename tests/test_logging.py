@@ -63,6 +63,9 @@ def test_every_training_stage_and_round_has_event_files_and_jsonl(toy_run):
     rows = writers.read_jsonl(os.path.join(logs, run, writers.JSONL_NAME))
     assert TRAIN_SCALARS <= set(rows[-1]), run
     assert rows[-1]['step'] == toy_run[run.split('/')[0].replace('teacher', 'train')].num_steps
+    hparams = [r['hparams'] for r in rows if 'hparams' in r]  # the config, once, as the run started
+    assert len(hparams) == 1 and hparams[0]['data.name'] == 'toy2d' and hparams[0]['train.lr'] == toy_run.train.lr
+    assert hparams[0]['pipeline.guidance_ws'] == str(list(toy_run.pipeline.guidance_ws)), run
   for stage in ('stage2', 'encoder'):  # one line per halving round: step 1 is 16 -> 8, step 2 is 8 -> 4
     rounds = writers.read_jsonl(os.path.join(logs, stage, 'rounds', writers.JSONL_NAME))
     assert [(r['step'], r['student_steps']) for r in rounds] == [(1, 8), (2, 4)]

@@ -38,12 +38,16 @@ def format_seconds(seconds: float) -> str:
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def make_writer(logdir: Optional[str]):
-  """TensorBoard + metrics.jsonl in logdir (process 0), or None without a logdir."""
+def make_writer(logdir: Optional[str], *, config: Optional[dict] = None):
+  """TensorBoard + metrics.jsonl in logdir (process 0), or None without a logdir; with a config (a nested dict),
+  its fields are written first as hparams."""
   if logdir is None:
     return None
   from train import writers  # pylint: disable=g-import-not-at-top  (clu imports TensorFlow)
-  return writers.create_writer(logdir)
+  writer = writers.create_writer(logdir)
+  if config is not None:
+    writer.write_hparams(writers.config_hparams(config))
+  return writer
 
 
 def _finish(manager, writer) -> None:
@@ -227,7 +231,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     if int(jax.device_get(state.step)) >= section.num_steps:
       logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step), ckpt_dir)
       return state, {}
-    writer = make_writer(logdir)
+    starting = int(jax.device_get(state.step)) == 0
+    writer = make_writer(logdir, config=record.get('config') if starting else None)  # hparams once, at the start
     frozen = sharded.put_frozen(frozen)
     tracer = profile_lib.StepTracer(logdir if profile is not None else None,
                                     start_step=profile.start_step if profile else 0,

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from clu import metric_writers
 from etils import epath
+from flax import traverse_util
 
 from train import files
 
@@ -83,6 +84,13 @@ def _plain(value):
     array = np.asarray(value)
     return array.item() if array.ndim == 0 else array.tolist()
   return value
+
+
+def config_hparams(config: Mapping[str, Any]) -> dict:
+  """A nested config dict as flat hparams {'train.lr': 0.0002, 'model.ch_mult': '(1, 2)', ...}: TensorBoard's
+  HParams take numbers, strings and booleans; tuples, lists and None are written as text."""
+  flat = traverse_util.flatten_dict(dict(config), sep='.')
+  return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in flat.items()}
 
 
 def create_writer(logdir: str) -> metric_writers.MetricWriter:
