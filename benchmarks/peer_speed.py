@@ -33,6 +33,7 @@ from distill import stages  # pylint: disable=wrong-import-position
 from models import count_params  # pylint: disable=wrong-import-position
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
+from train import records  # pylint: disable=wrong-import-position
 from train.loop import ShardedStep  # pylint: disable=wrong-import-position
 from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
@@ -64,7 +65,7 @@ def run_ours(config, record):
   """The teacher's train step as the train loop runs it (ShardedStep: jitted, donated state, batch split over
   every device) and the guided DDIM sampler as --mode=sample runs it (batch split over every device)."""
   job = stages.teacher_job(config)
-  model, params, logsnr_fn = stages.build_from_record(job.record)[0], job.params, stages.logsnr_schedule(config)
+  model, params, logsnr_fn = records.build(job.record)[0], job.params, stages.logsnr_schedule(config)
   sharded = ShardedStep(job.loss_fn, config.train)
   state = sharded.init_state(params, seed=0)
   b = config.train.batch_size
@@ -177,7 +178,7 @@ def run_peer(config, record, ch, layers):
 def main(_):
   set_cpu_devices(_CPU_DEVICES.value)
   config = _CONFIG.value
-  record = stages.make_record(config, stage='teacher')
+  record = records.make(config, stage='teacher')
   ours_params, ours_train, ours_sample = run_ours(config, record)
   ch, layers = closest_peer(config.model, ours_params, x_shape=tuple(record['x_shape']),
                             num_classes=record['num_classes'])

@@ -23,6 +23,7 @@ from distill import stages  # pylint: disable=wrong-import-position
 from models import init_params  # pylint: disable=wrong-import-position
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
+from train import records  # pylint: disable=wrong-import-position
 from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
@@ -49,8 +50,8 @@ def main(_):
   logsnr_fn = stages.logsnr_schedule(config)
   timings = []
   for stage, kind in (('teacher', 'guided'), ('stage1', 'w_input')):
-    record = stages.make_record(config, stage=stage)
-    model, _ = stages.build_from_record(record)
+    record = records.make(config, stage=stage)
+    model, _ = records.build(record)
     params = init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']),
                          guidance_input=record['guidance_input'])
     denoise_fn = make_denoise_fn(model, parametrization=config.diffusion.parametrization, kind=kind,

@@ -24,7 +24,7 @@ from models import count_params, init_params  # pylint: disable=wrong-import-pos
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
 from train.loop import ShardedStep  # pylint: disable=wrong-import-position
-from train import profile  # pylint: disable=wrong-import-position
+from train import profile, records  # pylint: disable=wrong-import-position
 from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
@@ -38,8 +38,8 @@ _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'As main.py: XLA devices o
 def main(_):
   set_cpu_devices(_CPU_DEVICES.value)  # as main.py runs: the production sharded step over every device
   config = _CONFIG.value
-  record = stages.make_record(config, stage='teacher')
-  model, _ = stages.build_from_record(record)
+  record = records.make(config, stage='teacher')
+  model, _ = records.build(record)
   params = init_params(model, rng=jax.random.key(0), x_shape=tuple(record['x_shape']), guidance_input=False)
   kwargs = dict(logsnr_fn=stages.logsnr_schedule(config), parametrization=config.diffusion.parametrization,
                 weighting=config.diffusion.loss_weighting)

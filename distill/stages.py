@@ -1,7 +1,6 @@
 """The three trainings of the method, chained through checkpoints: teacher -> stage 1 -> stage-2 rounds."""
 
 import dataclasses
-import functools
 import json
 import time
 from typing import Any, Callable, Optional
@@ -16,10 +15,10 @@ from flax.core.scope import LazyRng
 import data
 from diffusion import get_logsnr_schedule
 from distill import objectives
-from models import build_model, init_params
+from models import init_params
 from models.denoiser import make_denoise_fn
 from models.embeddings import GuidanceEmbedding
-from train import checkpoint, files
+from train import checkpoint, files, records
 from train.loop import make_writer, per_host_batch_size, run_training
 from train.mesh import jit
 
@@ -27,12 +26,6 @@ GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied 
 # Progressive halving of the decoder (sampler, from stage 1), of the encoder (from stage 1), and the paper's direct
 # baseline: the teacher itself halved, conditional and unconditional, sampled with guidance (2 calls a step).
 HALVING_STAGES = ('stage2', 'encoder', 'direct')
-GUIDED_STAGES = ('teacher', 'direct')  # no w input: guidance is applied at sampling time, 2 network calls a step
-
-
-def to_json(tree):
-  """Plain-JSON form of a config or record (tuples become lists), so saved and fresh records compare."""
-  return json.loads(json.dumps(tree))
 
 
 def logsnr_schedule(config):
@@ -46,37 +39,6 @@ def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) ->
   if stage in HALVING_STAGES:
     return files.join(workdir, stage, f'steps_{sampling_steps:04d}')
   return files.join(workdir, stage)
-
-
-def stage_model_config(config, stage: str) -> dict:
-  """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout."""
-  model = config.model.to_dict()
-  if stage != 'teacher' and config.distill.dropout >= 0:
-    model['dropout'] = config.distill.dropout
-  return model
-
-
-def make_record(config, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
-  """What a checkpoint is: enough to rebuild its model and denoiser without the original command."""
-  info = data.dataset_info(config.data.name)
-  return to_json(dict(stage=stage, sampling_steps=sampling_steps, guidance_input=stage not in GUIDED_STAGES,
-                      model=stage_model_config(config, stage), x_shape=list(info.shape), num_classes=info.num_classes,
-                      parametrization=config.diffusion.parametrization, diffusion=config.diffusion.to_dict(),
-                      data=config.data.name, config=config.to_dict()))
-
-
-def build_from_record(record: dict):
-  """The model a record describes, and abstract (shape-only) params for it."""
-  model = build_model(ml_collections.ConfigDict(record['model']), num_classes=record['num_classes'],
-                      guidance_input=record['guidance_input'])
-  return model, _abstract_params(model, tuple(record['x_shape']), record['guidance_input'])
-
-
-@functools.lru_cache(maxsize=None)
-def _abstract_params(model, x_shape: tuple, guidance_input: bool):
-  """Shape-only params, traced once per network (flax modules compare by fields): every round shares them."""
-  return jax.eval_shape(lambda: init_params(model, rng=jax.random.key(0), x_shape=x_shape,
-                                            guidance_input=guidance_input))
 
 
 def fresh_params(model, record: dict, *, seed: int):
@@ -130,7 +92,7 @@ def _loss_kwargs(config):
 class TrainingJob:
   """One training run of the method: what train.loop.run_training needs, built from the config."""
   title: str
-  record: dict  # make_record(): stage, sampling steps, model; it names the checkpoint directory
+  record: dict  # records.make(): stage, sampling steps, model; it names the checkpoint directory
   section: ml_collections.ConfigDict  # the optimizer section (config.train, config.stage1, ...)
   loss_fn: Callable  # (params, batch, rng, frozen) -> (loss, aux)
   params: Any  # initial params of the trained model
@@ -146,13 +108,13 @@ def _train(config, job: TrainingJob) -> tuple[str, dict]:
   """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars."""
   ckpt_dir = job.ckpt_dir(config.workdir)
   _write_config(ckpt_dir, config)  # first: every process then sees the directory before a manager opens it
-  if config.distill.redistill and checkpoint.is_stale(ckpt_dir, job.record):
+  if config.distill.redistill and records.is_stale(ckpt_dir, job.record):
     aside = checkpoint.set_aside(ckpt_dir, f'{ckpt_dir}.stale')
     logging.warning('[%s] distilled from an older teacher: moved %s to %s, distilling again', job.title,
                     ckpt_dir, aside)
     _write_config(ckpt_dir, config)
   else:
-    checkpoint.check_same_teacher(ckpt_dir, job.record)
+    records.check_same_teacher(ckpt_dir, job.record)
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
                             make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,
@@ -167,8 +129,8 @@ def log_dir(config, ckpt_dir: str) -> str:
 
 def teacher_job(config) -> TrainingJob:
   """The class-conditional teacher with label dropout (one network, conditional and unconditional)."""
-  record = make_record(config, stage='teacher')
-  model, _ = build_from_record(record)
+  record = records.make(config, stage='teacher')
+  model, _ = records.build(record)
   params = fresh_params(model, record, seed=config.seed)
   loss_fn = objectives.teacher_loss_fn(model, p_uncond=config.train.p_uncond, num_classes=record['num_classes'],
                                        **_loss_kwargs(config))
@@ -185,11 +147,11 @@ def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
   The record gains 'provenance' {'dir', 'step', 'params_sha1'}: what a student distilled from it records as
   its teacher. An incomplete stage is refused unless config.distill.allow_incomplete_teacher.
   """
-  record = make_record(config, stage=stage, sampling_steps=sampling_steps)
-  model, abstract = build_from_record(record)
+  record = records.make(config, stage=stage, sampling_steps=sampling_steps)
+  model, abstract = records.build(record)
   ckpt_dir = stage_dir(config.workdir, stage, sampling_steps)
-  step = checkpoint.check_complete(ckpt_dir, allow_incomplete=config.distill.allow_incomplete_teacher)
-  params = checkpoint.load_params(ckpt_dir, abstract, record)
+  step = records.check_complete(ckpt_dir, allow_incomplete=config.distill.allow_incomplete_teacher)
+  params = checkpoint.load_params(ckpt_dir, abstract, check_record=records.checker(record, ckpt_dir))
   provenance = dict(dir=files.relative(ckpt_dir, config.workdir), step=step,
                     params_sha1=checkpoint.params_digest(params))
   return model, params, dict(record, provenance=provenance)
@@ -199,13 +161,13 @@ def _teacher_of(config, stage: str, sampling_steps: Optional[int], teacher_param
   """(model, params, record) of a job's teacher: loaded from this run, or the given params (a dry run's)."""
   if teacher_params is None:
     return load_stage_params(config, stage, sampling_steps)
-  record = make_record(config, stage=stage, sampling_steps=sampling_steps)
-  return build_from_record(record)[0], teacher_params, dict(record, provenance=None)
+  record = records.make(config, stage=stage, sampling_steps=sampling_steps)
+  return records.build(record)[0], teacher_params, dict(record, provenance=None)
 
 
 def _student_record(config, teacher_record: dict, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
-  """A student's record: make_record's plus 'teacher', the provenance of the checkpoint it is distilled from."""
-  return dict(make_record(config, stage=stage, sampling_steps=sampling_steps),
+  """A student's record: records.make's plus 'teacher', the provenance of the checkpoint it is distilled from."""
+  return dict(records.make(config, stage=stage, sampling_steps=sampling_steps),
               teacher=teacher_record['provenance'])
 
 
@@ -224,7 +186,7 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
   """
   teacher, teacher_params, teacher_record = _teacher_of(config, 'teacher', None, teacher_params)
   record = _student_record(config, teacher_record, stage='stage1')
-  student, abstract = build_from_record(record)
+  student, abstract = records.build(record)
   fresh = dict(abstract, **{GUIDANCE_EMBED_KEY: fresh_guidance_embed(abstract, seed=config.seed + 1)})
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
                                     num_classes=teacher_record['num_classes'])
@@ -291,7 +253,7 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
   return TrainingJob(f'{stage} {teacher_steps}->{student_steps} steps', record, config[stage],
                      _halving_loss_fn(config, stage, teacher, teacher_denoise), teacher_params, seed_offset=offset,
                      frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)},
-                     step_key=(stage, json.dumps(to_json(config.to_dict()), sort_keys=True)))
+                     step_key=(stage, json.dumps(records.to_json(config.to_dict()), sort_keys=True)))
 
 
 def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:

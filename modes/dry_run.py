@@ -17,6 +17,7 @@ import data
 from distill import stages
 from models import count_params, init_params
 from modes.validation import ConfigError
+from train import records
 from train.loop import NonFiniteError, ShardedStep, config_section, out_of_memory_as_error, per_host_batch_size
 
 # The stages of the method a --mode trains (pipeline: all of them).
@@ -37,8 +38,8 @@ def stages_of(config, mode: str) -> tuple[str, ...]:
 
 def _fresh_params(config, stage: str, sampling_steps=None):
   """Randomly initialised params of a stage's model: the stand-in teacher of the next stage."""
-  record = stages.make_record(config, stage=stage, sampling_steps=sampling_steps)
-  model, _ = stages.build_from_record(record)
+  record = records.make(config, stage=stage, sampling_steps=sampling_steps)
+  model, _ = records.build(record)
   return init_params(model, rng=jax.random.key(config.seed), x_shape=tuple(record['x_shape']),
                      guidance_input=record['guidance_input'])
 

@@ -17,7 +17,7 @@ from eval.images import quantize_uint8
 from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
 from modes.sampling import LoadedCheckpoint, load_cached
-from train import checkpoint, files
+from train import files, records
 from train.checkpoint import CheckpointError
 from train.loop import make_writer
 from train.mesh import jit
@@ -64,7 +64,7 @@ def make_extractor(config):
 def extractor_id(config) -> str:
   """What the features depend on: the extractor and its weights (classifier checkpoint id, Inception file sha1)."""
   if config.eval.extractor == 'classifier':
-    return f'classifier@{checkpoint.checkpoint_id(classifier_dir(config))}'
+    return f'classifier@{records.checkpoint_id(classifier_dir(config))}'
   if config.eval.extractor == 'inception':
     digest = hashlib.sha1()
     with open(config.eval.inception_path, 'rb') as f:
@@ -230,7 +230,7 @@ def run_fid(config) -> str:
   cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)
            if method.guidance_w is None or method.guidance_w == w]  # a fixed-w student: its own w only
   for i, (method, w, seed) in enumerate(cells):
-    ckpt_id = ids.setdefault(method.ckpt_dir, checkpoint.checkpoint_id(method.ckpt_dir))
+    ckpt_id = ids.setdefault(method.ckpt_dir, records.checkpoint_id(method.ckpt_dir))
     cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
                 seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '',
                 **dict(keys, **({} if method.clip_x is None else {'clip_x': method.clip_x})))

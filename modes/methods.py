@@ -6,7 +6,7 @@ from typing import Optional
 import ml_collections
 
 from distill import stages
-from train import checkpoint, files
+from train import checkpoint, files, records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ def fixed_w_of(point_dir: str) -> Optional[float]:
   stage1_dir = stages.stage_dir(point_dir, 'stage1')
   if not files.is_dir(stage1_dir):
     return None
-  distill = checkpoint.read_record(stage1_dir)['config']['distill']
+  distill = records.read(stage1_dir)['config']['distill']
   return float(distill['w_min']) if distill['w_min'] == distill['w_max'] else None
 
 
@@ -85,7 +85,7 @@ def fixed_w_students(fixed_w_dir: str, student_steps=None) -> list[Method]:
     w = fixed_w_of(point_dir)
     if w is None:
       continue
-    record_config = ml_collections.ConfigDict(checkpoint.read_record(stages.stage_dir(point_dir, 'stage1'))['config'])
+    record_config = ml_collections.ConfigDict(records.read(stages.stage_dir(point_dir, 'stage1'))['config'])
     methods += _student_methods('student fixed-w', record_config, point_dir, student_steps, guidance_w=w)
   return methods
 

@@ -12,7 +12,7 @@ from eval.images import image_grid, save_png, save_samples_png, with_row_labels
 from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
 from modes.stage_quality import StageQuality
-from train import checkpoint, files
+from train import checkpoint, files, records
 from train.loop import config_section, make_writer
 from train.mesh import host_description
 
@@ -31,7 +31,7 @@ def _grid_samples(config, results_dir: str, loaded: dict, method, w: float, *, z
   A rerun reads them back (without loading the checkpoint) when the checkpoint (by id), sampler, steps, w, noise
   and clip_x are unchanged, as --mode=fid reuses its cells; anything else samples them again.
   """
-  key = ' | '.join([method.label, checkpoint.checkpoint_id(method.ckpt_dir), f'w={w:g}', f'n={len(label)}',
+  key = ' | '.join([method.label, records.checkpoint_id(method.ckpt_dir), f'w={w:g}', f'n={len(label)}',
                     f'seed={config.pipeline.seed}', f'clip_x={config.eval.clip_x}'])
   path = files.join(results_dir, 'grid_samples', f'{method.file_stem}_w{w:g}.npz')
   if files.exists(path):
@@ -55,7 +55,7 @@ def _sample_all(config, results_dir: str, writer) -> list[dict]:
   entries, overview = [], {}
   loaded = {}
   for method in list_methods(config, teacher_steps=config.pipeline.teacher_steps):
-    z_init, label, num_rows = fixed_inputs(checkpoint.read_record(method.ckpt_dir), per_class=config.pipeline.per_class,
+    z_init, label, num_rows = fixed_inputs(records.read(method.ckpt_dir), per_class=config.pipeline.per_class,
                                            seed=config.pipeline.seed)
     for w in config.pipeline.guidance_ws:
       start = time.time()

@@ -10,12 +10,12 @@ from absl import logging
 from diffusion import get_logsnr_schedule
 import ml_collections
 
-from distill.stages import build_from_record, halving_rounds, stage_dir
+from distill.stages import halving_rounds, stage_dir
 from eval.images import save_samples_png
 from models.denoiser import clip_x as clip_denoised_x
 from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
-from train import checkpoint, files
+from train import checkpoint, files, records
 from train.loop import make_writer
 from train.mesh import shard_rows
 
@@ -91,9 +91,9 @@ class LoadedCheckpoint:
 
   def __init__(self, ckpt_dir: str):
     self.ckpt_dir = ckpt_dir
-    self.record = checkpoint.read_record(ckpt_dir)
-    model, abstract = build_from_record(self.record)
-    self.params = checkpoint.load_params(ckpt_dir, abstract, self.record)
+    self.record = records.read(ckpt_dir)
+    model, abstract = records.build(self.record)
+    self.params = checkpoint.load_params(ckpt_dir, abstract, check_record=records.checker(self.record, ckpt_dir))
     d = self.record['diffusion']
     self.logsnr_fn = get_logsnr_schedule(d['schedule'], logsnr_min=d['logsnr_min'], logsnr_max=d['logsnr_max'])
     kind = 'guided' if not self.record['guidance_input'] else 'w_input'  # teacher, direct baseline: CFG

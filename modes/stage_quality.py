@@ -24,7 +24,7 @@ from modes import fid
 from modes.methods import Method
 from modes.sampling import load_cached
 from train import files
-from train.checkpoint import checkpoint_id
+from train.records import checkpoint_id
 
 RESULTS_NAME = 'stage_quality.json'
 

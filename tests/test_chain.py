@@ -11,6 +11,7 @@ import pytest
 
 from conftest import Killed, kill_after, tiny_config
 from distill import stages
+from train import records
 from train import checkpoint, lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,14 +28,14 @@ def test_an_incomplete_teacher_is_refused_unless_allowed(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'stage1'), 'nothing may be written before the refusal'
   config.distill.allow_incomplete_teacher = True
   stages.train_stage1(config)
-  assert checkpoint.read_record(str(tmp_path / 'stage1'))['teacher']['step'] == 10
+  assert records.read(str(tmp_path / 'stage1'))['teacher']['step'] == 10
 
 
 def test_a_student_of_a_changed_teacher_is_refused_then_redistilled_on_request(tmp_path):
   config = tiny_config(tmp_path, train=10, stage1=10)
   stages.train_teacher(config)
   stages.train_stage1(config)
-  first = checkpoint.read_record(str(tmp_path / 'stage1'))['teacher']
+  first = records.read(str(tmp_path / 'stage1'))['teacher']
   assert first['dir'] == 'teacher' and first['step'] == 10 and len(first['params_sha1']) == 40
   stages.train_stage1(config)  # same teacher: the finished student is kept
   config.train.num_steps = 20
@@ -43,8 +44,8 @@ def test_a_student_of_a_changed_teacher_is_refused_then_redistilled_on_request(t
     stages.train_stage1(config)
   config.distill.redistill = True
   stages.train_stage1(config)
-  assert checkpoint.read_record(str(tmp_path / 'stage1'))['teacher']['step'] == 20
-  assert checkpoint.read_record(str(tmp_path / 'stage1.stale'))['teacher'] == first, 'the old student is kept'
+  assert records.read(str(tmp_path / 'stage1'))['teacher']['step'] == 20
+  assert records.read(str(tmp_path / 'stage1.stale'))['teacher'] == first, 'the old student is kept'
 
 
 def test_the_same_teacher_gives_the_same_digest_and_any_change_another(tmp_path):
@@ -106,7 +107,7 @@ def test_a_workdir_the_lock_created_and_nothing_filled_is_removed(tmp_path):
 
 def test_a_model_field_added_after_a_checkpoint_or_another_compute_dtype_keeps_it_usable():
   saved = {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24}}
-  checkpoint.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24, 'num_heads': 1,
+  records.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24, 'num_heads': 1,
                                                                     'dtype': 'bfloat16'}}, 'teacher')
   with pytest.raises(checkpoint.CheckpointError, match="was made with model="):
-    checkpoint.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 32}}, 'teacher')
+    records.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 32}}, 'teacher')

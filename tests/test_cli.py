@@ -8,6 +8,7 @@ import pytest
 
 from conftest import tiny_config
 from distill import stages
+from train import records
 from modes import MODES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +83,7 @@ def test_every_mode_refuses_an_invalid_config_before_writing(tmp_path, mode):
 def test_step_count_refusal_names_a_checkpoint_that_exists(tmp_path):
   from modes.sampling import SamplingError, check_steps  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path)  # stage-2 students at 2 and 1 steps; encoders at 2 and 1
-  record = stages.make_record(config, stage='stage2', sampling_steps=2)
+  record = records.make(config, stage='stage2', sampling_steps=2)
 
   def advice(sampler, steps):
     with pytest.raises(SamplingError) as err:
@@ -97,10 +98,10 @@ def test_step_count_refusal_names_a_checkpoint_that_exists(tmp_path):
     assert advice(sampler, steps) == ("this run's stage-2 students sample at ddim 2 / stochastic 4, ddim 1 / "
                                       'stochastic 2 steps; for any step count and sampler use '
                                       '--config.sample.checkpoint=.../stage1 or .../teacher'), (sampler, steps)
-  encoder = stages.make_record(config, stage='encoder', sampling_steps=2)
+  encoder = records.make(config, stage='encoder', sampling_steps=2)
   with pytest.raises(SamplingError, match=r'use the encoder in \.\.\./encoder/steps_0001'):
     check_steps(encoder, 'encode', 1, 'run/encoder/steps_0002')
-  direct = stages.make_record(config, stage='direct', sampling_steps=2)  # the direct baseline: guided DDIM only
+  direct = records.make(config, stage='direct', sampling_steps=2)  # the direct baseline: guided DDIM only
   check_steps(direct, 'ddim', 2, 'run/direct/steps_0002')
   with pytest.raises(SamplingError, match=r'supports ddim at 2 steps, not 1; pick .*=\.\.\./direct/steps_0001$'):
     check_steps(direct, 'ddim', 1, 'run/direct/steps_0002')

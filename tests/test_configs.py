@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from distill import stages
+from train import records
 from models import count_params
 from modes.validation import validate_config
 
@@ -22,7 +23,7 @@ def test_config_loads_validates_and_builds(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   validate_config(config)  # main.py validates after the command-line overrides; sweeps validate every point
   for stage in ('teacher', 'stage1'):
-    _, abstract = stages.build_from_record(stages.make_record(config, stage=stage))
+    _, abstract = records.build(records.make(config, stage=stage))
     assert count_params(abstract) > 0
   assert config.distill.stage in ('stage1', 'stage2')
   assert stages.stage2_rounds(config)[-1] == config.stage2.final_steps
@@ -32,7 +33,7 @@ def test_paper_scale_model_sizes():
   sizes = {}
   for name in ('cifar10_teacher', 'imagenet64_teacher'):
     config = importlib.import_module(f'configs.{name}').get_config()
-    _, abstract = stages.build_from_record(stages.make_record(config, stage='teacher'))
+    _, abstract = records.build(records.make(config, stage='teacher'))
     sizes[name] = count_params(abstract)
   assert 40e6 < sizes['cifar10_teacher'] < 80e6, sizes  # PD CIFAR-10 U-Net: ch 256, 3 levels, 3 blocks
   assert 150e6 < sizes['imagenet64_teacher'] < 400e6, sizes
@@ -41,13 +42,13 @@ def test_paper_scale_model_sizes():
 def test_paper_scale_students_train_without_dropout_and_cifar10_halves_from_8192():
   for name, teacher_dropout in (('cifar10_teacher', 0.2), ('imagenet64_teacher', 0.1)):
     config = importlib.import_module(f'configs.{name}').get_config()
-    assert stages.make_record(config, stage='teacher')['model']['dropout'] == teacher_dropout
+    assert records.make(config, stage='teacher')['model']['dropout'] == teacher_dropout
     for stage, steps in (('stage1', None), ('stage2', 4), ('encoder', 4)):
-      assert stages.make_record(config, stage=stage, sampling_steps=steps)['model']['dropout'] == 0.0
+      assert records.make(config, stage=stage, sampling_steps=steps)['model']['dropout'] == 0.0
   cifar10 = importlib.import_module('configs.cifar10_stage2').get_config()
   assert stages.stage2_rounds(cifar10)[0] == 4096 and len(stages.stage2_rounds(cifar10)) == 13
   digits = importlib.import_module('configs.digits_teacher').get_config()
-  assert stages.make_record(digits, stage='stage1')['model']['dropout'] == 0.0 < digits.model.dropout == 0.1
+  assert records.make(digits, stage='stage1')['model']['dropout'] == 0.0 < digits.model.dropout == 0.1
 
 
 def test_paper_scale_configs_default_to_the_reference_evaluation_protocol():

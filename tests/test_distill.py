@@ -9,6 +9,7 @@ import pytest
 from data.toy2d import TOY2D_COVS, TOY2D_MEANS
 from diffusion import ddim_step, get_logsnr_schedule
 from distill import objectives, stages
+from train import records
 from eval.toy_metrics import gaussian_mixture_log_posterior, per_class_moment_errors, sliced_wasserstein
 from models import build_model, init_params
 from models.denoiser import make_denoise_fn
@@ -37,7 +38,7 @@ def test_stage1_student_starts_as_the_teachers_conditional_model():
 
 def test_fresh_guidance_embed_is_the_full_initialisations_w_embedding():
   record = dict(model=dict(MLP), num_classes=4, guidance_input=True, x_shape=[2])
-  student, abstract = stages.build_from_record(record)
+  student, abstract = records.build(record)
   full = init_params(student, rng=jax.random.key(5), x_shape=(2,), guidance_input=True)
   embed = stages.fresh_guidance_embed(abstract, seed=5)
   jax.tree.map(np.testing.assert_array_equal, embed, full['guidance_embed'])
@@ -47,7 +48,7 @@ def test_fresh_guidance_embed_is_the_full_initialisations_w_embedding():
 
 def test_fresh_params_are_the_op_by_op_init_as_one_program():
   record = dict(model=dict(MLP), num_classes=4, guidance_input=False, x_shape=[2])
-  model, _ = stages.build_from_record(record)
+  model, _ = records.build(record)
   eager = init_params(model, rng=jax.random.key(7), x_shape=(2,), guidance_input=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),  # XLA fuses differently
                stages.fresh_params(model, record, seed=7), eager)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from distill import stages
+from train import records
 from models import build_model, count_params, init_params
 from models.embeddings import GuidanceEmbedding
 from models.ref_unet import RefUNet
@@ -111,7 +112,7 @@ REFERENCE_IMAGENET64 = dict(ch=192, emb_ch=768, ch_mult=(1, 2, 3, 4), num_res_bl
 
 def paper_scale_params(config_name):
   config = importlib.import_module(f'configs.{config_name}').get_config()
-  _, abstract = stages.build_from_record(stages.make_record(config, stage='teacher'))  # jax.eval_shape
+  _, abstract = records.build(records.make(config, stage='teacher'))  # jax.eval_shape
   return config, abstract
 
 

@@ -31,6 +31,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from conftest import tiny_config
 from distill import stages
+from train import records
 from modes import fid
 from modes.pipeline import run_pipeline
 from modes.sampling import run_sample
@@ -220,7 +221,7 @@ def test_the_pipeline_runs_with_its_workdir_on_a_remote_filesystem(remote_run):
   for stage, steps in (('teacher', None), ('stage1', None), ('stage2', 2)):
     assert checkpoint.latest_step(stages.stage_dir(workdir, stage, steps)) == 20, stage
   assert files.listdir(f'{workdir}/stage2') == ['steps_0002']  # one round
-  assert checkpoint.read_record(f'{workdir}/stage2/steps_0002')['teacher']['dir'] == 'stage1'
+  assert records.read(f'{workdir}/stage2/steps_0002')['teacher']['dir'] == 'stage1'
   results = f'{workdir}/results'
   assert '## Quality lost per stage' in files.read_text(f'{results}/summary.md')
   assert 'sampling' in files.read_json(f'{results}/timings.json')

@@ -91,14 +91,14 @@ def test_make_sampler_rejects_bad_input():
 
 def test_the_stochastic_sampler_is_refused_for_a_student_not_trained_on_the_fine_grid(tmp_path):
   from conftest import tiny_config  # pylint: disable=g-import-not-at-top
-  from distill import stages  # pylint: disable=g-import-not-at-top
+  from train import records  # pylint: disable=g-import-not-at-top
   from modes import sampling  # pylint: disable=g-import-not-at-top
   from modes.methods import list_methods  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path)
-  record = stages.make_record(config, stage='stage2', sampling_steps=2)
+  record = records.make(config, stage='stage2', sampling_steps=2)
   assert sampling.allowed_steps(record, 'stochastic') == [4]
   config.stage2.fine_grid = False
-  record = stages.make_record(config, stage='stage2', sampling_steps=2)
+  record = records.make(config, stage='stage2', sampling_steps=2)
   assert sampling.allowed_steps(record, 'stochastic') == [] and sampling.allowed_steps(record, 'ddim') == [2]
   with pytest.raises(sampling.SamplingError, match='no stochastic sampler'):
     sampling.check_steps(record, 'stochastic', 4, 'stage2/steps_0002')

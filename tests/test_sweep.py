@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from conftest import tiny_config
 from distill import stages
 from modes import sweep
-from train import checkpoint
+from train import checkpoint, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PATH = os.path.join(REPO, 'configs', 'tiny.py')
@@ -49,15 +49,16 @@ def test_sweep_runs_each_point_in_its_own_workdir(tmp_path):
   assert all(f'`{name}`' in index and workdir in index for name, workdir in zip(names, workdirs))
   # Only distillation fields differ: the second point gets a copy of the first point's teacher, not a new one.
   assert f'| teacher (`{names[0]}`) |' in index
-  teachers = [checkpoint.params_digest(checkpoint.load_params(stages.stage_dir(w, 'teacher'), abstract, record))
+  teachers = [checkpoint.params_digest(checkpoint.load_params(
+      stages.stage_dir(w, 'teacher'), abstract, check_record=records.checker(record, stages.stage_dir(w, 'teacher'))))
               for w in workdirs for abstract, record in [_teacher_shapes(config, w)]]
   assert teachers[0] == teachers[1]
   assert not os.path.isdir(os.path.join(workdirs[1], 'logs', 'teacher')), 'the second point trained a teacher'
 
 
 def _teacher_shapes(config, workdir):
-  record = stages.make_record(config, stage='teacher')
-  return stages.build_from_record(record)[1], record
+  record = records.make(config, stage='teacher')
+  return records.build(record)[1], record
 
 
 def test_stage_inputs_share_the_teacher_for_distillation_fields_and_stage_1_for_stage_2_fields(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Killed, kill_after, tiny_config
 from distill import stages
-from train import checkpoint
+from train import checkpoint, records
 from train.state import create_train_state, make_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_stage2_killed_in_round_two_keeps_round_one_and_matches(tmp_path, monkey
   assert before == {p: os.path.getmtime(p) for p in round_one.rglob('*')}, 'finished round was retrained'
   for steps in (2, 1):
     _assert_same(_params(full, 'stage2', steps), _params(killed, 'stage2', steps))
-  record = checkpoint.read_record(str(tmp_path / 'killed' / 'stage2' / 'steps_0001'))
+  record = records.read(str(tmp_path / 'killed' / 'stage2' / 'steps_0001'))
   assert (record['stage'], record['sampling_steps']) == ('stage2', 1)
 
 

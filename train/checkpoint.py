@@ -1,9 +1,10 @@
-"""Orbax checkpoints: one manager per stage or round, a JSON record of what made them, clear refusals."""
+"""Orbax checkpoints: one manager per stage or round, saved with a JSON record of what made them (train/records.py
+owns what a record holds and when one fits), damaged steps set aside, clear refusals."""
 
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -13,11 +14,6 @@ from etils import epath
 
 from train import files
 from train.mesh import data_mesh
-
-# Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
-IDENTITY_KEYS = ('stage', 'sampling_steps', 'model', 'guidance_input', 'x_shape', 'num_classes',
-                 'parametrization')
-
 
 # TensorStore's status codes for bytes that are missing, cut short or wrong (`ValueError: DATA_LOSS: Error reading
 # ...`); UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, PERMISSION_DENIED ... say nothing about the bytes.
@@ -61,39 +57,14 @@ def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
                                              record=ocp.args.JsonSave(record)), force=True)
 
 
-def read_record(ckpt_dir: str, step: Optional[int] = None) -> dict:
-  """The JSON record saved with a checkpoint (stage, model config, sampling steps, full config)."""
-  with open_manager(ckpt_dir, create=False) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
-    return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+def saved_record(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON record saved with step (train/records.py says what it holds)."""
+  return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
 
 
-def _identity(key: str, value, other):
-  """A record field as compared with the other record's: for the model, the fields both records have, except
-  the compute dtype (it does not change the parameters); a field added to the config after a checkpoint was
-  written is left out, so a new field's default never orphans an existing run."""
-  if key == 'model' and isinstance(value, dict) and isinstance(other, dict):
-    return {k: v for k, v in value.items() if k != 'dtype' and k in other}
-  return value
-
-
-def check_compatible(saved: dict, expected: dict, ckpt_dir: str) -> None:
-  """Raises CheckpointError naming the first identity field where saved and expected records differ."""
-  for key in IDENTITY_KEYS:
-    if key not in expected:
-      continue
-    if _identity(key, saved.get(key), expected[key]) != _identity(key, expected[key], saved.get(key)):
-      raise CheckpointError(
-          f'checkpoint {ckpt_dir} was made with {key}={saved.get(key)!r} but the config gives '
-          f'{expected[key]!r}: use another --config.workdir or the config that made it')
-
-
-def _restore_step(manager, step: int, abstract, expected_record: dict, ckpt_dir: str):
+def _restore_step(manager, step: int, abstract, check_record: Callable[[dict], None], ckpt_dir: str):
   """Restores one step; CheckpointError for a checkpoint of another model, other errors for damage."""
-  saved = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
-  check_compatible(saved, expected_record, ckpt_dir)
+  check_record(saved_record(manager, step))
   stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
   if shapes(stored) != shapes(abstract):
@@ -102,8 +73,11 @@ def _restore_step(manager, step: int, abstract, expected_record: dict, ckpt_dir:
   return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
 
 
-def restore_state(manager: ocp.CheckpointManager, target_state, expected_record: dict, ckpt_dir: str):
+def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *,
+                  check_record: Callable[[dict], None]):
   """Restores the newest readable state into target_state's structure and shardings.
+
+  check_record(saved record) raises CheckpointError for a checkpoint of another model (`records.checker`).
 
   A damaged checkpoint (`is_damage`: missing, truncated or corrupted files) is moved aside to `corrupted.STEP`
   (kept as evidence, never deleted) and the previous one is used, with a warning; if none is readable the run
@@ -113,7 +87,7 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return _restore_step(manager, step, abstract, expected_record, ckpt_dir)
+      return _restore_step(manager, step, abstract, check_record, ckpt_dir)
     except CheckpointError:
       raise
     except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage)
@@ -127,12 +101,6 @@ def restore_state(manager: ocp.CheckpointManager, target_state, expected_record:
                         'restore them from a backup, or use another --config.workdir to start over')
 
 
-def checkpoint_id(ckpt_dir: str) -> str:
-  """'<latest step>-<hash of its record>': another training in the same directory gets another id."""
-  record = json.dumps(read_record(ckpt_dir), sort_keys=True)
-  return f'{latest_step(ckpt_dir)}-{hashlib.sha1(record.encode()).hexdigest()[:12]}'
-
-
 def params_digest(params) -> str:
   """sha1 of a params tree's bytes, leaf by leaf in tree order: the identity of a teacher a student was made from.
 
@@ -144,45 +112,6 @@ def params_digest(params) -> str:
     digest.update(f'{data.dtype}{data.shape}'.encode())
     digest.update(np.ascontiguousarray(data).tobytes())
   return digest.hexdigest()
-
-
-def check_complete(ckpt_dir: str, *, allow_incomplete: bool = False) -> int:
-  """The latest step of ckpt_dir; CheckpointError if its training stopped before the final step of its record.
-
-  run_training writes the section's num_steps into every checkpoint's record as train_steps: a stage is
-  complete when its latest checkpoint has reached it. allow_incomplete turns the refusal into a warning.
-  """
-  step, record = latest_step(ckpt_dir), read_record(ckpt_dir)
-  train_steps = record.get('train_steps')
-  if train_steps is not None and step < train_steps:
-    message = (f'{ckpt_dir} is incomplete (step {step} of {train_steps}): finish it first (rerun its mode with '
-               'the same config), or pass --config.distill.allow_incomplete_teacher=True to use it as it is')
-    if not allow_incomplete:
-      raise CheckpointError(message)
-    logging.warning('using an incomplete teacher: %s', message)
-  return step
-
-
-def is_stale(ckpt_dir: str, expected_record: dict) -> bool:
-  """True when ckpt_dir holds a student distilled from another teacher than expected_record names.
-
-  Records name their teacher as {'dir', 'step', 'params_sha1'}; a record without one (a dry run, or a
-  checkpoint written before records named teachers) is never stale.
-  """
-  if expected_record.get('teacher') is None or latest_step(ckpt_dir) is None:
-    return False
-  saved = read_record(ckpt_dir).get('teacher')
-  return saved is not None and saved != expected_record['teacher']
-
-
-def check_same_teacher(ckpt_dir: str, expected_record: dict) -> None:
-  """CheckpointError when ckpt_dir's student was distilled from another teacher than expected_record's."""
-  if is_stale(ckpt_dir, expected_record):
-    saved, expected = read_record(ckpt_dir)['teacher'], expected_record['teacher']
-    raise CheckpointError(
-        f'{ckpt_dir} was distilled from another teacher ({saved["dir"]} step {saved["step"]}, params '
-        f'{saved["params_sha1"][:12]}) than the one there now (step {expected["step"]}, params '
-        f'{expected["params_sha1"][:12]}): pass --config.distill.redistill=True to set it aside and distill again')
 
 
 def _unused_name(path: str) -> str:
@@ -224,8 +153,11 @@ def check_not_all_set_aside(ckpt_dir: str) -> None:
                             'restore one from a backup, or move them out of the directory to train from scratch')
 
 
-def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: str = 'ema_params') -> Any:
+def load_params(ckpt_dir: str, target_params, *, check_record: Callable[[dict], None],
+                which: str = 'ema_params') -> Any:
   """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher.
+
+  check_record(saved record) raises CheckpointError for a checkpoint of another model (`records.checker`).
 
   The params come back replicated over this run's devices, whatever number of processes saved them. A damaged
   latest step is one CheckpointError (nothing is moved: the mode that trains it sets it aside on its rerun).
@@ -233,8 +165,8 @@ def load_params(ckpt_dir: str, target_params, expected_record: dict, *, which: s
   if latest_step(ckpt_dir) is None:
     raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
   with open_manager(ckpt_dir, create=False) as manager:
-    check_compatible(read_record(ckpt_dir), expected_record, ckpt_dir)
     step = manager.latest_step()
+    check_record(saved_record(manager, step))
     try:
       stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
     except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage in _unreadable)

@@ -12,7 +12,7 @@ import jax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from train import checkpoint
+from train import checkpoint, records
 from train import profile as profile_lib
 from train.mesh import data_mesh, jit
 from train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, make_train_step
@@ -226,7 +226,7 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   record = dict(record, train_steps=section.num_steps)
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
     if manager.latest_step() is not None:
-      state = checkpoint.restore_state(manager, state, record, ckpt_dir)
+      state = checkpoint.restore_state(manager, state, ckpt_dir, check_record=records.checker(record, ckpt_dir))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
     if int(jax.device_get(state.step)) >= section.num_steps:
       logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step), ckpt_dir)
