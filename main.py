@@ -95,7 +95,7 @@ def run():
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
-  from train.loop import NonFiniteError, OutOfMemoryError, Preempted  # pylint: disable=g-import-not-at-top
+  from train.loop import NonFiniteError, OutOfMemoryError, PeerLostError, Preempted  # pylint: disable=g-import-not-at-top
   app.define_help_flags()
   try:
     argv = flags.FLAGS(sys.argv)  # parsed here, once, so a bad --config.* override gets one line, no traceback
@@ -120,6 +120,10 @@ def run():
           WorkdirLocked) as err:
     print(f'error: {err}', file=sys.stderr)
     sys.exit(1)
+  except PeerLostError as err:
+    print(f'error: {err}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access  (jax.distributed's exit handler would wait for the lost peer)
   except Preempted as err:
     print(f'preempted: {err}', file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)

@@ -101,8 +101,16 @@ def write_table(rows: list[dict], path: str, *, title: str) -> None:
 MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', '<', '>', 'h', 'p', '8')  # with tab20: no two curves alike
 
 
-def write_plots(rows: list[dict], out_dir: str) -> None:
-  """fid_vs_steps.png (one panel per w) and fid_vs_is.png (each method's curve over w)."""
+def is_axis(is_values, is_max=None) -> tuple[list, str, str]:
+  """(x values, label, scale) of fid_vs_is.png: IS itself, or, where a classifier with is_max classes bounds it
+  (the digits: 10), the gap is_max - IS on a log scale, which keeps apart the IS values that all print as 9.9x."""
+  if not is_max:
+    return list(is_values), 'IS', 'linear'
+  return [max(is_max - v, 1e-4) for v in is_values], f'{is_max:g} - IS (log scale; IS grows to the right)', 'log'
+
+
+def write_plots(rows: list[dict], out_dir: str, *, is_max=None) -> None:
+  """fid_vs_steps.png (one panel per w) and fid_vs_is.png (each method's curve over w; see is_axis)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -128,11 +136,14 @@ def write_plots(rows: list[dict], out_dir: str) -> None:
   for (w, name, steps), (fid, _, is_mean) in means.items():
     curves[f'{name} {steps}'].append((w, is_mean, fid))
   colours = plt.get_cmap('tab20').colors
+  _, xlabel, xscale = is_axis([], is_max)
   for i, (name, points) in enumerate(sorted(curves.items())):
     points.sort()
-    ax.plot([p[1] for p in points], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)],
-            color=colours[i % len(colours)], label=name)
-  ax.set(xlabel='IS', ylabel='FID', yscale='log', title='FID vs IS over w (points: increasing w)')
+    ax.plot(is_axis([p[1] for p in points], is_max)[0], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)], color=colours[i % len(colours)],
+            label=name)
+  ax.set(xlabel=xlabel, xscale=xscale, ylabel='FID', yscale='log', title='FID vs IS over w (points: increasing w)')
+  if is_max:
+    ax.invert_xaxis()
   ax.legend(fontsize=6)
   fig.tight_layout()
   _save_figure(fig, files.join(out_dir, 'fid_vs_is.png'))

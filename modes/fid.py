@@ -252,6 +252,7 @@ def run_fid(config) -> str:
   if jax.process_index() == 0:
     write_table(rows, files.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
                 f'{config.eval.num_samples} samples per cell, {config.eval.num_seeds} noise seed(s)')
-    write_plots(rows, out_dir)
+    is_max = None if extractor_name == 'inception' else data.dataset_info(config.data.name).num_classes
+    write_plots(rows, out_dir, is_max=is_max)  # a classifier's IS is at most its class count
   logging.info('[fid] results in %s', out_dir)
   return out_dir

@@ -42,7 +42,7 @@ def test_fid_mode_scores_every_method_and_reuses_cells(toy_run, monkeypatch):
   monkeypatch.setattr(fid, 'evaluate_cell', must_not_run)
   fid.run_fid(toy_run)
   assert len(_rows(os.path.join(out_dir, 'results.csv'))) == len(rows)
-  monkeypatch.setattr(fid.checkpoint, 'checkpoint_id', lambda ckpt_dir: 'retrained')
+  monkeypatch.setattr(fid.records, 'checkpoint_id', lambda ckpt_dir: 'retrained')
   with pytest.raises(AssertionError, match='evaluated again'):
     fid.run_fid(toy_run)  # another training in the same directory: its cells are not served from the cache
 
@@ -106,7 +106,7 @@ def _stub_scoring(monkeypatch) -> list:
                 fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
 
   monkeypatch.setattr(fid, 'existing', lambda methods: methods)
-  monkeypatch.setattr(fid.checkpoint, 'checkpoint_id', lambda ckpt_dir: 'fixed')
+  monkeypatch.setattr(fid.records, 'checkpoint_id', lambda ckpt_dir: 'fixed')
   monkeypatch.setattr(fid, 'load_cached', lambda cache, ckpt_dir: None)
   monkeypatch.setattr(fid, 'reference_stats', lambda *args: (np.zeros(2), np.eye(2)))
   monkeypatch.setattr(fid, 'evaluate_cell', evaluate_cell)
@@ -250,3 +250,10 @@ def test_clipped_teacher_rows_share_the_table_with_unclipped_ones(toy_run, tmp_p
   assert set(by_method) == {'teacher CFG', 'teacher CFG clipped'}
   assert by_method['teacher CFG']['clip_x'] == 'False' and by_method['teacher CFG clipped']['clip_x'] == 'True'
   assert by_method['teacher CFG']['fid'] != by_method['teacher CFG clipped']['fid']  # toy points reach past +-1
+
+
+def test_is_axis_shows_a_classifier_bounded_is_as_its_gap_to_the_class_count_on_a_log_scale():
+  assert fid_report.is_axis([9.38, 9.97], None) == ([9.38, 9.97], 'IS', 'linear')  # Inception: IS itself
+  x, label, scale = fid_report.is_axis([9.38, 9.97, 10.0], 10)
+  np.testing.assert_allclose(x, [0.62, 0.03, 1e-4], rtol=1e-6)  # 9.97 and 9.99 no longer overlap
+  assert scale == 'log' and label.startswith('10 - IS')

@@ -143,6 +143,35 @@ def out_of_memory_as_error(where: str, *, section: str, batch_size: int, dry_run
                                                  memory_gib=memory_gib(), dry_run=dry_run)) from err
 
 
+class PeerLostError(RuntimeError):
+  """Another process of a multi-process run stopped; the message says to restart them all."""
+
+
+# What a collective or JAX's coordination service raises in the survivors when a process of the run is gone.
+PEER_LOST_MARKERS = ('connection closed by peer', 'connection reset by peer', 'heartbeat', 'task has failed',
+                     'has been disconnected')
+
+
+def is_peer_lost(err: BaseException) -> bool:
+  """Whether err (in a multi-process run) says that another process of the run has gone."""
+  text = str(err).lower()
+  return jax.process_count() > 1 and isinstance(err, RuntimeError) and any(m in text for m in PEER_LOST_MARKERS)
+
+
+@contextlib.contextmanager
+def peer_loss_as_error(title: str, ckpt_dir: str, manager):
+  """Turns a lost peer process inside into a PeerLostError of one line naming the step to resume from."""
+  try:
+    yield
+  except RuntimeError as err:
+    if not is_peer_lost(err):
+      raise
+    first_line = str(err).strip().splitlines()[0][:160]
+    raise PeerLostError(f'[{title}] another process of this run stopped ({first_line}): restart every process '
+                        f'with the same command; training resumes from step {manager.latest_step()} in '
+                        f'{ckpt_dir}') from err
+
+
 class ShardedStep:
   """The jitted, data-parallel train step of one section: state replicated, batch split along 'data'."""
 
@@ -241,8 +270,10 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile),
                        profile_lib.peak_flops(dtype=dtype), tracer)
     try:
-      with watch_preemption(manager) as preempted, out_of_memory_as_error(
-          f'[{title}] train step', section=config_section(record['stage']), batch_size=section.batch_size):
+      lost_peer = peer_loss_as_error(title, ckpt_dir, manager)
+      out_of_memory = out_of_memory_as_error(f'[{title}] train step', section=config_section(record['stage']),
+                                             batch_size=section.batch_size)
+      with watch_preemption(manager) as preempted, lost_peer, out_of_memory:
         return _train_steps(title, sharded, state, section, manager, record, make_batches, frozen, writer,
                             preempted, monitor)
     finally:
