@@ -206,6 +206,48 @@ def test_loading_a_teacher_that_cannot_be_read_now_moves_nothing(tmp_path, monke
   assert sorted(os.listdir(tmp_path / 'teacher')) == ['10', 'config.json']
 
 
+def test_adam_after_skipped_non_finite_steps_continues_as_if_they_never_happened():
+  def loss_fn(params, batch, rng, frozen):
+    del rng, frozen
+    return jnp.sum(jnp.square(params['w'] - batch['x'])) / batch['scale'], {}
+
+  tx = optax.adam(0.1)
+  step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.0, lr_schedule=optax.constant_schedule(0.1)))
+  good = [{'x': jnp.array([1.0, -2.0, 3.0]), 'scale': jnp.array(1.0)},
+          {'x': jnp.array([0.5, 0.5, -1.0]), 'scale': jnp.array(1.0)}]
+  bad = {'x': jnp.array([jnp.nan, 0.0, 0.0]), 'scale': jnp.array(1.0)}  # a NaN gradient, then an inf loss
+  clean = skipped = create_train_state({'w': jnp.zeros(3)}, tx, seed=0)
+  for batch in good:
+    clean, _ = step(clean, batch, None)
+  for batch in (good[0], bad, dict(good[0], scale=jnp.array(0.0)), good[1]):
+    skipped, _ = step(skipped, batch, None)
+  assert int(skipped.num_skipped) == 2 and int(skipped.consecutive_skipped) == 0
+  for a, b in zip(jax.tree.leaves((clean.params, clean.opt_state)), jax.tree.leaves((skipped.params, skipped.opt_state)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)  # moments and Adam's step count untouched by the skipped updates
+
+
+def _saved_teacher_dir(tmp_path):
+  config = tiny_config(tmp_path, train=10)
+  stages.train_teacher(config)
+  return str(tmp_path / 'teacher')
+
+
+def test_restoring_into_parameters_of_other_shapes_is_refused_and_moves_nothing(tmp_path):
+  ckpt_dir = _saved_teacher_dir(tmp_path)
+  state = create_train_state({'w': jnp.zeros(3)}, optax.adam(0.1), seed=0)  # the record passes, the shapes do not
+  with checkpoint.open_manager(ckpt_dir, create=False) as manager:
+    with pytest.raises(checkpoint.CheckpointError, match='does not fit the current model'):
+      checkpoint.restore_state(manager, state, ckpt_dir, check_record=lambda saved: None)
+  assert sorted(os.listdir(ckpt_dir)) == ['10', 'config.json']
+
+
+def test_loading_parameters_of_another_architecture_is_refused(tmp_path):
+  ckpt_dir = _saved_teacher_dir(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match='holds parameters of another architecture'):
+    checkpoint.load_params(ckpt_dir, {'w': jax.ShapeDtypeStruct((3,), jnp.float32)}, check_record=lambda saved: None)
+
+
 def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   from train.loop import NonFiniteError, run_training  # pylint: disable=g-import-not-at-top
   section = tiny_config(tmp_path).train

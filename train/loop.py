@@ -249,19 +249,25 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   optional) turns on a trace of some steps into logdir and the FLOP count behind the logged
   model_flops_per_sec and mfu.
   """
+  # Resuming, in this order:
+  # 1. refuse a directory whose checkpoints were all set aside as damaged (never restart from step 0 silently);
   checkpoint.check_not_all_set_aside(ckpt_dir)
   sharded = _sharded_step(loss_fn, section, step_key)
   state = sharded.init_state(params, seed=seed)
-  record = dict(record, train_steps=section.num_steps)
+  record = dict(record, train_steps=section.num_steps)  # the step at which this stage is complete
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
+    # 2. restore the newest readable step: its record must fit this run's, damaged steps are set aside;
     if manager.latest_step() is not None:
       state = checkpoint.restore_state(manager, state, ckpt_dir, check_record=records.checker(record, ckpt_dir))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
+    # 3. a stage already at its final step is done;
     if int(jax.device_get(state.step)) >= section.num_steps:
       logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step), ckpt_dir)
       return state, {}
+    # 4. logs append (a line cut by a kill is dropped; the config as hparams on a fresh start only), and the data
+    #    replay from the restored step (make_batches(start) in _train_steps); 5. train, saving as it goes.
     starting = int(jax.device_get(state.step)) == 0
-    writer = make_writer(logdir, config=record.get('config') if starting else None)  # hparams once, at the start
+    writer = make_writer(logdir, config=record.get('config') if starting else None)
     frozen = sharded.put_frozen(frozen)
     tracer = profile_lib.StepTracer(logdir if profile is not None else None,
                                     start_step=profile.start_step if profile else 0,
