@@ -12,6 +12,7 @@ from configs import tiny  # pylint: disable=wrong-import-position
 
 PAPER_SCALE_SKIP = 'paper-scale step on the CPU: run with --paper-scale'  # the one expected skip reason
 _UNEXPECTED_SKIPS = []  # 'nodeid: reason' of every other skip in this session
+_FAULT_INJECTION = []  # the fault-injection test's seed and kill points (record_property), for the summary
 
 
 def pytest_addoption(parser):
@@ -39,7 +40,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-  """Collects skips other than the paper-scale opt-in (under pytest-xdist the controller sees every report)."""
+  """Collects skips other than the paper-scale opt-in and the fault-injection plan (under pytest-xdist the
+  controller sees every report and its recorded properties, though not the workers' prints)."""
+  if report.when == 'call':
+    _FAULT_INJECTION.extend(f'{name}: {value}' for name, value in report.user_properties
+                            if name.startswith('fault_injection'))
   if report.skipped and not hasattr(report, 'wasxfail'):
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     if PAPER_SCALE_SKIP not in reason:
@@ -48,6 +53,10 @@ def pytest_runtest_logreport(report):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
   del exitstatus
+  if _FAULT_INJECTION:
+    terminalreporter.write_line('fault injection (replay with FAULT_INJECTION_SEED=<seed>):')
+    for line in _FAULT_INJECTION:
+      terminalreporter.write_line(f'  {line}')
   if _UNEXPECTED_SKIPS:
     failing = config.getoption('--fail-on-unexpected-skip')
     terminalreporter.write_line(f'{len(_UNEXPECTED_SKIPS)} unexpected skip(s)'

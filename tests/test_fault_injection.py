@@ -165,6 +165,8 @@ def test_killed_at_random_points_the_reruns_end_with_the_uninterrupted_results(t
     last = [line.split('] ', 1)[-1] for line in log.splitlines() if re.search(r'\] \[', line)][-1]
     with capsys.disabled():
       print(f'\nkill {i + 1}: --mode={mode} {delay:.2f} s after {pattern.pattern!r}; last line: {last[:100]}')
+    record_property(f'fault_injection_kill_{i + 1}', f'--mode={mode} {delay:.2f} s after {pattern.pattern!r}; '
+                                                     f'last line: {last[:80]}')
     assert phase.search(last), f'seed {seed}: kill {i + 1} did not land in its phase {phase.pattern!r}: {last}'
     if mode == 'pipeline' and i + 1 < len(plan) and plan[i + 1][0] != 'pipeline':
       killed.run('pipeline')  # the pipeline completes before FID starts

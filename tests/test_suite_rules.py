@@ -42,3 +42,16 @@ def test_environment():
   strict = _pytest(tmp_path, body, '--fail-on-unexpected-skip')
   assert strict.returncode == 1, strict.stdout
   assert '(--fail-on-unexpected-skip: the run fails)' in strict.stdout
+
+
+def test_the_fault_injection_plan_is_printed_in_the_summary_also_under_xdist(tmp_path):
+  body = '''
+def test_faults(record_property):
+  record_property('fault_injection_seed', 1234)
+  record_property('fault_injection_kill_1', 'after step 400')
+'''
+  for args in ((), ('-n', '2')):
+    result = _pytest(tmp_path, body, *args)
+    assert result.returncode == 0, result.stdout
+    assert 'fault injection (replay with FAULT_INJECTION_SEED=<seed>):' in result.stdout, result.stdout
+    assert 'fault_injection_seed: 1234' in result.stdout and 'fault_injection_kill_1: after step 400' in result.stdout
