@@ -95,7 +95,8 @@ def run():
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
-  from train.loop import NonFiniteError, OutOfMemoryError, PeerLostError, Preempted  # pylint: disable=g-import-not-at-top
+  from train.loop import (  # pylint: disable=g-import-not-at-top
+      NonFiniteError, OutOfMemoryError, PeerLostError, Preempted)
   app.define_help_flags()
   try:
     argv = flags.FLAGS(sys.argv)  # parsed here, once, so a bad --config.* override gets one line, no traceback

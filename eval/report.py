@@ -139,8 +139,8 @@ def write_plots(rows: list[dict], out_dir: str, *, is_max=None) -> None:
   _, xlabel, xscale = is_axis([], is_max)
   for i, (name, points) in enumerate(sorted(curves.items())):
     points.sort()
-    ax.plot(is_axis([p[1] for p in points], is_max)[0], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)], color=colours[i % len(colours)],
-            label=name)
+    ax.plot(is_axis([p[1] for p in points], is_max)[0], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)],
+            color=colours[i % len(colours)], label=name)
   ax.set(xlabel=xlabel, xscale=xscale, ylabel='FID', yscale='log', title='FID vs IS over w (points: increasing w)')
   if is_max:
     ax.invert_xaxis()

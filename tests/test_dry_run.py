@@ -118,6 +118,6 @@ def test_paper_scale_config_passes_its_dry_run(name, mode, title, params, tmp_pa
                         env=dict(os.environ, JAX_PLATFORMS='cpu'))
   output = proc.stdout + proc.stderr
   assert proc.returncode == 0, output[-3000:]
-  assert f'[dry run] {title}: {params:,} params, ' in output and f'every stage of --mode={mode} builds, shards and steps' in output, \
-      output[-3000:]
+  assert f'[dry run] {title}: {params:,} params, ' in output, output[-3000:]
+  assert f'every stage of --mode={mode} builds, shards and steps' in output, output[-3000:]
   assert not workdir.exists()

@@ -25,7 +25,8 @@ TIMEOUT_S = 240
 # and at least 100 steps after its first checkpoint (step 300), so the rerun resumes instead of starting over.
 CHECKPOINT_EVERY = 300
 PHASE_STEPS = {'teacher': 1000, 'stage1': 1000, 'stage2': 900}
-OVERRIDES = (*(f'--config.{"train" if phase == "teacher" else phase}.{key}={value}' for phase, steps in PHASE_STEPS.items()
+SECTIONS = {'teacher': 'train', 'stage1': 'stage1', 'stage2': 'stage2'}  # each phase's config section
+OVERRIDES = (*(f'--config.{SECTIONS[phase]}.{key}={value}' for phase, steps in PHASE_STEPS.items()
                for key, value in (('num_steps', steps), ('checkpoint_every', CHECKPOINT_EVERY), ('log_every', 100))),
              '--config.pipeline.quality_samples=0',  # the reference-statistics kill needs them uncached ...
              '--config.eval.reference_examples=8192')  # ... and a computation long enough to land in (~0.2 s)

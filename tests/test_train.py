@@ -222,8 +222,8 @@ def test_adam_after_skipped_non_finite_steps_continues_as_if_they_never_happened
   for batch in (good[0], bad, dict(good[0], scale=jnp.array(0.0)), good[1]):
     skipped, _ = step(skipped, batch, None)
   assert int(skipped.num_skipped) == 2 and int(skipped.consecutive_skipped) == 0
-  for a, b in zip(jax.tree.leaves((clean.params, clean.opt_state)), jax.tree.leaves((skipped.params, skipped.opt_state)),
-                  strict=True):
+  leaves = lambda state: jax.tree.leaves((state.params, state.opt_state))
+  for a, b in zip(leaves(clean), leaves(skipped), strict=True):
     np.testing.assert_array_equal(a, b)  # moments and Adam's step count untouched by the skipped updates
 
 
