@@ -133,6 +133,11 @@ def eval_seeds(config) -> list[int]:
   return [config.eval.seed + k for k in range(config.eval.num_seeds)]
 
 
+def _clip_x(config, method) -> bool:
+  """Whether a method's samples are clipped: its own setting (the clipped-teacher rows), else eval.clip_x."""
+  return config.eval.clip_x if method.clip_x is None else method.clip_x
+
+
 def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, reference, config,
                   logits_are_classes: bool, seed=None) -> dict:
   """Samples eval.num_samples class-balanced images from noise seed (default eval.seed) and scores them.
@@ -146,7 +151,7 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
   for b in range(-(-config.eval.num_samples // batch_size)):
     z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=seed)
     images = loaded.sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w, z_init=z_init, label=label,
-                           seed=seed + b, clip_x=config.eval.clip_x if method.clip_x is None else method.clip_x,
+                           seed=seed + b, clip_x=_clip_x(config, method),
                            ddpm_variance=config.eval.ddpm_variance)
     images = np.clip(images, -1.0, 1.0)  # [B, ...]
     features = extract(jnp.asarray(quantize_uint8(images) if config.eval.quantize_uint8 else images))
@@ -225,7 +230,7 @@ def run_fid(config) -> str:
   ids, current, loaded = {}, [], {}
   files.makedirs(out_dir)
   writer = make_writer(files.join(config.workdir, 'logs', 'eval'))
-  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config), clip_x=config.eval.clip_x,
+  keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config),
               quantize_uint8=config.eval.quantize_uint8)
   cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)
            if method.guidance_w is None or method.guidance_w == w]  # a fixed-w student: its own w only
@@ -233,7 +238,7 @@ def run_fid(config) -> str:
     ckpt_id = ids.setdefault(method.ckpt_dir, records.checkpoint_id(method.ckpt_dir))
     cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
                 seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '',
-                **dict(keys, **({} if method.clip_x is None else {'clip_x': method.clip_x})))
+                clip_x=_clip_x(config, method), **keys)
     if _cell_key(cell) in done:
       current.append(done[_cell_key(cell)])
       continue

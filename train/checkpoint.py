@@ -63,7 +63,8 @@ def saved_record(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 def _restore_step(manager, step: int, abstract, check_record: Callable[[dict], None], ckpt_dir: str):
-  """Restores one step; CheckpointError for a checkpoint of another model, other errors for damage."""
+  """Restores one step; CheckpointError for a checkpoint of another model, other read errors as raised (the caller
+  sorts them with is_damage)."""
   check_record(saved_record(manager, step))
   stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))

@@ -87,7 +87,7 @@ def _plain(value):
 
 
 def config_hparams(config: Mapping[str, Any]) -> dict:
-  """A nested config dict as flat hparams {'train.lr': 0.0002, 'model.ch_mult': '(1, 2)', ...}: TensorBoard's
+  """A nested config dict as flat hparams {'train.lr': 0.0002, 'model.ch_mult': '[1, 2]', ...}: TensorBoard's
   HParams take numbers, strings and booleans; tuples, lists and None are written as text."""
   flat = traverse_util.flatten_dict(dict(config), sep='.')
   return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in flat.items()}
