@@ -5,9 +5,12 @@
 
 Timing: every function is jitted and run once to compile, then timed with block_until_ready. FLOPs of a
 step are the matmuls and convolutions of its traced program (`train/profile.py`); MFU needs a device kind listed there.
+It also prints how many operations the compiled step runs one after the other (the instructions of its optimised
+XLA program's entry computation: fusions, copies, library calls): each is a kernel launch on a GPU.
 """
 
 import os
+import re
 import sys
 import time
 
@@ -35,6 +38,14 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Sampling repeats (median reported
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'As main.py: XLA devices of the host CPU (0: one per core).')
 
 
+def entry_ops(compiled) -> int:
+  """Instructions of the entry computation of a compiled program's optimised HLO (parameters and tuple
+  plumbing left out)."""
+  entry = re.search(r'^ENTRY [^\n]*\{\n(.*?)^\}', compiled.as_text(), re.S | re.M)
+  kinds = re.findall(r'= \S+ ([a-z][\w-]*)\(', entry.group(1)) if entry else []
+  return sum(kind not in ('parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast') for kind in kinds)
+
+
 def main(_):
   set_cpu_devices(_CPU_DEVICES.value)  # as main.py runs: the production sharded step over every device
   config = _CONFIG.value
@@ -51,11 +62,15 @@ def main(_):
   batch = sharded.global_batch({
       'x': np.random.default_rng(0).uniform(-1, 1, (batch_size, *record['x_shape'])).astype(np.float32),
       'label': np.arange(batch_size, dtype=np.int32) % record['num_classes']})
+  ops = entry_ops(step_fn.lower(state, batch, None).compile())
   state, _ = step_fn(state, batch, None)
   jax.block_until_ready(state)
+  block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # as the train loop: CPU collectives
   start = time.perf_counter()
   for _ in range(_STEPS.value):
     state, _ = step_fn(state, batch, None)
+    if block_each_step:
+      jax.block_until_ready(state)
   jax.block_until_ready(state)
   train_sps = _STEPS.value / (time.perf_counter() - start)
   utilisation = profile.utilisation(profile.step_flops(step_fn, state, batch, None), train_sps,
@@ -67,16 +82,18 @@ def main(_):
   n = _SAMPLE_BATCH.value
   z, label, w = shard_rows(jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
                            jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,)))
-  jax.block_until_ready(run(state.ema_params, z, label, w, jax.random.key(0)))
+  ema_params = sharded.unpack(state).ema_params
+  jax.block_until_ready(run(ema_params, z, label, w, jax.random.key(0)))
   times = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()
-    jax.block_until_ready(run(state.ema_params, z, label, w, jax.random.key(0)))
+    jax.block_until_ready(run(ema_params, z, label, w, jax.random.key(0)))
     times.append(time.perf_counter() - start)
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})')
   print(f'model: {config.model.name}, {count_params(params):,} params, data {config.data.name} {record["x_shape"]}')
   print(f'teacher train ({config.model.dtype} compute): {train_sps:.2f} steps/s at batch {batch_size}'
-        f'{profile.describe({"examples_per_sec": train_sps * batch_size, **utilisation})}')
+        f'{profile.describe({"examples_per_sec": train_sps * batch_size, **utilisation})}; '
+        f'{ops:,} XLA operations a step')
   print(f'teacher guided DDIM {_SAMPLE_STEPS.value} steps ({2 * _SAMPLE_STEPS.value} NFE): '
         f'{n / float(np.median(times)):.1f} images/s at batch {n}')
 

@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from train import checkpoint, records
 from train import profile as profile_lib
 from train.mesh import data_mesh, jit
-from train.state import TrainState, create_train_state, learning_rate_schedule, make_optimizer, make_train_step
+from train.state import (TrainState, create_train_state, learning_rate_schedule, lr_scales, make_optimizer,
+                         make_train_step, pack_state, unpack_state)
 
 
 class Preempted(Exception):
@@ -173,7 +174,11 @@ def peer_loss_as_error(title: str, ckpt_dir: str, manager):
 
 
 class ShardedStep:
-  """The jitted, data-parallel train step of one section: state replicated, batch split along 'data'."""
+  """The jitted, data-parallel train step of one section: state replicated, batch split along 'data'.
+
+  The step's state is packed (`train.state.TrainState`); `unpack` gives the params trees that checkpoints hold and
+  every reader of a state expects, `pack` takes them back.
+  """
 
   def __init__(self, loss_fn: Callable, section):
     per_host_batch_size(section.batch_size)  # validates divisibility
@@ -181,12 +186,15 @@ class ShardedStep:
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
     self.tx = make_optimizer(section)
-    self.step_fn = jit(
-        make_train_step(loss_fn, self.tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section)),
-        in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    step = make_train_step(loss_fn, self.tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section),
+                           lr_scales=lr_scales(section))
+    self.step_fn = jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                       out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self.pack = jit(pack_state, out_shardings=self.replicated)
+    self.unpack = jit(unpack_state, out_shardings=self.replicated)
 
   def init_state(self, params, *, seed: int) -> TrainState:
+    """The packed state at step 0."""
     return jax.device_put(create_train_state(params, self.tx, seed=seed), self.replicated)
 
   def global_batch(self, local: dict) -> dict:
@@ -242,8 +250,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
-  passed to every step but never optimised or saved. Returns the final state and the scalars of the
-  last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
+  passed to every step but never optimised or saved. Returns the final state (unpacked: params trees) and the
+  scalars of the last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
   and raises Preempted; a step out of device memory raises OutOfMemoryError (one line). Runs with the same
   step_key (a hashable naming what loss_fn computes) reuse one compiled step. profile (config.profile,
   optional) turns on a trace of some steps into logdir and the FLOP count behind the logged
@@ -258,12 +266,13 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
     # 2. restore the newest readable step: its record must fit this run's, damaged steps are set aside;
     if manager.latest_step() is not None:
-      state = checkpoint.restore_state(manager, state, ckpt_dir, check_record=records.checker(record, ckpt_dir))
+      state = sharded.pack(checkpoint.restore_state(manager, sharded.unpack(state), ckpt_dir,
+                                                    check_record=records.checker(record, ckpt_dir)))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
     # 3. a stage already at its final step is done;
     if int(jax.device_get(state.step)) >= section.num_steps:
       logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step), ckpt_dir)
-      return state, {}
+      return sharded.unpack(state), {}
     # 4. logs append (a line cut by a kill is dropped; the config as hparams on a fresh start only), and the data
     #    replay from the restored step (make_batches(start) in _train_steps); 5. train, saving as it goes.
     starting = int(jax.device_get(state.step)) == 0
@@ -280,8 +289,9 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
       out_of_memory = out_of_memory_as_error(f'[{title}] train step', section=config_section(record['stage']),
                                              batch_size=section.batch_size)
       with watch_preemption(manager) as preempted, lost_peer, out_of_memory:
-        return _train_steps(title, sharded, state, section, manager, record, make_batches, frozen, writer,
-                            preempted, monitor)
+        state, scalars = _train_steps(title, sharded, state, section, manager, record, make_batches, frozen,
+                                      writer, preempted, monitor)
+        return sharded.unpack(state), scalars
     finally:
       monitor.tracer.close()
       _finish(manager, writer)
@@ -343,10 +353,10 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
       _check_nonfinite(title, previous, section.max_nonfinite_steps, manager)
     saved = done % section.checkpoint_every == 0 or done == section.num_steps
     if saved:
-      checkpoint.save(manager, state, record)
+      checkpoint.save(manager, sharded.unpack(state), record)
     if preempted(done):
       if not saved:
-        checkpoint.save(manager, state, record)
+        checkpoint.save(manager, sharded.unpack(state), record)
       manager.wait_until_finished()
       logging.info('[%s] preempted: saved step %d in %s', title, done, manager.directory)
       raise Preempted(title, done, str(manager.directory))
