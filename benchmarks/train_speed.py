@@ -13,8 +13,9 @@ Input: `pipeline` is the real input pipeline (`data.make_train_iterator`; CIFAR-
 prepared data set of `--config.data.tfds_data_dir`, or without one `tfds.testing.mock_data`: random examples of
 the real features, flipped, scaled and batched by the same tf.data code);
 `synthetic` cycles 8 random host batches through the same loop, for machines without TensorFlow.
-`--pipeline_batches=N` times the input pipeline alone first. `--trace_steps=N` also writes a jax.profiler trace
-of N steps into `--trace_dir`.
+`--pipeline_batches=N` times the input pipeline alone first (with mock data that times mock data's Python
+generator: give a prepared data set for the pipeline's own figure). `--trace_steps=N` also writes a jax.profiler
+trace of N steps into `--trace_dir`.
 """
 
 import contextlib
