@@ -20,7 +20,6 @@ from models.denoiser import make_denoise_fn
 from models.embeddings import GuidanceEmbedding
 from train import checkpoint, files, records
 from train.loop import make_writer, per_host_batch_size, run_training
-from train.mesh import jit
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
 # Progressive halving of the decoder (sampler, from stage 1), of the encoder (from stage 1), and the paper's direct
@@ -48,7 +47,9 @@ def fresh_params(model, record: dict, *, seed: int):
   about half that as one program).
   """
   x_shape, guidance_input = tuple(record['x_shape']), record['guidance_input']
-  init = jit(lambda rng: init_params(model, rng=rng, x_shape=x_shape, guidance_input=guidance_input))
+  # jax.jit, not train.mesh.jit: a budget estimate traces this under jax.eval_shape, where a jit with compiler
+  # options is refused.
+  init = jax.jit(lambda rng: init_params(model, rng=rng, x_shape=x_shape, guidance_input=guidance_input))
   return init(jax.random.key(seed))
 
 
