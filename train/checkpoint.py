@@ -76,7 +76,7 @@ def _restore_step(manager, step: int, abstract, check_record: Callable[[dict], N
 
 def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *,
                   check_record: Callable[[dict], None]):
-  """Restores the newest readable state into target_state's structure and shardings.
+  """Restores the newest readable state into target_state's structure and shardings (arrays or ShapeDtypeStructs).
 
   check_record(saved record) raises CheckpointError for a checkpoint of another model (`records.checker`).
 

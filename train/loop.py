@@ -266,7 +266,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
     # 2. restore the newest readable step: its record must fit this run's, damaged steps are set aside;
     if manager.latest_step() is not None:
-      state = sharded.pack(checkpoint.restore_state(manager, sharded.unpack(state), ckpt_dir,
+      target = jax.eval_shape(sharded.unpack, state)  # shapes and shardings: no unpacked copy of the state
+      state = sharded.pack(checkpoint.restore_state(manager, target, ckpt_dir,
                                                     check_record=records.checker(record, ckpt_dir)))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
     # 3. a stage already at its final step is done;
