@@ -33,7 +33,7 @@ def is_damage(err: Exception) -> bool:
 
 
 def _not_damage(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
-  return CheckpointError(f'could not read step {step} of {ckpt_dir} ({_first_line(err)}): not damage to its files, '
+  return CheckpointError(f'could not read step {step} of {ckpt_dir} ({first_line(err)}): not damage to its files, '
                          'so nothing was moved; fix the cause (memory, network, permissions, devices) and rerun')
 
 
@@ -97,7 +97,7 @@ def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *
       aside = set_aside(manager.directory / str(step), manager.directory / f'corrupted.{step}')
       manager.reload()
       logging.warning('checkpoint step %d in %s is unreadable (%s): moved to %s, trying the previous one',
-                      step, ckpt_dir, _first_line(err), aside)
+                      step, ckpt_dir, first_line(err), aside)
   raise CheckpointError(f'no readable checkpoint left in {ckpt_dir} (damaged ones are in corrupted.*): '
                         'restore them from a backup, or use another --config.workdir to start over')
 
@@ -189,9 +189,12 @@ def load_params(ckpt_dir: str, target_params, *, check_record: Callable[[dict], 
 def _unreadable(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
   if not is_damage(err):
     return _not_damage(step, ckpt_dir, err)
-  return CheckpointError(f'step {step} of {ckpt_dir} is unreadable ({_first_line(err)}): rerun the mode that '
+  return CheckpointError(f'step {step} of {ckpt_dir} is unreadable ({first_line(err)}): rerun the mode that '
                          'trained it, which sets a damaged step aside and resumes from the previous one')
 
 
-def _first_line(err: Exception) -> str:
-  return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+def first_line(err: BaseException, limit: int = 200) -> str:
+  """An error's first non-blank line, cut to limit characters (its type's name when it has no text): for
+  one-line messages that quote the cause."""
+  text = str(err).strip()
+  return text.splitlines()[0][:limit] if text else type(err).__name__

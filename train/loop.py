@@ -167,10 +167,9 @@ def peer_loss_as_error(title: str, ckpt_dir: str, manager):
   except RuntimeError as err:
     if not is_peer_lost(err):
       raise
-    first_line = str(err).strip().splitlines()[0][:160]
-    raise PeerLostError(f'[{title}] another process of this run stopped ({first_line}): restart every process '
-                        f'with the same command; training resumes from step {manager.latest_step()} in '
-                        f'{ckpt_dir}') from err
+    raise PeerLostError(f'[{title}] another process of this run stopped ({checkpoint.first_line(err, 160)}): '
+                        'restart every process with the same command; training resumes from step '
+                        f'{manager.latest_step()} in {ckpt_dir}') from err
 
 
 class ShardedStep:
