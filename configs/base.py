@@ -36,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   # redistill: a student whose teacher changed since it was distilled is set aside (*.stale) and distilled
   # again (refused otherwise).
   config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, w_zero_fraction=0.0,
-                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False))
+                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False,
+                                                  w_embed_scale=250.0, w_sampling='uniform', w_loss_power=0.0,
+                                                  guidance_output=False))
   # lr_scales: lr factors of top-level parameter keys ('guidance_embed': the fresh w-embedding).
   config.stage1 = _optimizer(lr_scales=ml_collections.ConfigDict({'guidance_embed': 1.0}))
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
@@ -66,11 +68,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir='', clip_x=False,
       ddpm_variance='small'))
-  # quality_samples: samples per guidance weight of the "quality lost per stage" table (0 = off); stage 1 is
-  # compared with the guided teacher at quality_steps DDIM steps.
+  # quality_samples: samples per guidance weight in quality_ws of the per-stage fidelity table (0 = off): every
+  # model the pipeline trains against the guided teacher's CFG DDIM at quality_steps (the reference; stage 1
+  # samples at quality_steps too), judged against the floor, the same teacher's CFG DDIM at floor_steps
+  # (modes/stage_quality.py, docs/evaluation.md).
   config.pipeline = ml_collections.ConfigDict(dict(
       guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1, quality_steps=64,
-      quality_samples=0))
+      quality_samples=0, quality_ws=(0.0, 1.0, 4.0), floor_steps=8))
   # --mode=fid: features from 'inception' (weights file at inception_path) or the embedded 'classifier'.
   # Protocol options (docs/evaluation.md). clip_x: sample with x predictions clipped to [-1, 1] for
   # --mode=fid, the pipeline's grids and its table; quantize_uint8: round samples and real images to the 256

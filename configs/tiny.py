@@ -20,7 +20,7 @@ def get_config():
   config.transfer.update(source_class=0, target_class=1, num_images=4, steps=(1, 2), eval_ws=(0.0, 2.0),
                          eval_images=64)
   config.pipeline.update(teacher_steps=(2, 8), guidance_ws=(0.0, 2.0), per_class=4, quality_steps=8,
-                         quality_samples=256)
+                         quality_samples=256, quality_ws=(0.0, 2.0), floor_steps=2)
   config.eval.update(extractor='toy2d', num_samples=512, batch_size=256, guidance_ws=(0.0, 2.0),
                      teacher_steps=(64, 4), teacher_ddpm_steps=(64,), reference_examples=2048)
   return config

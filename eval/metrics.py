@@ -114,3 +114,53 @@ def classifier_accuracy(logits, labels) -> float:
   """Fraction of rows whose argmax logit equals the label; logits [N, K], labels [N]."""
   predictions = np.argmax(np.asarray(logits), axis=-1)  # [N]
   return float(np.mean(predictions == np.asarray(labels)))
+
+
+def _pairwise_sq_dist(a, b):
+  """Squared Euclidean distances [N, M] between rows of a [N, D] and b [M, D], in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  sq = np.sum(a * a, axis=1)[:, None] + np.sum(b * b, axis=1)[None, :] - 2.0 * a @ b.T
+  return np.maximum(sq, 0.0)
+
+
+def knn_radii(features, *, k: int = 3, chunk: int = 1024):
+  """Distance of each row of features [N, D] to its k-th nearest other row: the k-NN ball radii [N].
+
+  The manifold estimate of Kynkaanniemi et al. (2019), "Improved Precision and Recall Metric for Assessing
+  Generative Models", Sec. 2: the union of these balls approximates the support of the distribution.
+  """
+  features = np.asarray(features, np.float64)
+  if len(features) <= k:
+    raise ValueError(f'knn_radii needs more than k={k} feature vectors, got {len(features)}')
+  radii = np.empty(len(features))
+  for start in range(0, len(features), chunk):
+    sq = _pairwise_sq_dist(features[start:start + chunk], features)  # [n, N]
+    radii[start:start + chunk] = np.sqrt(np.partition(sq, k, axis=1)[:, k])  # index 0 is the row itself
+  return radii
+
+
+def _fraction_inside(queries, centres, radii, *, chunk: int = 1024) -> float:
+  """Fraction of queries [Q, D] that fall inside at least one ball (centres [M, D], radii [M])."""
+  inside = 0
+  for start in range(0, len(queries), chunk):
+    sq = _pairwise_sq_dist(queries[start:start + chunk], centres)  # [q, M]
+    inside += int(np.sum(np.any(sq <= np.square(radii)[None, :], axis=1)))
+  return inside / len(queries)
+
+
+def precision_recall(real_features, fake_features, *, k: int = 3) -> tuple[float, float]:
+  """Improved precision and recall (Kynkaanniemi et al. 2019) of fake against real features.
+
+  Args:
+    real_features: [N, D] features of real data.
+    fake_features: [M, D] features of generated samples.
+    k: neighbourhood size of the k-NN manifold estimate (the paper's default is 3).
+
+  Returns:
+    (precision, recall): precision is the fraction of fake samples inside the real manifold (quality),
+    recall the fraction of real samples inside the fake manifold (coverage, diversity).
+  """
+  real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+  precision = _fraction_inside(fake, real, knn_radii(real, k=k))
+  recall = _fraction_inside(real, fake, knn_radii(fake, k=k))
+  return precision, recall

@@ -22,6 +22,8 @@ from train.checkpoint import CheckpointError
 from train.loop import make_writer
 from train.mesh import jit
 
+# Real examples whose features make the real manifold of precision and recall (k-NN balls, k = 3).
+PR_EXAMPLES = 10_000
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
               'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x', 'quantize_uint8', 'ddpm_variance')
 
@@ -100,6 +102,36 @@ def _update(stats, features):
   return stats
 
 
+def _reference_path(config, extractor_name: str, cache_dir: str, kind: str = '') -> str:
+  """The cache file of the real data's features: data set, split, example count, extractor_id, uint8 levels."""
+  ev = config.eval
+  ident = hashlib.sha1(extractor_id(config).encode()).hexdigest()[:12]
+  return files.join(cache_dir, f'ref_{config.data.name}_{ev.reference_split}_{ev.reference_examples}_'
+                    f'{extractor_name}_{ident}{"_u8" if ev.quantize_uint8 else ""}{kind}.npz')
+
+
+def reference_features(config, extractor_name, extract, cache_dir: str) -> np.ndarray:
+  """[M, D] features of the first M <= PR_EXAMPLES real examples of the reference split: the real manifold of
+  precision and recall (eval.metrics.precision_recall). Cached beside reference_stats; an unreadable cache file
+  is computed again, with a warning."""
+  path = _reference_path(config, extractor_name, cache_dir, '_pool')
+  if files.exists(path):
+    try:
+      return files.read_npz(path)['pool']
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+      logging.warning('[fid] reference features %s are unreadable (%s): computing them again', path, err)
+  pool, count = [], 0
+  for images in _real_batches(config, config.eval.batch_size):
+    pool.append(np.asarray(extract(jnp.asarray(images))['pool'], np.float32)[:PR_EXAMPLES - count])
+    count += len(pool[-1])
+    if count >= PR_EXAMPLES:
+      break
+  pool = np.concatenate(pool)  # [M, D]
+  files.write_npz(path, pool=pool)
+  logging.info('[fid] reference features of %d real examples -> %s', len(pool), path)
+  return pool
+
+
 def reference_stats(config, extractor_name, extract, cache_dir: str):
   """(mu, sigma) of the real data's features, cached per data set, split, example count, extractor_id and
   eval.quantize_uint8 ('_u8' in the file name).
@@ -107,9 +139,7 @@ def reference_stats(config, extractor_name, extract, cache_dir: str):
   A cache file that cannot be read is computed again, with a warning.
   """
   ev = config.eval
-  ident = hashlib.sha1(extractor_id(config).encode()).hexdigest()[:12]
-  path = files.join(cache_dir, f'ref_{config.data.name}_{ev.reference_split}_{ev.reference_examples}_'
-                    f'{extractor_name}_{ident}{"_u8" if ev.quantize_uint8 else ""}.npz')
+  path = _reference_path(config, extractor_name, cache_dir)
   if files.exists(path):
     try:
       mu, sigma, _ = metrics.FeatureStats.load_npz(path)

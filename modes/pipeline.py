@@ -132,6 +132,7 @@ def run_pipeline(config) -> str:
     elif stage == 'stage2':
       quality.after_round(steps)
   if quality.enabled:
+    quality.write_plot(results_dir)
     run['quality'] = round(quality.seconds, 1)
     skipped.update(() if quality.computed_rows else ('quality',))
     logging.info('[pipeline] quality took %.1f s', run['quality'])

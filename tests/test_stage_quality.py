@@ -1,4 +1,4 @@
-"""The pipeline's "quality lost per stage" table on stand-in checkpoints (no training, a few seconds).
+"""The pipeline's per-stage fidelity table on stand-in checkpoints (no training, a few seconds).
 
 The real checkpoints go through it in tests/test_logging.py (run_pipeline on the trained toy run).
 """
@@ -18,10 +18,12 @@ from distill import stages
 from modes import fid, pipeline, stage_quality
 from modes.methods import Method
 from modes.validation import ConfigError, validate_config
+from eval import fidelity
 
 STAGE_TITLES = ['stage 1', 'stage 2: 4 -> 2', 'stage 2: 2 -> 1']  # tiny: stage2.start_steps 4, final_steps 1
 # A stand-in's sample is the class mean + noise, shifted by its checkpoint's error (the teacher has none).
 ERRORS = {'teacher': 0.0, 'stage1': 0.02, 'steps_0002': 0.05, 'steps_0001': 0.1}
+TEACHER_FLOOR_ERROR = 0.03  # the teacher at tiny's floor_steps = 2
 
 
 class FakeCheckpoint:
@@ -36,6 +38,7 @@ class FakeCheckpoint:
     self.calls.append(dict(ckpt=os.path.basename(self.ckpt_dir), sampler=sampler, steps=num_steps, w=guidance_w,
                            z_init=np.asarray(z_init), label=np.asarray(label), seed=seed))
     error = ERRORS[os.path.basename(self.ckpt_dir)] * (2.0 if sampler == 'stochastic' else 1.0)
+    error += TEACHER_FLOOR_ERROR if (os.path.basename(self.ckpt_dir), num_steps) == ('teacher', 2) else 0.0
     return TOY2D_MEANS[np.asarray(label)] + 0.2 * np.asarray(z_init) + error * (1.0 + guidance_w)  # [B, 2]
 
 
@@ -90,40 +93,44 @@ def _pipeline_without_training(config, monkeypatch, **stand_ins):
 
 
 def _table_rows(summary: str, w: str) -> list[list[str]]:
-  """The cells of the rows of the 'w = <w>' table of the quality section."""
-  section = summary.split('## Quality lost per stage')[1].split('\n## ')[0]
+  """The cells of the rows of the 'w = <w>' table of the fidelity section."""
+  section = summary.split('## Fidelity to the teacher, stage by stage')[1].split('\n## ')[0]
   table = section.split(f'### w = {w}\n')[1].split('\n###')[0]
   return [[c.strip() for c in line.split('|')[1:-1]] for line in table.strip().splitlines()[2:]]
 
 
-def test_pipeline_summary_has_one_row_per_stage_for_every_w(fake_run, monkeypatch):
+def test_pipeline_summary_has_the_teacher_rows_and_one_row_per_stage_for_every_w(fake_run, monkeypatch):
   config, _ = fake_run
   results_dir, writer = _pipeline_without_training(config, monkeypatch)
   with open(os.path.join(results_dir, 'summary.md'), encoding='utf-8') as f:
     summary = f.read()
   for w in ('0', '2'):
-    rows = _table_rows(summary, w)
-    assert [r[0] for r in rows] == STAGE_TITLES
-    assert [r[1] for r in rows] == ['teacher CFG ddim 8 (NFE 16)', 'stage 1 ddim 4 (NFE 4)', 'student ddim 2 (NFE 2)']
-    assert [r[3] for r in rows] == ['stage 1 ddim 8', 'student ddim 2', 'student ddim 1']
-    assert rows[0][7] == '-' and rows[2][7].endswith('(student stochastic 2)')
-    assert all(float(r[5]) > 1.0 for r in rows)  # every stand-in student is worse than its teacher
-    assert rows[2][2] == rows[1][4]  # the 2-step student is both a row's student and the next row's teacher
+    rows = [r for r in _table_rows(summary, w) if 'stochastic' not in r[0]]
+    assert [r[0] for r in rows] == ['teacher CFG ddim 8 (reference)', 'teacher CFG ddim 2 (floor)', 'stage 1 ddim 8',
+                                    'student ddim 2 (stage 2: 4 -> 2)', 'student ddim 1 (stage 2: 2 -> 1)']
+    assert [r[1] for r in rows] == ['16', '4', '8', '2', '1']
+    fidelities = [float(r[2]) for r in rows]
+    assert fidelities[0] == 0.0 and all(f > 0 for f in fidelities[1:])
+    assert fidelities[2] < fidelities[3] < fidelities[4]  # the stand-ins' errors grow round by round
+    assert rows[2][3] in ('faithful', 'drifted') and rows[0][3] == '-'
+    assert rows[2][4] == rows[2][2]  # stage 1's own teacher is the reference
   with open(os.path.join(results_dir, 'stage_quality.json'), encoding='utf-8') as f:
-    assert len(json.load(f)['rows']) == 3 * 2
+    assert len(json.load(f)['rows']) == 4 * 2  # the teacher's (two rows under one key), stage 1, two rounds
   with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
     timings = json.load(f)
   assert 'quality' in timings and ' cores' in timings['machine (this invocation)']  # times name their machine
   assert f'Machine: {timings["machine (this invocation)"]}' in summary
-  step, ratio = writer.scalars['quality/stage2_4to2/w2/ratio']
-  assert step == 1 and ratio > 1.0
-  assert {'quality/stage1/w0/paired_rms', 'quality/stage2_2to1/w0/stochastic_fid'} <= set(writer.scalars)
+  assert os.path.exists(os.path.join(results_dir, 'fidelity_vs_w.png'))
+  step, value = writer.scalars['quality/stage2_4to2/w2/fidelity']
+  assert step == 1 and value > 0
+  assert {'quality/stage1/w0/paired_rms', 'quality/stage2_2to1/w0/stochastic_fidelity',
+          'quality/teacher_floor/w0/fidelity', 'quality/stage1/w0/recall'} <= set(writer.scalars)
 
 
 def test_teacher_and_student_sample_from_identical_noise_and_labels(fake_run):
   config, calls = fake_run
   stage_quality.StageQuality(config).after_stage1()
-  teacher = [c for c in calls if c['ckpt'] == 'teacher']
+  teacher = [c for c in calls if c['ckpt'] == 'teacher' and c['steps'] == config.pipeline.quality_steps]
   student = [c for c in calls if c['ckpt'] == 'stage1']
   assert len(teacher) == len(student) == 2  # one batch of 256 per w
   for t, s in zip(teacher, student, strict=True):
@@ -133,20 +140,19 @@ def test_teacher_and_student_sample_from_identical_noise_and_labels(fake_run):
     assert np.bincount(t['label']).tolist() == [64] * 4  # class-balanced
 
 
-def test_a_checkpoint_compared_with_itself_has_ratio_1_and_rms_0(fake_run):
+def test_a_checkpoint_compared_with_itself_has_fidelity_0_and_rms_0(fake_run):
   config, calls = fake_run
   method = Method('stage 1', 'ddim', 8, 8, stages.stage_dir(config.workdir, 'stage1'))
-  extractor_name, extract = fid.make_extractor(config)
-  reference = fid.reference_stats(config, extractor_name, extract, os.path.join(config.workdir, 'reference_stats'))
-  scored = []
+  _, extract = fid.make_extractor(config)
+  sets = []
   for _ in range(2):  # two separately loaded copies of the checkpoint
     samples = stage_quality.sample_set(FakeCheckpoint(method.ckpt_dir, calls), method, w=1.0, num_samples=512,
                                        batch_size=256, seed=config.pipeline.seed)
-    scored.append((samples, stage_quality.frechet_to_reference(samples, extract=extract, reference=reference,
-                                                               batch_size=256)))
-  (teacher, teacher_fid), (student, student_fid) = scored
-  assert teacher.shape == (512, 2) and teacher_fid > 0
-  assert stage_quality.fid_ratio(teacher_fid, student_fid) == 1.0
+    sets.append((samples, stage_quality.extract_features(samples, extract=extract, batch_size=256, num_classes=4,
+                                                         logits_are_classes=True)))
+  (teacher, teacher_features), (student, student_features) = sets
+  assert teacher.shape == (512, 2)
+  assert fidelity.frechet_between(teacher_features, student_features) == pytest.approx(0.0, abs=1e-9)
   assert stage_quality.paired_rms(teacher, student) == 0.0
 
 
@@ -155,14 +161,14 @@ def test_a_rerun_reads_the_cache_and_samples_nothing_and_a_killed_run_resumes(fa
   stage_quality.StageQuality(config).after_stage1()  # a run killed after stage 1's rows
   calls.clear()
   finished = _run_all(config)
-  assert {c['ckpt'] for c in calls} == {'stage1', 'steps_0002', 'steps_0001'}  # stage 1's rows were not redone
+  assert finished.computed_rows == 2 * 2  # two rounds at two w: the teacher's and stage 1's rows were kept
 
   def must_not_sample(*args, **kwargs):
     raise AssertionError('a finished comparison was sampled again')
 
   monkeypatch.setattr(stage_quality, 'sample_set', must_not_sample)
   rerun = _run_all(config)
-  assert rerun.rows == finished.rows and len(rerun.rows) == 3 * 2
+  assert rerun.rows == finished.rows and len(rerun.rows) == 5 * 2
   monkeypatch.setattr(stage_quality, 'checkpoint_id', lambda ckpt_dir: 'retrained')
   with pytest.raises(AssertionError, match='sampled again'):
     _run_all(config)  # another training in the same directory is not served from the cache
@@ -170,10 +176,9 @@ def test_a_rerun_reads_the_cache_and_samples_nothing_and_a_killed_run_resumes(fa
 
 def test_a_row_is_keyed_by_the_evaluation_protocol(fake_run):
   config, _ = fake_run
-  comparison = stage_quality.stage1_comparison(config)
-  plain = stage_quality.StageQuality(config)._key(comparison, 1.0)
+  plain = stage_quality.StageQuality(config)._key('stage1', 1.0)
   config.eval.quantize_uint8 = True  # (refused for toy data by validate_config; the key does not look at data)
-  quantized = stage_quality.StageQuality(config)._key(comparison, 1.0)
+  quantized = stage_quality.StageQuality(config)._key('stage1', 1.0)
   assert quantized != plain and ' | uint8 | ' in quantized
 
 
@@ -184,7 +189,7 @@ def test_quality_samples_0_turns_it_off(fake_run, monkeypatch):
   assert not calls and not writer.scalars
   assert not os.path.exists(os.path.join(results_dir, 'stage_quality.json'))
   with open(os.path.join(results_dir, 'summary.md'), encoding='utf-8') as f:
-    assert 'Quality lost per stage' not in f.read()
+    assert 'Fidelity to the teacher' not in f.read()
   with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
     assert 'quality' not in json.load(f)
 
@@ -202,6 +207,8 @@ def test_inception_without_weights_skips_the_table_with_one_line(fake_run, caplo
     ('quality_samples', -1, 'pipeline.quality_samples must be >= 0 (0 = off)'),
     ('quality_samples', 100, 'pipeline.quality_samples (100) must be a multiple of eval.batch_size (256)'),
     ('quality_steps', 0, 'pipeline.quality_steps must be > 0'),
+    ('floor_steps', 8, 'pipeline.floor_steps must be in [1, pipeline.quality_steps=8), got 8'),
+    ('quality_ws', (), 'pipeline.quality_ws must name at least one guidance weight'),
 ])
 def test_bad_quality_fields_give_one_line_naming_the_field(tmp_path, field, value, message):
   config = tiny_config(tmp_path)
