@@ -36,9 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   # redistill: a student whose teacher changed since it was distilled is set aside (*.stale) and distilled
   # again (refused otherwise).
   config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, w_zero_fraction=0.0,
-                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False,
-                                                  w_embed_scale=250.0, w_sampling='uniform', w_loss_power=0.0,
-                                                  guidance_output=False))
+                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False))
   # lr_scales: lr factors of top-level parameter keys ('guidance_embed': the fresh w-embedding).
   config.stage1 = _optimizer(lr_scales=ml_collections.ConfigDict({'guidance_embed': 1.0}))
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
@@ -87,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
-      stage1_steps=(),
-      student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train', reference_examples=50_000, out_dir='',
+      stage1_steps=(), student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train',
+      reference_examples=50_000, out_dir='',
       clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir='', teacher_clipped_steps=()))
   return config

@@ -8,15 +8,12 @@ from diffusion import (diffusion_forward, ddim_step, predict_v, stage2_x_target,
                        x_eps_from_output)
 
 
-def _regress_x(model, params, *, x_target, z_t, logsnr_t, label, guidance_w, rng, parametrization, weighting,
-               example_weight=None):
+def _regress_x(model, params, *, x_target, z_t, logsnr_t, label, guidance_w, rng, parametrization, weighting):
   """Mean SNR-weighted error of the model's x_pred (train mode: dropout on) against a fixed target."""
   output = model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True, rngs={'dropout': rng})
   x_pred = x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)[0]
   loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_target), logsnr=logsnr_t,
-                         weighting=weighting)  # [B]
-  if example_weight is not None:
-    loss = loss * example_weight
+                         weighting=weighting)
   return jnp.mean(loss), {}
 
 
@@ -28,19 +25,12 @@ def _noisy_batch(rng, x, logsnr_fn):
   return diffusion_forward(x=x, eps=eps, logsnr=logsnr_t), logsnr_t
 
 
-def _draw_w(rng, batch_size, w_min, w_max, w_sampling='uniform'):
-  """w in [w_min, w_max]: uniform, or 'arcsine' (Beta(1/2, 1/2): more mass near both ends)."""
-  if w_sampling == 'arcsine':
-    return w_min + (w_max - w_min) * jax.random.beta(rng, 0.5, 0.5, (batch_size,))  # [B]
-  return jax.random.uniform(rng, (batch_size,), minval=w_min, maxval=w_max)  # [B]
-
-
-def _sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0, w_sampling='uniform'):
+def _sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0):
   """w ~ U[w_min, w_max], and exactly 0 (the conditional model) for a w_zero_fraction of the rows."""
   if w_zero_fraction <= 0:
-    return _draw_w(rng, batch_size, w_min, w_max, w_sampling)  # [B]
+    return jax.random.uniform(rng, (batch_size,), minval=w_min, maxval=w_max)  # [B]
   rng_w, rng_zero = jax.random.split(rng)
-  guidance_w = _draw_w(rng_w, batch_size, w_min, w_max, w_sampling)  # [B]
+  guidance_w = jax.random.uniform(rng_w, (batch_size,), minval=w_min, maxval=w_max)  # [B]
   return jnp.where(jax.random.bernoulli(rng_zero, w_zero_fraction, (batch_size,)), 0.0, guidance_w)
 
 
@@ -61,7 +51,7 @@ def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, n
 
 
 def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   w_zero_fraction: float = 0.0, w_sampling: str = 'uniform', w_loss_power: float = 0.0):
+                   w_zero_fraction: float = 0.0):
   """Match the guided teacher x_hat^w (2 teacher calls, no gradient) for w ~ U[w_min, w_max]."""
 
   def loss_fn(params, batch, rng, frozen):
@@ -69,12 +59,10 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     x, label = batch['x'], batch['label']
     rng_noise, rng_w, rng_dropout = jax.random.split(rng, 3)
     z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
-    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction, w_sampling)
+    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction)
     x_teacher, _ = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
-    example_weight = (1.0 + guidance_w) ** -w_loss_power if w_loss_power else None
     return _regress_x(student, params, x_target=x_teacher, z_t=z_t, logsnr_t=logsnr_t, label=label,
-                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting,
-                      example_weight=example_weight)
+                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 

@@ -17,7 +17,7 @@ from diffusion import get_logsnr_schedule
 from distill import objectives
 from models import init_params
 from models.denoiser import make_denoise_fn
-from models.embeddings import GUIDANCE_OUT_KEY, GuidanceEmbedding
+from models.embeddings import GuidanceEmbedding
 from train import checkpoint, files, records
 from train.loop import make_writer, per_host_batch_size, run_training
 
@@ -177,8 +177,7 @@ def stage1_init_params(teacher_params, student_params):
   missing = set(teacher_params) - set(student_params)
   if missing:
     raise checkpoint.CheckpointError(f'teacher has parameters the student lacks: {sorted(missing)}')
-  return {k: (student_params[k] if k in (GUIDANCE_EMBED_KEY, GUIDANCE_OUT_KEY) else teacher_params[k])
-          for k in student_params}
+  return {k: (student_params[k] if k == GUIDANCE_EMBED_KEY else teacher_params[k]) for k in student_params}
 
 
 def stage1_job(config, teacher_params=None) -> TrainingJob:
@@ -190,14 +189,10 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
   record = _student_record(config, teacher_record, stage='stage1')
   student, abstract = records.build(record)
   fresh = dict(abstract, **{GUIDANCE_EMBED_KEY: fresh_guidance_embed(abstract, seed=config.seed + 1)})
-  if GUIDANCE_OUT_KEY in abstract:  # zero-initialised: the student starts as the teacher's conditional model
-    fresh[GUIDANCE_OUT_KEY] = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), abstract[GUIDANCE_OUT_KEY])
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization, kind='guided',
                                     num_classes=teacher_record['num_classes'])
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
                                       w_max=config.distill.w_max, w_zero_fraction=config.distill.w_zero_fraction,
-                                      w_sampling=config.distill.get('w_sampling', 'uniform'),
-                                      w_loss_power=config.distill.get('w_loss_power', 0.0),
                                       **_loss_kwargs(config))
   return TrainingJob('stage1', record, config.stage1, loss_fn, stage1_init_params(teacher_params, fresh),
                      seed_offset=1, frozen={'teacher_params': teacher_params})

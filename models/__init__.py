@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 from clu import parameter_overview
 
-from models.embeddings import GUIDANCE_W_SCALE
 from models.mlp import MLPDenoiser
 from models.ref_unet import RefUNet
 from models.unet import UNet
@@ -22,9 +21,7 @@ def _unet_fields(model_config) -> dict:
   """The fields UNet and RefUNet share, from model_config."""
   return dict(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions), dropout=model_config.dropout,
-              num_groups=model_config.num_groups, num_heads=model_config.get('num_heads', 1),
-              w_embed_scale=model_config.get('w_embed_scale', GUIDANCE_W_SCALE),
-              guidance_output=model_config.get('guidance_output', False))
+              num_groups=model_config.num_groups, num_heads=model_config.get('num_heads', 1))
 
 
 def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
@@ -43,8 +40,6 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
         num_layers=model_config.num_layers,
         dropout=model_config.dropout,
         guidance_input=guidance_input,
-        w_embed_scale=model_config.get('w_embed_scale', GUIDANCE_W_SCALE),
-        guidance_output=model_config.get('guidance_output', False),
         dtype=compute_dtype(model_config))
   raise ValueError(f"unknown model.name '{model_config.name}'; choose one of: {', '.join(MODEL_NAMES)}")
 

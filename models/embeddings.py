@@ -44,19 +44,17 @@ class GuidanceEmbedding(nn.Module):
   """Embeds the guidance weight w [B]; the last layer is zero-initialised so at init it outputs exactly 0."""
   emb_dim: int
   freq_dim: int = 128
-  scale: float = GUIDANCE_W_SCALE  # w is multiplied by this before the sinusoids
 
   @nn.compact
   def __call__(self, guidance_w):
-    h = sinusoidal_embedding(self.scale * guidance_w, dim=self.freq_dim)  # [B, freq_dim]
+    h = sinusoidal_embedding(GUIDANCE_W_SCALE * guidance_w, dim=self.freq_dim)  # [B, freq_dim]
     h = nn.Dense(self.emb_dim, name='dense_0')(h)
     h = nn.silu(h)
     return nn.Dense(self.emb_dim, kernel_init=nn.initializers.zeros,
                     bias_init=nn.initializers.zeros, name='dense_1')(h)  # [B, emb_dim]
 
 
-def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim,
-                        w_scale: float = GUIDANCE_W_SCALE):
+def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim):
   """Sum of noise-level, label and (if guidance_w is given) guidance embeddings -> [B, emb_dim].
 
   Must be called from a parent's @nn.compact method: it creates the parent's submodules
@@ -66,21 +64,5 @@ def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, fr
   emb = NoiseLevelEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, name='logsnr_embed')(logsnr_t)
   emb = emb + nn.Embed(num_classes + 1, emb_dim, name='label_embed')(label)
   if guidance_w is not None:
-    emb = emb + GuidanceEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, scale=w_scale,
-                                  name='guidance_embed')(guidance_w)
+    emb = emb + GuidanceEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, name='guidance_embed')(guidance_w)
   return emb  # [B, emb_dim]
-
-
-GUIDANCE_OUT_KEY = 'guidance_out'  # the zero-initialised output head of the w-linear term
-
-
-def add_guidance_term(out, features, guidance_w, layer):
-  """out + w * layer(features): the network's output with a term linear in the guidance weight.
-
-  A guided teacher's prediction is (1 + w) x_c - w x_u = x_c + w (x_c - x_u): linear in w. A student whose
-  output has the same form only has to learn the difference term once, instead of bending its whole
-  conditioning path to scale it with w. `layer` (a zero-initialised conv or dense named GUIDANCE_OUT_KEY)
-  keeps the student equal to its initialisation at the start. out, the layer's output: [B, ...]; w: [B].
-  """
-  delta = layer(features).astype(jnp.float32)  # [B, ...] like out
-  return out + guidance_w.reshape((-1,) + (1,) * (out.ndim - 1)) * delta

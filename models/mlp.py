@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models.checks import denoiser_inputs
-from models.embeddings import GUIDANCE_OUT_KEY, GUIDANCE_W_SCALE, add_guidance_term, conditioning_vector
+from models.embeddings import conditioning_vector
 
 
 class ResidualMLPBlock(nn.Module):
@@ -36,8 +36,6 @@ class MLPDenoiser(nn.Module):
   num_layers: int = 3
   dropout: float = 0.0
   guidance_input: bool = False
-  w_embed_scale: float = GUIDANCE_W_SCALE  # guidance_w's factor before its sinusoidal embedding
-  guidance_output: bool = False  # a student's output gains a term linear in w (add_guidance_term)
   dtype: Any = jnp.float32  # compute dtype of the dense layers; parameters, embeddings and output stay float32
 
   @nn.compact
@@ -45,14 +43,10 @@ class MLPDenoiser(nn.Module):
     logsnr_t, guidance_w = denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=2,
                                            guidance_input=self.guidance_input, model_name='MLPDenoiser')
     emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
-                              emb_dim=self.hidden, freq_dim=self.hidden, w_scale=self.w_embed_scale)  # [B, hidden]
+                              emb_dim=self.hidden, freq_dim=self.hidden)  # [B, hidden]
     h = nn.Dense(self.hidden, dtype=self.dtype, name='dense_in')(z_t)  # [B, hidden]
     for layer in range(self.num_layers):
       h = ResidualMLPBlock(hidden=self.hidden, dropout=self.dropout, dtype=self.dtype, name=f'block_{layer}')(
           h, emb, train=train)
     h = nn.silu(nn.LayerNorm(dtype=self.dtype, name='norm_out')(h))
-    out = nn.Dense(z_t.shape[-1], dtype=self.dtype, name='dense_out')(h).astype(jnp.float32)  # [B, D]
-    if guidance_w is not None and self.guidance_output:
-      out = add_guidance_term(out, h, guidance_w, nn.Dense(z_t.shape[-1], dtype=self.dtype,
-                                                           kernel_init=nn.initializers.zeros, name=GUIDANCE_OUT_KEY))
-    return out
+    return nn.Dense(z_t.shape[-1], dtype=self.dtype, name='dense_out')(h).astype(jnp.float32)  # [B, D]

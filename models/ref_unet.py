@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models.checks import denoiser_inputs
-from models.embeddings import GUIDANCE_OUT_KEY, GUIDANCE_W_SCALE, add_guidance_term, conditioning_vector
+from models.embeddings import conditioning_vector
 
 zeros = nn.initializers.zeros
 
@@ -124,8 +124,6 @@ class RefUNet(nn.Module):
   head_dim: int = 0  # > 0: heads of head_dim channels (the published ImageNet 64 config: 64), num_heads ignored
   resblock_resample: bool = True  # down/upsample with residual blocks (both published configs)
   guidance_input: bool = False
-  w_embed_scale: float = GUIDANCE_W_SCALE  # guidance_w's factor before its sinusoidal embedding
-  guidance_output: bool = False  # a student's output gains a term linear in w (add_guidance_term)
   dtype: Any = jnp.float32  # compute dtype (see the module docstring)
 
   @nn.compact
@@ -134,7 +132,7 @@ class RefUNet(nn.Module):
                                            guidance_input=self.guidance_input, model_name='RefUNet')
     self._check_config(z_t.shape)
     emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
-                              emb_dim=4 * self.ch, freq_dim=self.ch, w_scale=self.w_embed_scale)  # [B, 4 * ch]
+                              emb_dim=4 * self.ch, freq_dim=self.ch)  # [B, 4 * ch]
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z_t)  # [B, H, W, ch]
     h, skips = self._down_path(h, emb, train=train)
     mid_ch = self.ch * self.ch_mult[-1]
@@ -144,11 +142,7 @@ class RefUNet(nn.Module):
     h = self._up_path(h, skips, emb, train=train)  # [B, H, W, ch * ch_mult[0]]
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm_out')(h))
     out = nn.Conv(z_t.shape[-1], (3, 3), kernel_init=zeros, dtype=self.dtype, name='conv_out')(h)  # [B, H, W, C]
-    out = out.astype(jnp.float32)
-    if guidance_w is not None and self.guidance_output:
-      out = add_guidance_term(out, h, guidance_w, nn.Conv(z_t.shape[-1], (3, 3), kernel_init=zeros,
-                                                          dtype=self.dtype, name=GUIDANCE_OUT_KEY))
-    return out
+    return out.astype(jnp.float32)
 
   def _check_config(self, z_shape):
     factor = 2**(len(self.ch_mult) - 1)

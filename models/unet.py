@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models.checks import denoiser_inputs
-from models.embeddings import GUIDANCE_OUT_KEY, GUIDANCE_W_SCALE, add_guidance_term, conditioning_vector
+from models.embeddings import conditioning_vector
 
 
 class ResBlock(nn.Module):
@@ -94,8 +94,6 @@ class UNet(nn.Module):
   dropout: float = 0.0
   num_groups: int = 8
   guidance_input: bool = False
-  w_embed_scale: float = GUIDANCE_W_SCALE  # guidance_w's factor before its sinusoidal embedding
-  guidance_output: bool = False  # a student's output gains a term linear in w (add_guidance_term)
   num_heads: int = 1
   dtype: Any = jnp.float32  # compute dtype (see the module docstring)
 
@@ -105,7 +103,7 @@ class UNet(nn.Module):
                                            guidance_input=self.guidance_input, model_name='UNet')
     self._check_config(z_t.shape)
     emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
-                              emb_dim=4 * self.ch, freq_dim=self.ch, w_scale=self.w_embed_scale)  # [B, 4 * ch]
+                              emb_dim=4 * self.ch, freq_dim=self.ch)  # [B, 4 * ch]
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z_t)  # [B, H, W, ch]
     h, skips = self._down_path(h, emb, train=train)
     h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_0')(h, emb, train=train)
@@ -113,11 +111,8 @@ class UNet(nn.Module):
     h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_1')(h, emb, train=train)
     h = self._up_path(h, skips, emb, train=train)
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm_out')(h))
-    out = nn.Conv(z_t.shape[-1], (3, 3), dtype=self.dtype, name='conv_out')(h).astype(jnp.float32)  # [B, H, W, C]
-    if guidance_w is not None and self.guidance_output:
-      out = add_guidance_term(out, h, guidance_w, nn.Conv(z_t.shape[-1], (3, 3), dtype=self.dtype,
-                                                          kernel_init=nn.initializers.zeros, name=GUIDANCE_OUT_KEY))
-    return out
+    out = nn.Conv(z_t.shape[-1], (3, 3), dtype=self.dtype, name='conv_out')(h)  # [B, H, W, C]
+    return out.astype(jnp.float32)
 
   def _check_config(self, z_shape):
     factor = 2**(len(self.ch_mult) - 1)

@@ -200,7 +200,7 @@ class StageQuality:
     """The reference (fidelity 0 by definition) and the floor, the teacher's own samplers."""
     rows = []
     for role, method in (('reference', reference_method(self.config)), ('floor', floor_method(self.config))):
-      scores = self._score(method, w)
+      scores = self._score(method, w, is_reference=role == 'reference')
       rows.append(dict(stage=f'teacher_{role}', title=f'teacher ({role})', role=role, student=method.label,
                        student_nfe=method.nfe, **scores, floor=None, verdict=None))
     return rows
@@ -220,13 +220,14 @@ class StageQuality:
                 stochastic=stochastic.label if stochastic else None,
                 stochastic_fidelity=self._score(stochastic, w)['fidelity'] if stochastic else None)
 
-  def _score(self, method: Method, w: float) -> dict:
+  def _score(self, method: Method, w: float, is_reference: bool = False) -> dict:
     """fidelity.score of a method's set against the reference; every score None when a sample is not finite."""
     features, reference = self._features_of(method, w), self._features_of(reference_method(self.config), w)
     if features is None or reference is None:
       return dict.fromkeys(SCORES)
     _, real_pool, real_stats = self._scorer_parts()
-    return fidelity.score(features, reference=reference, real_pool=real_pool, real_stats=real_stats)
+    return fidelity.score(features, reference=None if is_reference else reference, real_pool=real_pool,
+                          real_stats=real_stats)
 
   def _key(self, stage: str, w: float) -> str:
     """Everything a row depends on: the checkpoints (by id), samplers, steps, w, noise and features."""

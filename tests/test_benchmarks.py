@@ -65,3 +65,24 @@ def test_train_speed_runs_the_training_loop_of_each_stage_and_prints_a_row_each(
     steps_per_sec = float(row.split(' | ')[3])
     assert steps_per_sec > 0
   assert '| n/a |' in rows[0]  # no MFU on a CPU
+
+
+def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teacher(tmp_path):
+  """Two workdirs with the same stage 1: the same row twice, the teacher's own floor printed once."""
+  workdir = str(tmp_path / 'a')
+  flags = ['--config=configs/tiny.py', f'--config.workdir={workdir}']
+  for mode in ('teacher', 'stage1'):
+    subprocess.run([sys.executable, 'main.py', *flags, f'--mode={mode}'], cwd=REPO, capture_output=True,
+                   timeout=300, check=True)
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/stage1_fidelity.py', '--config=configs/tiny.py',
+       '--config.pipeline.quality_ws=(0.0,1.0,2.0)', f'--workdirs={workdir},{workdir}'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [line for line in result.stdout.splitlines() if line.startswith('| a |')]
+  assert len(rows) == 2
+  cells = [row.split(' | ') for row in rows]
+  assert cells[0][1:5] == cells[1][1:5]  # same model, same noise: the same fidelity at every w
+  assert all(float(value) >= 0 for value in cells[0][1:4])
+  assert float(cells[0][4]) == pytest.approx(max(map(float, cells[0][1:4])) / float(cells[0][2]), rel=1e-2)
+  assert result.stdout.count('floor (teacher CFG ddim 2)') == 1

@@ -223,7 +223,7 @@ def test_the_pipeline_runs_with_its_workdir_on_a_remote_filesystem(remote_run):
   assert files.listdir(f'{workdir}/stage2') == ['steps_0002']  # one round
   assert records.read(f'{workdir}/stage2/steps_0002')['teacher']['dir'] == 'stage1'
   results = f'{workdir}/results'
-  assert '## Quality lost per stage' in files.read_text(f'{results}/summary.md')
+  assert '## Fidelity to the teacher, stage by stage' in files.read_text(f'{results}/summary.md')
   assert 'sampling' in files.read_json(f'{results}/timings.json')
   assert len(files.read_json(f'{results}/stage_quality.json')['rows']) == 2  # stage 1, round 4 -> 2; w = 2
   assert files.read_bytes(f'{results}/student_ddim_0002_w2.png').startswith(b'\x89PNG')

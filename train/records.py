@@ -21,7 +21,6 @@ from absl import logging
 
 import data
 from models import build_model, init_params
-from models.embeddings import GUIDANCE_W_SCALE
 from train import checkpoint
 from train.checkpoint import CheckpointError
 
@@ -41,9 +40,6 @@ def stage_model_config(config, stage: str) -> dict:
   model = config.model.to_dict()
   if stage != 'teacher' and config.distill.dropout >= 0:
     model['dropout'] = config.distill.dropout
-  if stage != 'teacher':
-    model['w_embed_scale'] = config.distill.get('w_embed_scale', GUIDANCE_W_SCALE)
-    model['guidance_output'] = config.distill.get('guidance_output', False)
   return model
 
 

@@ -1,0 +1,84 @@
+"""Prints the fidelity of stage-1 students to their guided teacher across w: the stage-1 ablation table.
+
+Every workdir must hold a stage-1 checkpoint distilled from the same teacher (e.g. the teacher of one run copied
+into each ablation's workdir, then `--mode=stage1` with the ablation's overrides). The teacher's reference (CFG
+DDIM at pipeline.quality_steps) and floor (CFG DDIM at pipeline.floor_steps) are sampled once, from the first
+workdir's teacher; each stage 1 is sampled from the same noise and labels at pipeline.quality_steps and scored as
+the pipeline's fidelity table scores it (modes/stage_quality.py, eval/fidelity.py).
+
+  python benchmarks/stage1_fidelity.py --config=configs/digits_teacher.py --workdirs=runs/a,runs/b
+"""
+
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from distill import stages
+from eval import fidelity
+from modes import fid
+from modes.methods import Method
+from modes.sampling import load_cached
+from modes.stage_quality import extract_features, floor_method, reference_method, sample_set
+from train import files
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'the pipeline config')
+_WORKDIRS = flags.DEFINE_list('workdirs', [], 'workdirs with a stage-1 checkpoint of the same teacher')
+
+
+_LOADED = {}
+
+
+def _features(config, ckpt_dir: str, method: Method, w: float, extract):
+  loaded = load_cached(_LOADED, ckpt_dir)
+  samples = sample_set(loaded, method, w=w, num_samples=config.pipeline.quality_samples,
+                       batch_size=config.eval.batch_size, seed=config.pipeline.seed, clip_x=config.eval.clip_x)
+  return extract_features(samples, extract=extract, batch_size=config.eval.batch_size,
+                          num_classes=loaded.record['num_classes'],
+                          logits_are_classes=config.eval.extractor != 'inception',
+                          quantize=config.eval.quantize_uint8)
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  config.workdir = _WORKDIRS.value[0]
+  name, extract = fid.make_extractor(config)
+  cache_dir = files.join(config.workdir, 'reference_stats')
+  real_pool = fid.reference_features(config, name, extract, cache_dir)
+  real_stats = fid.reference_stats(config, name, extract, cache_dir)
+  ws = [float(w) for w in config.pipeline.quality_ws]
+  teacher_dir = stages.stage_dir(config.workdir, 'teacher')
+  references, floors = {}, {}
+  for w in ws:
+    references[w] = _features(config, teacher_dir, reference_method(config), w, extract)
+    floor = _features(config, teacher_dir, floor_method(config), w, extract)
+    floors[w] = fidelity.frechet_between(floor, references[w])
+  reference_scores = fidelity.score(references[ws[0]], reference=None, real_pool=real_pool, real_stats=real_stats)
+  print(f'teacher CFG ddim {config.pipeline.quality_steps} at w = {ws[0]:g}: recall '
+        f'{reference_scores["recall"]:.3f}, class accuracy {reference_scores["accuracy"]:.3f}')
+  print('floor (teacher CFG ddim %d): %s' % (config.pipeline.floor_steps,
+                                             ' '.join(f'{floors[w]:.4f}' for w in ws)))
+  print('| workdir | ' + ' | '.join(f'w = {w:g}' for w in ws) + ' | max / w = 1 | recall w = 0 '
+        '| class acc. w = 0 | seconds |')
+  for workdir in _WORKDIRS.value:
+    start = time.time()
+    stage1_dir = stages.stage_dir(workdir, 'stage1')
+    steps = config.pipeline.quality_steps
+    scores = {w: fidelity.score(_features(config, stage1_dir, Method('stage 1', 'ddim', steps, steps, stage1_dir),
+                                          w, extract), reference=references[w], real_pool=real_pool,
+                                real_stats=real_stats) for w in ws}
+    values = [scores[w]['fidelity'] for w in ws]
+    ratio = max(values) / scores[1.0]['fidelity'] if 1.0 in scores else float('nan')
+    print(f'| {os.path.basename(workdir.rstrip("/"))} | ' + ' | '.join(f'{v:.4f}' for v in values) +
+          f' | {ratio:.2f} | {scores[ws[0]]["recall"]:.3f} | {scores[ws[0]]["accuracy"]:.3f} '
+          f'| {time.time() - start:.0f} |', flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
