@@ -109,7 +109,13 @@ def fid_ratio(teacher_fid: Optional[float], student_fid: Optional[float]) -> Opt
 
 
 def _read_rows(path: str) -> dict:
-  return files.read_json(path)['rows'] if files.exists(path) else {}
+  """The rows of stage_quality.json by key; {} when there is none or it is unreadable (recomputed, one warning)."""
+  def read(path):
+    rows = files.read_json(path)['rows']
+    if not isinstance(rows, dict) or not all(isinstance(row, dict) for row in rows.values()):
+      raise TypeError('not a dict of rows')
+    return rows
+  return files.read_cache(path, read) or {}
 
 
 def _scalars(comparison: Comparison, row: dict) -> dict:
