@@ -132,7 +132,7 @@ def run():
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
   except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, OutOfMemoryError, WeightsError,
           WorkdirLocked) as err:
-    print(f'error: {err}', file=sys.stderr)
+    sys.stderr.write(f'error: {err}\n')  # one write: a library thread's output cannot split the line
     sys.exit(1)
   except PeerLostError as err:
     print(f'error: {err}', file=sys.stderr, flush=True)
@@ -145,7 +145,7 @@ def run():
     print('interrupted: Ctrl-C outside a training step, nothing saved; run the same command to go on', file=sys.stderr)
     sys.exit(128 + signal.SIGINT)
   except OSError as err:  # the workdir is a file, read-only, full, ...
-    print(f'error: {_os_error_line(err)}', file=sys.stderr)
+    sys.stderr.write(f'error: {_os_error_line(err)}\n')
     sys.exit(1)
 
 

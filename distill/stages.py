@@ -118,9 +118,20 @@ def _set_aside_or_refuse_stale(config, job: TrainingJob, ckpt_dir: str) -> None:
     logging.warning('[%s] %s: moved %s to %s, training it again', job.title, why, ckpt_dir, aside)
     _write_config(ckpt_dir, config)
     return
-  records.check_fresh(ckpt_dir, config, stage, fix='pass --config.retrain_stale=True to set it aside and train it '
-                      'again')
-  records.check_same_teacher(ckpt_dir, job.record)
+  records.check_same_teacher(ckpt_dir, job.record)  # first: a changed teacher explains changed teacher fields
+  records.check_fresh(ckpt_dir, config, stage, fix=RETRAIN_FIX)
+
+
+RETRAIN_FIX = 'pass --config.retrain_stale=True to set it aside and train it again'
+
+
+def check_fresh_stages(config, stages_and_steps) -> None:
+  """Refuses, before anything runs, the first finished stage of config.workdir among (stage, sampling steps) that
+  was trained from other values of a field it depends on (`records.check_fresh`); with retrain_stale, none."""
+  if config.retrain_stale:
+    return
+  for stage, sampling_steps in stages_and_steps:
+    records.check_fresh(stage_dir(config.workdir, stage, sampling_steps), config, stage, fix=RETRAIN_FIX)
 
 
 def _train(config, job: TrainingJob) -> tuple[str, dict]:

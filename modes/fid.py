@@ -193,7 +193,10 @@ def _cell_key(row) -> tuple:
 def _read_rows(path: str) -> list[dict]:
   """The rows of results.csv; [] when there is none or it is unreadable (every cell scored again, one warning)."""
   def read(path):
-    rows = list(csv.DictReader(io.StringIO(files.read_text(path))))
+    reader = csv.DictReader(io.StringIO(files.read_text(path)))
+    if not set(CSV_FIELDS[:6]) <= set(reader.fieldnames or ()):
+      raise ValueError(f'its header is not {",".join(CSV_FIELDS[:6])},...')
+    rows = list(reader)
     for row in rows:
       _cell_key(row)  # a row cut short or garbled raises here, not later
     return rows

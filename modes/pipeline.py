@@ -122,8 +122,11 @@ def _trained(config, stage: str, sampling_steps=None) -> bool:
 def run_pipeline(config) -> str:
   """Runs (or resumes) every stage, each followed by its quality-lost table row; then samples.
 
-  Returns the results folder.
+  A finished stage trained from other values of a field it depends on is refused first, in one line
+  (`stages.check_fresh_stages`; --config.retrain_stale=True retrains it). Returns the results folder.
   """
+  stages.check_fresh_stages(config, [('teacher', None), ('stage1', None),
+                                      *(('stage2', n) for n in stages.stage2_rounds(config))])  # before any work
   results_dir = files.join(config.workdir, 'results')
   timings_path = files.join(results_dir, 'timings.json')
   timings = _read_timings(timings_path)

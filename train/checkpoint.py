@@ -2,10 +2,12 @@
 owns what a record holds and when one fits) and a digest of what was written, damaged steps set aside, clear
 refusals."""
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -138,6 +140,34 @@ def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
                                              record=ocp.args.JsonSave(record)), force=True)
 
 
+class SaveError(CheckpointError):
+  """A checkpoint could not be written (disk full, permissions, ...): training stopped at that save."""
+
+
+def os_cause(err: BaseException) -> str:
+  """What the operating system said, where err (or an error it was raised from) carries it: 'No space left on
+  device'; TensorStore's '[os_error_code=28]' too. Else err's first line."""
+  for cause in _causes(err):
+    if isinstance(cause, OSError) and cause.strerror:
+      return cause.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(cause))
+    if code:
+      return os.strerror(int(code.group(1)))
+  return first_line(err)
+
+
+@contextlib.contextmanager
+def save_errors_as_error(title: str, ckpt_dir: str, step: int):
+  """Turns an error of writing step's checkpoint into a SaveError of one line naming the directory and the cause."""
+  try:
+    yield
+  except (NonFiniteStateError, SaveError):
+    raise
+  except Exception as err:  # pylint: disable=broad-except  (any failure to write is a failed save)
+    raise SaveError(f'[{title}] could not save step {step} in {ckpt_dir}: {os_cause(err)}; fix that (free space, '
+                    'permissions) and run the same command to resume from the last saved step') from err
+
+
 def _check_items(manager: ocp.CheckpointManager, step: int) -> None:
   """DamageError when a step lacks an item (removed, or a numeric folder that is no checkpoint)."""
   missing = [item for item in ITEMS if not (manager.directory / str(step) / item).is_dir()]
@@ -191,8 +221,9 @@ def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *
 
   A damaged checkpoint (`is_damage`: missing, truncated or corrupted files, or bytes that do not match the digest
   saved with them) is moved aside to `corrupted.STEP` (kept as evidence, never deleted) and the previous one is
-  used, with a warning; if none is readable the run stops rather than training from scratch. Any other read error (out of memory, network, permissions) stops the
-  run with one line and moves nothing. A checkpoint of another model is refused at once.
+  used, with a warning; if none is readable the run stops rather than training from scratch. Any other read error
+  (out of memory, network, permissions) stops the run with one line and moves nothing. A checkpoint of another model
+  is refused at once.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   for step in sorted(manager.all_steps(), reverse=True):

@@ -3,8 +3,6 @@
 import contextlib
 import dataclasses
 import json
-import os
-import re
 import signal
 import threading
 import time
@@ -30,10 +28,6 @@ class Preempted(Exception):
     self.step, self.ckpt_dir, self.signum = step, ckpt_dir, signum
 
 
-class SaveError(checkpoint.CheckpointError):
-  """A checkpoint could not be written (disk full, permissions, ...): training stopped at that save."""
-
-
 def per_host_batch_size(global_batch_size: int) -> int:
   if global_batch_size % jax.device_count():
     raise ValueError(f'batch_size {global_batch_size} does not divide over {jax.device_count()} devices: '
@@ -56,30 +50,6 @@ def make_writer(logdir: Optional[str], *, config: Optional[dict] = None):
   if config is not None:
     writer.write_hparams(writers.config_hparams(config))
   return writer
-
-
-def os_cause(err: BaseException) -> str:
-  """What the operating system said, where err (or an error it was raised from) carries it: 'No space left on
-  device'; TensorStore's '[os_error_code=28]' too. Else err's first line."""
-  for cause in checkpoint._causes(err):  # pylint: disable=protected-access
-    if isinstance(cause, OSError) and cause.strerror:
-      return cause.strerror
-    code = re.search(r"os_error_code='?(\d+)", str(cause))
-    if code:
-      return os.strerror(int(code.group(1)))
-  return checkpoint.first_line(err)
-
-
-@contextlib.contextmanager
-def save_errors_as_error(title: str, ckpt_dir: str, step: int):
-  """Turns an error of writing step's checkpoint into a SaveError of one line naming the directory and the cause."""
-  try:
-    yield
-  except (checkpoint.NonFiniteStateError, SaveError):
-    raise
-  except Exception as err:  # pylint: disable=broad-except  (any failure to write is a failed save)
-    raise SaveError(f'[{title}] could not save step {step} in {ckpt_dir}: {os_cause(err)}; fix that (free space, '
-                    'permissions) and run the same command to resume from the last saved step') from err
 
 
 def _finish(manager, writer, *, failed: bool) -> None:
@@ -374,9 +344,9 @@ class _Run:
       return NonFiniteError(f'[{self.title}] {what}: stopped, no checkpoint saved; rerun with a lower learning rate '
                             f'({lr}) or check the data')
     if all_skipped and 0 < self.start == last:
-      return NonFiniteError(f'[{self.title}] {what}: stopped; step {last} in {ckpt_dir}, the last finite checkpoint and '
-                            'the one this run resumed from, has diverged itself (no finite update since): restart '
-                            f'the stage from scratch: {scratch}, then rerun with a lower learning rate ({lr})')
+      return NonFiniteError(f'[{self.title}] {what}: stopped; step {last} in {ckpt_dir}, the last finite checkpoint '
+                            'and the one this run resumed from, has diverged itself (no finite update since): '
+                            f'restart the stage from scratch: {scratch}, then rerun with a lower learning rate ({lr})')
     return NonFiniteError(f'[{self.title}] {what}: stopped; the last finite checkpoint is step {last} in {ckpt_dir}. '
                           f'To go on from it, rerun with a lower learning rate ({lr}); to restart the stage from '
                           f'scratch (if that step has diverged too), {scratch} and rerun')
@@ -395,15 +365,14 @@ class _Run:
 
   def save(self, state, step: int) -> None:
     """Saves step's state and waits until it is written, so training stops at the first save that fails
-    (SaveError); a non-finite state is never saved (NonFiniteError). Then flushes the scalars logged so far: a kill
-    loses at most the lines since the last checkpoint (a resume writes them again)."""
-    with save_errors_as_error(self.title, self.ckpt_dir, step):
-      try:
+    (checkpoint.SaveError); a non-finite state is never saved (NonFiniteError). Then flushes the scalars logged so
+    far: a kill loses at most the lines since the last checkpoint (a resume writes them again)."""
+    try:
+      with checkpoint.save_errors_as_error(self.title, self.ckpt_dir, step):
         checkpoint.save(self.manager, self.sharded.unpack(state), self.record)
-      except checkpoint.NonFiniteStateError as err:
-        raise self.diverged(f'{err} at step {step} (not saved)') from err
-      self.manager.wait_until_finished()
-      self.manager.check_for_errors()
+        self.manager.wait_until_finished()
+    except checkpoint.NonFiniteStateError as err:
+      raise self.diverged(f'{err} at step {step} (not saved)') from err
     if self.writer is not None:
       self.writer.flush()
 

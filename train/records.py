@@ -212,20 +212,25 @@ def is_finished(ckpt_dir: str) -> bool:
   return train_steps is not None and step >= train_steps
 
 
-def stale_field(ckpt_dir: str, config, stage: str) -> Optional[tuple[str, object, object]]:
-  """(field, value the finished stage in ckpt_dir was trained with, value in config) of the first field the stage
-  depends on (`stage_inputs`) where they differ; None when they agree, the stage is not finished, or its record
-  holds no config. Fields only one of them has (added to the config later) are left out."""
-  if not is_finished(ckpt_dir):
-    return None
-  saved_config = read(ckpt_dir).get('config')
-  if saved_config is None:
-    return None
+def changed_input(saved_config: dict, config, stage: str) -> Optional[tuple[str, object, object]]:
+  """(field, saved value, value in config) of the first field stage depends on (`stage_inputs`) where the config
+  its checkpoint was trained with and config differ; None when they agree. Fields only one of them has (added to
+  the config later) are left out, as is asking for more steps at a constant learning rate (`_continues`)."""
   saved, now = stage_inputs(saved_config, stage), stage_inputs(config, stage)
   for field in sorted(saved.keys() & now.keys()):
     if saved[field] != now[field] and not _continues(field, saved, now, stage):
       return field, saved[field], now[field]
   return None
+
+
+def stale_field(ckpt_dir: str, config, stage: str) -> Optional[tuple[str, object, object]]:
+  """`changed_input` of the finished stage in ckpt_dir against config; None when it is not finished (a resumed
+  stage goes on with the config given, e.g. a lower learning rate after a divergence) or its record holds no
+  config."""
+  if not is_finished(ckpt_dir):
+    return None
+  saved_config = read(ckpt_dir).get('config')
+  return None if saved_config is None else changed_input(saved_config, config, stage)
 
 
 class StaleStageError(CheckpointError):
