@@ -8,13 +8,11 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import tiny_config
-from distill import stages
 from modes.validation import ConfigError, validate_config
 from train import checkpoint, records
 from train.loop import NonFiniteError, run_training
@@ -66,36 +64,28 @@ def test_a_stage_whose_last_updates_were_skipped_is_not_complete(tmp_path):
     records.check_complete(ckpt_dir)  # not a teacher anything may be distilled from
 
 
-def _follow(message: str, config):
-  """Does what a divergence message says: a lower learning rate, and the `mv` it prints when it prints one."""
-  move = re.search(r'mv (\S+) (\S+)', message)
-  if move and 'has diverged itself' in message:
-    shutil.move(move.group(1), move.group(2))
-  config.train.lr = 1e-3
-
-
 def test_the_divergence_advice_works_when_followed(tmp_path):
-  config = tiny_config(tmp_path, train=20)
-  config.train.update(lr=1e6, max_nonfinite_steps=4, checkpoint_every=2)  # diverges after a few checkpoints
+  """lr = 1e19: the first updates leave finite but huge parameters (saved), then the loss overflows."""
+  section = _section(tmp_path, num_steps=8, checkpoint_every=2, max_nonfinite_steps=4, lr=1e19)
+  ckpt_dir = str(tmp_path / 'ckpt')
+  train = lambda: run_training(title='diverge', loss_fn=_quadratic, params={'w': jnp.zeros(3)}, section=section,
+                               ckpt_dir=ckpt_dir, record={'stage': 'teacher'}, make_batches=_batches(1000), seed=0)
   with pytest.raises(NonFiniteError) as err:
-    stages.train_teacher(config)
-  message, teacher_dir = str(err.value), stages.stage_dir(config.workdir, 'teacher')
-  last = checkpoint.latest_step(teacher_dir)
-  assert last is not None and f'the last finite checkpoint is step {last} in {teacher_dir}. To go on from it, rerun ' \
-      'with a lower learning rate (--config.train.lr, now 1e+06)' in message
-  assert f'mv {teacher_dir} {teacher_dir}.diverged and rerun' in message  # the restart from scratch
-  _follow(message, config)  # first: go on from the last finite checkpoint with a lower learning rate
-  for _ in range(2):  # ... and, where that checkpoint has diverged itself, what the next message says
-    try:
-      stages.train_teacher(config)
-      break
-    except NonFiniteError as again:
-      assert f'step {last} in {teacher_dir}, the last finite checkpoint and the one this run resumed from, has ' \
-          'diverged itself (no finite update since): restart the stage from scratch: mv ' in str(again)
-      _follow(str(again), config)
-  _, params, _ = stages.load_stage_params(config, 'teacher')
-  assert checkpoint.latest_step(teacher_dir) == 20
-  assert all(np.all(np.isfinite(x)) and np.max(np.abs(x)) < 1e3 for x in jax.tree.leaves(params))
+    train()
+  last = checkpoint.latest_step(ckpt_dir)
+  assert last is not None and (f'the last finite checkpoint is step {last} in {ckpt_dir}. To go on from it, rerun '
+                               'with a lower learning rate (--config.train.lr, now 1e+19); to restart the stage from '
+                               f'scratch (if that step has diverged too), mv {ckpt_dir} {ckpt_dir}.diverged and '
+                               'rerun') in str(err.value)
+  section.lr = 1e-2  # going on from it with a lower learning rate ...
+  with pytest.raises(NonFiniteError) as err:
+    train()
+  assert (f'step {last} in {ckpt_dir}, the last finite checkpoint and the one this run resumed from, has diverged '
+          'itself (no finite update since): restart the stage from scratch: mv ') in str(err.value)
+  source, target = re.search(r'mv (\S+) (\S+),', str(err.value)).groups()
+  shutil.move(source, target)  # ... so, as the message says, from scratch
+  state, _ = train()
+  assert checkpoint.latest_step(ckpt_dir) == 8 and np.all(np.abs(np.asarray(state.params['w'])) < 1.0)
 
 
 @pytest.mark.parametrize('field, value, message', [

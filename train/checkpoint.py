@@ -113,10 +113,8 @@ def _fields(state) -> dict:
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'layout'}
 
 
-def nonfinite_fields(state) -> list[str]:
-  """The fields of a state holding a NaN or an infinity (float leaves only)."""
-  bad = lambda leaf: np.issubdtype(leaf.dtype, np.inexact) and not np.all(np.isfinite(_host_leaf(leaf)))
-  return [name for name, tree in _fields(state).items() if any(bad(leaf) for leaf in jax.tree.leaves(tree))]
+def _nonfinite(leaves: list[np.ndarray]) -> bool:
+  return any(np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)) for x in leaves)
 
 
 def record_digest(record: dict) -> str:
@@ -126,14 +124,15 @@ def record_digest(record: dict) -> str:
 
 
 def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
-  """Saves state (unpacked) at its step with record and the digest of both.
+  """Saves state (unpacked) at its step with record and the digest of both (each field's `params_digest`).
 
   NonFiniteStateError, and nothing written, when a field of state holds a NaN or an infinity.
   """
-  bad = nonfinite_fields(state)
+  host = {name: [_host_leaf(x) for x in jax.tree.leaves(tree)] for name, tree in _fields(state).items()}  # one copy
+  bad = [name for name, leaves in host.items() if _nonfinite(leaves)]
   if bad:
     raise NonFiniteStateError(f'non-finite values in {", ".join(bad)}')
-  digest = {name: params_digest(tree) for name, tree in _fields(state).items()}
+  digest = {name: params_digest(leaves) for name, leaves in host.items()}
   record = dict(record, **{DIGEST_KEY: dict(digest, record=record_digest(record))})
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
