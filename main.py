@@ -2,6 +2,7 @@
 
 import logging as pylogging
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -84,10 +85,22 @@ def main(argv):
       MODES[_MODE.value](_CONFIG.value)
 
 
+def _os_error_line(err: OSError) -> str:
+  """'PATH: No space left on device: check ...': the path and the operating system's words."""
+  path = err.filename or '(no path given)'
+  if err.filename2:
+    path = f'{path} -> {err.filename2}'
+  cause = 'exists and is not a directory' if isinstance(err, FileExistsError) else err.strerror or err
+  return (f'{path}: {cause}: check the path (--config.workdir and the other paths), its permissions and free '
+          'space, then run the same command again')
+
+
 def run():
   """Runs main; expected errors (bad config, data, checkpoint, out of memory) exit 1 with one line, no traceback.
 
-  A run stopped by SIGTERM (pre-emption) saves a checkpoint and exits PREEMPTED_EXIT_CODE with one line.
+  A run stopped by SIGTERM (pre-emption) or Ctrl-C saves a checkpoint and exits 128 + the signal number
+  (PREEMPTED_EXIT_CODE for SIGTERM) with one line; an operating-system error (a workdir that is a file, read-only
+  or full) is one `error:` line naming the path.
   """
   from data import DataError  # pylint: disable=g-import-not-at-top
   from eval.inception import WeightsError  # pylint: disable=g-import-not-at-top
@@ -119,7 +132,7 @@ def run():
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
   except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, OutOfMemoryError, WeightsError,
           WorkdirLocked) as err:
-    print(f'error: {err}', file=sys.stderr)
+    sys.stderr.write(f'error: {err}\n')  # one write: a library thread's output cannot split the line
     sys.exit(1)
   except PeerLostError as err:
     print(f'error: {err}', file=sys.stderr, flush=True)
@@ -127,7 +140,13 @@ def run():
     os._exit(1)  # pylint: disable=protected-access  (jax.distributed's exit handler would wait for the lost peer)
   except Preempted as err:
     print(f'preempted: {err}', file=sys.stderr)
-    sys.exit(PREEMPTED_EXIT_CODE)
+    sys.exit(128 + err.signum)  # PREEMPTED_EXIT_CODE for SIGTERM, 130 for Ctrl-C
+  except KeyboardInterrupt:
+    print('interrupted: Ctrl-C outside a training step, nothing saved; run the same command to go on', file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
+  except OSError as err:  # the workdir is a file, read-only, full, ...
+    sys.stderr.write(f'error: {_os_error_line(err)}\n')
+    sys.exit(1)
 
 
 if __name__ == '__main__':

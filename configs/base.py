@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.workdir = 'runs/default'
+  # A finished stage whose checkpoint was trained from other values of the fields it depends on (train/records.py,
+  # stage_inputs) than this config gives is refused; retrain_stale=True sets it aside (<dir>.stale) and trains it
+  # again (a student whose teacher changed too, as distill.redistill does).
+  config.retrain_stale = False
 
   config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir=''))
   # unet fields: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups; mlp: hidden, num_layers.

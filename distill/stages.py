@@ -105,17 +105,40 @@ class TrainingJob:
     return stage_dir(workdir, self.record['stage'], self.record['sampling_steps'])
 
 
+def _set_aside_or_refuse_stale(config, job: TrainingJob, ckpt_dir: str) -> None:
+  """A finished stage trained from other config values (`records.check_fresh`), or a student of another teacher
+  (`records.check_same_teacher`), is refused; with retrain_stale (or, for a changed teacher, distill.redistill) it
+  is moved to <ckpt_dir>.stale and trained again."""
+  stage = job.record['stage']
+  changed = records.stale_field(ckpt_dir, config, stage)
+  other_teacher = records.is_stale(ckpt_dir, job.record)
+  if (config.retrain_stale and (changed or other_teacher)) or (config.distill.redistill and other_teacher):
+    aside = checkpoint.set_aside(ckpt_dir, f'{ckpt_dir}.stale')
+    why = f'trained with {changed[0]}={changed[1]!r}' if changed else 'distilled from an older teacher'
+    logging.warning('[%s] %s: moved %s to %s, training it again', job.title, why, ckpt_dir, aside)
+    _write_config(ckpt_dir, config)
+    return
+  records.check_same_teacher(ckpt_dir, job.record)  # first: a changed teacher explains changed teacher fields
+  records.check_fresh(ckpt_dir, config, stage, fix=RETRAIN_FIX)
+
+
+RETRAIN_FIX = 'pass --config.retrain_stale=True to set it aside and train it again'
+
+
+def check_fresh_stages(config, stages_and_steps) -> None:
+  """Refuses, before anything runs, the first finished stage of config.workdir among (stage, sampling steps) that
+  was trained from other values of a field it depends on (`records.check_fresh`); with retrain_stale, none."""
+  if config.retrain_stale:
+    return
+  for stage, sampling_steps in stages_and_steps:
+    records.check_fresh(stage_dir(config.workdir, stage, sampling_steps), config, stage, fix=RETRAIN_FIX)
+
+
 def _train(config, job: TrainingJob) -> tuple[str, dict]:
   """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars."""
   ckpt_dir = job.ckpt_dir(config.workdir)
   _write_config(ckpt_dir, config)  # first: every process then sees the directory before a manager opens it
-  if config.distill.redistill and records.is_stale(ckpt_dir, job.record):
-    aside = checkpoint.set_aside(ckpt_dir, f'{ckpt_dir}.stale')
-    logging.warning('[%s] distilled from an older teacher: moved %s to %s, distilling again', job.title,
-                    ckpt_dir, aside)
-    _write_config(ckpt_dir, config)
-  else:
-    records.check_same_teacher(ckpt_dir, job.record)
+  _set_aside_or_refuse_stale(config, job, ckpt_dir)
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
                             make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,
@@ -143,7 +166,8 @@ def train_teacher(config) -> str:
 
 
 def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
-  """(model, EMA params, record) of a finished stage of this run, checked against the config.
+  """(model, EMA params, record) of a finished stage of this run, checked against the config: refused when it is
+  incomplete, or when it was trained from other values of the fields it depends on (`records.check_fresh`).
 
   The record gains 'provenance' {'dir', 'step', 'params_sha1'}: what a student distilled from it records as
   its teacher. An incomplete stage is refused unless config.distill.allow_incomplete_teacher.
@@ -152,6 +176,8 @@ def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
   model, abstract = records.build(record)
   ckpt_dir = stage_dir(config.workdir, stage, sampling_steps)
   step = records.check_complete(ckpt_dir, allow_incomplete=config.distill.allow_incomplete_teacher)
+  records.check_fresh(ckpt_dir, config, stage, fix=f'rerun --mode={stage} with '
+                      '--config.retrain_stale=True to train it again')
   params = checkpoint.load_params(ckpt_dir, abstract, check_record=records.checker(record, ckpt_dir))
   provenance = dict(dir=files.relative(ckpt_dir, config.workdir), step=step,
                     params_sha1=checkpoint.params_digest(params))

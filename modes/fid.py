@@ -221,7 +221,16 @@ def _cell_key(row) -> tuple:
 
 
 def _read_rows(path: str) -> list[dict]:
-  return list(csv.DictReader(io.StringIO(files.read_text(path)))) if files.exists(path) else []
+  """The rows of results.csv; [] when there is none or it is unreadable (every cell scored again, one warning)."""
+  def read(path):
+    reader = csv.DictReader(io.StringIO(files.read_text(path)))
+    if not set(CSV_FIELDS[:6]) <= set(reader.fieldnames or ()):
+      raise ValueError(f'its header is not {",".join(CSV_FIELDS[:6])},...')
+    rows = list(reader)
+    for row in rows:
+      _cell_key(row)  # a row cut short or garbled raises here, not later
+    return rows
+  return files.read_cache(path, read) or []
 
 
 def run_classifier(config) -> float:

@@ -34,16 +34,21 @@ def _grid_samples(config, results_dir: str, loaded: dict, method, w: float, *, z
   key = ' | '.join([method.label, records.checkpoint_id(method.ckpt_dir), f'w={w:g}', f'n={len(label)}',
                     f'seed={config.pipeline.seed}', f'clip_x={config.eval.clip_x}'])
   path = files.join(results_dir, 'grid_samples', f'{method.file_stem}_w{w:g}.npz')
-  if files.exists(path):
-    stored = files.read_npz(path)
-    if str(stored['key']) == key:
-      return stored['samples']
+  stored = files.read_cache(path, _read_grid_samples)
+  if stored is not None and stored[0] == key:
+    return stored[1]
   samples = load_cached(loaded, method.ckpt_dir).sample(sampler=method.sampler, num_steps=method.steps, guidance_w=w,
                                                         z_init=z_init, label=label, seed=config.pipeline.seed,
                                                         clip_x=config.eval.clip_x)
   if jax.process_index() == 0:
     files.write_npz(path, samples=samples, key=np.array(key))
   return samples
+
+
+def _read_grid_samples(path: str) -> tuple[str, np.ndarray]:
+  """(key, samples) of a grid_samples/*.npz."""
+  stored = files.read_npz(path)
+  return str(stored['key']), stored['samples']
 
 
 def _sample_all(config, results_dir: str, writer) -> list[dict]:
@@ -97,8 +102,14 @@ def _summary(config, timings: dict, entries: list[dict], quality_lines: list[str
   return '\n'.join(lines) + '\n'
 
 
-def _read_json(path: str) -> dict:
-  return files.read_json(path) if files.exists(path) else {}
+def _read_timings(path: str) -> dict:
+  """timings.json; {} when there is none or it is unreadable (one warning; this run's times are written)."""
+  def read(path):
+    timings = files.read_json(path)
+    if not isinstance(timings, dict):
+      raise TypeError('not a JSON object')
+    return timings
+  return files.read_cache(path, read) or {}
 
 
 def _trained(config, stage: str, sampling_steps=None) -> bool:
@@ -111,11 +122,14 @@ def _trained(config, stage: str, sampling_steps=None) -> bool:
 def run_pipeline(config) -> str:
   """Runs (or resumes) every stage, each followed by its quality-lost table row; then samples.
 
-  Returns the results folder.
+  A finished stage trained from other values of a field it depends on is refused first, in one line
+  (`stages.check_fresh_stages`; --config.retrain_stale=True retrains it). Returns the results folder.
   """
+  stages.check_fresh_stages(config, [('teacher', None), ('stage1', None),
+                                      *(('stage2', n) for n in stages.stage2_rounds(config))])  # before any work
   results_dir = files.join(config.workdir, 'results')
   timings_path = files.join(results_dir, 'timings.json')
-  timings = _read_json(timings_path)
+  timings = _read_timings(timings_path)
   run, skipped = {}, set()  # this invocation's seconds; the names of stages that were already done
   writer = make_writer(files.join(config.workdir, 'logs', 'pipeline'))
   quality = StageQuality(config, writer)

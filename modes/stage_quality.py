@@ -121,7 +121,13 @@ def paired_rms(teacher_samples: np.ndarray, student_samples: np.ndarray) -> Opti
 
 
 def _read_rows(path: str) -> dict:
-  return files.read_json(path)['rows'] if files.exists(path) else {}
+  """The rows of stage_quality.json by key; {} when there is none or it is unreadable (recomputed, one warning)."""
+  def read(path):
+    rows = files.read_json(path)['rows']
+    if not isinstance(rows, dict) or not all(isinstance(row, dict) for row in rows.values()):
+      raise TypeError('not a dict of rows')
+    return rows
+  return files.read_cache(path, read) or {}
 
 
 def _scalars(stage: str, row: dict) -> dict:

@@ -13,7 +13,7 @@ from absl import logging
 from distill.stages import stage_dir
 from modes.pipeline import run_pipeline
 from modes.validation import ConfigError, validate_config
-from train import files
+from train import files, records
 
 
 def load_config_module(config_path: str):
@@ -69,42 +69,26 @@ def point_config(config, overrides: dict, workdir: str):
   return point
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def _cli_value(value) -> str:
   return value if isinstance(value, str) else repr(value)
 
 
 def pipeline_command(config_path: str, point, overrides: dict, defaults) -> str:
   """The main.py command that runs one point: its overrides, then every other field that differs from defaults."""
-  values, default_values = _flatten(point.to_dict()), _flatten(defaults.to_dict())
+  values, default_values = records.flatten(point.to_dict()), records.flatten(defaults.to_dict())
   changed = [k for k, v in values.items() if k not in overrides and k != 'workdir' and v != default_values.get(k)]
   args = ['python', 'main.py', f'--config={config_path}', '--mode=pipeline', f'--config.workdir={point.workdir}']
   args += [f'--config.{key}={_cli_value(values[key])}' for key in [*overrides, *changed]]
   return shlex.join(args)
 
 
-# The config sections a stage's checkpoint does not depend on: those of later stages, evaluation and output.
-_NOT_INPUTS = {
-    'teacher': ('distill', 'stage1', 'stage2', 'encoder', 'direct', 'transfer', 'eval', 'pipeline', 'sample',
-                'profile', 'workdir'),
-    'stage1': ('stage2', 'encoder', 'direct', 'transfer', 'eval', 'pipeline', 'sample', 'profile', 'workdir'),
-}
-SHARED_STAGES = tuple(_NOT_INPUTS)  # in chain order: a stage is shared only if the ones before it are
+SHARED_STAGES = ('teacher', 'stage1')  # in chain order: a stage is shared only if the ones before it are
 
 
 def stage_inputs(config, stage: str) -> str:
-  """Every config field stage's checkpoint depends on, as one string: equal strings train equal checkpoints."""
-  fields = {k: v for k, v in _flatten(config.to_dict()).items() if k.split('.')[0] not in _NOT_INPUTS[stage]}
-  return repr(sorted(fields.items()))
+  """Every config field stage's checkpoint depends on (`records.stage_inputs`, the definition a rerun's refusal of
+  a stale stage uses too), as one string: equal strings train equal checkpoints."""
+  return repr(sorted(records.stage_inputs(config, stage).items()))
 
 
 def reuse_stages(point, trained: dict) -> list[str]:

@@ -97,8 +97,7 @@ def _evaluate(config, pair, method: str, w_decode: float, extract, reference, *,
 def run_transfer(config) -> str:
   """Writes the transfer grid and transfer_results.{csv,md} over steps x w_decode, distilled vs DDIM."""
   tr = config.transfer
-  out_dir = tr.out_dir or files.join(config.workdir, 'transfer')
-  files.makedirs(out_dir)
+  out_dir = tr.out_dir or files.join(config.workdir, 'transfer')  # made by its first file: none after a refusal
   cache = {}
   pairs = {(m, n): EncoderDecoder(config, m, n, cache) for m in ('distilled', 'ddim') for n in tr.steps}
   grid_path, grid = _write_grid(config, pairs, out_dir)

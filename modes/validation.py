@@ -1,5 +1,7 @@
 """Config sanity checks: each bad value gives one ConfigError line that names the field and the fix."""
 
+import math
+
 from data import DataError, dataset_info
 from diffusion import DDPM_VARIANCES, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
 from models import COMPUTE_DTYPES, MODEL_NAMES
@@ -23,6 +25,23 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _finite(value) -> bool:
+  """Whether value is a real number, neither NaN nor infinite."""
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_guidance_weights(config) -> None:
+  """Every guidance weight a mode trains or samples at is a finite number (a NaN w gives NaN samples)."""
+  fields = {'distill.w_min': config.distill.w_min, 'distill.w_max': config.distill.w_max,
+            'sample.guidance_w': config.sample.guidance_w, 'transfer.w_encode': config.transfer.w_encode,
+            'transfer.w_decode': config.transfer.w_decode, **{f'pipeline.guidance_ws[{i}]': w for i, w in
+                                                              enumerate(config.pipeline.guidance_ws)},
+            **{f'eval.guidance_ws[{i}]': w for i, w in enumerate(config.eval.guidance_ws)},
+            **{f'transfer.eval_ws[{i}]': w for i, w in enumerate(config.transfer.eval_ws)}}
+  for name, w in fields.items():
+    _require(_finite(w), f'{name} must be a finite guidance weight, got {w}')
+
+
 def is_power_of_two(n: int) -> bool:
   return n >= 1 and n & (n - 1) == 0
 
@@ -30,7 +49,9 @@ def is_power_of_two(n: int) -> bool:
 def _check_optimizer(name: str, section) -> None:
   _require(section.batch_size > 0, f'{name}.batch_size must be > 0, got {section.batch_size}')
   _require(section.num_steps > 0, f'{name}.num_steps must be > 0, got {section.num_steps}')
-  _require(section.lr > 0, f'{name}.lr must be > 0, got {section.lr}')
+  _require(_finite(section.lr) and section.lr > 0, f'{name}.lr must be a finite number > 0, got {section.lr}')
+  _require(_finite(section.weight_decay) and section.weight_decay >= 0,
+           f'{name}.weight_decay must be a finite number >= 0, got {section.weight_decay}')
   _require(0 <= section.warmup_steps, f'{name}.warmup_steps must be >= 0, got {section.warmup_steps}')
   _require(section.lr_decay in LR_DECAYS,
            f"unknown {name}.lr_decay '{section.lr_decay}'; choose one of: {', '.join(LR_DECAYS)}")
@@ -41,7 +62,7 @@ def _check_optimizer(name: str, section) -> None:
   _require(section.keep_checkpoints >= 1, f'{name}.keep_checkpoints must be >= 1')
   _require(section.max_nonfinite_steps >= 1, f'{name}.max_nonfinite_steps must be >= 1')
   for key, scale in (section.get('lr_scales') or {}).items():
-    _require(scale > 0, f'{name}.lr_scales.{key} must be > 0, got {scale}')
+    _require(_finite(scale) and scale > 0, f'{name}.lr_scales.{key} must be a finite number > 0, got {scale}')
 
 
 def _check_model(config, info) -> None:
@@ -96,6 +117,8 @@ def validate_config(config) -> None:
   diffusion = config.diffusion
   _require(diffusion.schedule in SCHEDULES,
            f"unknown diffusion.schedule '{diffusion.schedule}'; choose one of: {', '.join(SCHEDULES)}")
+  _require(_finite(diffusion.logsnr_min) and _finite(diffusion.logsnr_max),
+           f'diffusion.logsnr_min and logsnr_max must be finite, got {diffusion.logsnr_min} and {diffusion.logsnr_max}')
   _require(diffusion.logsnr_min < diffusion.logsnr_max, 'diffusion.logsnr_min must be < diffusion.logsnr_max')
   _require(diffusion.parametrization in PARAMETRIZATIONS,
            f"unknown diffusion.parametrization '{diffusion.parametrization}'; "
@@ -106,6 +129,9 @@ def validate_config(config) -> None:
     _check_optimizer(name, config[name])
   _require(0 <= config.train.p_uncond < 1, f'train.p_uncond must be in [0, 1), got {config.train.p_uncond}')
   _require(config.distill.stage in STAGES, f"unknown distill.stage '{config.distill.stage}'; choose stage1 or stage2")
+  _check_guidance_weights(config)
+  _require(0 <= config.distill.w_zero_fraction <= 1,
+           f'distill.w_zero_fraction must be in [0, 1], got {config.distill.w_zero_fraction}')
   _require(config.distill.w_min <= config.distill.w_max, f'distill.w_min ({config.distill.w_min}) > distill.w_max '
            f'({config.distill.w_max}): the guidance range is reversed, swap them')
   _require(config.distill.dropout == -1 or 0 <= config.distill.dropout < 1,

@@ -263,7 +263,7 @@ def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_
       yield {'x': np.full((64, 3), np.nan if step >= 4 else 1.0, np.float32), 'label': np.zeros(64, np.int32)}
 
   # Steps 5, 6, 7 are non-finite: the limit of 3 is reached at step 7, between log steps, and the run stops there.
-  with pytest.raises(NonFiniteError, match='3 non-finite steps in a row at step 7: stopped, the last checkpoint'):
+  with pytest.raises(NonFiniteError, match='3 non-finite steps in a row at step 7: stopped; the last finite checkpoint is step 6 in'):
     run_training(title='nan', loss_fn=loss_fn, params={'w': jnp.zeros(3)}, section=section,
                  ckpt_dir=str(tmp_path / 'ckpt'), record={'stage': 'teacher'}, make_batches=make_batches, seed=0)
   assert checkpoint.latest_step(str(tmp_path / 'ckpt')) == 6  # nothing after the limit was saved

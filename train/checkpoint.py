@@ -1,9 +1,13 @@
 """Orbax checkpoints: one manager per stage or round, saved with a JSON record of what made them (train/records.py
-owns what a record holds and when one fits), damaged steps set aside, clear refusals."""
+owns what a record holds and when one fits) and a digest of what was written, damaged steps set aside, clear
+refusals."""
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -20,15 +24,48 @@ from train.mesh import data_mesh
 DAMAGE_CODES = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE', 'INVALID_ARGUMENT', 'FAILED_PRECONDITION')
 
 
+# The items of every step: the train state and the JSON record. The record's 'digest' holds the sha1 of each state
+# field and of the record itself as they were written (a record without one predates digests: read unverified).
+ITEMS = ('state', 'record')
+DIGEST_KEY = 'digest'
+
+
 class CheckpointError(ValueError):
   """A checkpoint is missing, incomplete or was made for another model; the message names the fix."""
 
 
-def is_damage(err: Exception) -> bool:
+class DamageError(ValueError):
+  """A checkpoint step's files are missing or hold other bytes than were written (an item gone, a digest that
+  does not match)."""
+
+
+class NonFiniteStateError(ValueError):
+  """A state to be saved holds non-finite values; nothing was written."""
+
+
+def _causes(err: BaseException):
+  """err and the errors it was raised from (Orbax wraps TensorStore's errors in a bare Exception)."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    yield err
+    err = err.__cause__ or err.__context__
+
+
+def is_damage(err: BaseException) -> bool:
   """Whether a read error means the checkpoint's files are missing, truncated or corrupted (set the step aside)
-  rather than that they cannot be read now: memory, network, permissions, devices (stop, touch nothing)."""
-  if isinstance(err, (FileNotFoundError, EOFError, json.JSONDecodeError, UnicodeDecodeError)):
-    return True  # a file gone, cut short, or not the JSON / text it should be
+  rather than that they cannot be read now: memory, network, permissions, devices (stop, touch nothing).
+
+  The error and those it was raised from are looked at: any one about the files makes it damage.
+  """
+  return any(_is_damage_itself(cause) for cause in _causes(err))
+
+
+def _is_damage_itself(err: BaseException) -> bool:
+  if isinstance(err, (DamageError, FileNotFoundError, EOFError, json.JSONDecodeError, UnicodeDecodeError)):
+    return True  # a file gone, cut short, not the JSON / text it should be, or not the bytes that were written
+  if isinstance(err, KeyError):  # Orbax's 'Item "record" was not found in the checkpoint'
+    return 'not found in the checkpoint' in str(err)
   return isinstance(err, ValueError) and str(err).startswith(DAMAGE_CODES)
 
 
@@ -38,8 +75,12 @@ def _not_damage(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
 
 
 def open_manager(ckpt_dir: str, *, keep: int = 2, create: bool = True) -> ocp.CheckpointManager:
-  """An Orbax manager of ckpt_dir: a local directory (made absolute, as TensorStore needs) or a gs:// one."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+  """An Orbax manager of ckpt_dir: a local directory (made absolute, as TensorStore needs) or a gs:// one.
+
+  Saves are synchronous: training goes on only once a step is on disk, so the first save that fails stops it with
+  that save's error (an asynchronous one would surface at a later step, after more training).
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
   return ocp.CheckpointManager(epath.Path(files.absolute(ckpt_dir)), options=options)
 
 
@@ -51,27 +92,124 @@ def latest_step(ckpt_dir: str) -> Optional[int]:
     return manager.latest_step()
 
 
+def _host_leaf(leaf) -> np.ndarray:
+  """A leaf's values on this host: its first addressable shard, the whole leaf for the replicated state of a run."""
+  return np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+
+
+def params_digest(params) -> str:
+  """sha1 of a params tree's bytes, leaf by leaf in tree order: the identity of a teacher a student was made from,
+  and the digest of each state field saved with a step."""
+  digest = hashlib.sha1()
+  for leaf in jax.tree.leaves(params):
+    data = _host_leaf(leaf)
+    digest.update(f'{data.dtype}{data.shape}'.encode())
+    digest.update(np.ascontiguousarray(data).tobytes())
+  return digest.hexdigest()
+
+
+def _fields(state) -> dict:
+  """{field name: tree} of a train state (unpacked; the layout is no data)."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'layout'}
+
+
+def _nonfinite(leaves: list[np.ndarray]) -> bool:
+  return any(np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)) for x in leaves)
+
+
+def record_digest(record: dict) -> str:
+  """sha1 of a record's canonical JSON, its digest entry left out."""
+  text = json.dumps({k: v for k, v in record.items() if k != DIGEST_KEY}, sort_keys=True)
+  return hashlib.sha1(text.encode()).hexdigest()
+
+
 def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
+  """Saves state (unpacked) at its step with record and the digest of both (each field's `params_digest`).
+
+  NonFiniteStateError, and nothing written, when a field of state holds a NaN or an infinity.
+  """
+  host = {name: [_host_leaf(x) for x in jax.tree.leaves(tree)] for name, tree in _fields(state).items()}  # one copy
+  bad = [name for name, leaves in host.items() if _nonfinite(leaves)]
+  if bad:
+    raise NonFiniteStateError(f'non-finite values in {", ".join(bad)}')
+  digest = {name: params_digest(leaves) for name, leaves in host.items()}
+  record = dict(record, **{DIGEST_KEY: dict(digest, record=record_digest(record))})
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              record=ocp.args.JsonSave(record)), force=True)
 
 
+class SaveError(CheckpointError):
+  """A checkpoint could not be written (disk full, permissions, ...): training stopped at that save."""
+
+
+def os_cause(err: BaseException) -> str:
+  """What the operating system said, where err (or an error it was raised from) carries it: 'No space left on
+  device'; TensorStore's '[os_error_code=28]' too. Else err's first line."""
+  for cause in _causes(err):
+    if isinstance(cause, OSError) and cause.strerror:
+      return cause.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(cause))
+    if code:
+      return os.strerror(int(code.group(1)))
+  return first_line(err)
+
+
+@contextlib.contextmanager
+def save_errors_as_error(title: str, ckpt_dir: str, step: int):
+  """Turns an error of writing step's checkpoint into a SaveError of one line naming the directory and the cause."""
+  try:
+    yield
+  except (NonFiniteStateError, SaveError):
+    raise
+  except Exception as err:  # pylint: disable=broad-except  (any failure to write is a failed save)
+    raise SaveError(f'[{title}] could not save step {step} in {ckpt_dir}: {os_cause(err)}; fix that (free space, '
+                    'permissions) and run the same command to resume from the last saved step') from err
+
+
+def _check_items(manager: ocp.CheckpointManager, step: int) -> None:
+  """DamageError when a step lacks an item (removed, or a numeric folder that is no checkpoint)."""
+  missing = [item for item in ITEMS if not (manager.directory / str(step) / item).is_dir()]
+  if missing:
+    raise DamageError(f'step {step} has no {" or ".join(missing)} item')
+
+
 def saved_record(manager: ocp.CheckpointManager, step: int) -> dict:
-  """The JSON record saved with step (train/records.py says what it holds)."""
-  return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+  """The JSON record saved with step (train/records.py says what it holds), checked against its digest.
+
+  DamageError when an item is missing or the record is not the one written; Orbax's own errors otherwise.
+  """
+  _check_items(manager, step)
+  record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+  if not isinstance(record, dict):
+    raise DamageError(f'the record of step {step} is not a JSON object')
+  saved = record.get(DIGEST_KEY)
+  if saved is not None and saved.get('record') != record_digest(record):
+    raise DamageError(f'the record of step {step} is not the one written (its sha1 differs)')
+  return record
+
+
+def check_digest(record: dict, step: int, fields: dict) -> None:
+  """DamageError when a restored field's sha1 differs from the one saved in record (none saved: not checked)."""
+  saved = record.get(DIGEST_KEY) or {}
+  for name, tree in fields.items():
+    if name in saved and params_digest(tree) != saved[name]:
+      raise DamageError(f'the {name} of step {step} are not the bytes written (their sha1 differs)')
 
 
 def _restore_step(manager, step: int, abstract, check_record: Callable[[dict], None], ckpt_dir: str):
-  """Restores one step; CheckpointError for a checkpoint of another model, other read errors as raised (the caller
-  sorts them with is_damage)."""
-  check_record(saved_record(manager, step))
+  """Restores one step, checked against its digest; CheckpointError for a checkpoint of another model, other read
+  errors as raised (the caller sorts them with is_damage)."""
+  record = saved_record(manager, step)
+  check_record(record)
   stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
   if shapes(stored) != shapes(abstract):
     raise CheckpointError(f'checkpoint {ckpt_dir} does not fit the current model (parameter shapes differ): '
                           'use another --config.workdir or the config that made it')
-  return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
+  check_digest(record, step, _fields(state))
+  return state
 
 
 def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *,
@@ -80,10 +218,11 @@ def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *
 
   check_record(saved record) raises CheckpointError for a checkpoint of another model (`records.checker`).
 
-  A damaged checkpoint (`is_damage`: missing, truncated or corrupted files) is moved aside to `corrupted.STEP`
-  (kept as evidence, never deleted) and the previous one is used, with a warning; if none is readable the run
-  stops rather than training from scratch. Any other read error (out of memory, network, permissions) stops the
-  run with one line and moves nothing. A checkpoint of another model is refused at once.
+  A damaged checkpoint (`is_damage`: missing, truncated or corrupted files, or bytes that do not match the digest
+  saved with them) is moved aside to `corrupted.STEP` (kept as evidence, never deleted) and the previous one is
+  used, with a warning; if none is readable the run stops rather than training from scratch. Any other read error
+  (out of memory, network, permissions) stops the run with one line and moves nothing. A checkpoint of another model
+  is refused at once.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
   for step in sorted(manager.all_steps(), reverse=True):
@@ -96,23 +235,10 @@ def restore_state(manager: ocp.CheckpointManager, target_state, ckpt_dir: str, *
         raise _not_damage(step, ckpt_dir, err) from err
       aside = set_aside(manager.directory / str(step), manager.directory / f'corrupted.{step}')
       manager.reload()
-      logging.warning('checkpoint step %d in %s is unreadable (%s): moved to %s, trying the previous one',
-                      step, ckpt_dir, first_line(err), aside)
+      logging.warning('checkpoint step %d in %s is damaged (%s): moved to %s, trying the previous one',
+                      step, ckpt_dir, first_line(_damage_cause(err)), aside)
   raise CheckpointError(f'no readable checkpoint left in {ckpt_dir} (damaged ones are in corrupted.*): '
                         'restore them from a backup, or use another --config.workdir to start over')
-
-
-def params_digest(params) -> str:
-  """sha1 of a params tree's bytes, leaf by leaf in tree order: the identity of a teacher a student was made from.
-
-  Reads each leaf's first addressable shard, which is the whole leaf for the replicated params of a run.
-  """
-  digest = hashlib.sha1()
-  for leaf in jax.tree.leaves(params):
-    data = np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
-    digest.update(f'{data.dtype}{data.shape}'.encode())
-    digest.update(np.ascontiguousarray(data).tobytes())
-  return digest.hexdigest()
 
 
 def _unused_name(path: str) -> str:
@@ -156,7 +282,8 @@ def check_not_all_set_aside(ckpt_dir: str) -> None:
 
 def load_params(ckpt_dir: str, target_params, *, check_record: Callable[[dict], None],
                 which: str = 'ema_params') -> Any:
-  """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher.
+  """Loads one params tree (EMA by default) of the latest checkpoint, e.g. a frozen teacher, checked against the
+  digest saved with it.
 
   check_record(saved record) raises CheckpointError for a checkpoint of another model (`records.checker`).
 
@@ -167,11 +294,15 @@ def load_params(ckpt_dir: str, target_params, *, check_record: Callable[[dict], 
     raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
   with open_manager(ckpt_dir, create=False) as manager:
     step = manager.latest_step()
-    check_record(saved_record(manager, step))
+    try:
+      record = saved_record(manager, step)
+    except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage in unreadable)
+      raise unreadable(step, ckpt_dir, err) from err
+    check_record(record)
     try:
       stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
-    except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage in _unreadable)
-      raise _unreadable(step, ckpt_dir, err) from err
+    except Exception as err:  # pylint: disable=broad-except
+      raise unreadable(step, ckpt_dir, err) from err
     want = jax.tree.map(lambda x: tuple(x.shape), target_params)
     got = jax.tree.map(lambda x: tuple(x.shape), stored)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
@@ -181,16 +312,26 @@ def load_params(ckpt_dir: str, target_params, *, check_record: Callable[[dict], 
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+      params = restored['state'][which]
+      check_digest(record, step, {which: params})
     except Exception as err:  # pylint: disable=broad-except
-      raise _unreadable(step, ckpt_dir, err) from err
-  return restored['state'][which]
+      raise unreadable(step, ckpt_dir, err) from err
+  return params
 
 
-def _unreadable(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
+def _damage_cause(err: BaseException) -> BaseException:
+  """The error in err's chain that is about the files (err itself when none is)."""
+  return next((cause for cause in _causes(err) if _is_damage_itself(cause)), err)
+
+
+def unreadable(step: int, ckpt_dir: str, err: Exception) -> CheckpointError:
+  """The one-line CheckpointError of a step that could not be read where nothing is set aside (a teacher, a
+  record): damage says how to recover, anything else that nothing was moved."""
   if not is_damage(err):
     return _not_damage(step, ckpt_dir, err)
-  return CheckpointError(f'step {step} of {ckpt_dir} is unreadable ({first_line(err)}): rerun the mode that '
-                         'trained it, which sets a damaged step aside and resumes from the previous one')
+  return CheckpointError(f'step {step} of {ckpt_dir} is unreadable ({first_line(_damage_cause(err))}): rerun the mode '
+                         'that trained it, which sets a damaged step aside and resumes from the previous one (or fix '
+                         'the path, if it names no checkpoint)')
 
 
 def first_line(err: BaseException, limit: int = 200) -> str:

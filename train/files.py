@@ -15,12 +15,19 @@ import json
 import os
 import re
 import shutil
-from typing import Union
+import zipfile
+from typing import Callable, Optional, TypeVar, Union
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
+T = TypeVar('T')
+# What reading a damaged cache file raises: cut or garbled JSON, CSV or .npz (ValueError covers JSONDecodeError and
+# UnicodeDecodeError), content of another shape (KeyError, TypeError, ...), or a file that cannot be opened.
+CACHE_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError,
+                     zipfile.BadZipFile, csv.Error)
 
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
@@ -80,6 +87,24 @@ def read_npz(path: PathLike) -> dict[str, np.ndarray]:
   """The arrays of an .npz written by write_npz (or np.savez), read whole."""
   with np.load(io.BytesIO(read_bytes(path))) as archive:
     return {key: archive[key] for key in archive.files}
+
+
+def read_cache(path: PathLike, read: Callable[[str], T]) -> Optional[T]:
+  """read(path) of a result cache; None when there is none or it cannot be read (CACHE_READ_ERRORS), then with one
+  warning: the caller computes it again and writes it over the damaged file.
+
+  read should also check what it read has the shape the caller needs (raise KeyError, TypeError, ... if not).
+  """
+  path = os.fspath(path)
+  if not exists(path):
+    return None
+  try:
+    return read(path)
+  except CACHE_READ_ERRORS as err:
+    text = str(err).strip().splitlines()
+    logging.warning('cache %s is unreadable (%s): computing it again', path, text[0][:200] if text else
+                    type(err).__name__)
+    return None
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import socket
+import tempfile
 import time
 
 import jax
@@ -39,21 +40,26 @@ def _read(path: str) -> dict:
 def _create(path: str, me: dict) -> bool:
   """Writes me to path unless path exists; False when it does.
 
-  Local: created with O_EXCL, so of two runs starting at once exactly one creates it. Elsewhere (an object store
-  has no exclusive create through epath): checked, then written, so two runs started within the same moment can
-  both pass; one started while another runs is refused as on a local disk.
+  Local: me is written to a temporary file first, then hard-linked to path, which fails if path exists: of two runs
+  starting at once exactly one creates it, and the lock appears with its content (never empty, as an exclusive
+  create then a write would leave it for a moment). Elsewhere (an object store has no exclusive create through
+  epath): checked, then written, so two runs started within the same moment can both pass; one started while
+  another runs is refused as on a local disk.
   """
   if not files.is_local(path):
     if files.exists(path):
       return False
     files.write_json(path, me)
     return True
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f'.{LOCK_NAME}.')
   try:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      json.dump(me, f)
+    os.link(tmp, path)
   except FileExistsError:
     return False
-  with os.fdopen(fd, 'w', encoding='utf-8') as f:
-    json.dump(me, f)
+  finally:
+    os.remove(tmp)
   return True
 
 

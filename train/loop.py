@@ -6,7 +6,7 @@ import json
 import signal
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 from absl import logging
@@ -20,11 +20,12 @@ from train.state import (TrainState, create_train_state, learning_rate_schedule,
 
 
 class Preempted(Exception):
-  """Training stopped on SIGTERM after saving a checkpoint; the same command resumes from it."""
+  """Training stopped on SIGTERM or Ctrl-C (SIGINT) after saving a checkpoint; the same command resumes from it."""
 
-  def __init__(self, title: str, step: int, ckpt_dir: str):
-    super().__init__(f'[{title}] SIGTERM: saved step {step} in {ckpt_dir}; run the same command to resume')
-    self.step, self.ckpt_dir = step, ckpt_dir
+  def __init__(self, title: str, step: int, ckpt_dir: str, signum: int = signal.SIGTERM):
+    super().__init__(f'[{title}] {signal.Signals(signum).name}: saved step {step} in {ckpt_dir}; run the same '
+                     'command to resume')
+    self.step, self.ckpt_dir, self.signum = step, ckpt_dir, signum
 
 
 def per_host_batch_size(global_batch_size: int) -> int:
@@ -51,32 +52,46 @@ def make_writer(logdir: Optional[str], *, config: Optional[dict] = None):
   return writer
 
 
-def _finish(manager, writer) -> None:
-  """Waits for pending checkpoint writes and flushes the scalars."""
-  manager.wait_until_finished()
-  if writer is not None:
-    writer.flush()
+def _finish(manager, writer, *, failed: bool) -> None:
+  """Waits for pending checkpoint writes and flushes the scalars. After a failure, a further error here (the same
+  full disk, say) is a warning: the first error is the one the run reports."""
+  for step in (manager.wait_until_finished, *((writer.flush, writer.close) if writer is not None else ())):
+    try:
+      step()
+    except Exception as err:  # pylint: disable=broad-except
+      if not failed:
+        raise
+      logging.warning('after the error, %s failed too: %s', step.__qualname__, checkpoint.first_line(err))
 
 
 @contextlib.contextmanager
 def watch_preemption(manager):
-  """Yields preempted(step) -> bool, True from the step at which every process saves and stops.
+  """Yields preempted(step) -> the signal number (0: none) from the step at which every process saves and stops.
 
-  One process: a SIGTERM handler sets a flag (the previous handler is back afterwards). Under
-  jax.distributed, JAX's preemption service catches SIGTERM and picks a step all processes reach.
+  One process: SIGTERM and Ctrl-C (SIGINT) handlers set a flag (the previous handlers are back afterwards); a
+  second Ctrl-C interrupts at once. Under jax.distributed, JAX's preemption service catches SIGTERM and picks a
+  step all processes reach.
   """
   if jax.distributed.is_initialized():
-    yield manager.reached_preemption
+    yield lambda step: signal.SIGTERM if manager.reached_preemption(step) else 0
     return
   if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-    yield lambda step: False
+    yield lambda step: 0
     return
   received = []
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+  def handler(signum, frame):
+    del frame
+    received.append(signum)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+  previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
   try:
-    yield lambda step: bool(received)
+    yield lambda step: received[0] if received else 0
   finally:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    for signum, handler_before in previous.items():
+      signal.signal(signum, signal.SIG_DFL if handler_before is None else handler_before)
 
 
 class NonFiniteError(ValueError):
@@ -284,6 +299,7 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     dtype = (record.get('model') or {}).get('dtype', 'float32')  # MFU is against the peak at the compute dtype
     monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile),
                        profile_lib.peak_flops(dtype=dtype), tracer)
+    failed = True
     try:
       lost_peer = peer_loss_as_error(title, ckpt_dir, manager)
       out_of_memory = out_of_memory_as_error(f'[{title}] train step', section=config_section(record['stage']),
@@ -291,23 +307,74 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
       with watch_preemption(manager) as preempted, lost_peer, out_of_memory:
         state, scalars = _train_steps(title, sharded, state, section, manager, record, make_batches, frozen,
                                       writer, preempted, monitor)
+        failed = False
         return sharded.unpack(state), scalars
     finally:
       monitor.tracer.close()
-      _finish(manager, writer)
-      if writer is not None:
-        writer.close()
+      _finish(manager, writer, failed=failed)
 
 
-def _check_nonfinite(title: str, step_and_count, limit: int, manager) -> None:
-  """Raises NonFiniteError when (step, consecutive skipped updates up to it) has reached limit."""
-  if step_and_count is None:
-    return
-  step, count = step_and_count[0], int(step_and_count[1])
-  if count >= limit:
-    manager.wait_until_finished()
-    raise NonFiniteError(f'[{title}] {count} non-finite steps in a row at step {step}: stopped, the last checkpoint '
-                         f'(step {manager.latest_step()}) is kept; lower the learning rate or check the data')
+@dataclasses.dataclass
+class _Run:
+  """What the steps of one run_training share: where it saves and logs, and the step it started from."""
+  title: str
+  sharded: ShardedStep
+  section: Any
+  manager: Any
+  record: dict
+  writer: Any
+  start: int
+
+  @property
+  def ckpt_dir(self) -> str:
+    return str(self.manager.directory)
+
+  def diverged(self, what: str, *, all_skipped: bool = False) -> NonFiniteError:
+    """The NonFiniteError of a run stopped at non-finite training: which checkpoint is the last finite one (every
+    saved one is: `checkpoint.save` writes no other), and how to go on from it or restart the stage from scratch.
+
+    all_skipped: no update of this run was finite; when it resumed from that checkpoint, the checkpoint itself has
+    diverged and only a restart from scratch helps.
+    """
+    self.manager.wait_until_finished()
+    last, ckpt_dir = self.manager.latest_step(), self.ckpt_dir
+    lr = f'--config.{config_section(self.record["stage"])}.lr, now {self.section.lr:g}'
+    scratch = f'mv {ckpt_dir} {ckpt_dir}.diverged'
+    if last is None:
+      return NonFiniteError(f'[{self.title}] {what}: stopped, no checkpoint saved; rerun with a lower learning rate '
+                            f'({lr}) or check the data')
+    if all_skipped and 0 < self.start == last:
+      return NonFiniteError(f'[{self.title}] {what}: stopped; step {last} in {ckpt_dir}, the last finite checkpoint '
+                            'and the one this run resumed from, has diverged itself (no finite update since): '
+                            f'restart the stage from scratch: {scratch}, then rerun with a lower learning rate ({lr})')
+    return NonFiniteError(f'[{self.title}] {what}: stopped; the last finite checkpoint is step {last} in {ckpt_dir}. '
+                          f'To go on from it, rerun with a lower learning rate ({lr}); to restart the stage from '
+                          f'scratch (if that step has diverged too), {scratch} and rerun')
+
+  def check_nonfinite(self, step_and_count, *, final: bool = False) -> None:
+    """NonFiniteError when (step, consecutive skipped updates up to it) has reached section.max_nonfinite_steps,
+    or, at the final step, when any update before it was skipped: such a stage is not complete."""
+    if step_and_count is None:
+      return
+    step, count = step_and_count[0], int(step_and_count[1])
+    if count >= self.section.max_nonfinite_steps:
+      raise self.diverged(f'{count} non-finite steps in a row at step {step}', all_skipped=count >= step - self.start)
+    if final and count > 0:
+      raise self.diverged(f'the last {count} updates up to the final step {step} were non-finite, so the stage is '
+                          'not complete', all_skipped=count >= step - self.start)
+
+  def save(self, state, step: int) -> None:
+    """Saves step's state and waits until it is written, so training stops at the first save that fails
+    (checkpoint.SaveError); a non-finite state is never saved (NonFiniteError). Then flushes the scalars logged so
+    far: a kill loses at most the lines since the last checkpoint (a resume writes them again)."""
+    try:
+      with checkpoint.save_errors_as_error(self.title, self.ckpt_dir, step):
+        checkpoint.save(self.manager, self.sharded.unpack(state), self.record)
+        self.manager.wait_until_finished()
+    except checkpoint.NonFiniteStateError as err:
+      raise self.diverged(f'{err} at step {step} (not saved)') from err
+    if self.writer is not None:
+      self.writer.flush()
 
 
 @dataclasses.dataclass
@@ -318,15 +385,29 @@ class _Monitor:
   tracer: profile_lib.StepTracer
 
 
+def _log(run: _Run, done: int, summed, count: int, metrics, t_log: float, t_start: float, monitor: _Monitor) -> dict:
+  """The scalars of the steps since the last log: a progress line, TensorBoard and metrics.jsonl."""
+  section = run.section
+  scalars = _log_scalars(summed, count, metrics, t_log)
+  scalars['examples_per_sec'] = scalars['steps_per_sec'] * section.batch_size
+  scalars.update(profile_lib.utilisation(monitor.flops, scalars['steps_per_sec'], monitor.peak))
+  eta = (section.num_steps - done) * (time.time() - t_start) / max(done - run.start, 1)
+  logging.info('[%s] step %d/%d loss %.4f %.1f steps/s%s ETA %s', run.title, done, section.num_steps,
+               scalars['loss'], scalars['steps_per_sec'], profile_lib.describe(scalars), format_seconds(eta))
+  if run.writer is not None:
+    run.writer.write_scalars(done, scalars)
+  return scalars
+
+
 def _train_steps(title, sharded: ShardedStep, state, section, manager, record, make_batches, frozen, writer,
                  preempted, monitor: _Monitor) -> tuple[TrainState, dict]:
-  """The steps from state.step to section.num_steps: log, check non-finite runs, save, honour SIGTERM."""
+  """The steps from state.step to section.num_steps: log, check non-finite runs, save, honour SIGTERM / Ctrl-C."""
   block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # CPU collectives
-  start = int(jax.device_get(state.step))
-  batches = make_batches(start)
+  run = _Run(title, sharded, section, manager, record, writer, start=int(jax.device_get(state.step)))
+  batches = make_batches(run.start)
   summed, count, scalars, t_log = None, 0, {}, time.time()
   t_start, previous = t_log, None
-  for done in range(start + 1, section.num_steps + 1):
+  for done in range(run.start + 1, section.num_steps + 1):
     monitor.tracer.before_step(done)
     with monitor.tracer.annotate(done):
       state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
@@ -335,29 +416,19 @@ def _train_steps(title, sharded: ShardedStep, state, section, manager, record, m
     monitor.tracer.after_step(done, state)
     # The previous step's count of consecutive skipped updates, read once this step is queued behind it (the
     # device never waits for the host): a run of non-finite steps stops at the limit, before anything is saved.
-    _check_nonfinite(title, previous, section.max_nonfinite_steps, manager)
+    run.check_nonfinite(previous)
     previous = (done, metrics['consecutive_skipped'])
     summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
     count += 1
     if done % section.log_every == 0 or done == section.num_steps:
-      scalars = _log_scalars(summed, count, metrics, t_log)
-      scalars['examples_per_sec'] = scalars['steps_per_sec'] * section.batch_size
-      scalars.update(profile_lib.utilisation(monitor.flops, scalars['steps_per_sec'], monitor.peak))
+      scalars = _log(run, done, summed, count, metrics, t_log, t_start, monitor)
       summed, count, t_log = None, 0, time.time()
-      eta = (section.num_steps - done) * (t_log - t_start) / max(done - start, 1)
-      logging.info('[%s] step %d/%d loss %.4f %.1f steps/s%s ETA %s', title, done, section.num_steps,
-                   scalars['loss'], scalars['steps_per_sec'], profile_lib.describe(scalars), format_seconds(eta))
-      if writer is not None:
-        writer.write_scalars(done, scalars)
     if done == section.num_steps:
-      _check_nonfinite(title, previous, section.max_nonfinite_steps, manager)
-    saved = done % section.checkpoint_every == 0 or done == section.num_steps
-    if saved:
-      checkpoint.save(manager, sharded.unpack(state), record)
-    if preempted(done):
-      if not saved:
-        checkpoint.save(manager, sharded.unpack(state), record)
-      manager.wait_until_finished()
-      logging.info('[%s] preempted: saved step %d in %s', title, done, manager.directory)
-      raise Preempted(title, done, str(manager.directory))
+      run.check_nonfinite(previous, final=True)
+    signum = preempted(done)
+    if done % section.checkpoint_every == 0 or done == section.num_steps or signum:
+      run.save(state, done)
+    if signum:
+      logging.info('[%s] preempted: saved step %d in %s', title, done, run.ckpt_dir)
+      raise Preempted(title, done, run.ckpt_dir, signum)
   return state, scalars

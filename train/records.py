@@ -6,7 +6,10 @@ config}, plus `train_steps` (the step at which its stage is complete) once train
   * make(config, stage=...) builds it, build(record) rebuilds its model, read(ckpt_dir) reads it back;
   * IDENTITY_KEYS / check_compatible: when a checkpoint may be resumed or used as a teacher;
   * check_complete, is_stale / check_same_teacher, checkpoint_id: whether a stage may be consumed, and what
-    identifies it in caches.
+    identifies it in caches;
+  * stage_inputs / stale_field / check_fresh: the config fields a stage's checkpoint depends on (shared with the
+    sweep, which reuses a stage between points with equal inputs), and the refusal of a finished stage trained
+    from other values of them.
 train/checkpoint.py does the Orbax I/O and knows records only as JSON it saves and hands to a check.
 """
 
@@ -21,13 +24,13 @@ from absl import logging
 
 import data
 from models import build_model, init_params
-from train import checkpoint
+from train import checkpoint, files
 from train.checkpoint import CheckpointError
 
 GUIDED_STAGES = ('teacher', 'direct')  # no w input: guidance is applied at sampling time, 2 network calls a step
 # Keys of the record that must agree for a checkpoint to be resumed or used as a teacher.
 IDENTITY_KEYS = ('stage', 'sampling_steps', 'model', 'guidance_input', 'x_shape', 'num_classes',
-                 'parametrization')
+                 'parametrization', 'data')
 
 
 def to_json(tree):
@@ -67,12 +70,18 @@ def _abstract_params(model, x_shape: tuple, guidance_input: bool):
 
 
 def read(ckpt_dir: str, step: Optional[int] = None) -> dict:
-  """The record saved with a checkpoint of ckpt_dir (its latest by default)."""
+  """The record saved with a checkpoint of ckpt_dir (its latest by default); one CheckpointError line when there is
+  none or it cannot be read (`checkpoint.unreadable`)."""
+  if not files.is_dir(ckpt_dir):
+    raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
   with checkpoint.open_manager(ckpt_dir, create=False) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f'no checkpoint in {ckpt_dir}: train that stage first (or fix the path)')
-    return checkpoint.saved_record(manager, step)
+    try:
+      return checkpoint.saved_record(manager, step)
+    except Exception as err:  # pylint: disable=broad-except  (sorted by is_damage in unreadable)
+      raise checkpoint.unreadable(step, ckpt_dir, err) from err
 
 
 def _identity(key: str, value, other):
@@ -143,3 +152,96 @@ def check_same_teacher(ckpt_dir: str, expected_record: dict) -> None:
         f'{ckpt_dir} was distilled from another teacher ({saved["dir"]} step {saved["step"]}, params '
         f'{saved["params_sha1"][:12]}) than the one there now (step {expected["step"]}, params '
         f'{expected["params_sha1"][:12]}): pass --config.distill.redistill=True to set it aside and distill again')
+
+
+# The config fields no checkpoint depends on: evaluation, output, where things are, how often to log or save, and
+# the switches that say what to do with existing checkpoints. Keys are sections, or dotted fields; '*.' any section.
+_NEVER_INPUTS = ('transfer', 'eval', 'pipeline', 'sample', 'profile', 'workdir', 'retrain_stale', 'data.tfds_data_dir',
+                 'distill.allow_incomplete_teacher', 'distill.redistill', 'distill.stage', '*.log_every',
+                 '*.checkpoint_every', '*.keep_checkpoints', '*.max_nonfinite_steps')
+# What each stage does not depend on besides: the sections of stages after it (or beside it), and for a halving round
+# the number of rounds after it (final_steps).
+_NOT_INPUTS = {
+    'teacher': ('distill', 'stage1', 'stage2', 'encoder', 'direct'),
+    'stage1': ('stage2', 'encoder', 'direct'),
+    'stage2': ('encoder', 'direct', 'stage2.final_steps'),
+    'encoder': ('stage2', 'direct', 'encoder.final_steps'),
+    'direct': ('stage1', 'stage2', 'encoder', 'distill.w_min', 'distill.w_max', 'distill.w_zero_fraction',
+               'direct.final_steps'),
+}
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}: a nested config dict as dotted fields."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _excluded(field: str, excluded) -> bool:
+  section, _, name = field.partition('.')
+  return any(field == key or section == key or key == f'*.{name}' or field.startswith(f'{key}.') for key in excluded)
+
+
+def stage_inputs(config, stage: str) -> dict:
+  """{dotted field: value} of every config field a stage's checkpoint depends on (config: a ConfigDict or its
+  plain dict, as a record holds it); equal inputs train equal checkpoints."""
+  config = to_json(config if isinstance(config, dict) else config.to_dict())
+  excluded = (*_NEVER_INPUTS, *_NOT_INPUTS[stage])
+  return {k: v for k, v in flatten(config).items() if not _excluded(k, excluded)}
+
+
+def _continues(field: str, saved: dict, now: dict, stage: str) -> bool:
+  """Whether only asking a finished stage for more steps at a constant learning rate: it resumes and trains them,
+  as if it had been asked for them from the start."""
+  section = 'train' if stage == 'teacher' else stage
+  return (field == f'{section}.num_steps' and now[field] > saved[field]
+          and saved.get(f'{section}.lr_decay') == now.get(f'{section}.lr_decay') == 'constant')
+
+
+def is_finished(ckpt_dir: str) -> bool:
+  """Whether ckpt_dir holds a checkpoint at the final step of its stage (its record's train_steps)."""
+  step = checkpoint.latest_step(ckpt_dir)
+  if step is None:
+    return False
+  train_steps = read(ckpt_dir).get('train_steps')
+  return train_steps is not None and step >= train_steps
+
+
+def changed_input(saved_config: dict, config, stage: str) -> Optional[tuple[str, object, object]]:
+  """(field, saved value, value in config) of the first field stage depends on (`stage_inputs`) where the config
+  its checkpoint was trained with and config differ; None when they agree. Fields only one of them has (added to
+  the config later) are left out, as is asking for more steps at a constant learning rate (`_continues`)."""
+  saved, now = stage_inputs(saved_config, stage), stage_inputs(config, stage)
+  for field in sorted(saved.keys() & now.keys()):
+    if saved[field] != now[field] and not _continues(field, saved, now, stage):
+      return field, saved[field], now[field]
+  return None
+
+
+def stale_field(ckpt_dir: str, config, stage: str) -> Optional[tuple[str, object, object]]:
+  """`changed_input` of the finished stage in ckpt_dir against config; None when it is not finished (a resumed
+  stage goes on with the config given, e.g. a lower learning rate after a divergence) or its record holds no
+  config."""
+  if not is_finished(ckpt_dir):
+    return None
+  saved_config = read(ckpt_dir).get('config')
+  return None if saved_config is None else changed_input(saved_config, config, stage)
+
+
+class StaleStageError(CheckpointError):
+  """A finished stage was trained from other values of a field it depends on than the config gives."""
+
+
+def check_fresh(ckpt_dir: str, config, stage: str, *, fix: str) -> None:
+  """StaleStageError naming the field and both values when the finished stage in ckpt_dir was trained from
+  another value of a field it depends on than config gives; fix says how to retrain it."""
+  stale = stale_field(ckpt_dir, config, stage)
+  if stale is not None:
+    field, saved, now = stale
+    raise StaleStageError(f'{ckpt_dir} was trained with {field}={saved!r} but this config gives {now!r}: rerun with '
+                          f'the value it was trained with, {fix}, or use another --config.workdir')

@@ -4,6 +4,7 @@ Both take remote log directories (gs://, ...): TensorBoard's through tf.io.gfile
 """
 
 import json
+import math
 import os
 import time
 from typing import Any, Mapping, Optional
@@ -20,7 +21,8 @@ JSONL_NAME = 'metrics.jsonl'
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Scalars, texts and hparams as one JSON object per line: {"step": 100, "time": ..., "loss": 0.12, ...}.
+  """Scalars, texts and hparams as one strict JSON object per line: {"step": 100, "time": ..., "loss": 0.12, ...};
+  a NaN or infinite value is written as null.
 
   Lines are appended (a resumed run adds to its file; after a kill a step may appear twice, the later line
   wins). A last line cut short by a killed process is removed before appending, so the file stays one JSON
@@ -36,7 +38,7 @@ class JsonlWriter(metric_writers.MetricWriter):
   def _write(self, step: Optional[int], values: Mapping[str, Any]) -> None:
     line = {'step': None if step is None else int(step), 'time': round(time.time(), 3)}
     line.update({key: _plain(value) for key, value in values.items()})
-    self._file.write(json.dumps(line) + '\n')
+    self._file.write(json.dumps(line, allow_nan=False) + '\n')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     self._write(step, scalars)
@@ -79,10 +81,17 @@ def _drop_cut_last_line(path: str) -> None:
 
 
 def _plain(value):
-  """A JSON-safe form of a metric: numpy/jax scalars to Python numbers, anything else unchanged."""
+  """A strict-JSON form of a metric: numpy/jax scalars and arrays to Python numbers and lists, NaN and infinities
+  to null (JSON has no such numbers), dicts and lists element by element, anything else unchanged."""
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     array = np.asarray(value)
-    return array.item() if array.ndim == 0 else array.tolist()
+    value = array.item() if array.ndim == 0 else array.tolist()
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {key: _plain(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(item) for item in value]
   return value
 
 
