@@ -12,7 +12,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
 # The keys of modes.MODES (tests/test_cli.py checks they agree); listed here so --help needs no JAX import.
 MODE_NAMES = ('teacher', 'stage1', 'stage2', 'distill', 'encoder', 'direct', 'sample', 'pipeline', 'classifier', 'fid',
               'transfer', 'sweep')
-_MODE = flags.DEFINE_enum('mode', 'pipeline', MODE_NAMES, 'What to run (see the README, "Modes").')
+_MODE = flags.DEFINE_enum('mode', 'pipeline', MODE_NAMES, 'What to run (modes.MODES; docs/running.md).')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (multi-host).')
 _PRINT_ONLY = flags.DEFINE_bool('print_only', False, '--mode=sweep: print one main.py command per point, run nothing.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '',

@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
       guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1, quality_steps=64,
       quality_samples=0))
   # --mode=fid: features from 'inception' (weights file at inception_path) or the embedded 'classifier'.
-  # Protocol options (README, "Evaluation protocol"). clip_x: sample with x predictions clipped to [-1, 1] for
+  # Protocol options (docs/evaluation.md). clip_x: sample with x predictions clipped to [-1, 1] for
   # --mode=fid, the pipeline's grids and its table; quantize_uint8: round samples and real images to the 256
   # uint8 levels before the feature extractor (--mode=fid, the pipeline's table); ddpm_variance: as
   # sample.ddpm_variance, for the DDPM rows of --mode=fid. num_seeds: every cell is scored on eval.num_seeds

@@ -3,8 +3,9 @@
   python main.py --config=configs/cifar10_stage1.py --mode=distill --config.data.tfds_data_dir=DIR
   python main.py --config=configs/cifar10_stage1.py --mode=distill --dry_run   # one step on any machine
 
-Expected cost: about 3.6 GiB per device at 16 examples per device, ~1 device-hour at 35% MFU of an H200 (estimates, see cifar10_teacher.py).
-Multi-host: add --multihost on every host (README, "Multi-host").
+Expected cost: about 3.7 GiB per device at 16 examples per device, ~1 device-hour at 35% MFU (estimates,
+docs/results.md; see cifar10_teacher.py).
+Multi-host: add --multihost on every host (docs/running.md).
 """
 
 from configs import cifar10_teacher

@@ -1,5 +1,7 @@
 """CIFAR-10 guided teacher at paper scale (the reference PD U-Net, 60.0M params); needs accelerators.
 
+Reproduces the CIFAR-10 setting of Meng et al. (2023) on the published progressive-distillation settings.
+
   python main.py --config=configs/cifar10_teacher.py --mode=teacher --config.data.tfds_data_dir=DIR
   python main.py --config=configs/cifar10_teacher.py --mode=pipeline --config.data.tfds_data_dir=DIR  # all stages
   python main.py --config=configs/cifar10_teacher.py --mode=pipeline --dry_run    # one step of each stage
@@ -18,12 +20,12 @@ grad clip 1, truncated-SNR loss). Distillation: batch 128, lr 5e-5 annealed line
 50k-iteration round, no EMA, no dropout, 8192 -> 1 steps.
 
 Expected cost (`python benchmarks/paper_scale_budget.py --peak_tflops=989 --utilization=0.35`: XLA's compile-time
-estimates on the CPU, time at the 35% MFU measured on one H200 in bf16): 16 examples per device need about
-3.7 GiB per device; the teacher is 0.103 TFLOP per example-step, about 4 device-hours for 400k steps (measured on
-one H200: 24.95 steps/s, 4.5 hours); stage 1 about 1, stage 2 (13 rounds of 50k) about 11 device-hours.
+estimates, time at 35% of a 989 TFLOP/s bf16 peak): about 3.8 GiB per device at 16 examples per device; the
+teacher is 0.103 TFLOP per example-step, about 4 device-hours for 400k steps; stage 1 about 1, stage 2 (13 rounds
+of 50k) about 11 device-hours (docs/results.md; the measured step rate: benchmarks/README.md). Expected result:
+the paper's CIFAR-10 FIDs (docs/math.md, "Published settings"); what was verified so far is in docs/results.md.
 Multi-host: the same command on every host with `--multihost` (TPU pods, SLURM) or
-`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (README, "Multi-host").
-Not trained here (no data); its teacher step ran on one H200 on synthetic data (README, 'Paper scale').
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (docs/running.md).
 """
 
 from configs import base
@@ -47,6 +49,6 @@ def get_config():
                        start_steps=8192, final_steps=1, log_every=500, checkpoint_every=10_000)
   config.pipeline.teacher_steps = (4, 8, 256)
   config.eval.clip_x = config.sample.clip_x = True  # as the reference samplers: x predictions clipped to [-1, 1]
-  config.eval.quantize_uint8 = True  # FID of 8-bit images, as from saved samples (README, "Evaluation protocol")
+  config.eval.quantize_uint8 = True  # FID of 8-bit images, as from saved samples (docs/evaluation.md)
   config.eval.ddpm_variance = config.sample.ddpm_variance = 'large'  # the reference's logvar_type 'fixed_large'
   return config

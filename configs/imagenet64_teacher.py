@@ -1,5 +1,7 @@
 """ImageNet 64x64 guided teacher at paper scale (reference PD U-Net, 295.9M params; 1024 -> 1 steps); needs a pod.
 
+Reproduces the ImageNet 64 setting of Meng et al. (2023) on the published progressive-distillation settings.
+
   python main.py --config=configs/imagenet64_teacher.py --mode=teacher --config.data.tfds_data_dir=DIR --multihost
   python main.py --config=configs/imagenet64_teacher.py --mode=pipeline --dry_run    # one step per stage
 
@@ -17,13 +19,12 @@ Distillation follows the published settings: batch 2048, lr 1e-4 annealed linear
 50k-iteration round, no dropout, 1024 -> 1 steps.
 
 Expected cost (`python benchmarks/paper_scale_budget.py --peak_tflops=989 --utilization=0.35`: XLA's compile-time
-estimates on the CPU, time at the 35% MFU measured on one H200 for the CIFAR-10 teacher): 16 examples per device
-need about 26 GiB per device (teacher and stage 1) and 27 GiB (stage 2); the teacher is 0.64 TFLOP per
-example-step, about 520 device-hours for 500k steps; stage 1 about 90, stage 2 (10 rounds of 50k) about 870
-device-hours. Multi-host: run the same command
-on every host/TPU worker with --multihost, or with --coordinator_address/--num_processes/--process_id
-(README, "Multi-host").
-Not run here (no data); on one H200 its compile did not finish within 170 s (README, 'Paper scale').
+estimates, time at 35% of a 989 TFLOP/s bf16 peak): 16 examples per device need about 26 GiB per device
+(teacher and stage 1) and 27 GiB (stage 2); the teacher is 0.64 TFLOP per example-step, about 520 device-hours
+for 500k steps; stage 1 about 90, stage 2 (10 rounds of 50k) about 870 device-hours (docs/results.md). Expected
+result: the paper's ImageNet 64 FID and IS (docs/math.md, "Published settings"); what was verified so far is in
+docs/results.md. Multi-host: run the same command on every host/TPU worker with --multihost, or with
+--coordinator_address/--num_processes/--process_id (docs/running.md).
 """
 
 from configs import base
@@ -45,7 +46,7 @@ def get_config():
                        start_steps=1024, final_steps=1, log_every=500, checkpoint_every=5_000)
   config.pipeline.teacher_steps = (4, 8, 256)
   config.eval.clip_x = config.sample.clip_x = True  # as the reference samplers: x predictions clipped to [-1, 1]
-  config.eval.quantize_uint8 = True  # FID of 8-bit images, as from saved samples (README, "Evaluation protocol")
+  config.eval.quantize_uint8 = True  # FID of 8-bit images, as from saved samples (docs/evaluation.md)
   config.eval.ddpm_variance = config.sample.ddpm_variance = 'large'  # the reference's logvar_type 'fixed_large'
   config.eval.teacher_steps = (1024, 256, 8, 4)  # 1024: the paper's reference teacher (DDIM, 1024 steps)
   return config

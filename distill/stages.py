@@ -43,8 +43,8 @@ def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) ->
 def fresh_params(model, record: dict, *, seed: int):
   """A record's model randomly initialised by one compiled program.
 
-  Op by op, every initializer compiles on its own for each parameter shape (the digits U-Net: 17 s on 2 cores,
-  about half that as one program).
+  Op by op, every initializer compiles on its own for each parameter shape; as one program they compile
+  once (benchmarks/README.md).
   """
   x_shape, guidance_input = tuple(record['x_shape']), record['guidance_input']
   # jax.jit, not train.mesh.jit: a budget estimate traces this under jax.eval_shape, where a jit with compiler

@@ -42,7 +42,7 @@ def balanced_batch(record: dict, *, batch_index: int, batch_size: int, seed: int
 def make_extractor(config):
   """(name, images -> {'pool', 'logits'}) for config.eval.extractor; 'toy2d' uses the known mixture.
 
-  The digits classifier is trained first (eval.classifier_steps, ~20 s on 2 CPU cores) when
+  The digits classifier is trained first (eval.classifier_steps, a short run) when
   classifier_dir(config) holds none, so no mode needs a --mode=classifier run before it.
   """
   if config.eval.extractor == 'classifier':

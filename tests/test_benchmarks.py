@@ -1,4 +1,4 @@
-"""The benchmark scripts whose figures the README quotes: they run, and they compute what they say."""
+"""The benchmark scripts whose figures the docs quote: they run, and they compute what they say."""
 
 import gzip
 import json

@@ -56,7 +56,7 @@ def _params(config, stage, steps=None):
 
 
 def _assert_same(a, b):
-  """Bit-identical, as the README promises for a resumed run."""
+  """Bit-identical, as docs/running.md promises for a resumed run."""
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
 

@@ -99,7 +99,7 @@ def config_section(stage: str) -> str:
 
 
 def _devices_text() -> str:
-  """'8 NVIDIA H100 80GB HBM3 devices; 59.6 GiB usable each' (JAX's allocator limit, where the backend has one)."""
+  """'N <device kind> devices; M GiB usable each' (JAX's allocator limit, where the backend has one)."""
   count, device = jax.device_count(), jax.local_devices()[0]
   text = f'{count} {device.device_kind} device{"s" if count > 1 else ""}'
   try:

@@ -41,9 +41,8 @@ def set_cpu_devices(num_devices: int) -> int:
   return num_devices
 
 
-# XLA:CPU at LLVM optimisation level 1 compiled the digits train step in 20 s instead of 27 s and ran it as
-# fast (4.87 vs 4.70 steps/s, 2 cores):
-# convolutions and dots are library calls, LLVM only builds the elementwise fusions around them.
+# XLA:CPU at LLVM optimisation level 1 compiles faster and runs as fast (benchmarks/README.md): convolutions and
+# dots are library calls, LLVM only builds the elementwise fusions around them.
 CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
 
 
@@ -58,8 +57,8 @@ def jit(fn, **kwargs):
 
 
 def host_description() -> str:
-  """What ran a timed job, e.g. 'AMD EPYC, 2 cores, AVX-512; jax 0.10.2 cpu, 2 devices': wall times compare only
-  on the same machine (the same 2-core CPU VM has run the digits pipeline at speeds 2x apart)."""
+  """What ran a timed job ('<cpu model>, 2 cores, AVX-512; jax <version> cpu, 2 devices'): wall times compare
+  only on the same machine (two CPU VMs of one description can differ 2x in speed; docs/results.md)."""
   cpu, flags = platform.processor() or platform.machine(), set()
   try:
     with open('/proc/cpuinfo', encoding='utf-8') as f:
