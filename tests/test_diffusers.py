@@ -209,7 +209,8 @@ def test_two_network_student_starts_as_the_conditional_network_and_the_pair_guid
   student_out = _apply(student, job.params, jnp.concatenate([z_t, z_t]), jnp.tile(logsnr_t, 2), jnp.tile(label, 2),
                        jnp.array([0.0] * 4 + [3.0] * 4), train=False)  # w = 0, then w = 3
   cond, uncond = _apply(teacher, teacher_params, z_t, logsnr_t, label, method='guided_outputs')
-  np.testing.assert_allclose(student_out, jnp.concatenate([cond, cond]), rtol=1e-5, atol=1e-5)  # the w-embedding starts at 0
+  # At w = 0 and at w = 3 alike: the w-embedding starts at zero.
+  np.testing.assert_allclose(student_out, jnp.concatenate([cond, cond]), rtol=1e-5, atol=1e-5)
   null = _apply(teacher, teacher_params, z_t, logsnr_t, jnp.full((4,), NUM_CLASSES), train=False)
   np.testing.assert_allclose(null, uncond, rtol=1e-5, atol=1e-5)  # the null label selects the unconditional network
 
