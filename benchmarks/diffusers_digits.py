@@ -43,6 +43,8 @@ _BATCH = flags.DEFINE_integer('batch_size', 64, 'Teacher batch size.')
 _P_UNCOND = flags.DEFINE_float('p_uncond', 0.1, 'Label dropout: probability of the null class.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the teacher training.')
 _DISTILL = flags.DEFINE_bool('distill', True, 'Then run the repo pipeline on the saved teacher.')
+# One thread by default: on a busy shared CPU, intra-op threads spin while they wait for a core.
+_THREADS = flags.DEFINE_integer('threads', 1, 'PyTorch intra-op threads.')
 NUM_CLASSES = 10
 
 
@@ -57,7 +59,7 @@ def train_teacher(folder: str) -> float:
   """Trains the teacher and saves its EMA weights and scheduler as a diffusers pipeline folder; returns seconds."""
   torch.manual_seed(_SEED.value)
   x, label = load_digits_arrays('train')  # [N, 8, 8, 1] in [-1, 1], [N]
-  x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # NCHW
+  x = torch.from_numpy(np.array(x.transpose(0, 3, 1, 2)))  # NCHW, a writable copy
   label = torch.from_numpy(label.astype(np.int64))
   scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule='squaredcos_cap_v2',
                             prediction_type='v_prediction')
@@ -93,7 +95,7 @@ def train_teacher(folder: str) -> float:
 
 
 def main(_):
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(_THREADS.value)
   teacher = os.path.join(_OUT.value, 'teacher')
   seconds = train_teacher(teacher)
   print(f'wrote {teacher} (diffusers UNet2DModel, {sum(p.numel() for p in make_teacher().parameters()):,} params) '

@@ -2,7 +2,7 @@
 
 Teacher, students and samplers all use these `denoise_fn(params, z_t, logsnr_t, label, guidance_w)`:
 - 'guided': classifier-free guidance of a conditional network, one batched call on (label, null) pairs (2 NFE); a
-  two-network teacher (a model with `guided_outputs`, models/diffusers_unet.py) calls each of its networks once;
+  two-network teacher (a DiffusersUNet with an `uncond` network) calls each network once (its `guided_outputs`);
 - 'w_input': a w-conditioned student, guidance_w goes into the network (1 NFE);
 - 'conditional': the network at its label, guidance_w ignored (1 NFE, same as guided at w = 0).
 """

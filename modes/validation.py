@@ -1,7 +1,7 @@
 """Config sanity checks: each bad value gives one ConfigError line that names the field and the fix."""
 
 from data import DataError, dataset_info
-from diffusion import BETA_SCHEDULES, DDPM_VARIANCES, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
+from diffusion import BETA_SCHEDULES, DDPM_VARIANCES, DISCRETE_FIELDS, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
 from models import COMPUTE_DTYPES, MODEL_NAMES
 from models.diffusers_import import FolderError, complete_config
 from samplers.samplers import SAMPLERS
@@ -92,7 +92,7 @@ def _check_imported(config, info) -> None:
 
 
 def _check_discrete(diffusion) -> None:
-  _require(all(key in diffusion for key in ('num_train_timesteps', 'beta_schedule', 'beta_start', 'beta_end')),
+  _require(all(key in diffusion for key in DISCRETE_FIELDS),
            "diffusion.schedule 'discrete' is an imported teacher's: use configs/diffusers_teacher.py")
   _require(diffusion.beta_schedule in BETA_SCHEDULES, f"unknown diffusion.beta_schedule '{diffusion.beta_schedule}'; "
            f"choose one of: {', '.join(BETA_SCHEDULES)}")
