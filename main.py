@@ -56,7 +56,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
-  from modes.validation import ConfigError, validate_config, validate_for_devices  # pylint: disable=g-import-not-at-top
+  from modes.validation import ConfigError, prepare_config, validate_for_devices  # pylint: disable=g-import-not-at-top
   if _CONFIG.value is None:
     raise ConfigError('--config is required, e.g. --config=configs/digits_teacher.py')
   import jax  # pylint: disable=g-import-not-at-top
@@ -65,7 +65,7 @@ def main(argv):
   else:
     from train.mesh import set_cpu_devices  # pylint: disable=g-import-not-at-top
     set_cpu_devices(_CPU_DEVICES.value)
-  validate_config(_CONFIG.value)  # after the command-line overrides (a config file's get_config() does not validate)
+  prepare_config(_CONFIG.value)  # after the command-line overrides (a config file's get_config() does not validate)
   validate_for_devices(_CONFIG.value, _MODE.value, jax.device_count())  # before anything is written
   if _DRY_RUN.value:
     from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top

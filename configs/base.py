@@ -67,9 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # clip_x: clip each sampling step's x prediction to [-1, 1] (the reference samplers' default).
   # ddpm_variance: the DDPM sampler's step variance, 'small' (the posterior's) or 'large' (sigma_{t|s}^2).
+  # guidance_scale: diffusers' convention s = 1 + w; when given it replaces guidance_w (w = s - 1).
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir='', clip_x=False,
-      ddpm_variance='small'))
+      ddpm_variance='small', guidance_scale=ml_collections.config_dict.placeholder(float)))
   # quality_samples: samples per guidance weight in quality_ws of the per-stage fidelity table (0 = off): every
   # model the pipeline trains against the guided teacher's CFG DDIM at quality_steps (the reference; stage 1
   # samples at quality_steps too), judged against the floor, the same teacher's CFG DDIM at floor_steps

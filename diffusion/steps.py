@@ -12,6 +12,11 @@ def guided_prediction(*, cond, uncond, guidance_w):
   return (1.0 + w) * cond - w * uncond
 
 
+def guidance_w_from_scale(guidance_scale):
+  """diffusers' guidance_scale s -> this paper's w = s - 1: uncond + s (cond - uncond) = (1 + w) cond - w uncond."""
+  return guidance_scale - 1.0
+
+
 def ddim_step(*, x_pred, eps_pred, logsnr_s):
   """z_s = alpha_s x_pred + sigma_s eps_pred; s < t samples, s > t encodes (same update)."""
   alpha_s, sigma_s = alpha_sigma(logsnr_s)

@@ -13,13 +13,14 @@ from absl import logging
 from flax.core.scope import LazyRng
 
 import data
-from diffusion import get_logsnr_schedule
+from diffusion import schedule_of
 from distill import objectives
-from models import init_params
+from models import count_params, diffusers_import, init_params
 from models.denoiser import make_denoise_fn
 from models.embeddings import GuidanceEmbedding
 from train import checkpoint, files, records
 from train.loop import make_writer, per_host_batch_size, run_training
+from train.state import TrainState
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
 # Progressive halving of the decoder (sampler, from stage 1), of the encoder (from stage 1), and the paper's direct
@@ -28,8 +29,7 @@ HALVING_STAGES = ('stage2', 'encoder', 'direct')
 
 
 def logsnr_schedule(config):
-  d = config.diffusion
-  return get_logsnr_schedule(d.schedule, logsnr_min=d.logsnr_min, logsnr_max=d.logsnr_max)
+  return schedule_of(config.diffusion)
 
 
 def stage_dir(workdir: str, stage: str, sampling_steps: Optional[int] = None) -> str:
@@ -162,7 +162,35 @@ def teacher_job(config) -> TrainingJob:
 
 
 def train_teacher(config) -> str:
+  """Trains the teacher, or imports it when the config names a diffusers folder (model.name 'diffusers_unet')."""
+  if config.model.name == 'diffusers_unet':
+    return import_teacher(config)
   return _train(config, teacher_job(config))[0]
+
+
+def import_teacher(config) -> str:
+  """An imported teacher's folder(s) as WORKDIR/teacher: its weights converted (models/diffusers_import.py) and
+  saved as a complete checkpoint at step 0 (train_steps 0), which every later stage reads as a trained teacher.
+
+  A directory already holding it is kept; one holding another teacher (other weights) is refused.
+  """
+  record = dict(records.make(config, stage='teacher'), train_steps=0)
+  ckpt_dir = stage_dir(config.workdir, 'teacher')
+  _, abstract = records.build(record)
+  if checkpoint.latest_step(ckpt_dir) is not None:
+    records.check_compatible(records.read(ckpt_dir), record, ckpt_dir)
+    logging.info('[teacher] already imported from %s in %s', config.model.folder, ckpt_dir)
+    return ckpt_dir
+  params = diffusers_import.load_params(config.model, abstract)
+  _write_config(ckpt_dir, config)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={}, ema_params=params, opt_state={},
+                     rng=jax.random.key_data(jax.random.key(config.seed)), num_skipped=jnp.zeros((), jnp.int32),
+                     consecutive_skipped=jnp.zeros((), jnp.int32))
+  with checkpoint.open_manager(ckpt_dir) as manager:
+    checkpoint.save(manager, state, record)
+    manager.wait_until_finished()
+  logging.info('[teacher] imported %s (%d parameters) into %s', config.model.folder, count_params(params), ckpt_dir)
+  return ckpt_dir
 
 
 def load_stage_params(config, stage: str, sampling_steps: Optional[int] = None):
@@ -199,8 +227,11 @@ def _student_record(config, teacher_record: dict, *, stage: str, sampling_steps:
 
 
 def stage1_init_params(teacher_params, student_params):
-  """Student params: every shared entry copied from the teacher, only the w-embedding kept fresh."""
-  missing = set(teacher_params) - set(student_params)
+  """Student params: every shared entry copied from the teacher, only the w-embedding kept fresh.
+
+  A two-network teacher's student is its conditional network: the unconditional one (diffusers_import.UNCOND_KEY)
+  is left out."""
+  missing = set(teacher_params) - set(student_params) - {diffusers_import.UNCOND_KEY}
   if missing:
     raise checkpoint.CheckpointError(f'teacher has parameters the student lacks: {sorted(missing)}')
   return {k: (student_params[k] if k == GUIDANCE_EMBED_KEY else teacher_params[k]) for k in student_params}

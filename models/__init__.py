@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 from clu import parameter_overview
 
+from models.diffusers_import import build_network as build_diffusers_network
 from models.mlp import MLPDenoiser
 from models.ref_unet import RefUNet
 from models.unet import UNet
 
-MODEL_NAMES = ('mlp', 'unet', 'ref_unet')
+# 'diffusers_unet': an imported diffusers UNet2DModel teacher and its students (models/diffusers_import.py).
+MODEL_NAMES = ('mlp', 'unet', 'ref_unet', 'diffusers_unet')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -25,7 +27,10 @@ def _unet_fields(model_config) -> dict:
 
 
 def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
-  """Builds a UNet, RefUNet or MLPDenoiser from model_config (a ConfigDict with `name` in MODEL_NAMES)."""
+  """Builds a UNet, RefUNet, MLPDenoiser or DiffusersUNet from model_config (a ConfigDict, `name` in MODEL_NAMES)."""
+  if model_config.name == 'diffusers_unet':
+    return build_diffusers_network(model_config, num_classes=num_classes, guidance_input=guidance_input,
+                                   dtype=compute_dtype(model_config))
   if model_config.name == 'unet':
     return UNet(**_unet_fields(model_config), num_classes=num_classes, guidance_input=guidance_input,
                 dtype=compute_dtype(model_config))

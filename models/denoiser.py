@@ -1,7 +1,8 @@
 """The one wrapper that turns a network's raw output into (x_pred, eps_pred), with or without guidance.
 
 Teacher, students and samplers all use these `denoise_fn(params, z_t, logsnr_t, label, guidance_w)`:
-- 'guided': classifier-free guidance of a conditional network, one batched call on (label, null) pairs (2 NFE);
+- 'guided': classifier-free guidance of a conditional network, one batched call on (label, null) pairs (2 NFE); a
+  two-network teacher (a DiffusersUNet with an `uncond` network) calls each network once (its `guided_outputs`);
 - 'w_input': a w-conditioned student, guidance_w goes into the network (1 NFE);
 - 'conditional': the network at its label, guidance_w ignored (1 NFE, same as guided at w = 0).
 """
@@ -39,6 +40,9 @@ def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int)
       output = network(params, z_t, logsnr_t, label, jnp.broadcast_to(guidance_w, label.shape))
     elif kind == 'conditional':
       output = network(params, z_t, logsnr_t, label)
+    elif getattr(model, 'uncond', None) is not None:  # two networks: conditional and unconditional
+      cond, uncond = model.apply({'params': params}, z_t, logsnr_t, label, method='guided_outputs')
+      output = guided_prediction(cond=cond, uncond=uncond, guidance_w=guidance_w)
     else:
       both = network(params, _pairs(z_t, z_t), _pairs(logsnr_t, logsnr_t),
                      _pairs(label, jnp.full_like(label, num_classes)))  # [2B, ...]: rows 2i, 2i + 1

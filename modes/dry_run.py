@@ -33,7 +33,13 @@ def stages_of(config, mode: str) -> tuple[str, ...]:
   if mode not in MODE_STAGES:
     raise ConfigError(f"--dry_run trains nothing in --mode={mode}; use one of: distill, "
                      f"{', '.join(sorted(MODE_STAGES))}")
-  return MODE_STAGES[mode]
+  if config.model.name != 'diffusers_unet':
+    return MODE_STAGES[mode]
+  trained = tuple(stage for stage in MODE_STAGES[mode] if stage != 'teacher')  # an imported teacher is read
+  if not trained:
+    raise ConfigError('--dry_run trains nothing in --mode=teacher of an imported teacher (it converts the folder\'s '
+                      'weights); dry-run --mode=pipeline or --mode=distill')
+  return trained
 
 
 def _fresh_params(config, stage: str, sampling_steps=None):

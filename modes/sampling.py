@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion import get_logsnr_schedule
+from diffusion import guidance_w_from_scale, schedule_of
 import ml_collections
 
 from distill.stages import halving_rounds, stage_dir
@@ -94,8 +94,7 @@ class LoadedCheckpoint:
     self.record = records.read(ckpt_dir)
     model, abstract = records.build(self.record)
     self.params = checkpoint.load_params(ckpt_dir, abstract, check_record=records.checker(self.record, ckpt_dir))
-    d = self.record['diffusion']
-    self.logsnr_fn = get_logsnr_schedule(d['schedule'], logsnr_min=d['logsnr_min'], logsnr_max=d['logsnr_max'])
+    self.logsnr_fn = schedule_of(self.record['diffusion'])
     kind = 'guided' if not self.record['guidance_input'] else 'w_input'  # teacher, direct baseline: CFG
     self.denoise_fn = make_denoise_fn(model, parametrization=self.record['parametrization'], kind=kind,
                                       num_classes=self.record['num_classes'])
@@ -152,11 +151,13 @@ def run_sample(config) -> str:
   sampler = config.sample.sampler
   num_steps = config.sample.num_steps or default_steps(loaded.record, sampler)
   z_init, label, num_rows = fixed_inputs(loaded.record, per_class=config.sample.per_class, seed=config.sample.seed)
-  samples = loaded.sample(sampler=sampler, num_steps=num_steps, guidance_w=config.sample.guidance_w, z_init=z_init,
+  scale = config.sample.get('guidance_scale')
+  guidance_w = config.sample.guidance_w if scale is None else guidance_w_from_scale(scale)
+  samples = loaded.sample(sampler=sampler, num_steps=num_steps, guidance_w=guidance_w, z_init=z_init,
                           label=label, seed=config.sample.seed, clip_x=config.sample.clip_x,
                           ddpm_variance=config.sample.ddpm_variance)
   out_dir = config.sample.out_dir or files.join(config.workdir, 'samples')
-  name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{config.sample.guidance_w:g}'
+  name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{guidance_w:g}'
   png = files.join(out_dir, name + '.png')
   if jax.process_index() == 0:
     grid = save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)

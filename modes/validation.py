@@ -3,8 +3,9 @@
 import math
 
 from data import DataError, dataset_info
-from diffusion import DDPM_VARIANCES, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
+from diffusion import BETA_SCHEDULES, DDPM_VARIANCES, DISCRETE_FIELDS, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
 from models import COMPUTE_DTYPES, MODEL_NAMES
+from models.diffusers_import import FolderError, complete_config
 from samplers.samplers import SAMPLERS
 
 OPTIMIZER_SECTIONS = ('train', 'stage1', 'stage2', 'encoder', 'direct')
@@ -73,6 +74,9 @@ def _check_model(config, info) -> None:
   if model.name == 'mlp':
     _require(not info.is_image, f"model.name 'mlp' is for vector data, not images of {info.name}: use 'unet'")
     return
+  if model.name == 'diffusers_unet':
+    _check_imported(config, info)
+    return
   _require(info.is_image, f"model.name '{model.name}' needs image data; {info.name} is vector data: use 'mlp'")
   factor = 2 ** (len(model.ch_mult) - 1)
   size = info.shape[0]
@@ -91,6 +95,41 @@ def _check_model(config, info) -> None:
   head_split = f'model.head_dim={head_dim}' if head_dim > 0 else f'model.num_heads={num_heads}'
   _require(model.ch % (head_dim or num_heads) == 0,  # then every level's ch * mult channels split too
            f'model.ch={model.ch} channels do not split into attention heads of {head_split}')
+
+
+def _check_imported(config, info) -> None:
+  """An imported teacher (configs/diffusers_teacher.py): its folder read, its images the data's."""
+  model = config.model
+  _require(bool(model.get('unet')), 'model.unet is empty: give --config.model.folder=DIR (main.py fills the rest '
+           'from it; in Python call modes.validation.prepare_config)')
+  _require(info.is_image, f'an imported UNet2DModel needs image data; {info.name} is vector data')
+  size, channels = model.unet['sample_size'], model.unet['in_channels']
+  sizes = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+  _require(sizes == info.shape[:2] and channels == info.shape[2], f'the teacher takes {channels}-channel '
+           f'{sizes[0]}x{sizes[1]} images (sample_size, in_channels); {info.name} has shape {info.shape}: pick its '
+           'dataset with --config.data.name')
+  _require(model.dropout == -1 or 0 <= model.dropout < 1,
+           f'model.dropout must be -1 (config.json\'s) or in [0, 1), got {model.dropout}')
+
+
+def _check_discrete(diffusion) -> None:
+  _require(all(key in diffusion for key in DISCRETE_FIELDS),
+           "diffusion.schedule 'discrete' is an imported teacher's: use configs/diffusers_teacher.py")
+  _require(diffusion.beta_schedule in BETA_SCHEDULES, f"unknown diffusion.beta_schedule '{diffusion.beta_schedule}'; "
+           f"choose one of: {', '.join(BETA_SCHEDULES)}")
+  _require(diffusion.num_train_timesteps >= 2, f'diffusion.num_train_timesteps must be >= 2, got '
+           f'{diffusion.num_train_timesteps}')
+
+
+def prepare_config(config) -> None:
+  """What main.py does after the command-line overrides: fills what an imported teacher's folder determines
+  (models.diffusers_import.complete_config), then validate_config. Raises ConfigError (one line)."""
+  if config.model.name == 'diffusers_unet':
+    try:
+      complete_config(config, num_classes=dataset_info(config.data.name).num_classes)
+    except (FolderError, DataError) as err:
+      raise ConfigError(str(err)) from err
+  validate_config(config)
 
 
 def _check_halving(config, name: str) -> None:
@@ -120,6 +159,8 @@ def validate_config(config) -> None:
   _require(_finite(diffusion.logsnr_min) and _finite(diffusion.logsnr_max),
            f'diffusion.logsnr_min and logsnr_max must be finite, got {diffusion.logsnr_min} and {diffusion.logsnr_max}')
   _require(diffusion.logsnr_min < diffusion.logsnr_max, 'diffusion.logsnr_min must be < diffusion.logsnr_max')
+  if diffusion.schedule == 'discrete':
+    _check_discrete(diffusion)
   _require(diffusion.parametrization in PARAMETRIZATIONS,
            f"unknown diffusion.parametrization '{diffusion.parametrization}'; "
            f"choose one of: {', '.join(PARAMETRIZATIONS)}")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from diffusion import (alpha_sigma, ddim_step, ddpm_large_variance, ddpm_posterior, ddpm_small_variance,
-                       diffusion_forward, get_logsnr_schedule, guided_prediction, loss_weight, predict_eps_from_v,
+                       diffusion_forward, discrete_logsnr, discrete_logsnr_table, get_logsnr_schedule,
+                       guided_prediction, loss_weight, predict_eps_from_v, timestep_of_logsnr,
                        predict_eps_from_x, predict_v, predict_x_from_eps, predict_x_from_v, renoise, stage2_x_target,
                        weighted_x_loss, x_eps_from_output)
 
@@ -39,6 +40,32 @@ def test_schedule_rejects_bad_input():
     get_logsnr_schedule('nope', logsnr_min=-1.0, logsnr_max=1.0)
   with pytest.raises(ValueError, match='logsnr_min < logsnr_max'):
     get_logsnr_schedule('cosine', logsnr_min=1.0, logsnr_max=-1.0)
+
+
+@pytest.mark.parametrize('beta_schedule', ['linear', 'scaled_linear', 'squaredcos_cap_v2'])
+def test_discrete_schedule_hits_every_timestep_and_feeds_back_the_timestep_of_its_time(beta_schedule):
+  """t = (tau + 1) / T has the log-SNR of timestep tau, log(abar / (1 - abar)); the fed timestep of logsnr(t) is
+  T t - 1 on [1/T, 1] (fractional between timesteps), clipped to [0, T - 1] outside the trained range."""
+  steps = 1000
+  table = discrete_logsnr_table(num_train_timesteps=steps, beta_schedule=beta_schedule, beta_start=1e-4,
+                                beta_end=0.02)
+  abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, steps)) if beta_schedule == 'linear' else None
+  if abar is not None:
+    np.testing.assert_allclose(table, np.log(abar / (1 - abar)), atol=1e-3)  # the closed form, in float64
+  assert np.all(np.diff(table) < 0)
+  fn = get_logsnr_schedule('discrete', logsnr_min=-20.0, logsnr_max=20.0, num_train_timesteps=steps,
+                           beta_schedule=beta_schedule, beta_start=1e-4, beta_end=0.02)
+  tau = jnp.array([0, 1, 37, 500, 998, 999])
+  # (tau + 1) / T in float32 is off by ~1e-4 of a timestep: up to 5e-4 where the log-SNR falls 7 a timestep.
+  np.testing.assert_allclose(fn((tau + 1) / steps), table[np.asarray(tau)], rtol=1e-5, atol=2e-3)
+  np.testing.assert_allclose(fn(0.0), 20.0)  # clean data, above timestep 0
+  t = jnp.linspace(1.0 / steps, 1.0, 4001)
+  logsnr = fn(t)
+  assert np.all(np.diff(np.asarray(logsnr)) < 0)
+  np.testing.assert_allclose(timestep_of_logsnr(logsnr, table=table), steps * t - 1, atol=2e-3)
+  np.testing.assert_allclose(timestep_of_logsnr(jnp.array([30.0, 15.0, -40.0]), table=table), [0, 0, steps - 1])
+  np.testing.assert_allclose(discrete_logsnr(jnp.array([-1.0, 2.0]), table=table, logsnr_max=20.0),
+                             [20.0, table[-1]], rtol=1e-6)  # t clipped to [0, 1]
 
 
 def test_alpha_sigma_variance_preserving():

@@ -39,10 +39,16 @@ def to_json(tree):
 
 
 def stage_model_config(config, stage: str) -> dict:
-  """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout."""
+  """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout.
+
+  An imported teacher's model (name 'diffusers_unet') also names its folder(s) and the sha256 of their weights: the
+  students' records keep them. A w-input student of a two-network teacher is its conditional network alone.
+  """
   model = config.model.to_dict()
   if stage != 'teacher' and config.distill.dropout >= 0:
     model['dropout'] = config.distill.dropout
+  if stage not in GUIDED_STAGES and model.get('uncond_unet'):
+    model['uncond_unet'] = None
   return model
 
 
@@ -84,12 +90,17 @@ def read(ckpt_dir: str, step: Optional[int] = None) -> dict:
       raise checkpoint.unreadable(step, ckpt_dir, err) from err
 
 
+# Model fields that do not change what a checkpoint is: the compute dtype, and where an imported teacher's folders
+# were (the sha256 of their weights is what identifies them).
+_NOT_IDENTITY = ('dtype', 'folder', 'uncond_folder')
+
+
 def _identity(key: str, value, other):
   """A record field as compared with the other record's: for the model, the fields both records have, except
-  the compute dtype (it does not change the parameters); a field added to the config after a checkpoint was
-  written is left out, so a new field's default never orphans an existing run."""
+  _NOT_IDENTITY; a field added to the config after a checkpoint was written is left out, so a new field's default
+  never orphans an existing run."""
   if key == 'model' and isinstance(value, dict) and isinstance(other, dict):
-    return {k: v for k, v in value.items() if k != 'dtype' and k in other}
+    return {k: v for k, v in value.items() if k not in _NOT_IDENTITY and k in other}
   return value
 
 
