@@ -16,7 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.workdir = 'runs/default'
 
-  config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir=''))
+  # name: digits, toy2d, cifar10, imagenet64, 'tfds:NAME' (any tfds data set with image and label features) or
+  # 'folder' (path: one sub-folder of PNG/JPEG images per class). resolution: the side the images of a folder or
+  # a tfds:NAME data set are resized (shorter side) and centre-cropped to; 0: a tfds data set's own square size.
+  config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir='', path='',
+                                               resolution=0))
   # unet fields: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups; mlp: hidden, num_layers.
   # dtype: compute dtype of convolutions, dense layers and attention (float32 | bfloat16); params stay float32.
   # num_heads: attention heads; ref_unet also: head_dim (> 0: heads of head_dim channels), resblock_resample.
@@ -63,9 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # clip_x: clip each sampling step's x prediction to [-1, 1] (the reference samplers' default).
   # ddpm_variance: the DDPM sampler's step variance, 'small' (the posterior's) or 'large' (sigma_{t|s}^2).
+  # export_samples: also write the samples as guided-diffusion's evaluator and EDM's fid.py read them
+  # (eval/export.py: NAME_NxHxWx3.npz with arr_0 uint8 images and arr_1 labels, NAME_NxHxWx3.zip of PNGs).
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir='', clip_x=False,
-      ddpm_variance='small'))
+      ddpm_variance='small', export_samples=False))
   # quality_samples: samples per guidance weight of the "quality lost per stage" table (0 = off); stage 1 is
   # compared with the guided teacher at quality_steps DDIM steps.
   config.pipeline = ml_collections.ConfigDict(dict(
@@ -80,10 +86,14 @@ def get_config() -> ml_collections.ConfigDict:
   # fixed_w_dir: the workdir of a fixed-w sweep (configs/digits_fixed_w.py): its students become 'student fixed-w'
   # rows, each scored at its own w only. teacher_clipped_steps: teacher CFG DDIM rows sampled with clip_x on
   # whatever eval.clip_x is ('teacher CFG clipped'), so clipped and unclipped teachers share one table.
+  # reference_stats: a standard statistics file (pytorch-fid or EDM mu/sigma .npz, guided-diffusion reference batch)
+  # instead of statistics computed from reference_split (docs/fid_protocol.md); its provenance keys the cells.
+  # export_samples: also write every scored cell's samples for the standard evaluators (as sample.export_samples).
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
       stage1_steps=(),
       student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train', reference_examples=50_000, out_dir='',
-      clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir='', teacher_clipped_steps=()))
+      clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir='', teacher_clipped_steps=(),
+      reference_stats='', export_samples=False))
   return config
