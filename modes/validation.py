@@ -2,8 +2,8 @@
 
 from data import FOLDER, DataError, dataset_info
 from data.folder import SPLITS as FOLDER_SPLITS
-from eval import reference_stats as standard_stats
 from diffusion import DDPM_VARIANCES, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
+from eval import reference_stats as standard_stats
 from models import COMPUTE_DTYPES, MODEL_NAMES
 from samplers.samplers import SAMPLERS
 

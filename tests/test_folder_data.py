@@ -184,3 +184,18 @@ def test_unusable_tfds_data_sets_are_refused_in_one_line(name, resolution, match
 def test_a_tfds_data_set_of_fixed_square_images_keeps_its_size_by_default(tmp_path):
   info = data.dataset_info(_tfds_config('tfds:cifar10', 0, data_dir=str(tmp_path)))
   assert info.shape == (32, 32, 3) and info.num_classes == len(info.class_names) == 10
+
+
+def test_the_default_digits_path_takes_none_of_these_checks(monkeypatch, tmp_path):
+  """The digits config's check scans no folder, reads no tfds metadata and no teacher record: none of this is on
+  the default pipeline's path."""
+  from configs import digits_teacher  # pylint: disable=g-import-not-at-top
+  from train import checkpoint  # pylint: disable=g-import-not-at-top
+  untouched = lambda *args, **kwargs: pytest.fail('the digits path called a folder, tfds or teacher check')
+  monkeypatch.setattr(data, 'scan_folder', untouched)
+  monkeypatch.setattr(data, 'tfds_features', untouched)
+  monkeypatch.setattr(checkpoint, 'latest_step', untouched)
+  config = digits_teacher.get_config()
+  config.workdir = str(tmp_path / 'run')
+  validate_config(config)
+  assert data.dataset_info(config.data) == data.DatasetInfo('digits', (8, 8, 1), 10, True)
