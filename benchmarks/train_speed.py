@@ -55,7 +55,7 @@ _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'As main.py: XLA devices o
 
 def _synthetic_batches(config, batch_size: int):
   """make_batches for run_training: 8 random host batches {'x', 'label'}, cycled."""
-  info = data.dataset_info(config.data.name)
+  info = data.dataset_info(config.data)
   rng = np.random.default_rng(config.seed)
   batches = [{'x': rng.uniform(-1, 1, (batch_size, *info.shape)).astype(np.float32),
               'label': rng.integers(0, info.num_classes, batch_size).astype(np.int32)} for _ in range(8)]

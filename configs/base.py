@@ -20,7 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
   # again (a student whose teacher changed too, as distill.redistill does).
   config.retrain_stale = False
 
-  config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir=''))
+  # name: digits, toy2d, cifar10, imagenet64, 'tfds:NAME' (any tfds data set with image and label features) or
+  # 'folder' (path: one sub-folder of PNG/JPEG images per class). resolution: the side the images of a folder or
+  # a tfds:NAME data set are resized (shorter side) and centre-cropped to; 0: a tfds data set's own square size.
+  config.data = ml_collections.ConfigDict(dict(name='digits', random_flip=False, tfds_data_dir='', path='',
+                                               resolution=0))
   # unet fields: ch, ch_mult, num_res_blocks, attn_resolutions, dropout, num_groups; mlp: hidden, num_layers.
   # dtype: compute dtype of convolutions, dense layers and attention (float32 | bfloat16); params stay float32.
   # num_heads: attention heads; ref_unet also: head_dim (> 0: heads of head_dim channels), resblock_resample.
@@ -68,9 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
   # clip_x: clip each sampling step's x prediction to [-1, 1] (the reference samplers' default).
   # ddpm_variance: the DDPM sampler's step variance, 'small' (the posterior's) or 'large' (sigma_{t|s}^2).
   # guidance_scale: diffusers' convention s = 1 + w; when given it replaces guidance_w (w = s - 1).
+  # export_samples: also write the samples as guided-diffusion's evaluator and EDM's fid.py read them
+  # (eval/export.py: NAME_NxHxWx3.npz with arr_0 uint8 images and arr_1 labels, NAME_NxHxWx3.zip of PNGs).
   config.sample = ml_collections.ConfigDict(dict(
       checkpoint='', sampler='ddim', num_steps=0, guidance_w=1.0, per_class=8, seed=1, out_dir='', clip_x=False,
-      ddpm_variance='small', guidance_scale=ml_collections.config_dict.placeholder(float)))
+      ddpm_variance='small', guidance_scale=ml_collections.config_dict.placeholder(float), export_samples=False))
   # quality_samples: samples per guidance weight in quality_ws of the per-stage fidelity table (0 = off): every
   # model the pipeline trains against the guided teacher's CFG DDIM at quality_steps (the reference; stage 1
   # samples at quality_steps too), judged against the floor, the same teacher's CFG DDIM at floor_steps
@@ -87,10 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
   # fixed_w_dir: the workdir of a fixed-w sweep (configs/digits_fixed_w.py): its students become 'student fixed-w'
   # rows, each scored at its own w only. teacher_clipped_steps: teacher CFG DDIM rows sampled with clip_x on
   # whatever eval.clip_x is ('teacher CFG clipped'), so clipped and unclipped teachers share one table.
+  # reference_stats: a standard statistics file (pytorch-fid or EDM mu/sigma .npz, guided-diffusion reference batch)
+  # instead of statistics computed from reference_split (docs/fid_protocol.md); its provenance keys the cells.
+  # export_samples: also write every scored cell's samples for the standard evaluators (as sample.export_samples).
   config.eval = ml_collections.ConfigDict(dict(
       extractor='inception', inception_path='', classifier_dir='', classifier_steps=1500, num_samples=50_000,
       batch_size=250, guidance_ws=(0.0, 0.3, 1.0, 2.0, 4.0), teacher_steps=(256, 8, 4), teacher_ddpm_steps=(256,),
       stage1_steps=(), student_steps=(1, 2, 4, 8, 16), seed=2, num_seeds=1, reference_split='train',
-      reference_examples=50_000, out_dir='',
-      clip_x=False, quantize_uint8=False, ddpm_variance='small', fixed_w_dir='', teacher_clipped_steps=()))
+      reference_examples=50_000, out_dir='', clip_x=False, quantize_uint8=False, ddpm_variance='small',
+      fixed_w_dir='', teacher_clipped_steps=(), reference_stats='', export_samples=False))
   return config

@@ -9,13 +9,17 @@ import numpy as np
 
 from data.digits import load_digits_arrays
 from data.errors import DataError
-from data.tfds_data import make_tfds_iterator, read_examples
+from data.folder import FOLDER, scan_folder
+from data.tfds_data import TFDS_PREFIX, iterate_examples, make_tfds_iterator, read_examples, tfds_features
 from data.toy2d import load_toy2d_arrays
 
 __all__ = [
+    'FOLDER',
+    'TFDS_PREFIX',
     'DataError',
     'DatasetInfo',
     'dataset_info',
+    'iterate_examples',
     'load_arrays',
     'load_examples',
     'make_tfds_iterator',
@@ -25,12 +29,14 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Static description of a dataset; `shape` is per example."""
+  """Static description of a dataset; `shape` is per example; class_names (label k is class_names[k]) where the
+  data set names its classes (a folder, a 'tfds:NAME' data set), else empty."""
 
   name: str
   shape: tuple[int, ...]
   num_classes: int
   is_image: bool
+  class_names: tuple[str, ...] = ()
 
 
 _INFOS = {
@@ -42,11 +48,27 @@ _INFOS = {
 _IN_MEMORY_LOADERS = {'digits': load_digits_arrays, 'toy2d': load_toy2d_arrays}
 
 
-def dataset_info(name: str) -> DatasetInfo:
-  """Returns the DatasetInfo for `name`; raises DataError if unknown."""
+def dataset_info(data_config) -> DatasetInfo:
+  """The DatasetInfo of a data config (its name, and for a folder or 'tfds:NAME' data set its path, resolution
+  and tfds_data_dir), or of a bare name of a built-in data set; raises DataError (one line) if unusable.
+
+  A folder is scanned and checked (data.folder.scan_folder), a 'tfds:NAME' data set's metadata read
+  (data.tfds_data.tfds_features); both are cached per process.
+  """
+  name = data_config if isinstance(data_config, str) else data_config.name
+  if name == FOLDER or name.startswith(TFDS_PREFIX):
+    if isinstance(data_config, str):
+      raise DataError(f"data.name '{name}' is described by the whole data config (path, resolution), not its name")
+    if name == FOLDER:
+      index = scan_folder(data_config.get('path', ''), data_config.get('resolution', 0))
+      shape, class_names = (index.resolution, index.resolution, 3), index.class_names
+    else:
+      shape, class_names = tfds_features(name, data_config.get('resolution', 0), data_config.tfds_data_dir or None)
+    return DatasetInfo(name, shape, len(class_names), is_image=True, class_names=class_names)
   if name not in _INFOS:
-    choices = ', '.join(sorted(_INFOS))
-    raise DataError(f"unknown data.name '{name}'; choose one of: {choices}")
+    choices = ', '.join(sorted([*_INFOS, FOLDER]))
+    raise DataError(f"unknown data.name '{name}'; choose one of: {choices}, or {TFDS_PREFIX}NAME (a tfds data set "
+                    'with image and label features)')
   return _INFOS[name]
 
 
@@ -70,8 +92,8 @@ def load_examples(data_config: ml_collections.ConfigDict, split: str, *, limit: 
     x, labels = load_arrays(name, split)
     keep = np.ones(len(labels), bool) if label is None else labels == label
     return x[keep][:limit], labels[keep][:limit]
-  dataset_info(name)
-  return read_examples(name, split=split, limit=limit, label=label, data_dir=data_config.tfds_data_dir or None)
+  dataset_info(data_config)
+  return read_examples(data_config, split=split, limit=limit, label=label)
 
 
 def _in_memory_batches(
@@ -104,7 +126,7 @@ def make_train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields endless training batches {'x': [B, ...], 'label': [B]} for a host.
 
-  `data_config` needs `name`, `random_flip` and `tfds_data_dir`. For the
+  `data_config` needs `name`, `random_flip` and `tfds_data_dir` (a folder: `path`, `resolution`). For the
   in-memory datasets (digits, toy2d) this host's batch at step k is its
   rows of a global batch that is a pure function of (seed, k): resuming with
   `start_step=k` replays exactly the batches of an uninterrupted run, on any
@@ -112,7 +134,7 @@ def make_train_iterator(
   bit-exact on resume: the pipeline is reseeded from (seed, start_step).
   """
   name = data_config.name
-  dataset_info(name)
+  dataset_info(data_config)
   if name in _IN_MEMORY_LOADERS:
     return _in_memory_batches(
         name,
@@ -123,10 +145,9 @@ def make_train_iterator(
     )
   resume_seed = np.random.SeedSequence([seed, start_step]).generate_state(1)
   return make_tfds_iterator(
-      name,
+      data_config,
       split='train',
       per_host_batch_size=per_host_batch_size,
       seed=int(resume_seed[0]),
       random_flip=data_config.random_flip,
-      data_dir=data_config.tfds_data_dir or None,
   )

@@ -280,7 +280,7 @@ def halving_teacher_stage(stage: str) -> str:
 def _halving_loss_fn(config, stage, teacher, teacher_denoise):
   if stage == 'direct':
     return objectives.direct_loss_fn(teacher, teacher_denoise, p_uncond=config.train.p_uncond,
-                                     num_classes=data.dataset_info(config.data.name).num_classes,
+                                     num_classes=data.dataset_info(config.data).num_classes,
                                      **_loss_kwargs(config))
   kwargs = dict(w_min=config.distill.w_min, w_max=config.distill.w_max, logsnr_fn=logsnr_schedule(config),
                 parametrization=config.diffusion.parametrization)

@@ -63,8 +63,9 @@ def build_job(config, stage: str) -> stages.TrainingJob:
 
 @contextlib.contextmanager
 def mock_tfds(name: str):
-  """tfds.testing.mock_data for the tfds data sets (random examples of the real features); else nothing."""
-  if name not in TFDS_DATASETS:
+  """tfds.testing.mock_data for the tfds data sets, 'tfds:NAME' too (random examples of the real features); else
+  nothing (a folder is read as it is)."""
+  if name not in TFDS_DATASETS and not name.startswith(data.TFDS_PREFIX):
     yield
     return
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
@@ -195,7 +196,7 @@ def estimate_stage(config, stage: str, *, batch_size: int) -> dict:
   section.batch_size = batch_size
   sharded = ShardedStep(job.loss_fn, section)
   state = jax.eval_shape(lambda p: sharded.init_state(p, seed=0), params)
-  info = data.dataset_info(config.data.name)
+  info = data.dataset_info(config.data)
   batch = {'x': jax.ShapeDtypeStruct((batch_size, *info.shape), jax.numpy.float32),
            'label': jax.ShapeDtypeStruct((batch_size,), jax.numpy.int32)}
   start = time.time()

@@ -13,6 +13,8 @@ from absl import logging
 
 import data
 from eval import metrics
+from eval import reference_stats as standard_stats
+from eval.export import export_samples
 from eval.images import quantize_uint8
 from eval.report import write_plots, write_table
 from modes.methods import existing, list_methods
@@ -25,7 +27,8 @@ from train.mesh import jit
 # Real examples whose features make the real manifold of precision and recall (k-NN balls, k = 3).
 PR_EXAMPLES = 10_000
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
-              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x', 'quantize_uint8', 'ddpm_variance')
+              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x', 'quantize_uint8', 'ddpm_variance', 'reference')
+COMPUTED_REFERENCE = 'computed'  # a cell's 'reference' when the statistics are computed here from the data
 
 
 def classifier_dir(config) -> str:
@@ -77,19 +80,20 @@ def extractor_id(config) -> str:
 
 
 def _real_batches(config, batch_size: int):
-  """Real images of the reference split, in batches, at most eval.reference_examples of them.
+  """Real images of the reference split, in batches, at most eval.reference_examples of them, each once.
 
-  With eval.quantize_uint8 they are rounded to the 256 uint8 levels as the samples are: a no-op for tfds
-  data (stored as uint8), a change for the digits (17 grey levels, not on the uint8 grid).
+  Streamed data sets (tfds, a folder) are read once in a fixed order (data.iterate_examples): a split smaller
+  than eval.reference_examples gives all its examples, none twice. With eval.quantize_uint8 they are rounded to
+  the 256 uint8 levels as the samples are: a no-op for tfds and folder data (uint8), a change for the digits
+  (17 grey levels, not on the uint8 grid).
   """
   name, limit = config.data.name, config.eval.reference_examples
   if name in ('digits', 'toy2d'):
     x, _ = data.load_arrays(name, config.eval.reference_split)
     batches = (x[start:min(start + batch_size, limit)] for start in range(0, min(len(x), limit), batch_size))
   else:
-    iterator = data.make_tfds_iterator(name, split=config.eval.reference_split, per_host_batch_size=batch_size,
-                                       seed=0, random_flip=False, data_dir=config.data.tfds_data_dir or None)
-    batches = (next(iterator)['x'] for _ in range(limit // batch_size))
+    batches = (x for x, _ in data.iterate_examples(config.data, split=config.eval.reference_split,
+                                                   batch_size=batch_size, limit=limit))
   for images in batches:  # [B, ...]
     yield quantize_uint8(images) if config.eval.quantize_uint8 else images
 
@@ -132,13 +136,28 @@ def reference_features(config, extractor_name, extract, cache_dir: str) -> np.nd
   return pool
 
 
+def reference_id(config) -> str:
+  """What a cell's reference statistics are: the provenance of eval.reference_stats ('NAME@sha256:...'), or
+  COMPUTED_REFERENCE for statistics computed here from the data (cached per data set, split, count, extractor)."""
+  if config.eval.reference_stats:
+    return standard_stats.provenance(config.eval.reference_stats)
+  return COMPUTED_REFERENCE
+
+
 def reference_stats(config, extractor_name, extract, cache_dir: str):
-  """(mu, sigma) of the real data's features, cached per data set, split, example count, extractor_id and
-  eval.quantize_uint8 ('_u8' in the file name).
+  """(mu, sigma) of the real data's features: read from eval.reference_stats when given (a pytorch-fid, EDM or
+  guided-diffusion file, eval/reference_stats.py), else computed and cached per data set, split, example count,
+  extractor_id and eval.quantize_uint8 ('_u8' in the file name).
 
   A cache file that cannot be read is computed again, with a warning.
   """
   ev = config.eval
+  if ev.reference_stats:
+    mu, sigma, reference = standard_stats.load(ev.reference_stats)
+    standard_stats.check_dim(reference, extractor=extractor_name,
+                             feature_dim=standard_stats.extractor_feature_dim(ev.extractor))
+    logging.info('[fid] reference statistics: %s, %s, %d-d', ev.reference_stats, reference.format, reference.dim)
+    return mu, sigma
   path = _reference_path(config, extractor_name, cache_dir)
   if files.exists(path):
     try:
@@ -169,14 +188,15 @@ def _clip_x(config, method) -> bool:
 
 
 def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, reference, config,
-                  logits_are_classes: bool, seed=None) -> dict:
+                  logits_are_classes: bool, seed=None, export_prefix: str = '') -> dict:
   """Samples eval.num_samples class-balanced images from noise seed (default eval.seed) and scores them.
 
   With logits_are_classes (the digits classifier, the toy mixture) the extractor's logits are the data
   set's own classes, so class accuracy of the samples is reported too. Samples reach the extractor clipped to
-  [-1, 1] and, with eval.quantize_uint8, rounded to the 256 uint8 levels (eval.images.quantize_uint8).
+  [-1, 1] and, with eval.quantize_uint8, rounded to the 256 uint8 levels (eval.images.quantize_uint8). With
+  export_prefix the samples are also written for the standard evaluators (eval/export.py).
   """
-  start, stats, logits, labels = time.time(), None, [], []
+  start, stats, logits, labels, kept = time.time(), None, [], [], []
   batch_size, seed = config.eval.batch_size, config.eval.seed if seed is None else seed
   for b in range(-(-config.eval.num_samples // batch_size)):
     z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=seed)
@@ -184,11 +204,15 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
                            seed=seed + b, clip_x=_clip_x(config, method),
                            ddpm_variance=config.eval.ddpm_variance)
     images = np.clip(images, -1.0, 1.0)  # [B, ...]
+    kept += [images] if export_prefix else []
     features = extract(jnp.asarray(quantize_uint8(images) if config.eval.quantize_uint8 else images))
     stats = _update(stats, features['pool'])
     logits.append(np.asarray(features['logits']))
     labels.append(np.asarray(label))
   logits, labels = np.concatenate(logits), np.concatenate(labels)
+  if export_prefix and jax.process_index() == 0:
+    logging.info('[fid] samples for the standard evaluators: %s', export_samples(export_prefix, np.concatenate(kept),
+                                                                                   labels)[0])
   is_mean, is_std = metrics.inception_score(logits)
   return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w,
               num_samples=len(labels),
@@ -213,11 +237,28 @@ def _cell_scalars(row: dict, *, with_seed: bool = False) -> dict:
 
 def _cell_key(row) -> tuple:
   """Everything a cell depends on: method, sampler, steps, w, samples, checkpoint id, extractor id, seed, clip_x,
-  quantize_uint8 and, for DDPM cells, ddpm_variance (a row written before a field existed had its default)."""
+  quantize_uint8, the reference statistics (reference_id) and, for DDPM cells, ddpm_variance (a row written
+  before a field existed had its default: statistics computed from the data)."""
   ddpm_variance = (row.get('ddpm_variance') or 'small') if row['sampler'] == 'ddpm' else ''
   return (row['method'], row['sampler'], int(row['steps']), float(row['w']), int(row['num_samples']),
           row.get('checkpoint') or '', row.get('extractor') or '', int(row.get('seed') or -1),
-          str(row.get('clip_x')) == 'True', str(row.get('quantize_uint8')) == 'True', ddpm_variance)
+          str(row.get('clip_x')) == 'True', str(row.get('quantize_uint8')) == 'True', ddpm_variance,
+          row.get('reference') or COMPUTED_REFERENCE)
+
+
+def _export_prefix(config, out_dir: str, method, w: float, seed: int) -> str:
+  """Where a cell's samples go with eval.export_samples (OUT/samples/METHOD_SAMPLER_NsTEPS_wW_seedS), else ''."""
+  if not config.eval.export_samples:
+    return ''
+  name = f'{method.name.replace(" ", "_")}_{method.sampler}_{method.steps}steps_w{w:g}_seed{seed}'
+  return files.join(out_dir, 'samples', name)
+
+
+def _exported(prefix: str) -> bool:
+  """Whether a cell's samples were exported (its .npz exists), or no export is asked for."""
+  folder, stem = prefix.rsplit('/', 1) if prefix else ('', '')
+  return not prefix or (files.exists(folder) and any(
+      n.startswith(f'{stem}_') and n.endswith('.npz') for n in files.listdir(folder)))
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -270,7 +311,7 @@ def run_fid(config) -> str:
   files.makedirs(out_dir)
   writer = make_writer(files.join(config.workdir, 'logs', 'eval'))
   keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config),
-              quantize_uint8=config.eval.quantize_uint8)
+              quantize_uint8=config.eval.quantize_uint8, reference=reference_id(config))
   cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)
            if method.guidance_w is None or method.guidance_w == w]  # a fixed-w student: its own w only
   for i, (method, w, seed) in enumerate(cells):
@@ -278,11 +319,13 @@ def run_fid(config) -> str:
     cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
                 seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '',
                 clip_x=_clip_x(config, method), **keys)
-    if _cell_key(cell) in done:
+    export_prefix = _export_prefix(config, out_dir, method, w, seed)
+    if _cell_key(cell) in done and _exported(export_prefix):  # a cell asked for samples it lacks is sampled again
       current.append(done[_cell_key(cell)])
       continue
     row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference,
-                        config=config, logits_are_classes=extractor_name != 'inception', seed=seed)
+                        config=config, logits_are_classes=extractor_name != 'inception', seed=seed,
+                        export_prefix=export_prefix)
     row.update(cell)
     rows.append(row)
     current.append(row)
@@ -295,8 +338,9 @@ def run_fid(config) -> str:
   rows = current
   if jax.process_index() == 0:
     write_table(rows, files.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
-                f'{config.eval.num_samples} samples per cell, {config.eval.num_seeds} noise seed(s)')
-    is_max = None if extractor_name == 'inception' else data.dataset_info(config.data.name).num_classes
+                f'{config.eval.num_samples} samples per cell, {config.eval.num_seeds} noise seed(s), reference '
+                f'statistics {keys["reference"]}')
+    is_max = None if extractor_name == 'inception' else data.dataset_info(config.data).num_classes
     write_plots(rows, out_dir, is_max=is_max)  # a classifier's IS is at most its class count
   logging.info('[fid] results in %s', out_dir)
   return out_dir

@@ -11,6 +11,7 @@ from diffusion import guidance_w_from_scale, schedule_of
 import ml_collections
 
 from distill.stages import halving_rounds, stage_dir
+from eval.export import export_samples
 from eval.images import save_samples_png
 from models.denoiser import clip_x as clip_denoised_x
 from models.denoiser import make_denoise_fn
@@ -145,7 +146,11 @@ def fixed_inputs(record: dict, *, per_class: int, seed: int):
 
 
 def run_sample(config) -> str:
-  """--mode=sample: writes a PNG grid (one row per class) and an .npz of samples; returns the PNG path."""
+  """--mode=sample: writes a PNG grid (one row per class) and an .npz of samples; returns the PNG path.
+
+  With sample.export_samples the samples are also written for guided-diffusion's evaluator and EDM's fid.py
+  (eval/export.py).
+  """
   ckpt_dir = config.sample.checkpoint or stage_dir(config.workdir, 'teacher')
   loaded = LoadedCheckpoint(ckpt_dir)
   sampler = config.sample.sampler
@@ -162,6 +167,9 @@ def run_sample(config) -> str:
   if jax.process_index() == 0:
     grid = save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)
     files.write_npz(files.join(out_dir, name + '.npz'), samples=samples, labels=np.asarray(label))
+    if config.sample.export_samples:
+      logging.info('samples for the standard evaluators: %s', ', '.join(
+          export_samples(files.join(out_dir, name), samples, np.asarray(label))))
     writer = make_writer(files.join(config.workdir, 'logs', 'sample'))
     writer.write_images(num_steps, {name: grid[None]})
     writer.close()

@@ -2,8 +2,10 @@
 
 import math
 
-from data import DataError, dataset_info
+from data import FOLDER, DataError, dataset_info
+from data.folder import SPLITS as FOLDER_SPLITS
 from diffusion import BETA_SCHEDULES, DDPM_VARIANCES, DISCRETE_FIELDS, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
+from eval import reference_stats as standard_stats
 from models import COMPUTE_DTYPES, MODEL_NAMES
 from models.diffusers_import import FolderError, complete_config
 from samplers.samplers import SAMPLERS
@@ -126,7 +128,7 @@ def prepare_config(config) -> None:
   (models.diffusers_import.complete_config), then validate_config. Raises ConfigError (one line)."""
   if config.model.name == 'diffusers_unet':
     try:
-      complete_config(config, num_classes=dataset_info(config.data.name).num_classes)
+      complete_config(config, num_classes=dataset_info(config.data).num_classes)
     except (FolderError, DataError) as err:
       raise ConfigError(str(err)) from err
   validate_config(config)
@@ -149,7 +151,7 @@ def validate_config(config) -> None:
   """Raises ConfigError on the first invalid field."""
   _require(bool(config.workdir), 'workdir is empty: give --config.workdir=DIR (checkpoints, logs and results go there)')
   try:
-    info = dataset_info(config.data.name)
+    info = dataset_info(config.data)  # a folder is scanned and checked here, before anything is written
   except DataError as err:
     raise ConfigError(str(err)) from err
   _check_model(config, info)
@@ -189,6 +191,7 @@ def validate_config(config) -> None:
   _require(all(n > 0 for n in config.pipeline.teacher_steps), 'pipeline.teacher_steps must all be > 0')
   _check_eval(config, info)
   _check_quality(config)
+  _check_teacher_data(config, info)
   profile = config.profile
   _require(profile.start_step >= 1 and profile.num_steps >= 0, 'profile.start_step must be >= 1 and '
            f'profile.num_steps >= 0 (0 = no trace), got {profile.start_step} and {profile.num_steps}')
@@ -245,3 +248,54 @@ def _check_eval(config, info) -> None:
            f'eval.quantize_uint8 must be True or False, got {ev.quantize_uint8!r}')
   _require(not ev.quantize_uint8 or info.is_image,
            f'eval.quantize_uint8 rounds images to uint8 levels; {info.name} is vector data: set it False')
+  _require(info.name != FOLDER or ev.reference_split in FOLDER_SPLITS, f"eval.reference_split '{ev.reference_split}':"
+           f" a folder data set has one split, 'train' (the whole folder): set --config.eval.reference_split=train")
+  for section in (config.sample, ev):
+    _require(isinstance(section.export_samples, bool), 'export_samples must be True or False, got '
+             f'{section.export_samples!r}')
+  _require(not (ev.export_samples or config.sample.export_samples) or info.is_image,
+           f'export_samples writes images; {info.name} is vector data: set it False')
+  if ev.reference_stats:
+    try:
+      reference = standard_stats.inspect(ev.reference_stats)
+      standard_stats.check_dim(reference, extractor=ev.extractor,
+                               feature_dim=standard_stats.extractor_feature_dim(ev.extractor))
+    except DataError as err:
+      raise ConfigError(str(err)) from err
+
+
+def _check_teacher_data(config, info) -> None:
+  """A folder or tfds:NAME data set must be what the teacher of config.workdir (if it has one) was trained on:
+  class count, class names and image shape, so a distilled student or a score never mixes two data sets. (A
+  built-in data set is fixed by its name; loading a checkpoint checks that, train/records.py.)"""
+  if not info.class_names:
+    return
+  from distill.stages import stage_dir  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from train import checkpoint, records  # pylint: disable=g-import-not-at-top
+  teacher_dir = stage_dir(config.workdir, 'teacher')
+  try:
+    if checkpoint.latest_step(teacher_dir) is None:
+      return
+    record = records.read(teacher_dir)
+  except (checkpoint.CheckpointError, OSError, ValueError):
+    return  # a damaged teacher is reported, with its fix, where it is loaded
+  names, shape = record.get('class_names') or [], tuple(record.get('x_shape', info.shape))
+  _require(record.get('num_classes', info.num_classes) == info.num_classes,
+           f'the data ({_data_name(config)}) has {info.num_classes} classes but the teacher in {teacher_dir} was '
+           f'trained on {record["num_classes"]}{_listed(names)}: use its data or another --config.workdir')
+  if names and info.class_names and tuple(names) != info.class_names:
+    k = next(k for k, (a, b) in enumerate(zip(info.class_names, names)) if a != b)
+    raise ConfigError(f"the data's classes are not the teacher's ({teacher_dir}): class {k} is "
+                      f"'{info.class_names[k]}' here, '{names[k]}' there: use its data or another --config.workdir")
+  _require(shape == tuple(info.shape), f'the data ({_data_name(config)}) has examples of shape {tuple(info.shape)} '
+           f'but the teacher in {teacher_dir} was trained on {shape}: use its data and data.resolution or another '
+           '--config.workdir')
+
+
+def _data_name(config) -> str:
+  return config.data.path if config.data.name == FOLDER else config.data.name
+
+
+def _listed(names) -> str:
+  shown = ', '.join(names[:5]) + (', ...' if len(names) > 5 else '')
+  return f' ({shown})' if names else ''

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from distill import stages
+from image_folders import write_folder
 from train import records
 from models import count_params
 from modes.validation import prepare_config
@@ -22,10 +23,12 @@ NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_D
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_config_loads_validates_and_builds(name):
+def test_config_loads_validates_and_builds(name, tmp_path):
   config = importlib.import_module(f'configs.{name}').get_config()
   if config.model.name == 'diffusers_unet':
     config.model.folder = DIFFUSERS_FOLDER
+  if config.data.name == 'folder':  # its data is given as an override: --config.data.path=DIR
+    config.data.path = write_folder(tmp_path / 'images', {'a': ['png'], 'b': ['jpg']}, size=(40, 36))
   prepare_config(config)  # main.py prepares and validates after the command-line overrides
   for stage in ('teacher', 'stage1'):
     _, abstract = records.build(records.make(config, stage=stage))
@@ -62,6 +65,7 @@ def test_paper_scale_configs_default_to_the_reference_evaluation_protocol():
     ev = importlib.import_module(f'configs.{name}').get_config().eval
     assert ev.clip_x and ev.quantize_uint8 and ev.ddpm_variance == 'large', name
     assert (1024 in ev.teacher_steps) == name.startswith('imagenet64'), name  # the paper's 1024-step DDIM teacher
+    assert ev.num_samples == 50_000 and ev.reference_examples == 50_000, name  # FID-50k, as published
   digits = importlib.import_module('configs.digits_teacher').get_config().eval
   assert not digits.clip_x and not digits.quantize_uint8 and digits.ddpm_variance == 'small'
 

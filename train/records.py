@@ -1,8 +1,9 @@
 """The checkpoint record, in one place: the JSON saved with every checkpoint, saying what made it.
 
 A record is {stage, sampling_steps, guidance_input, model, x_shape, num_classes, parametrization, diffusion, data,
-config}, plus `train_steps` (the step at which its stage is complete) once trained and, for a student, `teacher`
-(the directory, step and parameter digest of the checkpoint it was distilled from). Here:
+config}, `class_names` where the data set names its classes (a folder, a tfds:NAME data set), plus `train_steps`
+(the step at which its stage is complete) once trained and, for a student, `teacher` (the directory, step and
+parameter digest of the checkpoint it was distilled from). Here:
   * make(config, stage=...) builds it, build(record) rebuilds its model, read(ckpt_dir) reads it back;
   * IDENTITY_KEYS / check_compatible: when a checkpoint may be resumed or used as a teacher;
   * check_complete, is_stale / check_same_teacher, checkpoint_id: whether a stage may be consumed, and what
@@ -54,11 +55,12 @@ def stage_model_config(config, stage: str) -> dict:
 
 def make(config, *, stage: str, sampling_steps: Optional[int] = None) -> dict:
   """What a checkpoint is: enough to rebuild its model and denoiser without the original command."""
-  info = data.dataset_info(config.data.name)
+  info = data.dataset_info(config.data)
+  named = dict(class_names=list(info.class_names)) if info.class_names else {}  # a folder's, a tfds:NAME set's
   return to_json(dict(stage=stage, sampling_steps=sampling_steps, guidance_input=stage not in GUIDED_STAGES,
                       model=stage_model_config(config, stage), x_shape=list(info.shape), num_classes=info.num_classes,
                       parametrization=config.diffusion.parametrization, diffusion=config.diffusion.to_dict(),
-                      data=config.data.name, config=config.to_dict()))
+                      data=config.data.name, config=config.to_dict(), **named))
 
 
 def build(record: dict):
