@@ -9,12 +9,13 @@ import numpy as np
 
 from data.digits import load_digits_arrays
 from data.errors import DataError
-from data.tfds_data import make_tfds_iterator, read_examples
+from data.tfds_data import check_prepared, make_tfds_iterator, read_examples
 from data.toy2d import load_toy2d_arrays
 
 __all__ = [
     'DataError',
     'DatasetInfo',
+    'check_available',
     'dataset_info',
     'load_arrays',
     'load_examples',
@@ -48,6 +49,14 @@ def dataset_info(name: str) -> DatasetInfo:
     choices = ', '.join(sorted(_INFOS))
     raise DataError(f"unknown data.name '{name}'; choose one of: {choices}")
   return _INFOS[name]
+
+
+def check_available(data_config: ml_collections.ConfigDict) -> None:
+  """Raises DataError when data_config's data set cannot be read here (a tfds set not prepared in
+  data.tfds_data_dir); the in-memory sets always can."""
+  dataset_info(data_config.name)
+  if data_config.name not in _IN_MEMORY_LOADERS:
+    check_prepared(data_config.name, data_config.tfds_data_dir or None)
 
 
 def load_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,17 @@ def _not_prepared_message(name: str, tfds_name: str, data_dir: str) -> str:
   )
 
 
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+  """Raises DataError, saying how to prepare it, when tfds data set `name` is not prepared in data_dir.
+
+  Nothing is downloaded: a run checks this before it writes anything.
+  """
+  import tensorflow_datasets as tfds  # Lazy: pulls in TF.
+  builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir)
+  if not builder.is_prepared():
+    raise DataError(_not_prepared_message(name, TFDS_NAMES[name], builder.data_dir_root))
+
+
 def _load_split(name, *, split, seed, data_dir):
   """Returns this host's shard of a prepared split, with files shuffled."""
   import tensorflow_datasets as tfds  # Lazy: pulls in TF.
