@@ -167,39 +167,56 @@ def is_axis(is_values, is_max=None) -> tuple[list, str, str]:
 def write_plots(rows: list[dict], out_dir: str, *, is_max=None) -> None:
   """fid_vs_steps.png and fid_vs_nfe.png (one panel per w: FID against sampling steps, and against network calls
   per sample, the cost the paper compares at) and fid_vs_is.png (each method's curve over w; see is_axis)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  cells = _cells(rows)
-  means = {key: _cell_stats(by_seed) for key, by_seed in cells.items()}  # (w, name, steps) -> stats
-  nfe = {key: int(next(iter(by_seed.values())).get('nfe') or 0) for key, by_seed in cells.items()}
-  for x_name, xlabel in (('steps', 'sampling steps'), ('nfe', 'network calls per sample (NFE)')):
-    fig = _fid_panels(plt, means, nfe, x_name=x_name, xlabel=xlabel)
+  plt = _pyplot()
+  for x_name in ('steps', 'nfe'):
+    fig = fid_panels_figure(rows, x_name=x_name)
     _save_figure(fig, files.join(out_dir, f'fid_vs_{x_name}.png'))
     plt.close(fig)
-  fig = _fid_vs_is(plt, means, is_max=is_max)
+  fig = fid_vs_is_figure(rows, is_max=is_max)
   _save_figure(fig, files.join(out_dir, 'fid_vs_is.png'))
   plt.close(fig)
 
 
-def _plain_log_ticks(axis) -> None:
-  """A log axis labelled at 1, 2, 5 x 10^k as plain numbers, minor ticks unlabelled: readable over any range
-  (matplotlib's default labels every minor tick of a range under a decade, and they overlap)."""
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def _means(rows: list[dict]) -> dict:
+  """{(w, 'method sampler', steps): (FID mean, FID sd, IS mean, NFE)} over each cell's seeds."""
+  return {key: (*_cell_stats(by_seed), int(next(iter(by_seed.values())).get('nfe') or 0))
+          for key, by_seed in _cells(rows).items()}
+
+
+def _plain_log_ticks(ax, which: str) -> None:
+  """Labels a log axis ('x' or 'y') of ax at 1, 2, 5 x 10^k as plain numbers (or, over less than that, at three
+  points), minor ticks unlabelled: readable over any range, where matplotlib labels every minor tick of a range
+  under a decade and they overlap. Call after plotting (it reads the axis limits)."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
-  axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  low, high = sorted(ax.get_xlim() if which == 'x' else ax.get_ylim())
+  ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+           for m in (1, 2, 5) if low <= m * 10.0 ** k <= high]
+  if len(ticks) < 2:
+    ticks = [float(f'{v:.3g}') for v in np.geomspace(low, high, 5)[1:-1]]
+  axis = ax.xaxis if which == 'x' else ax.yaxis
+  axis.set_major_locator(ticker.FixedLocator(ticks))
   axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f'{value:g}'))
   axis.set_minor_formatter(ticker.NullFormatter())
 
 
-def _fid_panels(plt, means: dict, nfe: dict, *, x_name: str, xlabel: str):
-  """One panel per w: FID (± sd over seeds) of each method against steps or NFE."""
+def fid_panels_figure(rows: list[dict], *, x_name: str):
+  """One panel per w: FID (± sd over seeds) of each method against x_name, 'steps' or 'nfe'."""
+  plt, means = _pyplot(), _means(rows)
+  xlabel = {'steps': 'sampling steps', 'nfe': 'network calls per sample (NFE)'}[x_name]
   ws = sorted({key[0] for key in means})
   fig, axes = plt.subplots(1, len(ws), figsize=(4 * len(ws) + 1, 4), squeeze=False)
   for ax, w in zip(axes[0], ws):
     curves = collections.defaultdict(list)
-    for (w2, name, steps), (fid, fid_sd, _) in means.items():
+    for (w2, name, steps), (fid, fid_sd, _, nfe) in means.items():
       if w2 == w:
-        curves[name].append((steps if x_name == 'steps' else nfe[(w2, name, steps)], fid, fid_sd))
+        curves[name].append((steps if x_name == 'steps' else nfe, fid, fid_sd))
     for name, points in sorted(curves.items()):
       points.sort()
       ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker='o',
@@ -208,19 +225,20 @@ def _fid_panels(plt, means: dict, nfe: dict, *, x_name: str, xlabel: str):
            title=f'w = {w:g}' + (' (lower: closer to the data)' if w == 0 else ' (lower is not better: results.md)'
                                  if w >= 1 else ''))
     ax.title.set_fontsize(9)
-    _plain_log_ticks(ax.xaxis)
-    _plain_log_ticks(ax.yaxis)
+    _plain_log_ticks(ax, 'x')
+    _plain_log_ticks(ax, 'y')
   axes[0][0].legend(fontsize=7)
   fig.suptitle(f'FID against {xlabel}', fontsize=10)
   fig.tight_layout()
   return fig
 
 
-def _fid_vs_is(plt, means: dict, *, is_max):
+def fid_vs_is_figure(rows: list[dict], *, is_max):
   """Each method (and step count) as a curve joining its points at the run's w, in increasing w."""
+  plt, means = _pyplot(), _means(rows)
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
   curves = collections.defaultdict(list)
-  for (w, name, steps), (fid, _, is_mean) in means.items():
+  for (w, name, steps), (fid, _, is_mean, _) in means.items():
     curves[f'{name} {steps_text(steps)}'].append((w, is_mean, fid))
   colours = plt.get_cmap('tab20').colors
   _, xlabel, xscale = is_axis([], is_max)
@@ -229,15 +247,15 @@ def _fid_vs_is(plt, means: dict, *, is_max):
     ax.plot(is_axis([p[1] for p in points], is_max)[0], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)],
             color=colours[i % len(colours)], label=name)
   ws = sorted({key[0] for key in means})
-  over = f'at w = {ws[0]:g}: one point per method' if len(ws) == 1 else \
-      f'one curve per method through its points at w = {", ".join(f"{w:g}" for w in ws)}, in that order'
-  ax.set(xlabel=xlabel, xscale=xscale, ylabel='FID against the real data', yscale='log', title=f'FID vs IS {over}')
+  over = f' at w = {ws[0]:g}: one point per method' if len(ws) == 1 else \
+      f': one curve per method, through its points at w = {", ".join(f"{w:g}" for w in ws)} in that order'
+  ax.set(xlabel=xlabel, xscale=xscale, ylabel='FID against the real data', yscale='log', title=f'FID vs IS{over}')
   ax.title.set_fontsize(9)
   if is_max:
     ax.invert_xaxis()
   if xscale == 'log':
-    _plain_log_ticks(ax.xaxis)
-  _plain_log_ticks(ax.yaxis)
+    _plain_log_ticks(ax, 'x')
+  _plain_log_ticks(ax, 'y')
   ax.legend(fontsize=6, loc='upper left', bbox_to_anchor=(1.02, 1.0))
   fig.tight_layout()
   return fig

@@ -36,7 +36,9 @@ def mode_error(argv: Sequence[str], mode_names: Sequence[str]) -> Optional[str]:
   for value in flag_values(argv, 'mode'):
     if value in mode_names:
       continue
-    nearest = MODE_INTENTS.get(value.lower()) or difflib.get_close_matches(value.lower(), mode_names, n=2, cutoff=0.6)
+    words = [word for word in re.split(r'[^a-z]+', value.lower()) if word]  # 'train_everything': 'train', ...
+    intents = [MODE_INTENTS[word] for word in words if word in MODE_INTENTS]
+    nearest = intents[0] if intents else difflib.get_close_matches(value.lower(), mode_names, n=2, cutoff=0.6)
     hint = f' did you mean {" or ".join(f"--mode={m}" for m in nearest)}?' if nearest else ''
     return f'unknown --mode={value}:{hint} The modes are: {", ".join(mode_names)} (see the README, "Modes")'
   return None

@@ -110,7 +110,8 @@ SAMPLES_HOW_TO_READ = (
     'sampler and step count; **NFE**: network calls per sample (the CFG teacher makes 2 a step); **w**: the '
     'guidance weight; **mean** and **std**: the mean and standard deviation of all sample values (pixels in '
     '[-1, 1], or 2-D point coordinates), beside the real data\'s in the first row; **saturated**: the fraction of '
-    'values outside [-1, 1], the data range, which guidance pushes values past (saved images clip them); '
+    'values outside [-1, 1], the pixel range of images, which guidance pushes values past (saved images clip '
+    'them; 2-D points: compare with the real data\'s row); '
     '**grid**: the PNG.',
 )
 

@@ -21,7 +21,7 @@ def _main(*args, workdir):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--mode=train_everything'], 'flag --mode=train_everything: value should be one of <teacher|stage1'),
+    (['--mode=train_everything'], 'unknown --mode=train_everything: did you mean --mode=pipeline or --mode=teacher?'),
     (['--mode=teacher', '--config.train.num_steps=-5'], 'train.num_steps must be > 0'),
     (['--mode=stage1', '--config.distill.w_min=5.0'], 'guidance range is reversed'),
     (['--mode=teacher', '--config.data.name=mnist'], "unknown data.name 'mnist'"),
