@@ -61,7 +61,7 @@ def what_better_means(w: float) -> str:
   return (f'w = {w:g}: guidance trades diversity for class fidelity, so every method\'s samples move away from the '
           'real data by design and FID against the data grows with w. A lower FID than the teacher\'s here means '
           'less guidance effect, not better distillation: a student is good when it matches the teacher CFG row at '
-          'this w (the pipeline\'s summary.md measures that directly).')
+          'this w (the pipeline\'s summary.md compares each student with its teacher directly).')
 
 
 def _legend(rows: list[dict], *, is_max) -> list[str]:
@@ -69,23 +69,24 @@ def _legend(rows: list[dict], *, is_max) -> list[str]:
   has_accuracy = any(not np.isnan(_as_float(r.get('accuracy'))) for r in rows)
   cell = 'FID / IS' + (' / accuracy' if has_accuracy else '')
   lines = [
-      f'Each cell is {cell} of one method\'s samples at one step count and guidance weight w, scored against the '
-      'real data; with several noise seeds, FID is the mean ± standard deviation over them.', '',
+      f'Each cell is {cell} of one method\'s samples at one step count and guidance weight w, scored against '
+      'the real data; with several noise seeds, FID is the mean ± standard deviation over them.', '',
       '- **FID**: Fréchet distance between the features of the samples and of the real data (the reference split). '
       'What a lower FID means depends on w: see the line under each w.',
       '- **IS**: Inception Score, exp(E KL(p(y|x) || p(y))): high when each sample is classified confidently and '
       'the classes are balanced.' + (f' With these features it is at most {is_max:g}, the classifier\'s class '
-                                      f'count: {is_max:g} is the cap, and values near it all read alike.'
-                                      if is_max else ''),
+                                      f'count, so values near {is_max:g} say little: FID and accuracy tell methods '
+                                      'apart there.' if is_max else ''),
   ]
   if has_accuracy:
-    lines.append('- **accuracy** (results.csv: `accuracy`): the fraction of samples the classifier assigns to the class '
-                 'they were drawn for (class fidelity; guidance raises it).')
+    lines.append('- **accuracy** (results.csv: `accuracy`): the fraction of samples the classifier assigns to the '
+                 'class they were drawn for (class fidelity; guidance raises it).')
   lines += [
       '- **method**: the model and its sampler. "teacher CFG" is the guided teacher (classifier-free guidance, 2 '
       'network calls a step); "student ddim" at N steps is the N-step student of stage 2, "student stochastic" at '
       '2N steps the same N-step student with the stochastic sampler; "stage 1" is the w-conditioned student before '
-      'halving; "direct PD CFG" the direct baseline.',
+      'halving; "direct PD CFG" the direct baseline; "teacher CFG clipped" the teacher with each step\'s x '
+      'prediction clipped to [-1, 1]; "student fixed-w" a student distilled at that one w (the paper\'s baseline).',
       '- **NFE per step**: network calls per sampling step; NFE per sample = steps x NFE per step, the cost '
       '`fid_vs_nfe.png` compares methods at.',
       '- **N steps** columns: sampling steps.', '']

@@ -16,7 +16,7 @@ STAGE_METHOD_NAMES = {'teacher': 'teacher CFG', 'stage1': 'stage 1', 'stage2': '
 
 
 def sample_file_stem(name: str, sampler: str, steps: int, guidance_w: float) -> str:
-  """The one name of a sample file (PNG, npz), --mode=sample and the pipeline alike: <method>_<sampler>_<steps>steps_w<w>.
+  """The one name of a sample file (PNG, npz) of --mode=sample and the pipeline: <method>_<sampler>_<N>steps_w<w>.
 
   E.g. 'student_stochastic_4steps_w2' (the 2-step student's stochastic sampler), 'teacher_CFG_ddim_64steps_w0'.
   """

@@ -230,8 +230,8 @@ def _overlaps(boxes) -> bool:
 
 
 def test_fid_plots_compare_at_equal_network_calls_and_read_after_a_one_w_run(tmp_path):
-  rows = [dict(method='teacher CFG', sampler='ddim', steps=s, nfe=2 * s, w=4.0, fid=60.0 + s % 7, is_mean=9.99 - s / 1e4)
-          for s in (2, 4, 8, 64)]
+  rows = [dict(method='teacher CFG', sampler='ddim', steps=s, nfe=2 * s, w=4.0, fid=60.0 + s % 7,
+               is_mean=9.99 - s / 1e4) for s in (2, 4, 8, 64)]
   rows += [dict(method='student', sampler='ddim', steps=s, nfe=s, w=4.0, fid=50.0 + s, is_mean=9.98 - s / 1e3)
            for s in (1, 2, 4, 8)]
   report.write_plots(rows, str(tmp_path), is_max=10)
@@ -252,7 +252,8 @@ def test_summary_samples_section_explains_its_columns_with_the_real_data_beside_
   config = tiny_config(tmp_path)
   entries = [dict(method='student 1-step, ddim 1 step', nfe=1, w=0.0, file='student_ddim_1steps_w0.png', mean=0.1,
                   std=0.5, saturated=0.0)]
-  text = pipeline._summary(config, {'teacher': 1.0}, entries, [], has_overview=False)  # pylint: disable=protected-access
+  summary = pipeline._summary  # pylint: disable=protected-access
+  text = summary(config, {'teacher': 1.0}, entries, [], has_overview=False)
   assert '| method | NFE | w | mean | std | saturated | grid |' in text and '1 steps' not in text
   assert 'What "better" means depends on w' in text and 'overview_w' not in text  # 2-D data: no overview
   for column in ('**method**', '**NFE**', '**w**', '**mean**', '**std**', '**saturated**', '**grid**'):
