@@ -4,9 +4,18 @@ import logging as pylogging
 import os
 import signal
 import sys
+from typing import Optional
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow (imported by tfds and clu's writers) prints start-up banners (oneDNN, CPU features) at INFO level on
+# its C++ logger; they must be silenced before it loads. Warnings and errors still show; a value set by the user wins.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from modes.command_line import (  # pylint: disable=g-import-not-at-top,wrong-import-position  (no JAX: fast)
+    config_file_error, flag_values, is_library_noise, mode_error)
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).',
                                           lock_config=True)
@@ -28,6 +37,10 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Build the models, shard one batc
 _DRY_RUN_BATCH_SIZE = flags.DEFINE_integer('dry_run_batch_size', 0, '--dry_run global batch; 0: one example per '
                                            'device (give the config batch on the target hardware to check memory).')
 
+# Modes that read no data set (the digits classifier reads the embedded digits); every other one checks, before it
+# writes anything, that its data set can be read.
+MODES_WITHOUT_DATA = ('sample', 'classifier')
+
 # Exit status of a run stopped by SIGTERM after saving a checkpoint (128 + SIGTERM, as the shell reports).
 PREEMPTED_EXIT_CODE = 143
 
@@ -45,9 +58,12 @@ def initialize_distributed(coordinator_address: str = '', num_processes: int = -
 
 
 class _OwnInfoOnly(pylogging.Filter):
-  """Keeps INFO lines of this repo (progress) and warnings of everyone; drops libraries' INFO chatter."""
+  """Keeps INFO lines of this repo (progress) and warnings of everyone; drops libraries' INFO chatter and the
+  warnings of modes.command_line.NOISE (a library's message about its own internals)."""
 
   def filter(self, record):
+    if is_library_noise(record):
+      return False
     return record.levelno >= pylogging.WARNING or record.pathname.startswith(_REPO_ROOT)
 
 
@@ -56,9 +72,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
-  from modes.validation import ConfigError, prepare_config, validate_for_devices  # pylint: disable=g-import-not-at-top
-  if _CONFIG.value is None:
-    raise ConfigError('--config is required, e.g. --config=configs/digits_teacher.py')
+  from modes.validation import prepare_config, validate_for_devices  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value >= 0 or _PROCESS_ID.value >= 0:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -67,6 +81,9 @@ def main(argv):
     set_cpu_devices(_CPU_DEVICES.value)
   prepare_config(_CONFIG.value)  # after the command-line overrides (a config file's get_config() does not validate)
   validate_for_devices(_CONFIG.value, _MODE.value, jax.device_count())  # before anything is written
+  if not _DRY_RUN.value and _MODE.value not in MODES_WITHOUT_DATA:
+    import data  # pylint: disable=g-import-not-at-top
+    data.check_available(_CONFIG.value.data)  # a missing tfds data set: one line, nothing written
   if _DRY_RUN.value:
     from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top
     run_dry_run(_CONFIG.value, _MODE.value, batch_size=_DRY_RUN_BATCH_SIZE.value)
@@ -83,6 +100,38 @@ def main(argv):
                      print_only=_PRINT_ONLY.value)
     else:
       MODES[_MODE.value](_CONFIG.value)
+
+
+def _parse_error(err: Exception) -> str:
+  """The error line of a command line that does not parse (the config file itself loads)."""
+  if isinstance(err, (AttributeError, KeyError)):
+    while isinstance(err, (AttributeError, KeyError)) and err.args and isinstance(err.args[0], BaseException):
+      err = err.args[0]  # ml_collections wraps the KeyError in an AttributeError
+    field, *hint = str(err.args[0] if err.args else err).splitlines()  # not str(KeyError): that is a repr
+    hint = f' {" ".join(hint)}' if hint else ' Check the spelling against the config file.'
+    return f'--config override names no field of the config: {field}.{hint}'
+  if isinstance(err, flags.Error):
+    return str(err)
+  raise err
+
+
+def _parse_command_line(argv: list[str]) -> tuple[list[str], Optional[str]]:
+  """(the arguments left after the flags, the error line of a command that cannot start or None).
+
+  Flags are parsed here, once; an unknown --mode, a --config that gives no config and a bad override each get one
+  line. Needs no JAX, so such a command ends at once.
+  """
+  problem = mode_error(argv, flags.FLAGS['mode'].parser.enum_values)
+  if problem:
+    return argv, problem
+  try:
+    argv = flags.FLAGS(argv)
+  except Exception as err:  # pylint: disable=broad-except  (a config file that does not load fails the parse)
+    return argv, config_file_error((flag_values(argv, 'config') or [None])[-1]) or _parse_error(err)
+  if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    return argv, config_file_error(config_flags.get_config_filename(flags.FLAGS['config'])
+                                   if flags.FLAGS['config'].present else None) or '--config gives no config'
+  return argv, None
 
 
 def _os_error_line(err: OSError) -> str:
@@ -102,6 +151,11 @@ def run():
   (PREEMPTED_EXIT_CODE for SIGTERM) with one line; an operating-system error (a workdir that is a file, read-only
   or full) is one `error:` line naming the path.
   """
+  app.define_help_flags()
+  argv, problem = _parse_command_line(sys.argv)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    sys.exit(1)
   from data import DataError  # pylint: disable=g-import-not-at-top
   from eval.inception import WeightsError  # pylint: disable=g-import-not-at-top
   from modes.sampling import SamplingError  # pylint: disable=g-import-not-at-top
@@ -110,24 +164,6 @@ def run():
   from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
   from train.loop import (  # pylint: disable=g-import-not-at-top
       NonFiniteError, OutOfMemoryError, PeerLostError, Preempted)
-  app.define_help_flags()
-  try:
-    argv = flags.FLAGS(sys.argv)  # parsed here, once, so a bad --config.* override gets one line, no traceback
-  except (AttributeError, KeyError) as err:
-    while isinstance(err, (AttributeError, KeyError)) and err.args and isinstance(err.args[0], BaseException):
-      err = err.args[0]  # ml_collections wraps the KeyError in an AttributeError
-    field, *hint = str(err.args[0] if err.args else err).splitlines()  # not str(KeyError): that is a repr
-    hint = f' {" ".join(hint)}' if hint else ' Check the spelling against the config file.'
-    print(f'error: --config override names no field of the config: {field}.{hint}', file=sys.stderr)
-    sys.exit(1)
-  except flags.Error as err:
-    print(f'error: {err}', file=sys.stderr)
-    sys.exit(1)
-  config_path = (config_flags.get_config_filename(flags.FLAGS['config']) or '').split(':', 1)[0]
-  if config_path and not os.path.isfile(config_path):
-    print(f'error: no config file {config_path}: give one of configs/*.py, e.g. --config=configs/digits_teacher.py',
-          file=sys.stderr)
-    sys.exit(1)
   try:
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
   except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, OutOfMemoryError, WeightsError,
@@ -150,5 +186,4 @@ def run():
 
 
 if __name__ == '__main__':
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   run()

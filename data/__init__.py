@@ -10,7 +10,8 @@ import numpy as np
 from data.digits import load_digits_arrays
 from data.errors import DataError
 from data.folder import FOLDER, scan_folder
-from data.tfds_data import TFDS_PREFIX, iterate_examples, make_tfds_iterator, read_examples, tfds_features
+from data.tfds_data import (TFDS_PREFIX, check_prepared, iterate_examples, make_tfds_iterator, read_examples,
+                            tfds_features)
 from data.toy2d import load_toy2d_arrays
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     'TFDS_PREFIX',
     'DataError',
     'DatasetInfo',
+    'check_available',
     'dataset_info',
     'iterate_examples',
     'load_arrays',
@@ -70,6 +72,14 @@ def dataset_info(data_config) -> DatasetInfo:
     raise DataError(f"unknown data.name '{name}'; choose one of: {choices}, or {TFDS_PREFIX}NAME (a tfds data set "
                     'with image and label features)')
   return _INFOS[name]
+
+
+def check_available(data_config: ml_collections.ConfigDict) -> None:
+  """Raises DataError when data_config's data set cannot be read here (a folder that fails its checks, a tfds set
+  not prepared in data.tfds_data_dir); the in-memory sets always can."""
+  dataset_info(data_config)
+  if data_config.name not in _IN_MEMORY_LOADERS and data_config.name != FOLDER:
+    check_prepared(data_config.name, data_config.tfds_data_dir or None)
 
 
 def load_arrays(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:

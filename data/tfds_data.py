@@ -47,6 +47,20 @@ def tfds_name(name: str) -> str:
   return name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else TFDS_NAMES[name]
 
 
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+  """Raises DataError, saying how to prepare it, when tfds data set `name` ('cifar10', 'imagenet64' or
+  'tfds:NAME') is not prepared in data_dir. Nothing is downloaded: a run checks this before it writes anything."""
+  import tensorflow_datasets as tfds  # Lazy: pulls in TF.
+  builder_name = tfds_name(name)
+  try:
+    builder = tfds.builder(builder_name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as err:
+    raise DataError(f"unknown tfds data set '{builder_name}' (data.name '{name}'): see "
+                    'https://www.tensorflow.org/datasets/catalog') from err
+  if not builder.is_prepared():
+    raise DataError(_not_prepared_message(name, builder_name, builder.data_dir_root))
+
+
 @functools.lru_cache(maxsize=16)
 def tfds_features(name: str, resolution: int, data_dir: str | None):
   """(image shape [R, R, 3], class names) of data.name 'tfds:NAME'; DataError (one line) when it cannot be used.

@@ -1,29 +1,17 @@
-"""One function per `main.py --mode`; main.py only parses flags and dispatches through MODES."""
+"""One function per `main.py --mode` (modes.registry.MODES); main.py only parses flags and dispatches through it.
 
-from distill import stages
-from modes.fid import run_classifier, run_fid
-from modes.pipeline import run_pipeline
-from modes.sampling import run_sample
-from modes.sweep import run_sweep
-from modes.transfer import run_transfer
+MODES and the mode functions (`from modes import MODES, run_pipeline`) load on first use, so that
+modes.command_line, which main.py consults before anything else, imports without JAX: a command that cannot
+start says so in a fraction of a second.
+"""
 
+import importlib
 
-def run_distill(config):
-  """--mode=distill runs the stage the config names (config.distill.stage)."""
-  return {'stage1': stages.train_stage1, 'stage2': stages.train_stage2}[config.distill.stage](config)
+_LAZY = ('MODES', 'run_distill', 'run_classifier', 'run_fid', 'run_pipeline', 'run_sample', 'run_sweep',
+         'run_transfer')
 
 
-MODES = {
-    'teacher': stages.train_teacher,
-    'stage1': stages.train_stage1,
-    'stage2': stages.train_stage2,
-    'distill': run_distill,
-    'sample': run_sample,
-    'pipeline': run_pipeline,
-    'classifier': run_classifier,
-    'fid': run_fid,
-    'encoder': stages.train_encoder,
-    'direct': stages.train_direct,
-    'transfer': run_transfer,
-    'sweep': run_sweep,
-}
+def __getattr__(name: str):
+  if name in _LAZY:
+    return getattr(importlib.import_module('modes.registry'), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

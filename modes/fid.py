@@ -1,4 +1,5 @@
-"""--mode=fid: FID / IS of every method of a run over steps x sampler x w, as a CSV, a table and plots."""
+"""--mode=fid: FID / IS of every method of a run over steps x sampler x w, as a CSV, a table and plots
+(fid_vs_steps.png, fid_vs_nfe.png, fid_vs_is.png)."""
 
 import csv
 import hashlib
@@ -337,10 +338,10 @@ def run_fid(config) -> str:
   writer.close()
   rows = current
   if jax.process_index() == 0:
+    is_max = None if extractor_name == 'inception' else data.dataset_info(config.data).num_classes
     write_table(rows, files.join(out_dir, 'results.md'), title=f'{config.data.name}, {extractor_name} features, '
                 f'{config.eval.num_samples} samples per cell, {config.eval.num_seeds} noise seed(s), reference '
-                f'statistics {keys["reference"]}')
-    is_max = None if extractor_name == 'inception' else data.dataset_info(config.data).num_classes
+                f'statistics {keys["reference"]}', is_max=is_max)
     write_plots(rows, out_dir, is_max=is_max)  # a classifier's IS is at most its class count
   logging.info('[fid] results in %s', out_dir)
   return out_dir

@@ -6,7 +6,21 @@ from typing import Optional
 import ml_collections
 
 from distill import stages
+from eval.report import steps_text
 from train import checkpoint, files, records
+
+
+# The name of each checkpoint stage's rows in tables, titles and sample file names.
+STAGE_METHOD_NAMES = {'teacher': 'teacher CFG', 'stage1': 'stage 1', 'stage2': 'student', 'direct': 'direct PD CFG',
+                      'encoder': 'encoder'}
+
+
+def sample_file_stem(name: str, sampler: str, steps: int, guidance_w: float) -> str:
+  """The one name of a sample file (PNG, npz) of --mode=sample and the pipeline: <method>_<sampler>_<N>steps_w<w>.
+
+  E.g. 'student_stochastic_4steps_w2' (the 2-step student's stochastic sampler), 'teacher_CFG_ddim_64steps_w0'.
+  """
+  return f'{name.replace(" ", "_")}_{sampler}_{steps}steps_w{guidance_w:g}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,14 +32,40 @@ class Method:
   ckpt_dir: str
   guidance_w: Optional[float] = None  # a fixed-w student's only w; None: every w of the table
   clip_x: Optional[bool] = None  # per-step x clipping of this row; None: the run's eval.clip_x
+  round_steps: Optional[int] = None  # a halving round's student: the N of its N-step checkpoint
 
   @property
   def label(self) -> str:
     return f'{self.name} {self.sampler} {self.steps}'
 
   @property
-  def file_stem(self) -> str:
-    return f'{self.name.replace(" ", "_")}_{self.sampler}_{self.steps:04d}'
+  def model(self) -> str:
+    """Which network: 'teacher CFG', 'stage 1', 'student 2-step' (the student of the halving round to 2 steps)."""
+    return f'{self.name} {self.round_steps}-step' if self.round_steps else self.name
+
+  @property
+  def model_and_sampler(self) -> str:
+    """The model, its sampler and steps, e.g. 'student 2-step, stochastic 4 steps'."""
+    return f'{self.model}, {self.sampler} {steps_text(self.steps)}'
+
+  @property
+  def description(self) -> str:
+    """model_and_sampler and the network calls per sample, e.g. 'student 2-step, stochastic 4 steps (NFE 4)'."""
+    return f'{self.model_and_sampler} (NFE {self.nfe})'
+
+  def title(self, guidance_w: float) -> str:
+    """A sample picture's title: the description and w."""
+    return f'{self.description}, w = {guidance_w:g}'
+
+  def file_stem(self, guidance_w: float) -> str:
+    return sample_file_stem(self.name, self.sampler, self.steps, guidance_w)
+
+
+def checkpoint_method(record: dict, ckpt_dir: str, *, sampler: str, steps: int) -> Method:
+  """The Method of sampling a checkpoint (its record) with sampler at steps, named as list_methods names it."""
+  nfe_per_step = 1 if record['guidance_input'] else 2  # guided (teacher, direct baseline): 2 calls a step
+  return Method(STAGE_METHOD_NAMES.get(record['stage'], record['stage']), sampler, steps, steps * nfe_per_step,
+                ckpt_dir, round_steps=record.get('sampling_steps'))
 
 
 def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(), student_steps=None,
@@ -47,7 +87,7 @@ def list_methods(config, *, teacher_steps, teacher_ddpm_steps=(), stage1_steps=(
   for n in stages.halving_rounds(config, 'direct'):  # the direct baseline, where --mode=direct trained it
     direct_dir = stages.stage_dir(config.workdir, 'direct', n)
     if files.is_dir(direct_dir) and (student_steps is None or n in student_steps):
-      methods.append(Method('direct PD CFG', 'ddim', n, 2 * n, direct_dir))
+      methods.append(Method('direct PD CFG', 'ddim', n, 2 * n, direct_dir, round_steps=n))
   return methods + fixed_w_students(fixed_w_dir, student_steps) if fixed_w_dir else methods
 
 
@@ -59,7 +99,7 @@ def _student_methods(name: str, config, workdir: str, student_steps, guidance_w=
     round_dir = stages.stage_dir(workdir, 'stage2', n)
     for sampler, steps in ((s, n if s == 'ddim' else 2 * n) for s in samplers):
       if student_steps is None or steps in student_steps:
-        methods.append(Method(name, sampler, steps, steps, round_dir, guidance_w=guidance_w))
+        methods.append(Method(name, sampler, steps, steps, round_dir, guidance_w=guidance_w, round_steps=n))
   return methods
 
 

@@ -1,5 +1,6 @@
 """Sampling from any checkpoint (teacher, stage 1, any stage-2 round) with a checked step count."""
 
+import os
 from typing import Optional
 
 import jax
@@ -10,9 +11,10 @@ from absl import logging
 from diffusion import guidance_w_from_scale, schedule_of
 import ml_collections
 
-from distill.stages import halving_rounds, stage_dir
+from distill.stages import HALVING_STAGES, halving_rounds, stage_dir
 from eval.export import export_samples
 from eval.images import save_samples_png
+from modes.methods import checkpoint_method
 from models.denoiser import clip_x as clip_denoised_x
 from models.denoiser import make_denoise_fn
 from samplers import make_encoder, make_sampler
@@ -101,6 +103,25 @@ class LoadedCheckpoint:
                                       num_classes=self.record['num_classes'])
     self.nfe_per_step = 2 if kind == 'guided' else 1
     self._samplers = {}  # (sampler, num_steps) -> jitted program, reused for every w and batch
+    self._warned_ws = set()  # the w outside the trained range already warned about (once per w, not per batch)
+
+  def trained_w_range(self) -> Optional[tuple[float, float]]:
+    """[w_min, w_max] a w-input student was distilled on (its record's config.distill); None for the guided
+    teacher and direct baseline, which apply guidance at sampling time at any w."""
+    distill = self.record.get('config', {}).get('distill')
+    if not self.record['guidance_input'] or not distill:
+      return None
+    return float(distill['w_min']), float(distill['w_max'])
+
+  def _check_w(self, guidance_w: float) -> None:
+    """One warning line per w outside the trained range; sampling goes on (what the student does there is
+    extrapolation, which the distillation never asked of it)."""
+    w_range = self.trained_w_range()
+    if w_range is None or w_range[0] <= guidance_w <= w_range[1] or guidance_w in self._warned_ws:
+      return
+    self._warned_ws.add(guidance_w)
+    logging.warning('%s was distilled for w in [%g, %g]; w=%g lies outside: its samples there extrapolate what '
+                    'it learned from the guided teacher (sampling anyway)', self.ckpt_dir, *w_range, guidance_w)
 
   def encode(self, *, num_steps: int, guidance_w: float, x, label):
     """z_1 [B, ...] from data x by N-step DDIM encoding (an encoder student, stage 1 or the teacher)."""
@@ -119,6 +140,7 @@ class LoadedCheckpoint:
     ddpm_variance ('small' | 'large') is the DDPM sampler's step variance (ignored by the others).
     """
     check_steps(self.record, sampler, num_steps, self.ckpt_dir)
+    self._check_w(guidance_w)
     key = (sampler, num_steps, clip_x, ddpm_variance)  # make_sampler gives the non-DDPM samplers one program
     if key not in self._samplers:
       denoise_fn = clip_denoised_x(self.denoise_fn) if clip_x else self.denoise_fn
@@ -145,13 +167,35 @@ def fixed_inputs(record: dict, *, per_class: int, seed: int):
   return z_init, label, num_classes
 
 
+def check_checkpoint_dir(ckpt_dir: str) -> None:
+  """Raises SamplingError listing the rounds when ckpt_dir is a halving stage's folder (stage2/, encoder/,
+  direct/) or a round that is not there beside rounds that are: one checkpoint per round, each a directory."""
+  rounds = _rounds_in(ckpt_dir)
+  if rounds:
+    raise SamplingError(f'{ckpt_dir} holds one checkpoint per round, not one checkpoint: give one of its rounds, '
+                        f'--config.sample.checkpoint={files.join(ckpt_dir, rounds[0])} (rounds: {", ".join(rounds)})')
+  parent = os.path.dirname(ckpt_dir.rstrip('/'))
+  rounds = _rounds_in(parent) if parent and not files.exists(ckpt_dir) else []
+  if rounds:
+    raise SamplingError(f'no checkpoint in {ckpt_dir}: the rounds in {parent} are {", ".join(rounds)}, e.g. '
+                        f'--config.sample.checkpoint={files.join(parent, rounds[0])}')
+
+
+def _rounds_in(folder: str) -> list[str]:
+  """The round folders (steps_NNNN) of a halving stage's folder, most steps first; [] for anything else."""
+  if not folder or os.path.basename(folder.rstrip('/')) not in HALVING_STAGES or not files.is_dir(folder):
+    return []
+  return sorted((name for name in files.listdir(folder) if name.startswith('steps_')), reverse=True)
+
+
 def run_sample(config) -> str:
-  """--mode=sample: writes a PNG grid (one row per class) and an .npz of samples; returns the PNG path.
+  """--mode=sample: writes a titled PNG grid (one row per class) and an .npz of samples; returns the PNG path.
 
   With sample.export_samples the samples are also written for guided-diffusion's evaluator and EDM's fid.py
   (eval/export.py).
   """
   ckpt_dir = config.sample.checkpoint or stage_dir(config.workdir, 'teacher')
+  check_checkpoint_dir(ckpt_dir)
   loaded = LoadedCheckpoint(ckpt_dir)
   sampler = config.sample.sampler
   num_steps = config.sample.num_steps or default_steps(loaded.record, sampler)
@@ -162,10 +206,12 @@ def run_sample(config) -> str:
                           label=label, seed=config.sample.seed, clip_x=config.sample.clip_x,
                           ddpm_variance=config.sample.ddpm_variance)
   out_dir = config.sample.out_dir or files.join(config.workdir, 'samples')
-  name = f'{loaded.record["stage"]}_{sampler}_{num_steps}steps_w{guidance_w:g}'
+  method = checkpoint_method(loaded.record, ckpt_dir, sampler=sampler, steps=num_steps)
+  name = method.file_stem(guidance_w)  # the pipeline's grids are named alike
   png = files.join(out_dir, name + '.png')
   if jax.process_index() == 0:
-    grid = save_samples_png(png, samples, np.asarray(label), num_rows=num_rows)
+    grid = save_samples_png(png, samples, np.asarray(label), num_rows=num_rows,
+                            title=method.title(guidance_w))
     files.write_npz(files.join(out_dir, name + '.npz'), samples=samples, labels=np.asarray(label))
     if config.sample.export_samples:
       logging.info('samples for the standard evaluators: %s', ', '.join(
@@ -173,5 +219,5 @@ def run_sample(config) -> str:
     writer = make_writer(files.join(config.workdir, 'logs', 'sample'))
     writer.write_images(num_steps, {name: grid[None]})
     writer.close()
-  logging.info('wrote %s (%d network calls per sample)', png, num_steps * loaded.nfe_per_step)
+  logging.info('wrote %s (%s)', png, method.description)
   return png

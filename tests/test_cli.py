@@ -21,7 +21,7 @@ def _main(*args, workdir):
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--mode=train_everything'], 'flag --mode=train_everything: value should be one of <teacher|stage1'),
+    (['--mode=train_everything'], 'unknown --mode=train_everything: did you mean --mode=pipeline or --mode=teacher?'),
     (['--mode=teacher', '--config.train.num_steps=-5'], 'train.num_steps must be > 0'),
     (['--mode=stage1', '--config.distill.w_min=5.0'], 'guidance range is reversed'),
     (['--mode=teacher', '--config.data.name=mnist'], "unknown data.name 'mnist'"),
@@ -63,7 +63,7 @@ def test_sample_refuses_a_step_count_the_student_lacks(toy_run, tmp_path):
   ok = _main('--mode=sample', f'--config.sample.checkpoint={student}', '--config.sample.num_steps=4',
              f'--config.sample.out_dir={tmp_path / "out"}', workdir=tmp_path / 'run')
   assert ok.returncode == 0, ok.stderr[-1500:]
-  assert sorted(os.listdir(tmp_path / 'out')) == ['stage2_ddim_4steps_w1.npz', 'stage2_ddim_4steps_w1.png']
+  assert sorted(os.listdir(tmp_path / 'out')) == ['student_ddim_4steps_w1.npz', 'student_ddim_4steps_w1.png']
 
 
 def test_the_mode_flag_lists_every_mode():

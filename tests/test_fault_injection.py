@@ -64,8 +64,8 @@ def _kill_plan(seed: int) -> list[tuple[str, object, float, re.Pattern]]:
       plan.append(('pipeline', InSave(stage, steps, 2 * CHECKPOINT_EVERY), 0.0, in_phase(title)))
     plan.append(('pipeline', progress(title, PHASE_STEPS[stage]), rng.uniform(0, 0.1), in_phase(title)))
   return plan + [
-      ('pipeline', re.compile(r'\[pipeline\] stage2 round -> 1 steps took'), rng.uniform(0.1, 1.0),
-       re.compile(r'stage2 round -> 1 steps took')),  # sampling: the next line would be 'sampling took'
+      ('pipeline', re.compile(r'\[pipeline\] stage2 round -> 1 step took'), rng.uniform(0.1, 1.0),
+       re.compile(r'stage2 round -> 1 step took')),  # sampling: the next line would be 'sampling took'
       ('fid', re.compile(r'\[fid\] reference statistics: computing'), rng.uniform(0, 0.03),
        re.compile(r'\[fid\] reference statistics: computing')),  # inside their computation, before the save
       ('fid', re.compile(rf'\[fid\] {rng.randrange(2, FID_CELLS)}/{FID_CELLS} '), rng.uniform(0, 0.3),

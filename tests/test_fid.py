@@ -212,7 +212,8 @@ def test_direct_baseline_rows_are_listed_for_the_rounds_mode_direct_trained(tmp_
   assert not [m for m in list_methods(config, teacher_steps=(8,)) if m.name == 'direct PD CFG']
   os.makedirs(tmp_path / 'direct' / 'steps_0002')  # --mode=direct trained its first round only
   direct = [m for m in list_methods(config, teacher_steps=(8,)) if m.name == 'direct PD CFG']
-  assert direct == [Method('direct PD CFG', 'ddim', 2, 4, str(tmp_path / 'direct' / 'steps_0002'))]  # 2 calls a step
+  assert direct == [Method('direct PD CFG', 'ddim', 2, 4, str(tmp_path / 'direct' / 'steps_0002'),
+                           round_steps=2)]  # 2 calls a step
 
 
 def test_fixed_w_students_are_scored_at_their_own_w_only(toy_run, tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ def test_sampling_and_eval_modes_write_images_and_scalars(toy_copy):
   assert 'saturated/student_ddim_w1' in pipeline_tags['scalars']
 
   run_sample(toy_copy)
-  assert 'teacher_ddim_64steps_w1' in tensorboard_tags(os.path.join(logs, 'sample'))['images']
+  assert 'teacher_CFG_ddim_64steps_w1' in tensorboard_tags(os.path.join(logs, 'sample'))['images']
 
   fid.run_fid(toy_copy)
   assert {'fid/student_ddim/w1', 'is/student_ddim/w1'} <= tensorboard_tags(os.path.join(logs, 'eval'))['scalars']

@@ -1,4 +1,5 @@
-"""notebooks/demo.ipynb runs top to bottom on the tiny config (no install) and shows its plots inline."""
+"""notebooks/demo.ipynb runs top to bottom on the tiny config (no install), shows its plots inline, opens a finished
+run instead of training, and is stored with the outputs of a run (notebooks/render.py)."""
 
 import os
 import subprocess
@@ -40,15 +41,38 @@ def test_demo_notebook_runs_on_the_tiny_config(tmp_path, monkeypatch):
   nbclient.NotebookClient(nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': REPO}}).execute()
   assert (workdir / 'results' / 'summary.md').stat().st_size > 0
   assert (workdir / 'teacher').is_dir() and (workdir / 'stage2' / 'steps_0001').is_dir()
-  for name in ('results.csv', 'results.md', 'fid_vs_steps.png'):
-    assert (workdir / 'eval' / name).stat().st_size > 0
-  assert len(_outputs(nb, 'image/png')) == 2  # the sample grid and fid_vs_steps.png
+  for name in ('results.csv', 'results.md', 'fid_vs_nfe.png'):
+    assert (workdir / 'eval' / name).stat().st_size > 0  # the small FID of the tiny config is its own protocol
+  assert len(_outputs(nb, 'image/png')) == 2  # the sample grid and fid_vs_nfe.png
   assert len(_outputs(nb, 'text/markdown')) == 1  # the FID table
+  # The pipeline is finished now: a notebook started on it opens it as it is; elsewhere it trains.
+  for finished_run, says in ((workdir, 'a finished run, opened as it is'), (tmp_path / 'none', 'trained here')):
+    env = dict(os.environ, DEMO_CONFIG='tiny', DEMO_FINISHED_RUN=str(finished_run))
+    env.pop('DEMO_WORKDIR')
+    result = subprocess.run([sys.executable, '-c', '\n'.join(_code_cells()[:2])], cwd=REPO, capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0 and says in result.stdout, result.stderr[-2000:]
+
+
+def _code_cells() -> list[str]:
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  return [cell.source for cell in nb.cells if cell.cell_type == 'code']
+
+
+def test_the_notebook_is_stored_with_the_outputs_of_a_run():
+  """So it reads where the repository is browsed: every code cell ran (`python notebooks/render.py`), the
+  sample grid and the FID plot are there, and the outputs stay small."""
+  from notebooks import render  # pylint: disable=g-import-not-at-top
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  code = [cell for cell in nb.cells if cell.cell_type == 'code']
+  assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+  assert not [o for cell in code for o in cell.outputs if o.output_type == 'error']
+  assert len(_outputs(nb, 'image/png')) == 2 and len(_outputs(nb, 'text/markdown')) == 1
+  assert 0 < render.output_bytes(nb) < render.MAX_BYTES
 
 
 def _setup_cell() -> str:
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  return next(cell.source for cell in nb.cells if cell.cell_type == 'code')
+  return _code_cells()[0]
 
 
 def test_setup_cell_clones_the_repository_from_elsewhere_and_finds_it_again_after_a_restart(tmp_path):
