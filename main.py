@@ -160,7 +160,7 @@ def run():
   from eval.inception import WeightsError  # pylint: disable=g-import-not-at-top
   from modes.sampling import SamplingError  # pylint: disable=g-import-not-at-top
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
-  from train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from train.checkpoint import CheckpointError, SaveError  # pylint: disable=g-import-not-at-top
   from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
   from train.loop import (  # pylint: disable=g-import-not-at-top
       NonFiniteError, OutOfMemoryError, PeerLostError, Preempted)
@@ -168,7 +168,9 @@ def run():
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)
   except (ConfigError, DataError, CheckpointError, SamplingError, NonFiniteError, OutOfMemoryError, WeightsError,
           WorkdirLocked) as err:
-    sys.stderr.write(f'error: {err}\n')  # one write: a library thread's output cannot split the line
+    # One write: a library thread's output cannot split the line. After a failed save Orbax's writer threads may
+    # still be printing their tracebacks: a newline first, so the line starts a line whatever they left.
+    sys.stderr.write(f'{chr(10) if isinstance(err, SaveError) else ""}error: {err}\n')
     sys.exit(1)
   except PeerLostError as err:
     print(f'error: {err}', file=sys.stderr, flush=True)

@@ -43,6 +43,10 @@ def get_config():
   # Stage 1 and 2: no EMA, no dropout, lr 5e-5 (stage 2 annealed linearly to 0 within each 50k-step round),
   # 8192 -> 1 steps as in the published CIFAR-10 distillation.
   config.distill.dropout = 0.0
+  # The w-embedding keeps the backbone's lr (stage1.lr_scales.guidance_embed = 1, as published). On the digits
+  # a 10x lr on it brought stage 1 closer to the teacher at the ends of the w range in 1500 iterations of a
+  # decaying lr (docs/results.md, the stage-1 ablation); 50k iterations at a constant lr give the embedding far
+  # more updates, and nothing was measured at this scale: compare with benchmarks/stage1_fidelity.py first.
   config.stage1.update(batch_size=128, num_steps=50_000, lr=5e-5, warmup_steps=0, log_every=500,
                        checkpoint_every=10_000)
   config.stage2.update(batch_size=128, num_steps=50_000, lr=5e-5, warmup_steps=0, lr_decay='linear',

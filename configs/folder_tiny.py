@@ -17,7 +17,8 @@ def get_config():
   config.stage2.update(start_steps=4, final_steps=2)
   config.encoder.update(start_steps=4, final_steps=2)
   config.direct.update(start_steps=4, final_steps=2)
-  config.pipeline.update(teacher_steps=(2,), guidance_ws=(0.0, 1.0), per_class=2, quality_steps=4, quality_samples=0)
+  config.pipeline.update(teacher_steps=(2,), guidance_ws=(0.0, 1.0), per_class=2, quality_steps=4,
+                         quality_samples=0, floor_steps=2)
   config.eval.update(num_samples=16, batch_size=8, guidance_ws=(0.0, 1.0), teacher_steps=(2,), stage1_steps=(),
                      student_steps=(2,), reference_examples=64)
   return config

@@ -16,7 +16,8 @@ def _cells(rows: list[dict]) -> dict:
   """{(w, 'method sampler', steps): {seed: row}}: the rows of one cell, one per noise seed."""
   cells = collections.defaultdict(dict)
   for r in rows:
-    cells[(_as_float(r['w']), f'{r["method"]} {r["sampler"]}', int(r['steps']))][str(r.get('seed', ''))] = r  # CSV rows carry '2', fresh rows 2
+    key = (_as_float(r['w']), f'{r["method"]} {r["sampler"]}', int(r['steps']))
+    cells[key][str(r.get('seed', ''))] = r  # CSV rows carry '2', fresh rows 2
   return cells
 
 
@@ -118,12 +119,48 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
   return out
 
 
+def _fidelity_text(by_seed: dict) -> str:
+  """'fidelity / precision / recall' of one cell (means over its seeds); '' for a row scored without them."""
+  values = [float(np.mean([_as_float(r.get(name)) for r in by_seed.values()]))
+            for name in ('fidelity', 'precision', 'recall')]
+  return '' if np.isnan(values[0]) else ' / '.join(f'{v:.3f}' if v >= 0.001 or v == 0 else f'{v:.1e}'
+                                                   for v in values)
+
+
+def _fidelity_section(rows: list[dict]) -> list[str]:
+  """'## Fidelity to the teacher': per w, each method's Frechet distance to the teacher's reference samples
+  (same noise and labels), precision and recall against the real data; [] when no row has a fidelity."""
+  cells = _cells(rows)
+  texts = {key: _fidelity_text(by_seed) for key, by_seed in cells.items()}
+  if not any(texts.values()):
+    return []
+  lines = ['## Fidelity to the teacher', '',
+           'Each cell is fidelity / precision / recall. **fidelity**: the Fréchet distance between the method\'s '
+           'samples and the teacher\'s reference samples (its CFG DDIM at the most steps, 0 in its own row) drawn '
+           'from the same noise and labels at the same w: lower is closer to the teacher at every w. **precision** '
+           '/ **recall**: the fraction of samples inside the real data\'s k-NN manifold / of real examples inside '
+           'the samples\' (k = 3, Kynkäänniemi et al. 2019): quality and coverage.', '']
+  for w in sorted({key[0] for key in texts}):
+    steps = sorted({s for (w2, _, s), text in texts.items() if w2 == w and text})
+    grid = collections.defaultdict(dict)
+    for (w2, name, s), text in texts.items():
+      if w2 == w and text:
+        grid[name][s] = text
+    lines += [f'### w = {w:g}', '', '| method | ' + ' | '.join(steps_text(s) for s in steps) + ' |',
+              '|---' * (len(steps) + 1) + '|']
+    lines += [f'| {name} | ' + ' | '.join(by_steps.get(s, '') for s in steps) + ' |'
+              for name, by_steps in grid.items()]
+    lines.append('')
+  return lines
+
+
 def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None:
   """One Markdown table per w: cells 'FID / IS [/ accuracy]', rows 'method sampler', columns step counts; each
   column explained once on top, and under each w what a lower FID means there (what_better_means).
 
-  With several noise seeds a cell is 'mean ± sd / IS' over them, and a section of paired differences against
-  the teacher (paired_differences) follows. is_max: the classifier's class count that bounds IS (None: Inception).
+  With several noise seeds a cell is 'mean ± sd / IS' over them. A section of fidelity to the teacher
+  (_fidelity_section) and one of paired differences against the teacher (paired_differences) follow. is_max:
+  the classifier's class count that bounds IS (None: Inception).
   """
   lines = [f'# Results: {title}', '', *_legend(rows, is_max=is_max)]
   cells = _cells(rows)
@@ -141,6 +178,7 @@ def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None
     lines += [f'| {name} | {nfe_per_step.get(name, "")} | ' + ' | '.join(cells_.get(s, '') for s in steps) + ' |'
               for name, cells_ in grid.items()]
     lines.append('')
+  lines += _fidelity_section(rows)
   differences = paired_differences(rows)
   if differences:
     lines += ['## Paired differences against the teacher', '',

@@ -6,6 +6,7 @@ import hashlib
 import io
 import time
 import zipfile
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ from train.mesh import jit
 # Real examples whose features make the real manifold of precision and recall (k-NN balls, k = 3).
 PR_EXAMPLES = 10_000
 CSV_FIELDS = ('method', 'sampler', 'steps', 'nfe', 'w', 'num_samples', 'fid', 'is_mean', 'is_std', 'accuracy',
-              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x', 'quantize_uint8', 'ddpm_variance', 'reference')
+              'seconds', 'checkpoint', 'extractor', 'seed', 'clip_x', 'quantize_uint8', 'ddpm_variance', 'reference',
+              'fidelity', 'precision', 'recall')
 COMPUTED_REFERENCE = 'computed'  # a cell's 'reference' when the statistics are computed here from the data
 
 
@@ -189,15 +191,18 @@ def _clip_x(config, method) -> bool:
 
 
 def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, reference, config,
-                  logits_are_classes: bool, seed=None, export_prefix: str = '') -> dict:
+                  logits_are_classes: bool, seed=None, export_prefix: str = '', real_pool=None) -> dict:
   """Samples eval.num_samples class-balanced images from noise seed (default eval.seed) and scores them.
+
+  With real_pool ([M, D] real features, reference_features) precision and recall of the first PR_EXAMPLES
+  samples are scored too. The row's '_stats' holds the samples' (mu, sigma): run_fid's fidelity to the teacher.
 
   With logits_are_classes (the digits classifier, the toy mixture) the extractor's logits are the data
   set's own classes, so class accuracy of the samples is reported too. Samples reach the extractor clipped to
   [-1, 1] and, with eval.quantize_uint8, rounded to the 256 uint8 levels (eval.images.quantize_uint8). With
   export_prefix the samples are also written for the standard evaluators (eval/export.py).
   """
-  start, stats, logits, labels, kept = time.time(), None, [], [], []
+  start, stats, logits, labels, kept, pool = time.time(), None, [], [], [], []
   batch_size, seed = config.eval.batch_size, config.eval.seed if seed is None else seed
   for b in range(-(-config.eval.num_samples // batch_size)):
     z_init, label = balanced_batch(loaded.record, batch_index=b, batch_size=batch_size, seed=seed)
@@ -208,6 +213,7 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
     kept += [images] if export_prefix else []
     features = extract(jnp.asarray(quantize_uint8(images) if config.eval.quantize_uint8 else images))
     stats = _update(stats, features['pool'])
+    pool += [np.asarray(features['pool'], np.float32)] if sum(map(len, pool)) < PR_EXAMPLES else []
     logits.append(np.asarray(features['logits']))
     labels.append(np.asarray(label))
   logits, labels = np.concatenate(logits), np.concatenate(labels)
@@ -215,12 +221,15 @@ def evaluate_cell(loaded: LoadedCheckpoint, method, w: float, *, extract, refere
     logging.info('[fid] samples for the standard evaluators: %s', export_samples(export_prefix, np.concatenate(kept),
                                                                                    labels)[0])
   is_mean, is_std = metrics.inception_score(logits)
+  precision, recall = ('', '') if real_pool is None else metrics.precision_recall(
+      real_pool, np.concatenate(pool)[:PR_EXAMPLES])
   return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w,
               num_samples=len(labels),
               fid=metrics.frechet_distance(stats.mean(), stats.cov(), *reference),
               is_mean=is_mean, is_std=is_std,
               accuracy=metrics.classifier_accuracy(logits, labels) if logits_are_classes else '',
-              seconds=round(time.time() - start, 1))
+              precision=precision, recall=recall, seconds=round(time.time() - start, 1),
+              _stats=(stats.mean(), stats.cov()))
 
 
 def _cell_scalars(row: dict, *, with_seed: bool = False) -> dict:
@@ -231,9 +240,33 @@ def _cell_scalars(row: dict, *, with_seed: bool = False) -> dict:
   tag = f'{row["method"].replace(" ", "_")}_{row["sampler"]}/w{float(row["w"]):g}'
   tag += f'/seed{row["seed"]}' if with_seed else ''
   scalars = {f'fid/{tag}': row['fid'], f'is/{tag}': row['is_mean'], f'seconds/{tag}': row['seconds']}
-  if row['accuracy'] != '':
-    scalars[f'accuracy/{tag}'] = row['accuracy']
+  for name in ('accuracy', 'fidelity', 'precision', 'recall'):
+    if row.get(name, '') != '':
+      scalars[f'{name}/{tag}'] = row[name]
   return scalars
+
+
+def fidelity_reference(methods):
+  """The teacher's own reference sampler among methods (CFG DDIM at its most steps, unclipped), or None: every
+  cell's fidelity is its Frechet distance to this method's samples at the same w and noise seed."""
+  teachers = [m for m in methods if m.name == 'teacher CFG' and m.sampler == 'ddim']
+  return max(teachers, key=lambda m: m.steps) if teachers else None
+
+
+def _reference_cell_path(out_dir: str, cell: dict) -> str:
+  """Where the (mu, sigma) of a fidelity-reference cell are kept (by its _cell_key), for reruns."""
+  digest = hashlib.sha1(repr(_cell_key(cell)).encode()).hexdigest()[:16]
+  return files.join(out_dir, 'reference_cells', f'{digest}.npz')
+
+
+def _text(value) -> str:
+  return f'{value:.4f}' if isinstance(value, float) else 'n/a'
+
+
+def _fidelity(row: dict, reference: Optional[tuple]):
+  """Frechet distance of a fresh cell (its '_stats') to the reference cell's (mu, sigma); '' without both."""
+  stats = row.get('_stats')
+  return '' if stats is None or reference is None else metrics.frechet_distance(*stats, *reference)
 
 
 def _cell_key(row) -> tuple:
@@ -292,7 +325,9 @@ def run_fid(config) -> str:
 
   A cell is reused only when everything it depends on is the same (_cell_key: the checkpoint's step and record,
   the extractor and its weights, the sample count and seed, the protocol options); the table and plots show
-  this run's cells.
+  this run's cells. Every cell is also scored against the teacher (fidelity_reference: the Frechet distance to
+  the teacher's reference samples of the same w and noise seed) and, for precision and recall, against the
+  first PR_EXAMPLES real examples.
   """
   out_dir = config.eval.out_dir or files.join(config.workdir, 'eval')
   csv_path = files.join(out_dir, 'results.csv')
@@ -313,25 +348,43 @@ def run_fid(config) -> str:
   writer = make_writer(files.join(config.workdir, 'logs', 'eval'))
   keys = dict(num_samples=config.eval.num_samples, extractor=extractor_id(config),
               quantize_uint8=config.eval.quantize_uint8, reference=reference_id(config))
+  reference_method = fidelity_reference(methods)
+  real_pool = reference_features(config, extractor_name, extract, files.join(config.workdir, 'reference_stats'))
   cells = [(method, w, seed) for method in methods for w in config.eval.guidance_ws for seed in eval_seeds(config)
            if method.guidance_w is None or method.guidance_w == w]  # a fixed-w student: its own w only
+  cells.sort(key=lambda cell: cell[0] != reference_method)  # the teacher's reference cells first
+  reference_cells = {}  # (w, seed) -> (mu, sigma) of the reference method's samples
   for i, (method, w, seed) in enumerate(cells):
     ckpt_id = ids.setdefault(method.ckpt_dir, records.checkpoint_id(method.ckpt_dir))
     cell = dict(method=method.name, sampler=method.sampler, steps=method.steps, w=float(w), checkpoint=ckpt_id,
                 seed=seed, ddpm_variance=config.eval.ddpm_variance if method.sampler == 'ddpm' else '',
                 clip_x=_clip_x(config, method), **keys)
+    is_reference = method == reference_method
     export_prefix = _export_prefix(config, out_dir, method, w, seed)
-    if _cell_key(cell) in done and _exported(export_prefix):  # a cell asked for samples it lacks is sampled again
-      current.append(done[_cell_key(cell)])
+    stats_path = _reference_cell_path(out_dir, cell) if is_reference else ''
+    done_row = done.get(_cell_key(cell))
+    if is_reference and done_row is not None and done_row.get('fidelity') in ('', None):
+      done_row = None  # scored before fidelity existed: sampled again, for its statistics
+    if done_row is not None and _exported(export_prefix):  # a cell asked for samples it lacks is sampled again
+      if stats_path and files.exists(stats_path):
+        stored = files.read_npz(stats_path)
+        reference_cells[(float(w), seed)] = (stored['mu'], stored['sigma'])
+      current.append(done_row)
       continue
     row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference,
                         config=config, logits_are_classes=extractor_name != 'inception', seed=seed,
-                        export_prefix=export_prefix)
+                        export_prefix=export_prefix, real_pool=real_pool)
+    if is_reference and row.get('_stats') is not None:
+      reference_cells[(float(w), seed)] = row['_stats']
+      if jax.process_index() == 0:
+        files.write_npz(stats_path, mu=row['_stats'][0], sigma=row['_stats'][1])
+    row['fidelity'] = 0.0 if is_reference else _fidelity(row, reference_cells.get((float(w), seed)))
+    row.pop('_stats', None)
     row.update(cell)
     rows.append(row)
     current.append(row)
-    logging.info('[fid] %d/%d %s w=%g seed %d: FID %.3f IS %.2f (%.0f s)', i + 1, len(cells), method.label, w, seed,
-                 row['fid'], row['is_mean'], row['seconds'])
+    logging.info('[fid] %d/%d %s w=%g seed %d: FID %.3f IS %.2f fidelity %s (%.0f s)', i + 1, len(cells),
+                 method.label, w, seed, row['fid'], row['is_mean'], _text(row['fidelity']), row['seconds'])
     if jax.process_index() == 0:
       files.write_csv(csv_path, rows, CSV_FIELDS)  # atomically after every cell: a killed run keeps them
     writer.write_scalars(method.steps, _cell_scalars(row, with_seed=config.eval.num_seeds > 1))

@@ -5,6 +5,7 @@ from typing import Optional
 
 import numpy as np
 
+from eval.images import TITLE_KEY
 from train import files
 
 
@@ -109,12 +110,13 @@ def plot_fidelity_vs_w(rows: list[dict], path: str) -> Optional[np.ndarray]:
   ax.set_yscale('log')
   ax.set_xlabel('guidance weight w')
   ax.set_ylabel('distance to the teacher (Frechet, lower is better)')
-  ax.set_title('Fidelity to the guided teacher across w (dashed: the teacher\'s own floor)')
+  title = 'Fidelity to the guided teacher across w (dashed: the teacher\'s own floor)'
+  ax.set_title(title)
   ax.legend(fontsize=7, loc='best')
   ax.grid(True, which='both', alpha=0.3)
   fig.tight_layout()
   buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=110)
+  fig.savefig(buffer, format='png', dpi=110, metadata={TITLE_KEY: title})  # as every picture of a run
   plt.close(fig)
   files.write_bytes(path, buffer.getvalue())
   return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert('RGB'))

@@ -174,7 +174,7 @@ def check_checkpoint_dir(ckpt_dir: str) -> None:
   if rounds:
     raise SamplingError(f'{ckpt_dir} holds one checkpoint per round, not one checkpoint: give one of its rounds, '
                         f'--config.sample.checkpoint={files.join(ckpt_dir, rounds[0])} (rounds: {", ".join(rounds)})')
-  parent = os.path.dirname(ckpt_dir.rstrip('/'))
+  parent = ckpt_dir.rstrip('/').rpartition('/')[0]  # string ops: the workdir may be a remote URL
   rounds = _rounds_in(parent) if parent and not files.exists(ckpt_dir) else []
   if rounds:
     raise SamplingError(f'no checkpoint in {ckpt_dir}: the rounds in {parent} are {", ".join(rounds)}, e.g. '
@@ -183,7 +183,7 @@ def check_checkpoint_dir(ckpt_dir: str) -> None:
 
 def _rounds_in(folder: str) -> list[str]:
   """The round folders (steps_NNNN) of a halving stage's folder, most steps first; [] for anything else."""
-  if not folder or os.path.basename(folder.rstrip('/')) not in HALVING_STAGES or not files.is_dir(folder):
+  if not folder or folder.rstrip('/').rpartition('/')[2] not in HALVING_STAGES or not files.is_dir(folder):
     return []
   return sorted((name for name in files.listdir(folder) if name.startswith('steps_')), reverse=True)
 

@@ -121,10 +121,13 @@ def paired_rms(teacher_samples: np.ndarray, student_samples: np.ndarray) -> Opti
 
 
 def _read_rows(path: str) -> dict:
-  """The rows of stage_quality.json by key; {} when there is none or it is unreadable (recomputed, one warning)."""
+  """The rows of stage_quality.json by key (a row, or the teacher's list of rows); {} when there is none or it
+  is unreadable (recomputed, one warning)."""
+  is_row = lambda row: isinstance(row, dict)
   def read(path):
     rows = files.read_json(path)['rows']
-    if not isinstance(rows, dict) or not all(isinstance(row, dict) for row in rows.values()):
+    if not isinstance(rows, dict) or not all(is_row(row) or isinstance(row, list) and all(map(is_row, row))
+                                             for row in rows.values()):
       raise TypeError('not a dict of rows')
     return rows
   return files.read_cache(path, read) or {}

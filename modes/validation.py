@@ -212,13 +212,15 @@ def validate_for_devices(config, mode: str, device_count: int) -> None:
 def _check_quality(config) -> None:
   """The pipeline's per-stage fidelity fields (modes/stage_quality.py)."""
   pipeline = config.pipeline
+  _require(pipeline.quality_samples >= 0, f'pipeline.quality_samples must be >= 0 (0 = off), got '
+           f'{pipeline.quality_samples}')
+  if pipeline.quality_samples == 0:
+    return  # no fidelity table: its other fields are not used
   _require(pipeline.quality_steps > 0, f'pipeline.quality_steps must be > 0, got {pipeline.quality_steps}')
   _require(0 < pipeline.floor_steps < pipeline.quality_steps, f'pipeline.floor_steps must be in [1, '
            f'pipeline.quality_steps={pipeline.quality_steps}), got {pipeline.floor_steps}: the floor is the '
            'teacher at fewer steps than its reference')
   _require(len(pipeline.quality_ws) > 0, 'pipeline.quality_ws must name at least one guidance weight')
-  _require(pipeline.quality_samples >= 0, f'pipeline.quality_samples must be >= 0 (0 = off), got '
-           f'{pipeline.quality_samples}')
   _require(pipeline.quality_samples % config.eval.batch_size == 0, f'pipeline.quality_samples '
            f'({pipeline.quality_samples}) must be a multiple of eval.batch_size ({config.eval.batch_size})')
 

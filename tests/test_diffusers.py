@@ -237,8 +237,8 @@ def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
   config.sample.update(checkpoint=round_dir, num_steps=2, per_class=1, guidance_scale=2.0,
                        out_dir=str(tmp_path / 'samples'))
   png = run_sample(config)
-  assert os.path.basename(png) == 'stage2_ddim_2steps_w1.png'  # guidance_scale 2 is w = 1
-  samples = np.load(str(tmp_path / 'samples' / 'stage2_ddim_2steps_w1.npz'))['samples']
+  assert os.path.basename(png) == 'student_ddim_2steps_w1.png'  # guidance_scale 2 is w = 1
+  samples = np.load(str(tmp_path / 'samples' / 'student_ddim_2steps_w1.npz'))['samples']
   assert samples.shape == (NUM_CLASSES, 8, 8, 1) and np.all(np.isfinite(samples))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from conftest import tiny_config
 from distill import stages
+from modes.sampling import LoadedCheckpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -128,7 +129,9 @@ def _params(workdir):
   """Every trained checkpoint's EMA params: teacher, stage 1 and each stage-2 round."""
   config = tiny_config(workdir)
   named = [('teacher', None), ('stage1', None)] + [('stage2', n) for n in stages.stage2_rounds(config)]
-  return {(stage, n): jax.tree.leaves(stages.load_stage_params(config, stage, n)[1]) for stage, n in named}
+  # Read as sampling reads them (no config): the runs' configs differ from this one in their step counts.
+  return {(stage, n): jax.tree.leaves(LoadedCheckpoint(stages.stage_dir(workdir, stage, n)).params)
+          for stage, n in named}
 
 
 def _sample_rows(workdir) -> list[str]:

@@ -35,6 +35,11 @@ def test_fid_mode_scores_every_method_and_reuses_cells(toy_run, monkeypatch):
     assert 3.9 < float(row['is_mean']) <= 4.0, row
   for name in ('results.md', 'fid_vs_steps.png', 'fid_vs_is.png'):
     assert os.path.getsize(os.path.join(out_dir, name)) > 0
+  for row in rows:  # every cell against the teacher's 64-step CFG DDIM at the same w and noise
+    assert 0 <= float(row['precision']) <= 1 and 0 <= float(row['recall']) <= 1, row
+    assert (float(row['fidelity']) == 0) == (row['method'] == 'teacher CFG' and row['steps'] == '64'), row
+  with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
+    assert '## Fidelity to the teacher' in f.read()
 
   def must_not_run(*args, **kwargs):
     raise AssertionError('a finished cell was evaluated again')
@@ -233,7 +238,7 @@ def test_fixed_w_students_are_scored_at_their_own_w_only(toy_run, tmp_path, monk
   fixed = {(r['sampler'], int(r['steps']), float(r['w'])) for r in rows if r['method'] == 'student fixed-w'}
   assert fixed == {('ddim', 4, 2.0)}  # the 4-step round at w = 2 only, not at w = 0
   with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
-    table = f.read()
+    table = f.read().split('## Fidelity to the teacher')[0]  # the FID tables, one per w
   assert table.count('| student fixed-w ddim |') == 1 and table.index('## w = 2') < table.index('student fixed-w')
   config.eval.fixed_w_dir = str(tmp_path / 'nothing')
   with pytest.raises(ValueError, match=r"eval.fixed_w_dir='.*nothing' holds no sweep/: run `--mode=sweep"):
@@ -258,3 +263,24 @@ def test_is_axis_shows_a_classifier_bounded_is_as_its_gap_to_the_class_count_on_
   x, label, scale = fid_report.is_axis([9.38, 9.97, 10.0], 10)
   np.testing.assert_allclose(x, [0.62, 0.03, 1e-4], rtol=1e-6)  # 9.97 and 9.99 no longer overlap
   assert scale == 'log' and label.startswith('10 - IS')
+
+
+def test_a_cell_scored_in_a_later_run_gets_its_fidelity_from_the_stored_reference(toy_run, tmp_path, monkeypatch):
+  config = toy_run.copy_and_resolve_references()
+  config.eval.update(out_dir=str(tmp_path / 'eval'), guidance_ws=(2.0,), teacher_ddpm_steps=(), student_steps=(4,))
+  csv_path = os.path.join(fid.run_fid(config), 'results.csv')
+  first = {(r['method'], r['sampler'], r['steps']): r for r in _rows(csv_path)}
+  student = first[('student', 'ddim', '4')]
+  with open(csv_path, 'w', newline='') as f:  # the student's row lost: it alone is scored again
+    writer = csv.DictWriter(f, fieldnames=fid.CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(r for r in first.values() if r is not student)
+  scored = []
+  real_evaluate_cell = fid.evaluate_cell
+  monkeypatch.setattr(fid, 'evaluate_cell', lambda loaded, method, *a, **k: scored.append(method.name) or
+                      real_evaluate_cell(loaded, method, *a, **k))
+  fid.run_fid(config)
+  again = {(r['method'], r['sampler'], r['steps']): r for r in _rows(csv_path)}
+  assert scored == ['student']
+  assert float(again[('student', 'ddim', '4')]['fidelity']) == pytest.approx(float(student['fidelity']), rel=1e-6)
+  assert float(student['fidelity']) > 0

@@ -295,7 +295,7 @@ def test_build_model_from_config():
 
 
 def test_build_model_unknown_name():
-  with pytest.raises(ValueError, match=r"^unknown model.name 'x'; choose one of: mlp, unet, ref_unet$"):
+  with pytest.raises(ValueError, match=r"^unknown model.name 'x'; choose one of: mlp, unet, ref_unet, diffusers_unet$"):
     build_model(ml_collections.ConfigDict(dict(name='x')), num_classes=NUM_CLASSES, guidance_input=False)
 
 

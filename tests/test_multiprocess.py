@@ -15,6 +15,7 @@ import pytest
 from conftest import tiny_config
 from distill import stages
 from main import PREEMPTED_EXIT_CODE
+from modes.sampling import LoadedCheckpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
@@ -105,7 +106,8 @@ def _chain_argv(workdir):
 
 
 def _params(config, stage, steps=None):
-  return jax.tree.leaves(stages.load_stage_params(config, stage, steps)[1])
+  """A checkpoint's EMA params, read as sampling reads them: configs here need not give its step counts."""
+  return jax.tree.leaves(LoadedCheckpoint(stages.stage_dir(config.workdir, stage, steps)).params)
 
 
 def test_two_processes_train_like_one(tmp_path, launch):

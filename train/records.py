@@ -168,10 +168,12 @@ def check_same_teacher(ckpt_dir: str, expected_record: dict) -> None:
 
 
 # The config fields no checkpoint depends on: evaluation, output, where things are, how often to log or save, and
-# the switches that say what to do with existing checkpoints. Keys are sections, or dotted fields; '*.' any section.
+# the switches that say what to do with existing checkpoints, and the compute dtype (params are float32 whatever it
+# is: a bf16-trained teacher is distilled under float32 and back). Keys are sections, or dotted fields; '*.' any
+# section.
 _NEVER_INPUTS = ('transfer', 'eval', 'pipeline', 'sample', 'profile', 'workdir', 'retrain_stale', 'data.tfds_data_dir',
                  'distill.allow_incomplete_teacher', 'distill.redistill', 'distill.stage', '*.log_every',
-                 '*.checkpoint_every', '*.keep_checkpoints', '*.max_nonfinite_steps')
+                 '*.checkpoint_every', '*.keep_checkpoints', '*.max_nonfinite_steps', 'model.dtype')
 # What each stage does not depend on besides: the sections of stages after it (or beside it), and for a halving round
 # the number of rounds after it (final_steps).
 _NOT_INPUTS = {
