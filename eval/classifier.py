@@ -1,6 +1,8 @@
 """A small CNN digits classifier that stands in for Inception (FID / IS / accuracy) on the embedded digits data."""
 
 import functools
+import hashlib
+import json
 import time
 from typing import Callable, Sequence
 
@@ -117,13 +119,28 @@ def train_classifier(*, ckpt_dir: str, num_steps: int = 1000, batch_size: int = 
   return params, accuracy
 
 
+def _read_record(ckpt_dir: str, step: int) -> dict:
+  with open_manager(ckpt_dir, create=False) as manager:
+    return manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
+
+
+def classifier_id(ckpt_dir: str) -> str:
+  """'<step>-<hash of its record>' of the classifier in ckpt_dir (its own checkpoint layout: params and record,
+  not a train state): features from another classifier get another id. CheckpointError when there is none."""
+  step = latest_step(ckpt_dir)
+  if step is None:
+    raise CheckpointError(f'no classifier in {ckpt_dir}: run --mode=classifier first')
+  record = json.dumps(_read_record(ckpt_dir, step), sort_keys=True)
+  return f'{step}-{hashlib.sha1(record.encode()).hexdigest()[:12]}'
+
+
 def load_classifier(ckpt_dir: str) -> tuple[DigitsClassifier, dict, dict]:
   """(model, params, record) of the classifier saved in ckpt_dir; CheckpointError when there is none."""
   step = latest_step(ckpt_dir)
   if step is None:
     raise CheckpointError(f'no classifier in {ckpt_dir}: run --mode=classifier first')
+  record = _read_record(ckpt_dir, step)
   with open_manager(ckpt_dir, create=False) as manager:
-    record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))['record']
     model = DigitsClassifier(**record['arch'])
     init = functools.partial(model.init, train=False)
     abstract = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']

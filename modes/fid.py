@@ -72,7 +72,8 @@ def make_extractor(config):
 def extractor_id(config) -> str:
   """What the features depend on: the extractor and its weights (classifier checkpoint id, Inception file sha1)."""
   if config.eval.extractor == 'classifier':
-    return f'classifier@{records.checkpoint_id(classifier_dir(config))}'
+    from eval import classifier  # pylint: disable=g-import-not-at-top
+    return f'classifier@{classifier.classifier_id(classifier_dir(config))}'
   if config.eval.extractor == 'inception':
     digest = hashlib.sha1()
     with open(config.eval.inception_path, 'rb') as f:

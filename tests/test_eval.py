@@ -228,6 +228,20 @@ def test_classifier_accuracy_and_cache(trained_classifier, monkeypatch):
   assert classifier_accuracy(outputs['logits'], test_label) == pytest.approx(accuracy)
 
 
+def test_the_classifier_features_are_named_by_its_checkpoint(trained_classifier, tmp_path):
+  """The id --mode=fid and the pipeline's table key their cached features by (its own checkpoint layout)."""
+  from configs import digits_teacher  # pylint: disable=g-import-not-at-top
+  from modes import fid  # pylint: disable=g-import-not-at-top
+  ckpt_dir, _, _ = trained_classifier
+  config = digits_teacher.get_config()
+  config.update(workdir=str(tmp_path))
+  config.eval.classifier_dir = ckpt_dir
+  assert fid.extractor_id(config) == f'classifier@{classifier.classifier_id(ckpt_dir)}'
+  assert classifier.classifier_id(ckpt_dir).startswith('300-')
+  with pytest.raises(CheckpointError, match='no classifier in'):
+    classifier.classifier_id(str(tmp_path / 'empty'))
+
+
 def test_load_classifier_missing(tmp_path):
   with pytest.raises(CheckpointError, match='no classifier in .*: run --mode=classifier first'):
     classifier.load_classifier(str(tmp_path / 'empty'))

@@ -37,7 +37,8 @@ def test_fid_mode_scores_every_method_and_reuses_cells(toy_run, monkeypatch):
     assert os.path.getsize(os.path.join(out_dir, name)) > 0
   for row in rows:  # every cell against the teacher's 64-step CFG DDIM at the same w and noise
     assert 0 <= float(row['precision']) <= 1 and 0 <= float(row['recall']) <= 1, row
-    assert (float(row['fidelity']) == 0) == (row['method'] == 'teacher CFG' and row['steps'] == '64'), row
+    is_reference = (row['method'], row['sampler'], row['steps']) == ('teacher CFG', 'ddim', '64')
+    assert (float(row['fidelity']) == 0) == is_reference, row
   with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
     assert '## Fidelity to the teacher' in f.read()
 
@@ -239,7 +240,8 @@ def test_fixed_w_students_are_scored_at_their_own_w_only(toy_run, tmp_path, monk
   assert fixed == {('ddim', 4, 2.0)}  # the 4-step round at w = 2 only, not at w = 0
   with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
     table = f.read().split('## Fidelity to the teacher')[0]  # the FID tables, one per w
-  assert table.count('| student fixed-w ddim |') == 1 and table.index('## w = 2') < table.index('student fixed-w')
+  assert table.count('| student fixed-w ddim |') == 1
+  assert table.index('## w = 2') < table.index('| student fixed-w ddim |')
   config.eval.fixed_w_dir = str(tmp_path / 'nothing')
   with pytest.raises(ValueError, match=r"eval.fixed_w_dir='.*nothing' holds no sweep/: run `--mode=sweep"):
     fid.run_fid(config)

@@ -225,11 +225,12 @@ def test_the_pipeline_runs_with_its_workdir_on_a_remote_filesystem(remote_run):
   results = f'{workdir}/results'
   assert '## Fidelity to the teacher, stage by stage' in files.read_text(f'{results}/summary.md')
   assert 'sampling' in files.read_json(f'{results}/timings.json')
-  assert len(files.read_json(f'{results}/stage_quality.json')['rows']) == 2  # stage 1, round 4 -> 2; w = 2
+  # the teacher's reference and floor, stage 1, round 4 -> 2; each at w = 0 and 2
+  assert len(files.read_json(f'{results}/stage_quality.json')['rows']) == 3 * 2
   assert files.read_bytes(f'{results}/student_ddim_2steps_w2.png').startswith(b'\x89PNG')
   samples = files.read_npz(f'{workdir}/samples/teacher_CFG_ddim_64steps_w1.npz')
   assert samples['samples'].shape == (len(samples['labels']), 2) and np.all(np.isfinite(samples['samples']))
-  assert len(files.listdir(f'{workdir}/reference_stats')) == 1
+  assert len(files.listdir(f'{workdir}/reference_stats')) == 2  # the statistics and the precision / recall pool
   assert {'results.csv', 'results.md', 'fid_vs_steps.png', 'fid_vs_is.png'} <= set(files.listdir(f'{workdir}/eval'))
   assert writers.read_jsonl(f'{workdir}/logs/teacher/{writers.JSONL_NAME}')[-1]['step'] == 20
   events = event_accumulator.EventAccumulator(f'{workdir}/logs/teacher')  # TensorFlow's own ram:// (tf.io.gfile)
