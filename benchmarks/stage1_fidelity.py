@@ -7,6 +7,8 @@ workdir's teacher; each stage 1 is sampled from the same noise and labels at pip
 the pipeline's fidelity table scores it (modes/stage_quality.py, eval/fidelity.py).
 
   python benchmarks/stage1_fidelity.py --config=configs/digits_teacher.py --workdirs=runs/a,runs/b
+
+--student_steps=4 adds a row for the 4-step stage-2 student (DDIM 4) of every workdir that has one.
 """
 
 import os
@@ -29,6 +31,7 @@ from train import files
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'the pipeline config')
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'workdirs with a stage-1 checkpoint of the same teacher')
+_STUDENT_STEPS = flags.DEFINE_integer('student_steps', 0, 'also score the stage-2 student of this many steps')
 
 
 _LOADED = {}
@@ -44,6 +47,34 @@ def _features(config, ckpt_dir: str, method: Method, w: float, extract):
                           quantize=config.eval.quantize_uint8)
 
 
+def _teacher_sets(config, ws, extract, real_pool, real_stats) -> dict:
+  """{w: the teacher's reference features}; prints the reference's and the floor's recall and class accuracy at
+  the first w and the floor's fidelity at every w."""
+  teacher_dir = stages.stage_dir(config.workdir, 'teacher')
+  references, floors = {}, {}
+  for w in ws:
+    references[w] = _features(config, teacher_dir, reference_method(config), w, extract)
+    floors[w] = _features(config, teacher_dir, floor_method(config), w, extract)
+  for steps, features, reference in ((config.pipeline.quality_steps, references[ws[0]], None),
+                                     (config.pipeline.floor_steps, floors[ws[0]], references[ws[0]])):
+    scores = fidelity.score(features, reference=reference, real_pool=real_pool, real_stats=real_stats)
+    print(f'teacher CFG ddim {steps} at w = {ws[0]:g}: recall {scores["recall"]:.3f}, class accuracy '
+          f'{scores["accuracy"]:.3f}')
+  print(f'floor (teacher CFG ddim {config.pipeline.floor_steps}): ' +
+        ' '.join(f'{fidelity.frechet_between(floors[w], references[w]):.4f}' for w in ws))
+  return references
+
+
+def _models(config, workdir: str) -> list[tuple[str, Method]]:
+  """Stage 1 at pipeline.quality_steps and, with --student_steps=N, the N-step student where there is one."""
+  steps, n = config.pipeline.quality_steps, _STUDENT_STEPS.value
+  models = [('stage 1', Method('stage 1', 'ddim', steps, steps, stages.stage_dir(workdir, 'stage1')))]
+  student_dir = stages.stage_dir(workdir, 'stage2', n) if n else ''
+  if student_dir and files.exists(student_dir):
+    models.append((f'student {n}', Method('student', 'ddim', n, n, student_dir)))
+  return models
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -53,31 +84,19 @@ def main(argv):
   real_pool = fid.reference_features(config, name, extract, cache_dir)
   real_stats = fid.reference_stats(config, name, extract, cache_dir)
   ws = [float(w) for w in config.pipeline.quality_ws]
-  teacher_dir = stages.stage_dir(config.workdir, 'teacher')
-  references, floors = {}, {}
-  for w in ws:
-    references[w] = _features(config, teacher_dir, reference_method(config), w, extract)
-    floor = _features(config, teacher_dir, floor_method(config), w, extract)
-    floors[w] = fidelity.frechet_between(floor, references[w])
-  reference_scores = fidelity.score(references[ws[0]], reference=None, real_pool=real_pool, real_stats=real_stats)
-  print(f'teacher CFG ddim {config.pipeline.quality_steps} at w = {ws[0]:g}: recall '
-        f'{reference_scores["recall"]:.3f}, class accuracy {reference_scores["accuracy"]:.3f}')
-  print('floor (teacher CFG ddim %d): %s' % (config.pipeline.floor_steps,
-                                             ' '.join(f'{floors[w]:.4f}' for w in ws)))
-  print('| workdir | ' + ' | '.join(f'w = {w:g}' for w in ws) + ' | max / w = 1 | recall w = 0 '
-        '| class acc. w = 0 | seconds |')
+  references = _teacher_sets(config, ws, extract, real_pool, real_stats)
+  print('| workdir | model | ' + ' | '.join(f'w = {w:g}' for w in ws) + f' | max / w = 1 | recall w = {ws[0]:g} '
+        f'| class acc. w = {ws[0]:g} | seconds |')
   for workdir in _WORKDIRS.value:
-    start = time.time()
-    stage1_dir = stages.stage_dir(workdir, 'stage1')
-    steps = config.pipeline.quality_steps
-    scores = {w: fidelity.score(_features(config, stage1_dir, Method('stage 1', 'ddim', steps, steps, stage1_dir),
-                                          w, extract), reference=references[w], real_pool=real_pool,
-                                real_stats=real_stats) for w in ws}
-    values = [scores[w]['fidelity'] for w in ws]
-    ratio = max(values) / scores[1.0]['fidelity'] if 1.0 in scores else float('nan')
-    print(f'| {os.path.basename(workdir.rstrip("/"))} | ' + ' | '.join(f'{v:.4f}' for v in values) +
-          f' | {ratio:.2f} | {scores[ws[0]]["recall"]:.3f} | {scores[ws[0]]["accuracy"]:.3f} '
-          f'| {time.time() - start:.0f} |', flush=True)
+    for model, method in _models(config, workdir):
+      start = time.time()
+      scores = {w: fidelity.score(_features(config, method.ckpt_dir, method, w, extract), reference=references[w],
+                                  real_pool=real_pool, real_stats=real_stats) for w in ws}
+      values = [scores[w]['fidelity'] for w in ws]
+      ratio = max(values) / scores[1.0]['fidelity'] if 1.0 in scores else float('nan')
+      print(f'| {os.path.basename(workdir.rstrip("/"))} | {model} | ' + ' | '.join(f'{v:.4f}' for v in values) +
+            f' | {ratio:.2f} | {scores[ws[0]]["recall"]:.3f} | {scores[ws[0]]["accuracy"]:.3f} '
+            f'| {time.time() - start:.0f} |', flush=True)
 
 
 if __name__ == '__main__':

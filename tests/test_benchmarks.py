@@ -79,10 +79,10 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
        '--config.pipeline.quality_ws=(0.0,1.0,2.0)', f'--workdirs={workdir},{workdir}'],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = [line for line in result.stdout.splitlines() if line.startswith('| a |')]
+  rows = [line for line in result.stdout.splitlines() if line.startswith('| a | stage 1 |')]
   assert len(rows) == 2
   cells = [row.split(' | ') for row in rows]
-  assert cells[0][1:5] == cells[1][1:5]  # same model, same noise: the same fidelity at every w
-  assert all(float(value) >= 0 for value in cells[0][1:4])
-  assert float(cells[0][4]) == pytest.approx(max(map(float, cells[0][1:4])) / float(cells[0][2]), rel=1e-2)
+  assert cells[0][2:6] == cells[1][2:6]  # same model, same noise: the same fidelity at every w
+  assert all(float(value) >= 0 for value in cells[0][2:5])
+  assert float(cells[0][5]) == pytest.approx(max(map(float, cells[0][2:5])) / float(cells[0][3]), rel=1e-2)
   assert result.stdout.count('floor (teacher CFG ddim 2)') == 1
