@@ -15,7 +15,7 @@ Part 2 (this repo, no PyTorch), the command it prints and runs (--distill=false 
   python main.py --config=configs/diffusers_teacher.py --config.model.folder=OUT/teacher \
       --config.workdir=OUT/distill --mode=pipeline
 which imports the folder, runs stage 1 and the stage-2 rounds of the digits recipe, and writes the
-quality-lost-per-stage table into OUT/distill/results/summary.md (docs/import.md shows it).
+fidelity table into OUT/distill/results/summary.md (docs/import.md shows it).
 """
 
 import copy

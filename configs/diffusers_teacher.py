@@ -1,7 +1,7 @@
 """A diffusers UNet2DModel teacher you already have, distilled by this repo (docs/import.md); no PyTorch needed.
 
   python main.py --config=configs/diffusers_teacher.py --config.model.folder=DIR --mode=pipeline \
-      --config.workdir=runs/imported                     # import, stage 1, stage 2, the quality table, samples
+      --config.workdir=runs/imported                     # import, stage 1, stage 2, the fidelity table, samples
   python main.py --config=configs/diffusers_teacher.py --config.model.folder=COND_DIR \
       --config.model.uncond_folder=UNCOND_DIR --mode=pipeline --config.workdir=runs/imported_pair   # two networks
   python main.py --config=configs/diffusers_teacher.py:cifar10 --config.model.folder=DIR ...  # CIFAR-10's recipe
