@@ -106,7 +106,7 @@ def main(_):
   if _DISTILL.value:
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run(command, cwd=repo, check=True)
-    print(f'quality table: {os.path.join(_OUT.value, "distill", "results", "summary.md")}')
+    print(f'fidelity table: {os.path.join(_OUT.value, "distill", "results", "summary.md")}')
 
 
 if __name__ == '__main__':

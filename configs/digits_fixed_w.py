@@ -3,7 +3,7 @@
   python main.py --config=configs/digits_fixed_w.py --mode=sweep     # runs/digits_fixed_w/sweep/<w point>/...
 
 Each point distills stage 1 with w fixed (distill.w_min = distill.w_max = w) and halves it from
-stage2.start_steps (32) to 1, as the default does for the w-conditioned student; its quality table and grids are
+stage2.start_steps (32) to 1, as the default does for the w-conditioned student; its fidelity table and grids are
 drawn at that w only. The points differ only in distillation fields, so the sweep trains one teacher (the
 default's: same fields) and copies it. Expected cost: about three default pipelines less two teachers. Expected
 result, the paper's claim: the one w-conditioned student within a fraction of an FID of the three fixed-w ones

@@ -4,7 +4,7 @@
 
 The paper reports that the range matters little. Each point is the default pipeline with another distill.w_max
 (w_max = 4 is the default itself); the points differ only in distillation fields, so the sweep trains one teacher
-and copies it. Every point's quality table scores its students at w = 0, 1 and 4 (w = 4 lies outside the range
+and copies it. Every point's fidelity table scores its students at w = 0, 1 and 4 (w = 4 lies outside the range
 of the w_max = 1 and 2 points: there the student extrapolates). Expected cost: about four default pipelines less
 three teachers; the result: docs/results.md ("The w range of stage 1").
 """

@@ -181,7 +181,7 @@ def pipeline_finished(config) -> bool:
 
 
 def run_pipeline(config) -> str:
-  """Runs (or resumes) every stage, each followed by its quality-lost table row; then samples.
+  """Runs (or resumes) every stage, each followed by its rows of the fidelity table; then samples.
 
   A finished stage trained from other values of a field it depends on is refused first, in one line
   (`stages.check_fresh_stages`; --config.retrain_stale=True retrains it). Returns the results folder.
