@@ -47,18 +47,23 @@ def tfds_name(name: str) -> str:
   return name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) else TFDS_NAMES[name]
 
 
-def check_prepared(name: str, data_dir: str | None = None) -> None:
-  """Raises DataError, saying how to prepare it, when tfds data set `name` ('cifar10', 'imagenet64' or
-  'tfds:NAME') is not prepared in data_dir. Nothing is downloaded: a run checks this before it writes anything."""
-  import tensorflow_datasets as tfds  # Lazy: pulls in TF.
+def _builder(name: str, data_dir: str | None):
+  """The tfds builder of data.name (its metadata only); DataError (one line) for a name tfds does not know."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   builder_name = tfds_name(name)
   try:
-    builder = tfds.builder(builder_name, data_dir=data_dir)
+    return tfds.builder(builder_name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as err:
     raise DataError(f"unknown tfds data set '{builder_name}' (data.name '{name}'): see "
                     'https://www.tensorflow.org/datasets/catalog') from err
+
+
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+  """Raises DataError, saying how to prepare it, when tfds data set `name` ('cifar10', 'imagenet64' or
+  'tfds:NAME') is not prepared in data_dir. Nothing is downloaded: a run checks this before it writes anything."""
+  builder = _builder(name, data_dir)
   if not builder.is_prepared():
-    raise DataError(_not_prepared_message(name, builder_name, builder.data_dir_root))
+    raise DataError(_not_prepared_message(name, tfds_name(name), builder.data_dir_root))
 
 
 @functools.lru_cache(maxsize=16)
@@ -69,12 +74,7 @@ def tfds_features(name: str, resolution: int, data_dir: str | None):
   resolution x resolution (resolution 0: their own fixed square size), resized and centre-cropped to it.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
-  builder_name = tfds_name(name)
-  try:
-    builder = tfds.builder(builder_name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as err:
-    raise DataError(f"unknown tfds data set '{builder_name}' (data.name '{name}'): see "
-                    'https://www.tensorflow.org/datasets/catalog') from err
+  builder_name, builder = tfds_name(name), _builder(name, data_dir)
   features = builder.info.features
   image = features['image'] if 'image' in features else None
   label = features['label'] if 'label' in features else None
@@ -109,7 +109,7 @@ def _tfds_split(data_config, *, split: str, seed: int, shuffle: bool):
     ds = builder.as_dataset(split=tfds.split_for_jax_process(split), shuffle_files=shuffle,
                             read_config=tfds.ReadConfig(shuffle_seed=seed))
   except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as e:
-    raise DataError(_not_prepared_message(name, builder_name, builder.data_dir_root)) from e
+    raise DataError(_not_prepared_message(name, tfds_name(name), builder.data_dir_root)) from e
   except ValueError as e:  # an unknown split name
     raise DataError(f"split '{split}' of {builder_name}: {str(e).splitlines()[0]}") from e
   if name.startswith(TFDS_PREFIX):
