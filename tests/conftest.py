@@ -120,3 +120,24 @@ def toy_run(tmp_path_factory):
   stages.train_encoder(config)
   stages.train_direct(config)
   return config
+
+
+def stub_fid_scoring(monkeypatch) -> list:
+  """run_fid on a tiny config with no checkpoints: every method 'exists' and a cell is a stand-in row; returns
+  the list that gets one (sampler, steps, w) per evaluated cell."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from modes import fid as modes_fid  # pylint: disable=g-import-not-at-top
+  evaluated = []
+
+  def evaluate_cell(loaded, method, w, **kwargs):
+    del loaded, kwargs
+    evaluated.append((method.sampler, method.steps, w))
+    return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w, num_samples=1,
+                fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
+
+  monkeypatch.setattr(modes_fid, 'existing', lambda methods: methods)
+  monkeypatch.setattr(modes_fid.records, 'checkpoint_id', lambda ckpt_dir: 'fixed')
+  monkeypatch.setattr(modes_fid, 'load_cached', lambda cache, ckpt_dir: None)
+  monkeypatch.setattr(modes_fid, 'reference_stats', lambda *args: (np.zeros(2), np.eye(2)))
+  monkeypatch.setattr(modes_fid, 'evaluate_cell', evaluate_cell)
+  return evaluated

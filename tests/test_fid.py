@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import stub_fid_scoring, tiny_config
 from eval.images import quantize_uint8
 from eval import report as fid_report
 from eval.report import write_table
@@ -100,27 +100,8 @@ def test_classifier_extractor_trains_the_missing_classifier_once(tmp_path, monke
   fid.make_extractor(config)
 
 
-def _stub_scoring(monkeypatch) -> list:
-  """run_fid on a tiny config with no checkpoints: every method 'exists' and a cell is a stand-in row; returns
-  the list that gets one (sampler, steps, w) per evaluated cell."""
-  evaluated = []
-
-  def evaluate_cell(loaded, method, w, **kwargs):
-    del loaded, kwargs
-    evaluated.append((method.sampler, method.steps, w))
-    return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w, num_samples=1,
-                fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
-
-  monkeypatch.setattr(fid, 'existing', lambda methods: methods)
-  monkeypatch.setattr(fid.records, 'checkpoint_id', lambda ckpt_dir: 'fixed')
-  monkeypatch.setattr(fid, 'load_cached', lambda cache, ckpt_dir: None)
-  monkeypatch.setattr(fid, 'reference_stats', lambda *args: (np.zeros(2), np.eye(2)))
-  monkeypatch.setattr(fid, 'evaluate_cell', evaluate_cell)
-  return evaluated
-
-
 def test_a_changed_protocol_option_reevaluates_exactly_the_cells_it_affects(tmp_path, monkeypatch):
-  evaluated = _stub_scoring(monkeypatch)
+  evaluated = stub_fid_scoring(monkeypatch)
   config = tiny_config(tmp_path)  # teacher ddim 64 and 4, ddpm 64; students ddim 2, 1 and stochastic 4, 2; w 0, 2
   fid.run_fid(config)
   assert len(evaluated) == 7 * 2
@@ -137,7 +118,7 @@ def test_a_changed_protocol_option_reevaluates_exactly_the_cells_it_affects(tmp_
 
 
 def test_more_noise_seeds_score_only_the_new_draws_and_the_table_gives_mean_and_spread(tmp_path, monkeypatch):
-  evaluated = _stub_scoring(monkeypatch)
+  evaluated = stub_fid_scoring(monkeypatch)
   seeds = []
   stub = fid.evaluate_cell
   monkeypatch.setattr(fid, 'evaluate_cell', lambda *args, seed, **kwargs: seeds.append(seed) or stub(*args, **kwargs))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import Killed, tiny_config
+from conftest import Killed, stub_fid_scoring, tiny_config
 from modes import fid, pipeline, stage_quality
 from modes.methods import Method
 from train import writers
@@ -127,32 +127,13 @@ def test_unreadable_grid_samples_are_sampled_again_with_one_warning(tmp_path, ca
   assert loaded[method.ckpt_dir].calls == 2  # healed: written again, read back
 
 
-def _stub_scoring(monkeypatch) -> list:
-  """run_fid on a tiny config with no checkpoints (as tests/test_fid.py): every method 'exists', a cell is a
-  stand-in row; returns the list that gets one (sampler, steps, w) per evaluated cell."""
-  evaluated = []
-
-  def evaluate_cell(loaded, method, w, **kwargs):
-    del loaded, kwargs
-    evaluated.append((method.sampler, method.steps, w))
-    return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w, num_samples=1,
-                fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
-
-  monkeypatch.setattr(fid, 'existing', lambda methods: methods)
-  monkeypatch.setattr(fid.records, 'checkpoint_id', lambda ckpt_dir: 'fixed')
-  monkeypatch.setattr(fid, 'load_cached', lambda cache, ckpt_dir: None)
-  monkeypatch.setattr(fid, 'reference_stats', lambda *args: (np.zeros(2), np.eye(2)))
-  monkeypatch.setattr(fid, 'evaluate_cell', evaluate_cell)
-  return evaluated
-
-
 CELLS = 7 * 2  # tiny: teacher ddim 64 and 4, ddpm 64; students ddim 2, 1 and stochastic 4, 2; w 0 and 2
 
 
 @pytest.mark.parametrize('content', [GARBAGE, (','.join(fid.CSV_FIELDS) + '\nteacher CFG,ddim,64\n').encode()],
                          ids=['cut', 'row_cut_short'])
 def test_an_unreadable_results_csv_is_scored_again_with_one_warning(tmp_path, caplog, monkeypatch, content):
-  evaluated = _stub_scoring(monkeypatch)
+  evaluated = stub_fid_scoring(monkeypatch)
   config = tiny_config(tmp_path)
   path = tmp_path / 'eval' / 'results.csv'
   path.parent.mkdir()
@@ -166,7 +147,7 @@ def test_an_unreadable_results_csv_is_scored_again_with_one_warning(tmp_path, ca
 
 
 def test_the_fid_cell_key_holds_the_sample_count_and_the_extractor_id(tmp_path, monkeypatch):
-  evaluated = _stub_scoring(monkeypatch)
+  evaluated = stub_fid_scoring(monkeypatch)
   config = tiny_config(tmp_path)
   fid.run_fid(config)
   evaluated.clear()
