@@ -1,6 +1,7 @@
-"""Checkpoint integrity: real checkpoints written by Orbax, damaged on disk (bits flipped in array data files, an
-item removed, a record cut or edited, numeric folders that are no checkpoint), are caught by every reader: training
-sets the step aside and resumes the previous one, every other reader stops with one line."""
+"""Checkpoint integrity: real checkpoints written by Orbax, damaged on disk (values changed under Orbax, bits
+flipped in compressed array data, an item removed, a record cut or edited, numeric folders that are no
+checkpoint), are caught by every reader: training sets the step aside and resumes the previous one, every other
+reader stops with one line."""
 
 import glob
 import json
@@ -48,8 +49,8 @@ def _plain_restore(config, step):
 
 
 def _flip_bits(config, step):
-  """Flips one bit a third into each array data file of step (Orbax keeps params, EMA and optimizer state in
-  files of their own): bytes TensorStore decodes without complaint, into other values."""
+  """Flips one bit a third into each array data file of step: zstd-compressed chunks, so the flip either breaks
+  decoding or decodes into other values, and which arrays it reaches depends on how Orbax grouped them."""
   pattern = os.path.join(_teacher_dir(config), str(step), 'state', 'ocdbt.process_*', 'd', '*')
   for path in glob.glob(pattern):
     data = bytearray(open(path, 'rb').read())
@@ -58,14 +59,31 @@ def _flip_bits(config, step):
       open(path, 'wb').write(bytes(data))
 
 
+def _rewrite_with_other_values(config, step):
+  """Rewrites step's state item through Orbax itself with one bit of the largest array of params and of
+  ema_params flipped: files Orbax reads without an error, as values other than the ones written (silent bit rot,
+  made deterministic: a flip inside compressed bytes lands wherever Orbax happened to put each array)."""
+  state = jax.tree.map(np.array, _plain_restore(config, step))  # writable copies
+  for field in ('params', 'ema_params'):
+    largest = max(jax.tree.leaves(state[field]), key=lambda x: x.size)
+    largest.reshape(-1).view(np.uint32)[0] ^= 0x04  # one mantissa bit of one float32
+  state_dir = os.path.join(_teacher_dir(config), str(step), 'state')
+  rewritten = state_dir + '.rewritten'
+  with checkpoint.ocp.StandardCheckpointer() as writer:
+    writer.save(os.path.abspath(rewritten), state)
+    writer.wait_until_finished()
+  shutil.rmtree(state_dir)
+  os.rename(rewritten, state_dir)
+
+
 def _one_line(err) -> str:
   text = str(err.value)
   assert '\n' not in text, text
   return text
 
 
-def test_flipped_bits_orbax_reads_silently_are_caught_set_aside_and_the_step_retrained(run, trained, caplog):
-  _flip_bits(run, STEPS)
+def test_values_orbax_reads_silently_are_caught_set_aside_and_the_step_retrained(run, trained, caplog):
+  _rewrite_with_other_values(run, STEPS)
   read_back = jax.tree.leaves(_plain_restore(run, STEPS)['params'])  # Orbax itself reads them without an error ...
   assert any(not np.array_equal(a, b) for a, b in zip(trained[1], read_back)), '... but other values'
   with pytest.raises(checkpoint.CheckpointError) as err:
@@ -79,6 +97,19 @@ def test_flipped_bits_orbax_reads_silently_are_caught_set_aside_and_the_step_ret
   assert checkpoint.latest_step(teacher_dir) == STEPS
   for a, b in zip(trained[1], jax.tree.leaves(_plain_restore(run, STEPS)['params']), strict=True):
     np.testing.assert_array_equal(a, b)  # retrained from step 10 to the very same parameters
+
+
+def test_flipped_bits_in_compressed_data_are_never_consumed(run, trained):
+  """Whatever a raw flip reaches, the teacher is either refused in one line or exactly the EMA written."""
+  written = jax.tree.leaves(_plain_restore(run, STEPS)['ema_params'])
+  _flip_bits(run, STEPS)
+  try:
+    _, params, _ = stages.load_stage_params(run, 'teacher')
+  except checkpoint.CheckpointError as err:
+    assert '\n' not in str(err) and 'step 20' in str(err), str(err)
+  else:
+    for a, b in zip(written, jax.tree.leaves(params), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def _restore_newest(config):
