@@ -37,16 +37,26 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Teacher: class-conditional, label dropout (p_uncond) makes it unconditional too.
   config.train = _optimizer(ema_decay=0.9999, p_uncond=0.1)
-  # Guidance weights w ~ U[w_min, w_max] for stage 1 and stage 2; w_zero_fraction of each batch at w = 0 exactly
+  # Guidance weights w in [w_min, w_max] for stage 1 and stage 2, drawn from w_distribution ('uniform', or
+  # 'arcsine': more mass near both ends); w_zero_fraction of each batch at w = 0 exactly
   # (the teacher's conditional model, where stage 1 starts).
   # dropout: the students' (stage 1, stage 2, encoder) U-Net dropout; -1 keeps the teacher's model.dropout.
   # allow_incomplete_teacher: distill from a teacher whose training stopped early (refused otherwise).
   # redistill: a student whose teacher changed since it was distilled is set aside (*.stale) and distilled
   # again (refused otherwise).
+  # guidance_gains: w also scales each residual block's activations channel by channel (UNet students only;
+  # models.embeddings.GuidanceEmbedding.gains), besides the embedding added to the conditioning vector;
+  # guidance_output: the output gains a term w * b, b a zero-initialised convolution of the last features (UNet
+  # students only): the guided teacher's prediction is linear in w; guidance_w_scale: the w-embedding's
+  # sinusoids are of guidance_w_scale * w (UNet students).
   config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, w_zero_fraction=0.0,
-                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False))
+                                                  dropout=-1.0, allow_incomplete_teacher=False, redistill=False,
+                                                  guidance_gains=False, guidance_output=False,
+                                                  guidance_w_scale=250.0,
+                                                  w_distribution='uniform'))
   # lr_scales: lr factors of top-level parameter keys ('guidance_embed': the fresh w-embedding).
-  config.stage1 = _optimizer(lr_scales=ml_collections.ConfigDict({'guidance_embed': 1.0}))
+  # loss_weighting: stage 1's omega(logsnr) ('' = diffusion.loss_weighting).
+  config.stage1 = _optimizer(lr_scales=ml_collections.ConfigDict({'guidance_embed': 1.0}), loss_weighting='')
   # Stage 2: the stage-1 model is a start_steps teacher; rounds halve down to final_steps.
   # num_steps is the iterations of each round; the lr decays linearly to 0 within a round.
   # fine_grid: also train at the odd multiples of 1/(2N) (off_grid_fraction of each batch), the times the

@@ -2,16 +2,19 @@
 
 import jax.numpy as jnp
 
-WEIGHTINGS = ('truncated_snr', 'snr_plus_one')
+WEIGHTINGS = ('truncated_snr', 'snr_plus_one', 'constant')
 
 
 def loss_weight(logsnr, weighting: str):
-  """omega(logsnr): 'truncated_snr' = max(SNR, 1), 'snr_plus_one' = 1 + SNR."""
+  """omega(logsnr): 'truncated_snr' = max(SNR, 1), 'snr_plus_one' = 1 + SNR, 'constant' = 1 (the plain x-space
+  error: every noise level counts as much as its error in the prediction of x)."""
   snr = jnp.exp(jnp.asarray(logsnr, jnp.float32))
   if weighting == 'truncated_snr':
     return jnp.maximum(snr, 1.0)
   if weighting == 'snr_plus_one':
     return 1.0 + snr
+  if weighting == 'constant':
+    return jnp.ones_like(snr)
   raise ValueError(f"unknown loss weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
 
 

@@ -25,13 +25,22 @@ def _noisy_batch(rng, x, logsnr_fn):
   return diffusion_forward(x=x, eps=eps, logsnr=logsnr_t), logsnr_t
 
 
-def _sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0):
-  """w ~ U[w_min, w_max], and exactly 0 (the conditional model) for a w_zero_fraction of the rows."""
+W_DISTRIBUTIONS = ('uniform', 'arcsine')
+
+
+def sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0, w_distribution='uniform'):
+  """w in [w_min, w_max] -> [B]: uniform, or 'arcsine' (Beta(1/2, 1/2): more mass near both ends of the range,
+  where a student drifts furthest from its teacher); exactly 0 (the conditional model) for a w_zero_fraction of
+  the rows."""
+  def draw(key):
+    if w_distribution == 'arcsine':
+      return w_min + (w_max - w_min) * jnp.sin(0.5 * jnp.pi * jax.random.uniform(key, (batch_size,))) ** 2
+    return jax.random.uniform(key, (batch_size,), minval=w_min, maxval=w_max)  # [B]
+
   if w_zero_fraction <= 0:
-    return jax.random.uniform(rng, (batch_size,), minval=w_min, maxval=w_max)  # [B]
+    return draw(rng)
   rng_w, rng_zero = jax.random.split(rng)
-  guidance_w = jax.random.uniform(rng_w, (batch_size,), minval=w_min, maxval=w_max)  # [B]
-  return jnp.where(jax.random.bernoulli(rng_zero, w_zero_fraction, (batch_size,)), 0.0, guidance_w)
+  return jnp.where(jax.random.bernoulli(rng_zero, w_zero_fraction, (batch_size,)), 0.0, draw(rng_w))
 
 
 def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
@@ -51,7 +60,7 @@ def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, n
 
 
 def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   w_zero_fraction: float = 0.0):
+                   w_zero_fraction: float = 0.0, w_distribution: str = 'uniform'):
   """Match the guided teacher x_hat^w (2 teacher calls, no gradient) for w ~ U[w_min, w_max]."""
 
   def loss_fn(params, batch, rng, frozen):
@@ -59,7 +68,7 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     x, label = batch['x'], batch['label']
     rng_noise, rng_w, rng_dropout = jax.random.split(rng, 3)
     z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
-    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction)
+    guidance_w = sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction, w_distribution)
     x_teacher, _ = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
     return _regress_x(student, params, x_target=x_teacher, z_t=z_t, logsnr_t=logsnr_t, label=label,
                       guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
@@ -108,7 +117,8 @@ def _halving_regression(student, params, teacher_denoise_fn, teacher_params, *, 
 
 
 def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   fine_grid: bool, off_grid_fraction: float = 0.5, w_zero_fraction: float = 0.0):
+                   fine_grid: bool, off_grid_fraction: float = 0.5, w_zero_fraction: float = 0.0,
+                   w_distribution: str = 'uniform'):
   """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde.
 
   frozen = {'teacher_params': ..., 'student_steps': int32 []}: the step count is an input, not a
@@ -121,7 +131,7 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
     times = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid,
                          off_grid_fraction=off_grid_fraction)
-    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction)
+    guidance_w = sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction, w_distribution)
     return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x, label=label,
                                guidance_w=guidance_w, times=times, rng_eps=rng_eps, rng_dropout=rng_dropout,
                                logsnr_fn=logsnr_fn, parametrization=parametrization, weighting=weighting)
@@ -167,7 +177,7 @@ def encoder_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, 
     t = i.astype(jnp.float32) / student_steps
     logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t + 0.5 / student_steps), logsnr_fn(t + 1.0 / student_steps)
     z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
-    guidance_w = _sample_w(rng_w, x.shape[0], w_min, w_max)
+    guidance_w = sample_w(rng_w, x.shape[0], w_min, w_max)
     z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
                               logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
     v_target = v_target_between(z_t=z_t, z_s=z_end, logsnr_t=logsnr_t, logsnr_s=logsnr_end)

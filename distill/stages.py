@@ -60,10 +60,17 @@ def fresh_guidance_embed(abstract_params, *, seed: int):
   a submodule's keys from the root key and its path, and a LazyRng carries that path. Stage 1 takes every other
   parameter from the teacher, so initialising them would only cost time (op by op, each initializer compiles).
   """
-  kernel = abstract_params[GUIDANCE_EMBED_KEY]['dense_0']['kernel']  # [freq_dim, emb_dim]
-  embed = GuidanceEmbedding(emb_dim=kernel.shape[1], freq_dim=kernel.shape[0])
+  abstract = abstract_params[GUIDANCE_EMBED_KEY]
+  kernel = abstract['dense_0']['kernel']  # [freq_dim, emb_dim]
+  gain_channels = tuple(abstract[f'gain_{i}']['kernel'].shape[1] for i in range(len(abstract))
+                        if f'gain_{i}' in abstract)
+  output = abstract.get('output', {}).get('kernel')  # [3, 3, features, C]
+  embed = GuidanceEmbedding(emb_dim=kernel.shape[1], freq_dim=kernel.shape[0], gain_channels=gain_channels,
+                            output_channels=0 if output is None else output.shape[-1])
+  features = None if output is None else jnp.zeros((2, 4, 4, output.shape[2]), jnp.float32)
   rng = LazyRng.create(jax.random.key(seed), GUIDANCE_EMBED_KEY)  # the key path of the submodule
-  params = embed.init({'params': rng}, jnp.zeros((2,), jnp.float32))['params']
+  params = embed.init({'params': rng}, jnp.zeros((2,), jnp.float32), features,
+                      method=GuidanceEmbedding.everything)['params']
   if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, abstract_params[GUIDANCE_EMBED_KEY]):
     raise ValueError('the model\'s w-embedding is not models.embeddings.GuidanceEmbedding')
   return params
@@ -87,6 +94,11 @@ def _write_config(ckpt_dir: str, config) -> None:
 def _loss_kwargs(config):
   return dict(logsnr_fn=logsnr_schedule(config), parametrization=config.diffusion.parametrization,
               weighting=config.diffusion.loss_weighting)
+
+
+def stage1_weighting(config) -> str:
+  """Stage 1's loss weighting: stage1.loss_weighting, or the diffusion's when empty."""
+  return config.stage1.get('loss_weighting') or config.diffusion.loss_weighting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +262,8 @@ def stage1_job(config, teacher_params=None) -> TrainingJob:
                                     num_classes=teacher_record['num_classes'])
   loss_fn = objectives.stage1_loss_fn(student, teacher_denoise, w_min=config.distill.w_min,
                                       w_max=config.distill.w_max, w_zero_fraction=config.distill.w_zero_fraction,
-                                      **_loss_kwargs(config))
+                                      w_distribution=config.distill.w_distribution,
+                                      **dict(_loss_kwargs(config), weighting=stage1_weighting(config)))
   return TrainingJob('stage1', record, config.stage1, loss_fn, stage1_init_params(teacher_params, fresh),
                      seed_offset=1, frozen={'teacher_params': teacher_params})
 
@@ -287,7 +300,9 @@ def _halving_loss_fn(config, stage, teacher, teacher_denoise):
   if stage == 'stage2':
     return objectives.stage2_loss_fn(teacher, teacher_denoise, fine_grid=config.stage2.fine_grid,
                                      off_grid_fraction=config.stage2.off_grid_fraction,
-                                     w_zero_fraction=config.distill.w_zero_fraction, weighting=config.diffusion.loss_weighting, **kwargs)
+                                     w_zero_fraction=config.distill.w_zero_fraction,
+                                     w_distribution=config.distill.w_distribution,
+                                     weighting=config.diffusion.loss_weighting, **kwargs)
   return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
 
 

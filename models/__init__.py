@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from clu import parameter_overview
 
 from models.diffusers_import import build_network as build_diffusers_network
+from models.embeddings import GUIDANCE_W_SCALE
 from models.mlp import MLPDenoiser
 from models.ref_unet import RefUNet
 from models.unet import UNet
@@ -33,6 +34,9 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
                                    dtype=compute_dtype(model_config))
   if model_config.name == 'unet':
     return UNet(**_unet_fields(model_config), num_classes=num_classes, guidance_input=guidance_input,
+                guidance_gains=model_config.get('guidance_gains', False),
+                guidance_output=model_config.get('guidance_output', False),
+                guidance_w_scale=model_config.get('guidance_w_scale', GUIDANCE_W_SCALE),
                 dtype=compute_dtype(model_config))
   if model_config.name == 'ref_unet':
     return RefUNet(**_unet_fields(model_config), head_dim=model_config.get('head_dim', 0),

@@ -41,21 +41,57 @@ class NoiseLevelEmbedding(nn.Module):
 
 
 class GuidanceEmbedding(nn.Module):
-  """Embeds the guidance weight w [B]; the last layer is zero-initialised so at init it outputs exactly 0."""
+  """Embeds the guidance weight w [B]; the last layer is zero-initialised so at init it outputs exactly 0.
+
+  With gain_channels (one entry per residual block), `gains` also maps w to per-channel gains of those blocks'
+  normalised activations, 1 at initialisation: guidance scales the class-dependent part of the prediction with
+  w, and an additive embedding alone reaches a product with the features only through later nonlinearities.
+  """
   emb_dim: int
   freq_dim: int = 128
+  gain_channels: tuple[int, ...] = ()
+  output_channels: int = 0
+  w_scale: float = GUIDANCE_W_SCALE  # sinusoids of w_scale * w
 
-  @nn.compact
+  def setup(self):
+    self.dense_0 = nn.Dense(self.emb_dim)
+    self.dense_1 = nn.Dense(self.emb_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+    self.gain = [nn.Dense(channels, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+                 for channels in self.gain_channels]
+    if self.output_channels:
+      self.output = nn.Conv(self.output_channels, (3, 3), kernel_init=nn.initializers.zeros,
+                            bias_init=nn.initializers.zeros)
+
+  def _hidden(self, guidance_w):
+    h = sinusoidal_embedding(self.w_scale * guidance_w, dim=self.freq_dim)  # [B, freq_dim]
+    return nn.silu(self.dense_0(h))  # [B, emb_dim]
+
   def __call__(self, guidance_w):
-    h = sinusoidal_embedding(GUIDANCE_W_SCALE * guidance_w, dim=self.freq_dim)  # [B, freq_dim]
-    h = nn.Dense(self.emb_dim, name='dense_0')(h)
-    h = nn.silu(h)
-    return nn.Dense(self.emb_dim, kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.zeros, name='dense_1')(h)  # [B, emb_dim]
+    return self.dense_1(self._hidden(guidance_w))  # [B, emb_dim]
+
+  def gains(self, guidance_w) -> tuple:
+    """One [B, channels] gain per entry of gain_channels, each exactly 1 at initialisation."""
+    hidden = self._hidden(guidance_w)
+    return tuple(1.0 + layer(hidden) for layer in self.gain)
+
+  def guidance_term(self, features, guidance_w):
+    """w * b(features) [B, H, W, output_channels]: the part of the output that is linear in w (zero at
+    initialisation). The guided teacher's prediction is exactly linear in w, (1 + w) x_cond - w x_uncond; this
+    term lets the student represent it as a + w b instead of learning the scaling through the embedding."""
+    return guidance_w[:, None, None, None] * self.output(features)
+
+  def everything(self, guidance_w, features=None):
+    """(embedding, gains, guidance term or None): touches every parameter (what init must call)."""
+    term = self.guidance_term(features, guidance_w) if self.output_channels else None
+    return self(guidance_w), self.gains(guidance_w), term
 
 
-def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim):
-  """Sum of noise-level, label and (if guidance_w is given) guidance embeddings -> [B, emb_dim].
+def conditioning_and_gains(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim, gain_channels=(),
+                           output_channels=0, w_scale=GUIDANCE_W_SCALE):
+  """(conditioning vector [B, emb_dim], per-block gains, guidance module): conditioning_vector's sum, and when
+  guidance_w is given and gain_channels is not empty, GuidanceEmbedding.gains (an empty tuple otherwise); the
+  GuidanceEmbedding (None without guidance_w), whose guidance_term the network adds to its output when
+  output_channels is set.
 
   Must be called from a parent's @nn.compact method: it creates the parent's submodules
   'logsnr_embed', 'label_embed' and, only when guidance_w is not None, 'guidance_embed'.
@@ -63,6 +99,17 @@ def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, fr
   """
   emb = NoiseLevelEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, name='logsnr_embed')(logsnr_t)
   emb = emb + nn.Embed(num_classes + 1, emb_dim, name='label_embed')(label)
-  if guidance_w is not None:
-    emb = emb + GuidanceEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, name='guidance_embed')(guidance_w)
-  return emb  # [B, emb_dim]
+  if guidance_w is None:
+    return emb, (), None
+  embed = GuidanceEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, gain_channels=tuple(gain_channels),
+                            output_channels=output_channels, w_scale=w_scale, name='guidance_embed')
+  return emb + embed(guidance_w), embed.gains(guidance_w), embed  # [B, emb_dim], ([B, C_i], ...)
+
+
+def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim):
+  """Sum of noise-level, label and (if guidance_w is given) guidance embeddings -> [B, emb_dim].
+
+  Must be called from a parent's @nn.compact method (see conditioning_and_gains).
+  """
+  return conditioning_and_gains(logsnr_t, label, guidance_w, num_classes=num_classes, emb_dim=emb_dim,
+                                freq_dim=freq_dim)[0]

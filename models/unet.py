@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from models.checks import denoiser_inputs
-from models.embeddings import conditioning_vector
+from models.embeddings import GUIDANCE_W_SCALE, conditioning_and_gains
 
 
 class ResBlock(nn.Module):
@@ -21,13 +21,17 @@ class ResBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, emb, *, train):
+  def __call__(self, x, emb, *, train, gain=None):
+    """gain [B, out_ch] (optional): multiplies the second normalised activations (GuidanceEmbedding.gains)."""
     norm = lambda name: nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
     conv = lambda features, size, name: nn.Conv(features, size, dtype=self.dtype, name=name)
     h = nn.silu(norm('norm_0')(x))  # [B, H, W, C_in]
     h = conv(self.out_ch, (3, 3), 'conv_0')(h)  # [B, H, W, out_ch]
     h = h + nn.Dense(self.out_ch, dtype=self.dtype, name='emb_proj')(nn.silu(emb))[:, None, None, :]
-    h = nn.silu(norm('norm_1')(h))
+    h = norm('norm_1')(h)
+    if gain is not None:
+      h = h * gain[:, None, None, :].astype(h.dtype)
+    h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_ch, (3, 3), 'conv_1')(h)
     if x.shape[-1] != self.out_ch:
@@ -84,7 +88,9 @@ class UNet(nn.Module):
   """U-Net mapping (z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]?) to an output like z_t.
 
   label == num_classes is the null label used for classifier-free guidance. With guidance_input=True
-  the only extra parameters are under the top-level key 'guidance_embed'.
+  the only extra parameters are under the top-level key 'guidance_embed'; with guidance_gains too, w also
+  scales every residual block's normalised activations channel by channel (GuidanceEmbedding.gains); with
+  guidance_output, the output gains a term linear in w (GuidanceEmbedding.guidance_term).
   """
   num_classes: int
   ch: int = 64
@@ -94,6 +100,9 @@ class UNet(nn.Module):
   dropout: float = 0.0
   num_groups: int = 8
   guidance_input: bool = False
+  guidance_gains: bool = False
+  guidance_output: bool = False
+  guidance_w_scale: float = GUIDANCE_W_SCALE
   num_heads: int = 1
   dtype: Any = jnp.float32  # compute dtype (see the module docstring)
 
@@ -102,16 +111,22 @@ class UNet(nn.Module):
     logsnr_t, guidance_w = denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=4,
                                            guidance_input=self.guidance_input, model_name='UNet')
     self._check_config(z_t.shape)
-    emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
-                              emb_dim=4 * self.ch, freq_dim=self.ch)  # [B, 4 * ch]
+    blocks = self._res_block_channels()
+    emb, gains, guidance = conditioning_and_gains(
+        logsnr_t, label, guidance_w, num_classes=self.num_classes, emb_dim=4 * self.ch, freq_dim=self.ch,
+        gain_channels=tuple(blocks.values()) if self.guidance_gains else (),
+        output_channels=z_t.shape[-1] if self.guidance_output else 0, w_scale=self.guidance_w_scale)
+    gains = dict(zip(blocks, gains))  # block name -> [B, C], empty without guidance gains
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z_t)  # [B, H, W, ch]
-    h, skips = self._down_path(h, emb, train=train)
-    h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_0')(h, emb, train=train)
+    h, skips = self._down_path(h, emb, gains, train=train)
+    h = self._res_block(blocks['mid_res_0'], 'mid_res_0')(h, emb, train=train, gain=gains.get('mid_res_0'))
     h = self._attn_block('mid_attn')(h)
-    h = self._res_block(self.ch * self.ch_mult[-1], 'mid_res_1')(h, emb, train=train)
-    h = self._up_path(h, skips, emb, train=train)
+    h = self._res_block(blocks['mid_res_1'], 'mid_res_1')(h, emb, train=train, gain=gains.get('mid_res_1'))
+    h = self._up_path(h, skips, emb, gains, train=train)
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm_out')(h))
     out = nn.Conv(z_t.shape[-1], (3, 3), dtype=self.dtype, name='conv_out')(h)  # [B, H, W, C]
+    if guidance is not None and self.guidance_output:
+      out = out + guidance.guidance_term(h, guidance_w).astype(out.dtype)  # a + w b
     return out.astype(jnp.float32)
 
   def _check_config(self, z_shape):
@@ -133,12 +148,23 @@ class UNet(nn.Module):
   def _attn_block(self, name):
     return AttnBlock(num_heads=self.num_heads, num_groups=self.num_groups, dtype=self.dtype, name=name)
 
-  def _down_path(self, h, emb, *, train):
+  def _res_block_channels(self) -> dict:
+    """{name: output channels} of every residual block, in the order the forward pass calls them."""
+    blocks = {}
+    for level, mult in enumerate(self.ch_mult):
+      blocks.update({f'down_{level}_res_{b}': self.ch * mult for b in range(self.num_res_blocks)})
+    blocks.update({'mid_res_0': self.ch * self.ch_mult[-1], 'mid_res_1': self.ch * self.ch_mult[-1]})
+    for level in reversed(range(len(self.ch_mult))):
+      blocks.update({f'up_{level}_res_{b}': self.ch * self.ch_mult[level] for b in range(self.num_res_blocks + 1)})
+    return blocks
+
+  def _down_path(self, h, emb, gains, *, train):
     """Encoder; returns the bottleneck activations and the list of skip activations."""
     skips = [h]
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
-        h = self._res_block(self.ch * mult, f'down_{level}_res_{block}')(h, emb, train=train)
+        name = f'down_{level}_res_{block}'
+        h = self._res_block(self.ch * mult, name)(h, emb, train=train, gain=gains.get(name))
         if h.shape[1] in self.attn_resolutions:
           h = self._attn_block(f'down_{level}_attn_{block}')(h)
         skips.append(h)
@@ -147,12 +173,13 @@ class UNet(nn.Module):
         skips.append(h)
     return h, skips
 
-  def _up_path(self, h, skips, emb, *, train):
+  def _up_path(self, h, skips, emb, gains, *, train):
     """Decoder; consumes the skip activations (concatenated on channels) in reverse order."""
     for level in reversed(range(len(self.ch_mult))):
       for block in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H', W', C_h + C_skip]
-        h = self._res_block(self.ch * self.ch_mult[level], f'up_{level}_res_{block}')(h, emb, train=train)
+        name = f'up_{level}_res_{block}'
+        h = self._res_block(self.ch * self.ch_mult[level], name)(h, emb, train=train, gain=gains.get(name))
         if h.shape[1] in self.attn_resolutions:
           h = self._attn_block(f'up_{level}_attn_{block}')(h)
       if level != 0:

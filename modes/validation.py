@@ -4,6 +4,7 @@ import math
 
 from data import FOLDER, DataError, dataset_info
 from data.folder import SPLITS as FOLDER_SPLITS
+from distill.objectives import W_DISTRIBUTIONS
 from diffusion import BETA_SCHEDULES, DDPM_VARIANCES, DISCRETE_FIELDS, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
 from eval import reference_stats as standard_stats
 from models import COMPUTE_DTYPES, MODEL_NAMES
@@ -170,6 +171,9 @@ def validate_config(config) -> None:
            f"unknown diffusion.loss_weighting '{diffusion.loss_weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
   for name in OPTIMIZER_SECTIONS:
     _check_optimizer(name, config[name])
+  _require(config.stage1.get('loss_weighting', '') in ('', *WEIGHTINGS), f"unknown stage1.loss_weighting "
+           f"'{config.stage1.get('loss_weighting')}'; choose '' (diffusion.loss_weighting's) or one of: "
+           f"{', '.join(WEIGHTINGS)}")
   _require(0 <= config.train.p_uncond < 1, f'train.p_uncond must be in [0, 1), got {config.train.p_uncond}')
   _require(config.distill.stage in STAGES, f"unknown distill.stage '{config.distill.stage}'; choose stage1 or stage2")
   _check_guidance_weights(config)
@@ -179,6 +183,15 @@ def validate_config(config) -> None:
            f'({config.distill.w_max}): the guidance range is reversed, swap them')
   _require(config.distill.dropout == -1 or 0 <= config.distill.dropout < 1,
            f'distill.dropout must be -1 (the teacher\'s) or in [0, 1), got {config.distill.dropout}')
+  _require(config.distill.w_distribution in W_DISTRIBUTIONS, f"unknown distill.w_distribution "
+           f"'{config.distill.w_distribution}'; choose one of: {', '.join(W_DISTRIBUTIONS)}")
+  for field in ('guidance_gains', 'guidance_output'):
+    _require(not config.distill.get(field) or config.model.name == 'unet',
+             f"distill.{field} needs model.name 'unet' (got '{config.model.name}'): set it False")
+  _require(_finite(config.distill.guidance_w_scale) and config.distill.guidance_w_scale > 0,
+           f'distill.guidance_w_scale must be a finite number > 0, got {config.distill.guidance_w_scale}')
+  _require(config.distill.guidance_w_scale == 250 or config.model.name == 'unet',
+           f"distill.guidance_w_scale needs model.name 'unet' (got '{config.model.name}'): leave it at 250")
   _check_halving(config, 'stage2')
   _check_halving(config, 'encoder')
   _check_halving(config, 'direct')

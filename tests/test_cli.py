@@ -11,6 +11,8 @@ from distill import stages
 from train import records
 from modes import MODES
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -39,6 +41,9 @@ def _main(*args, workdir):
     (['--mode=teacher', '--config.data.name=digits'], "model.name 'mlp' is for vector data"),
     (['--mode=fid', '--config.eval.extractor=classifier'], "'classifier' is the digits classifier"),
     (['--mode=stage1', '--config.distill.dropout=1.5'], "distill.dropout must be -1 (the teacher's) or in [0, 1)"),
+    (['--mode=stage1', '--config.distill.w_distribution=beta'], "unknown distill.w_distribution 'beta'"),
+    (['--mode=stage1', '--config.stage1.loss_weighting=x'], "unknown stage1.loss_weighting 'x'"),
+    (['--mode=stage1', '--config.distill.guidance_output=True'], "distill.guidance_output needs model.name 'unet'"),
     (['--mode=sample', '--dry_run'], '--dry_run trains nothing in --mode=sample'),
     (['--mode=teacher', '--config.train.lr_decay=cosine'], "unknown train.lr_decay 'cosine'; choose one of"),
     (['--mode=teacher', '--cpu_devices=2', '--config.train.batch_size=63'],

@@ -46,6 +46,17 @@ def test_fresh_guidance_embed_is_the_full_initialisations_w_embedding():
   assert np.std(np.asarray(embed['dense_0']['kernel'])) > 0.01  # randomly initialised, not zeros
 
 
+def test_fresh_guidance_embed_with_gains_is_the_full_initialisations():
+  record = dict(model=dict(name='unet', ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                           dropout=0.0, num_groups=4, guidance_gains=True),
+                num_classes=4, guidance_input=True, x_shape=[8, 8, 1])
+  student, abstract = records.build(record)
+  full = init_params(student, rng=jax.random.key(5), x_shape=(8, 8, 1), guidance_input=True)
+  embed = stages.fresh_guidance_embed(abstract, seed=5)
+  assert len(embed) == 2 + 8  # dense_0, dense_1 and a gain layer per residual block
+  jax.tree.map(np.testing.assert_array_equal, embed, full['guidance_embed'])
+
+
 def test_fresh_params_are_the_op_by_op_init_as_one_program():
   record = dict(model=dict(MLP), num_classes=4, guidance_input=False, x_shape=[2])
   model, _ = records.build(record)
@@ -87,7 +98,7 @@ def test_stage2_times_off_grid_fraction(fraction):
 
 @pytest.mark.parametrize('fraction', [0.0, 0.2])
 def test_guidance_w_draw_puts_w_zero_fraction_at_exactly_zero(fraction):
-  guidance_w = np.asarray(objectives._sample_w(jax.random.key(3), 20000, 1.0, 4.0, fraction))  # pylint: disable=protected-access
+  guidance_w = np.asarray(objectives.sample_w(jax.random.key(3), 20000, 1.0, 4.0, fraction))
   at_zero = guidance_w == 0.0
   assert abs(at_zero.mean() - fraction) < 0.01
   rest = guidance_w[~at_zero]

@@ -201,6 +201,47 @@ def test_guidance_path_is_zero_at_init(make_model, x_shape):
   assert float(jnp.max(jnp.abs(out_w0 - out_w4))) > 1e-4
 
 
+def test_guidance_gains_start_at_one_and_scale_channels_once_trained():
+  """distill.guidance_gains: the student starts as its teacher at every w (gains exactly 1), one gain layer per
+  residual block under 'guidance_embed', and once a gain layer moves, w changes the output."""
+  base_model, gained = tiny_unet(), tiny_unet(guidance_input=True, guidance_gains=True)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE, guidance_input=False)
+  init = init_params(gained, rng=jax.random.PRNGKey(2), x_shape=IMAGE_SHAPE, guidance_input=True)
+  assert set(init) - set(base_params) == {'guidance_embed'}
+  gain_layers = sorted(k for k in init['guidance_embed'] if k.startswith('gain_'))
+  assert len(gain_layers) == 2 + 2 + 4  # down, mid and up residual blocks
+  student_params = {**base_params, 'guidance_embed': init['guidance_embed']}
+  base_out = apply_fn(base_model, base_params, dummy_inputs(IMAGE_SHAPE), train=False)
+  for w in [0., 1., 4.]:
+    out = apply_fn(gained, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=w), train=False)
+    np.testing.assert_array_equal(out, base_out)
+  layer = student_params['guidance_embed']['gain_2']  # the first mid block's
+  moved = {**student_params, 'guidance_embed': {**student_params['guidance_embed'], 'gain_2': {
+      **layer, 'kernel': jax.random.normal(jax.random.PRNGKey(3), layer['kernel'].shape)}}}
+  out_w0 = apply_fn(gained, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=0.), train=False)
+  out_w4 = apply_fn(gained, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=4.), train=False)
+  assert float(jnp.max(jnp.abs(out_w0 - out_w4))) > 1e-4
+
+
+def test_guidance_output_is_zero_at_init_and_exactly_linear_in_w():
+  """distill.guidance_output: out = a + w b with b a zero-initialised convolution under 'guidance_embed'."""
+  base_model, linear = tiny_unet(), tiny_unet(guidance_input=True, guidance_output=True)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE, guidance_input=False)
+  init = init_params(linear, rng=jax.random.PRNGKey(2), x_shape=IMAGE_SHAPE, guidance_input=True)
+  assert set(init) - set(base_params) == {'guidance_embed'}
+  student_params = {**base_params, 'guidance_embed': init['guidance_embed']}
+  base_out = apply_fn(base_model, base_params, dummy_inputs(IMAGE_SHAPE), train=False)
+  np.testing.assert_array_equal(apply_fn(linear, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=4.),
+                                         train=False), base_out)
+  head = student_params['guidance_embed']['output']
+  moved = {**student_params, 'guidance_embed': {**student_params['guidance_embed'], 'output': {
+      **head, 'kernel': jax.random.normal(jax.random.PRNGKey(3), head['kernel'].shape)}}}
+  out = {w: apply_fn(linear, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=w), train=False) for w in (0., 1., 4.)}
+  np.testing.assert_array_equal(out[0.], base_out)  # w = 0: the teacher's function
+  assert float(jnp.max(jnp.abs(out[1.] - out[0.]))) > 1e-3
+  np.testing.assert_allclose(out[4.] - out[0.], 4 * (out[1.] - out[0.]), rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------- labels, dropout, jit
 
 

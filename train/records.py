@@ -25,6 +25,7 @@ from absl import logging
 
 import data
 from models import build_model, init_params
+from models.embeddings import GUIDANCE_W_SCALE
 from train import checkpoint, files
 from train.checkpoint import CheckpointError
 
@@ -40,7 +41,8 @@ def to_json(tree):
 
 
 def stage_model_config(config, stage: str) -> dict:
-  """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout.
+  """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout, and for
+  the w-input students with distill.guidance_gains and distill.guidance_output when set.
 
   An imported teacher's model (name 'diffusers_unet') also names its folder(s) and the sha256 of their weights: the
   students' records keep them. A w-input student of a two-network teacher is its conditional network alone.
@@ -48,6 +50,10 @@ def stage_model_config(config, stage: str) -> dict:
   model = config.model.to_dict()
   if stage != 'teacher' and config.distill.dropout >= 0:
     model['dropout'] = config.distill.dropout
+  if stage not in GUIDED_STAGES:
+    model.update({k: True for k in ('guidance_gains', 'guidance_output') if config.distill.get(k)})
+    if config.distill.get('guidance_w_scale', GUIDANCE_W_SCALE) != GUIDANCE_W_SCALE:
+      model['guidance_w_scale'] = float(config.distill.guidance_w_scale)
   if stage not in GUIDED_STAGES and model.get('uncond_unet'):
     model['uncond_unet'] = None
   return model
@@ -182,6 +188,8 @@ _NOT_INPUTS = {
     'stage2': ('encoder', 'direct', 'stage2.final_steps'),
     'encoder': ('stage2', 'direct', 'encoder.final_steps'),
     'direct': ('stage1', 'stage2', 'encoder', 'distill.w_min', 'distill.w_max', 'distill.w_zero_fraction',
+               'distill.w_distribution', 'distill.guidance_gains', 'distill.guidance_output',
+               'distill.guidance_w_scale',
                'direct.final_steps'),
 }
 
