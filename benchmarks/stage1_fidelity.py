@@ -9,11 +9,19 @@ the pipeline's fidelity table scores it (modes/stage_quality.py, eval/fidelity.p
   python benchmarks/stage1_fidelity.py --config=configs/digits_teacher.py --workdirs=runs/a,runs/b
 
 --student_steps=4 adds a row for the 4-step stage-2 student (DDIM 4) of every workdir that has one.
+
+A second table, the guidance response of every stage 1 (eval.fidelity.guidance_response): on 512 training images
+noised at t = 0.3, 0.5 and 0.7 (where guidance shapes the sample), how much of the teacher's guided move away
+from its conditional prediction the student makes at each w > 0 (1: all of it; below 1 at large w: a flattened
+response to w), and at w = 0 the RMS of the student's prediction against the conditional one.
 """
 
 import os
 import sys
 import time
+
+import jax
+import jax.numpy as jnp
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,6 +29,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import data
+from diffusion import diffusion_forward
 from distill import stages
 from eval import fidelity
 from modes import fid
@@ -75,6 +85,33 @@ def _models(config, workdir: str) -> list[tuple[str, Method]]:
   return models
 
 
+RESPONSE_TIMES = (0.3, 0.5, 0.7)
+
+
+def _response_row(config, workdir: str, ws) -> list[float]:
+  """[RMS to the conditional prediction at w = 0, guidance response at each other w] of workdir's stage 1."""
+  teacher = load_cached(_LOADED, stages.stage_dir(workdir, 'teacher'))
+  student = load_cached(_LOADED, stages.stage_dir(workdir, 'stage1'))
+  batch = next(data.make_train_iterator(config.data, per_host_batch_size=512, seed=123, start_step=0))
+  x, label = jnp.asarray(batch['x']), jnp.asarray(batch['label'])  # [B, H, W, C], [B]
+  predictions = {w: ([], [], []) for w in ws}  # w -> (student, teacher, conditional) per t
+  for i, t in enumerate(RESPONSE_TIMES):
+    logsnr = teacher.logsnr_fn(jnp.full(label.shape, t))  # [B]
+    z_t = diffusion_forward(x=x, eps=jax.random.normal(jax.random.key(i), x.shape), logsnr=logsnr)
+    conditional = teacher.denoise_fn(teacher.params, z_t, logsnr, label, jnp.zeros(label.shape))[0]
+    for w in ws:
+      w_b = jnp.full(label.shape, w)
+      for store, model in zip(predictions[w], (student, teacher)):
+        store.append(model.denoise_fn(model.params, z_t, logsnr, label, w_b)[0])
+      predictions[w][2].append(conditional)
+  row = []
+  for w in ws:
+    x_student, x_teacher, x_cond = (jnp.concatenate(p) for p in predictions[w])
+    row.append(float(jnp.sqrt(jnp.mean((x_student - x_cond) ** 2))) if w == 0 else
+               fidelity.guidance_response(x_student=x_student, x_teacher=x_teacher, x_conditional=x_cond))
+  return row
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -97,6 +134,11 @@ def main(argv):
       print(f'| {os.path.basename(workdir.rstrip("/"))} | {model} | ' + ' | '.join(f'{v:.4f}' for v in values) +
             f' | {ratio:.2f} | {scores[ws[0]]["recall"]:.3f} | {scores[ws[0]]["accuracy"]:.3f} '
             f'| {time.time() - start:.0f} |', flush=True)
+  print(f'\nguidance response at t = {RESPONSE_TIMES} (w = 0: RMS to the conditional prediction)')
+  print('| workdir | ' + ' | '.join(f'w = {w:g}' for w in ws) + ' |')
+  for workdir in _WORKDIRS.value:
+    row = _response_row(config, workdir, ws)
+    print(f'| {os.path.basename(workdir.rstrip("/"))} | ' + ' | '.join(f'{v:.3f}' for v in row) + ' |', flush=True)
 
 
 if __name__ == '__main__':

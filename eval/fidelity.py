@@ -75,3 +75,14 @@ def verdict(fidelity: Optional[float], floor: Optional[float]) -> Optional[str]:
   if fidelity is None or floor is None:
     return None
   return FAITHFUL if fidelity <= floor else DRIFTED
+
+
+def guidance_response(*, x_student, x_teacher, x_conditional) -> float:
+  """How much of the teacher's guidance a student reproduces, from predictions on the same inputs [B, ...]:
+  the projection of the student's move away from the conditional prediction onto the teacher's,
+  <x_student - x_cond, x_teacher - x_cond> / |x_teacher - x_cond|^2. 1: the teacher's guidance; 0: none (the
+  conditional model); w' / w for a student guided at w' where the teacher is at w (its guided prediction is
+  linear in w). Below 1 at large w and above at small w: a flattened response to w."""
+  student = np.asarray(x_student, np.float64) - np.asarray(x_conditional, np.float64)
+  teacher = np.asarray(x_teacher, np.float64) - np.asarray(x_conditional, np.float64)
+  return float(np.sum(student * teacher) / max(np.sum(teacher * teacher), 1e-30))

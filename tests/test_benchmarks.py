@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 
 import trace_summary  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 
 def _trace(path, events):
   meta = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
@@ -86,3 +88,6 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
   assert all(float(value) >= 0 for value in cells[0][2:5])
   assert float(cells[0][5]) == pytest.approx(max(map(float, cells[0][2:5])) / float(cells[0][3]), rel=1e-2)
   assert result.stdout.count('floor (teacher CFG ddim 2)') == 1
+  responses = [line for line in result.stdout.splitlines() if line.startswith('| a | ') and 'stage 1' not in line]
+  assert len(responses) == 2 and responses[0] == responses[1]  # w = 0, 1, 2: RMS, then two guidance responses
+  assert float(responses[0].split(' | ')[1]) >= 0 and 0 < float(responses[0].split(' | ')[2]) < 2

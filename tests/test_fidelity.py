@@ -127,3 +127,16 @@ def test_verdict_is_missing_without_a_floor():
   assert fidelity.verdict(0.1, None) is None
   assert fidelity.verdict(None, 0.1) is None
   assert fidelity.verdict(0.1, 0.1) == fidelity.FAITHFUL
+
+
+def test_guidance_response_is_one_for_the_teacher_and_w_ratio_for_another_w():
+  rng = np.random.default_rng(0)
+  cond, uncond = rng.normal(size=(16, 8, 8, 1)), rng.normal(size=(16, 8, 8, 1))  # [B, H, W, C]
+  guided = lambda w: np.asarray(guided_prediction(cond=cond, uncond=uncond, guidance_w=w))
+  response = functools.partial(fidelity.guidance_response, x_teacher=guided(4.0), x_conditional=cond)
+  assert response(x_student=guided(4.0)) == pytest.approx(1.0)
+  assert response(x_student=cond) == pytest.approx(0.0)
+  assert response(x_student=guided(3.0)) == pytest.approx(0.75)  # a student guided at 3 where asked for 4
+  noise = rng.normal(size=cond.shape)
+  noise -= np.sum(noise * (guided(4.0) - cond)) / np.sum((guided(4.0) - cond) ** 2) * (guided(4.0) - cond)
+  assert response(x_student=guided(4.0) + noise) == pytest.approx(1.0)  # an error orthogonal to guidance
