@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny configs and one trained toy-2D run (teacher, stage 1, two stage-2 rounds)."""
+"""Shared fixtures: tiny configs and one trained toy-2D run (teacher, stage 1, two stage-2 rounds).
+
+Two tiers: `pytest tests` runs the core (the method: math, samplers, objectives, state, models, data, distillation,
+evaluation, and a tiny end-to-end run); `pytest --integration tests` adds the files marked
+`pytestmark = pytest.mark.integration` (the machinery around it: pre-emption, fault injection, several processes,
+remote workdirs, the command line, logs, docs, the notebook, benchmarks). CI runs both."""
 
 import os
 import sys
@@ -20,17 +25,27 @@ def pytest_addoption(parser):
                    help='also run the tests marked paper_scale (a full-size network step on this CPU each)')
   parser.addoption('--fail-on-unexpected-skip', action='store_true',
                    help='fail the run when a test skips for any reason but the opt-in paper-scale marker (CI)')
+  parser.addoption('--integration', action='store_true',
+                   help='also run the tests marked integration (the machinery around the method; CI runs them)')
 
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'paper_scale: compiles and steps a paper-size network on the CPU (minutes '
                                      'and ~12 GB each); run with --paper-scale')
+  config.addinivalue_line('markers', 'integration: tests of the machinery around the method (the second tier); '
+                                     'run with --integration')
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
   """Tests using toy_run share one xdist worker (the session fixture is trained once, not once per worker);
-  tests marked paper_scale are skipped unless --paper-scale is given, so the default suite stays fast."""
+  tests marked paper_scale are skipped unless --paper-scale is given, and tests marked integration are
+  deselected unless --integration is given, so the default suite stays fast."""
+  if not config.getoption('--integration'):
+    deselected = [item for item in items if item.get_closest_marker('integration')]
+    if deselected:
+      config.hook.pytest_deselected(items=deselected)
+      items[:] = [item for item in items if not item.get_closest_marker('integration')]
   skip = pytest.mark.skip(reason=PAPER_SCALE_SKIP)
   for item in items:
     if 'toy_run' in getattr(item, 'fixturenames', ()):

@@ -14,6 +14,8 @@ from distill import stages
 from train import records
 from train import checkpoint, lock
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

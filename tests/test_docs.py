@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(REPO, 'docs', 'math.md'), encoding='utf-8') as _f:
   MATH = _f.read()

@@ -94,6 +94,8 @@ dry_run._one_batch = _oom
 sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=teacher', '--dry_run', '--cpu_devices=1',
             '--dry_run_batch_size=8', '--config.workdir={workdir}']
 import main
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 main.run()
 """
 

@@ -8,9 +8,12 @@ import os
 import zipfile
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from eval.export import export_samples
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
 
 def read_like_guided_diffusion(path, batch_size=4):

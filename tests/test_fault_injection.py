@@ -14,10 +14,13 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from distill import stages
 from modes.sampling import LoadedCheckpoint
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240

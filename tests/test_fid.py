@@ -14,6 +14,8 @@ from eval.report import write_table
 from modes import fid
 from modes.validation import ConfigError, validate_config
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 
 def _rows(path):
   with open(path) as f:

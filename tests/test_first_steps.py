@@ -19,6 +19,8 @@ from modes.methods import list_methods
 from modes.sampling import LoadedCheckpoint, run_sample
 from distill import stages
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 CONFIG_FILES = {  # name -> text of a config file that gives no config

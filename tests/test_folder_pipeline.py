@@ -19,6 +19,8 @@ from modes.validation import ConfigError, validate_config
 from test_export import read_like_edm, read_like_guided_diffusion
 from train import checkpoint, records
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = {'ant': ['png', 'jpg', 'png'], 'bee': ['jpeg', 'png', 'png', 'jpg']}
 

@@ -18,6 +18,8 @@ from distill import stages
 from modes import fid, sampling
 from train import checkpoint, records
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 STEPS = 20  # checkpoints at 10 and 20
 
 

@@ -18,6 +18,8 @@ from modes import transfer
 from train import checkpoint, lock, records
 from train.loop import Preempted, run_training
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

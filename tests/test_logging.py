@@ -13,6 +13,8 @@ from modes.sampling import LoadedCheckpoint
 from modes.sampling import run_sample
 from train import writers
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 TRAIN_SCALARS = {'loss', 'lr', 'grad_norm', 'steps_per_sec', 'num_skipped', 'consecutive_skipped'}
 
 

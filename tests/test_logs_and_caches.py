@@ -16,6 +16,8 @@ from modes.methods import Method
 from train import writers
 from train.loop import run_training
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 GARBAGE = b'\x00{"rows": [1, 2'  # cut JSON, no CSV header, no zip archive
 
 

@@ -27,6 +27,8 @@ import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 import main, modes
 from test_multiprocess import train_chain
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 modes.MODES['chain'] = train_chain
 main.flags.FLAGS['mode'].parser.enum_values.append('chain')  # a test-only mode for the --mode enum
 sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=chain', '--config.workdir={workdir}',

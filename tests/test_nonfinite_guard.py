@@ -17,6 +17,8 @@ from modes.validation import ConfigError, validate_config
 from train import checkpoint, records
 from train.loop import NonFiniteError, run_training
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

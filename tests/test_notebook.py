@@ -7,7 +7,10 @@ import sys
 
 import nbclient
 import nbformat
+import pytest
 from jupyter_client import kernelspec
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'demo.ipynb')

@@ -33,6 +33,8 @@ def _main(workdir, *args, max_file_bytes=None):
 
 _LIMITED = """
 import os, resource, signal, sys
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 os.execv(sys.argv[1], sys.argv[1:])

@@ -19,6 +19,8 @@ from main import PREEMPTED_EXIT_CODE
 from train import checkpoint
 from train.loop import Preempted
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 120
 _PROGRESS = re.compile(r'\[teacher\] step (\d+)/')

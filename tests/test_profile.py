@@ -9,6 +9,8 @@ from conftest import tiny_config
 from distill import stages
 from train import profile, writers
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 
 def test_a_teacher_run_writes_a_trace_and_logs_model_flops(tmp_path):
   config = tiny_config(tmp_path, train=20)

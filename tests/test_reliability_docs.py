@@ -4,6 +4,10 @@ import ast
 import os
 import re
 
+import pytest
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -37,7 +37,8 @@ from modes.pipeline import run_pipeline
 from modes.sampling import run_sample
 from train import checkpoint, files, lock, writers
 
-pytestmark = pytest.mark.xdist_group('remote_workdir')  # one worker runs the module's single pipeline
+# one worker runs the module's single pipeline; the second tier (tests/conftest.py)
+pytestmark = [pytest.mark.xdist_group('remote_workdir'), pytest.mark.integration]
 
 SCHEME = 'ram'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

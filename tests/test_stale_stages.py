@@ -15,6 +15,8 @@ from distill import stages
 from modes import sweep
 from train import records
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = {'train': 4, 'stage1': 4, 'stage2': 4}
 

@@ -4,6 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TESTS = '''
@@ -55,3 +59,20 @@ def test_faults(record_property):
     assert result.returncode == 0, result.stdout
     assert 'fault injection (replay with FAULT_INJECTION_SEED=<seed>):' in result.stdout, result.stdout
     assert 'fault_injection_seed: 1234' in result.stdout and 'fault_injection_kill_1: after step 400' in result.stdout
+
+
+def test_the_integration_tier_runs_only_when_asked(tmp_path):
+  body = '''
+import pytest
+
+@pytest.mark.integration
+def test_machinery():
+  pass
+
+def test_core():
+  pass
+'''
+  core = _pytest(tmp_path, body, '--fail-on-unexpected-skip')
+  assert core.returncode == 0 and '1 passed, 1 deselected' in core.stdout, core.stdout
+  both = _pytest(tmp_path, body, '--integration', '--fail-on-unexpected-skip')
+  assert both.returncode == 0 and '2 passed' in both.stdout and 'deselected' not in both.stdout, both.stdout

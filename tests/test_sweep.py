@@ -14,6 +14,8 @@ from distill import stages
 from modes import sweep
 from train import checkpoint, records
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PATH = os.path.join(REPO, 'configs', 'tiny.py')
 POINTS = [{'distill.w_max': 2.0, 'stage2.num_steps': 10}, {'distill.w_max': 3.0, 'stage2.num_steps': 10}]
