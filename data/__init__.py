@@ -136,12 +136,24 @@ def make_train_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields endless training batches {'x': [B, ...], 'label': [B]} for a host.
 
-  `data_config` needs `name`, `random_flip` and `tfds_data_dir` (a folder: `path`, `resolution`). For the
-  in-memory datasets (digits, toy2d) this host's batch at step k is its
-  rows of a global batch that is a pure function of (seed, k): resuming with
-  `start_step=k` replays exactly the batches of an uninterrupted run, on any
-  number of hosts. tfds datasets are not
+  For the in-memory datasets (digits, toy2d) this host's batch at step k is its rows of a global
+  batch that is a pure function of (seed, k): resuming with `start_step=k` replays exactly the
+  batches of an uninterrupted run, on any number of hosts. tfds datasets (and folders) are not
   bit-exact on resume: the pipeline is reseeded from (seed, start_step).
+
+  Args:
+    data_config: the data section; needs `name`, `random_flip` and `tfds_data_dir` (a folder:
+      `path`, `resolution`).
+    per_host_batch_size: B, the rows of each batch on this host.
+    seed: the seed of the batches (and of the flips).
+    start_step: the step of the first batch (a resumed run's step).
+
+  Returns:
+    An endless iterator of {'x': [B, ...] float32, 'label': [B] int32}: x [B, H, W, C] in [-1, 1]
+    for images, [B, 2] for toy2d.
+
+  Raises:
+    DataError: the data set is unknown or unusable (dataset_info), or a tfds one is not prepared.
   """
   name = data_config.name
   dataset_info(data_config)

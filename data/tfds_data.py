@@ -159,13 +159,28 @@ def make_tfds_iterator(
     data_dir: str | None = None,
     shuffle_buffer: int = 10_000,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields endless shuffled batches {'x': [B, H, W, C], 'label': [B]}.
+  """Yields endless shuffled batches {'x': [B, H, W, C], 'label': [B]} of a tfds or folder data set.
 
-  data_config: a data config (or, as older callers pass it, a tfds data set name with data_dir). Each host
-  reads its own part of `split` (`tfds.split_for_jax_process`; a folder: every process_count-th file). Images
-  are scaled from uint8 to float32 in [-1, 1]; with `random_flip`, each image is mirrored horizontally with
-  probability 1/2, keyed statelessly on (seed, host, element index) so a run is reproducible. Raises DataError
-  when the dataset is not prepared; nothing is ever downloaded.
+  Each host reads its own part of `split` (`tfds.split_for_jax_process`; a folder: every
+  process_count-th file). Images are scaled from uint8 to float32 in [-1, 1]; with `random_flip`,
+  each image is mirrored horizontally with probability 1/2, keyed statelessly on (seed, host,
+  element index) so a run is reproducible. Nothing is ever downloaded.
+
+  Args:
+    data_config: a data config (or, as older callers pass it, a tfds data set name with data_dir).
+    split: the split to read, e.g. 'train'.
+    per_host_batch_size: B, the rows of each batch on this host.
+    seed: the seed of the shuffles and flips (combined with the host's index).
+    random_flip: whether to mirror images horizontally at random.
+    data_dir: the tfds data directory, when data_config is a bare name.
+    shuffle_buffer: the size of the shuffle buffer, in examples.
+
+  Returns:
+    An endless iterator of {'x': [B, H, W, C] float32 in [-1, 1], 'label': [B] int32}.
+
+  Raises:
+    DataError: the data set is not prepared (on the call), or an image fails to decode or is
+      smaller than data.resolution (while iterating); one line each.
   """
   import tensorflow as tf  # Lazy: TF imports slowly.
   import tensorflow_datasets as tfds
@@ -194,10 +209,26 @@ def make_tfds_iterator(
 
 def iterate_examples(data_config, *, split: str, batch_size: int, limit: int,
                      label: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields (x [b, H, W, C] float32 in [-1, 1], label [b] int32) batches of the first `limit` examples of a split
-  (of one class if `label` is given), read once in a fixed order (files in seed-0 order, no shuffle buffer, no
-  repeat): every call gives the same examples, fewer than `limit` when the split holds fewer. Each host reads
-  its own part."""
+  """Yields batches of the first `limit` examples of a split, the same ones on every call.
+
+  The split (of one class if `label` is given) is read once in a fixed order (files in seed-0 order,
+  no shuffle buffer, no repeat): every call gives the same examples, fewer than `limit` when the
+  split holds fewer. Each host reads its own part.
+
+  Args:
+    data_config: a data config (or a tfds data set name).
+    split: the split to read, e.g. 'train' or 'test'.
+    batch_size: b, the rows of each batch (the last batch may hold fewer).
+    limit: the most examples to read.
+    label: if given, only the examples of this class.
+
+  Yields:
+    (x [b, H, W, C] float32 in [-1, 1], label [b] int32).
+
+  Raises:
+    DataError: the data set is not prepared, or an image fails to decode or is too small (raised
+      while iterating; one line each).
+  """
   import tensorflow as tf  # Lazy: TF imports slowly.
   import tensorflow_datasets as tfds
   _hide_gpus_from_tf(tf)

@@ -38,11 +38,24 @@ DISCRETE_FIELDS = ('num_train_timesteps', 'beta_schedule', 'beta_start', 'beta_e
 @functools.lru_cache(maxsize=None)
 def discrete_logsnr_table(*, num_train_timesteps: int, beta_schedule: str, beta_start: float,
                           beta_end: float) -> np.ndarray:
-  """log-SNR [T] of the discrete timesteps 0..T-1 of a diffusers scheduler: log(abar / (1 - abar)), decreasing.
+  """The log-SNR of the discrete timesteps 0..T-1 of a diffusers scheduler.
 
-  abar (alphas_cumprod) is computed as diffusers computes it: betas in float32 (the cosine schedule
-  'squaredcos_cap_v2' from abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2, each beta capped at 0.999), then the
-  running product of 1 - beta in float32. Read-only.
+  Each entry is log(abar / (1 - abar)), decreasing with the timestep. abar (alphas_cumprod) is
+  computed as diffusers computes it: betas in float32 (the cosine schedule 'squaredcos_cap_v2' from
+  abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2, each beta capped at 0.999), then the running
+  product of 1 - beta in float32. Cached per argument set.
+
+  Args:
+    num_train_timesteps: T, the number of discrete timesteps.
+    beta_schedule: one of BETA_SCHEDULES.
+    beta_start: the first beta of 'linear' and 'scaled_linear'.
+    beta_end: the last beta of 'linear' and 'scaled_linear'.
+
+  Returns:
+    The table [T], read-only: the log-SNR of timesteps 0..T-1, decreasing.
+
+  Raises:
+    ValueError: beta_schedule is not one of BETA_SCHEDULES.
   """
   steps = num_train_timesteps
   if beta_schedule == 'linear':
@@ -61,11 +74,20 @@ def discrete_logsnr_table(*, num_train_timesteps: int, beta_schedule: str, beta_
 
 
 def discrete_logsnr(t, *, table: np.ndarray, logsnr_max: float):
-  """Continuous time t in [0, 1] -> log-SNR on a discrete schedule's table [T]: t = (tau + 1) / T is timestep tau.
+  """Maps continuous time t in [0, 1] to log-SNR on a discrete schedule's table.
 
-  Linear in log-SNR between the timesteps; t in [0, 1/T] runs from logsnr_max (t = 0, clean data) to timestep 0.
-  With this map the N-step samplers (t = i / N) visit the timesteps T i / N - 1, which are those of diffusers'
+  t = (tau + 1) / T is timestep tau. The map is linear in log-SNR between the timesteps;
+  t in [0, 1/T] runs from logsnr_max (t = 0, clean data) to timestep 0. With this map the N-step
+  samplers (t = i / N) visit the timesteps T i / N - 1, which are those of diffusers'
   DDIMScheduler with timestep_spacing='trailing' whenever N divides T.
+
+  Args:
+    t: time, any shape (e.g. [B] or a scalar); clipped to [0, 1].
+    table: the log-SNR [T] of timesteps 0..T-1 (discrete_logsnr_table).
+    logsnr_max: the log-SNR at t = 0 (clean data).
+
+  Returns:
+    The log-SNR, float32, the shape of t.
   """
   steps = table.shape[0]
   nodes = jnp.concatenate([jnp.array([logsnr_max], jnp.float32), jnp.asarray(table, jnp.float32)])  # [T + 1]
@@ -74,10 +96,17 @@ def discrete_logsnr(t, *, table: np.ndarray, logsnr_max: float):
 
 
 def timestep_of_logsnr(logsnr, *, table: np.ndarray):
-  """The discrete timestep tau in [0, T-1], possibly fractional, whose log-SNR on the table [T] is logsnr.
+  """The discrete timestep tau in [0, T - 1], possibly fractional, whose log-SNR is logsnr.
 
-  The inverse of discrete_logsnr on t in [1/T, 1] (linear between timesteps); clipped to [0, T - 1] outside
-  the trained range. Imported networks (models/diffusers_unet.py) are fed this timestep.
+  The inverse of discrete_logsnr on t in [1/T, 1] (linear between timesteps); clipped to [0, T - 1]
+  outside the trained range. Imported networks (models/diffusers_unet.py) are fed this timestep.
+
+  Args:
+    logsnr: the log-SNR, any shape (e.g. [B]).
+    table: the log-SNR [T] of timesteps 0..T-1, decreasing (discrete_logsnr_table).
+
+  Returns:
+    The timestep tau, float32, the shape of logsnr.
   """
   decreasing = jnp.asarray(table, jnp.float32)  # [T], log-SNR falls with the timestep
   steps = decreasing.shape[0]
@@ -89,11 +118,25 @@ SCHEDULES = {'cosine': cosine_logsnr, 'linear': linear_logsnr, 'discrete': discr
 
 @functools.lru_cache(maxsize=None)
 def get_logsnr_schedule(name: str, *, logsnr_min: float, logsnr_max: float, **discrete) -> LogsnrSchedule:
-  """Returns t -> logsnr for a registered schedule; the bounds are clipping limits of logsnr.
+  """Returns the t -> logsnr function of a registered schedule.
 
-  'discrete' takes DISCRETE_FIELDS as keywords (discrete_logsnr_table); its minimum is the table's last entry and
-  logsnr_min is unused. Cached: equal arguments give the same function, so the programs jitted over it (samplers)
-  are shared.
+  The bounds are clipping limits of logsnr. 'discrete' takes DISCRETE_FIELDS as keywords
+  (discrete_logsnr_table); its minimum is the table's last entry and logsnr_min is unused. Cached:
+  equal arguments give the same function, so the programs jitted over it (samplers) are shared.
+
+  Args:
+    name: the schedule, a key of SCHEDULES ('cosine', 'linear', 'discrete').
+    logsnr_min: the lower clipping limit of logsnr (pure noise, t = 1); unused by 'discrete'.
+    logsnr_max: the upper clipping limit of logsnr (clean data, t = 0).
+    **discrete: for 'discrete' only, the DISCRETE_FIELDS (num_train_timesteps, beta_schedule,
+      beta_start, beta_end).
+
+  Returns:
+    The schedule: t (any shape, in [0, 1]) -> float32 log-SNR of the same shape.
+
+  Raises:
+    ValueError: an unknown name, logsnr_min >= logsnr_max, or for 'discrete' an unknown
+      beta_schedule or a logsnr_max not above the log-SNR of timestep 0.
   """
   if name not in SCHEDULES:
     raise ValueError(f"unknown diffusion.schedule '{name}'; choose one of: {', '.join(sorted(SCHEDULES))}")
@@ -109,13 +152,31 @@ def get_logsnr_schedule(name: str, *, logsnr_min: float, logsnr_max: float, **di
 
 
 def schedule_of(diffusion) -> LogsnrSchedule:
-  """The t -> logsnr schedule a diffusion section describes (config.diffusion, or a record's 'diffusion' dict)."""
+  """The t -> logsnr schedule a diffusion section describes.
+
+  Args:
+    diffusion: config.diffusion, or a record's 'diffusion' dict: its schedule, logsnr_min and
+      logsnr_max, and for schedule 'discrete' the DISCRETE_FIELDS.
+
+  Returns:
+    The schedule of get_logsnr_schedule (cached: equal sections give the same function).
+
+  Raises:
+    ValueError: the section's values are refused by get_logsnr_schedule.
+  """
   discrete = {key: diffusion[key] for key in DISCRETE_FIELDS} if diffusion['schedule'] == 'discrete' else {}
   return get_logsnr_schedule(diffusion['schedule'], logsnr_min=diffusion['logsnr_min'],
                              logsnr_max=diffusion['logsnr_max'], **discrete)
 
 
 def alpha_sigma(logsnr):
-  """alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr): the variance-preserving pair."""
+  """The variance-preserving pair: alpha^2 = sigmoid(logsnr), sigma^2 = sigmoid(-logsnr).
+
+  Args:
+    logsnr: the log-SNR, any shape (e.g. [B]).
+
+  Returns:
+    (alpha, sigma), float32, each the shape of logsnr.
+  """
   logsnr = jnp.asarray(logsnr, jnp.float32)
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))

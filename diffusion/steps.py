@@ -7,31 +7,82 @@ from diffusion.schedules import alpha_sigma
 
 
 def guided_prediction(*, cond, uncond, guidance_w):
-  """(1 + w) * cond - w * uncond; w [B] or scalar. Works on any linear prediction (x, eps or v)."""
+  """Classifier-free guidance: (1 + w) * cond - w * uncond.
+
+  Works on any linear prediction (x, eps or v).
+
+  Args:
+    cond: the conditional prediction [B, ...], e.g. [B, H, W, C].
+    uncond: the unconditional prediction, the shape of cond.
+    guidance_w: the guidance weight w, [B] or a scalar.
+
+  Returns:
+    The guided prediction, the shape of cond.
+  """
   w = expand_like(jnp.broadcast_to(guidance_w, cond.shape[:1]), cond)
   return (1.0 + w) * cond - w * uncond
 
 
 def guidance_w_from_scale(guidance_scale):
-  """diffusers' guidance_scale s -> this paper's w = s - 1: uncond + s (cond - uncond) = (1 + w) cond - w uncond."""
+  """Converts diffusers' guidance_scale s into this paper's guidance weight w = s - 1.
+
+  uncond + s (cond - uncond) = (1 + w) cond - w uncond.
+
+  Args:
+    guidance_scale: s, a scalar or an array (e.g. [B]).
+
+  Returns:
+    w, the shape of guidance_scale.
+  """
   return guidance_scale - 1.0
 
 
 def ddim_step(*, x_pred, eps_pred, logsnr_s):
-  """z_s = alpha_s x_pred + sigma_s eps_pred; s < t samples, s > t encodes (same update)."""
+  """One DDIM step to time s: z_s = alpha_s x_pred + sigma_s eps_pred.
+
+  s < t samples, s > t encodes (same update).
+
+  Args:
+    x_pred: the predicted clean data [B, ...] at the current time t, e.g. [B, H, W, C].
+    eps_pred: the predicted noise, the shape of x_pred.
+    logsnr_s: the log-SNR [B] of the target time s (or a scalar).
+
+  Returns:
+    z_s, the shape of x_pred.
+  """
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   return expand_like(alpha_s, x_pred) * x_pred + expand_like(sigma_s, x_pred) * eps_pred
 
 
 def ddpm_small_variance(*, logsnr_t, logsnr_s):
-  """Var of q(z_s | z_t, x), s < t: sigma_{t|s}^2 sigma_s^2 / sigma_t^2 = sigma_s^2 (1 - SNR_t / SNR_s)."""
+  """The variance of the posterior q(z_s | z_t, x), s < t: DDPM's 'small' variance.
+
+  sigma_{t|s}^2 sigma_s^2 / sigma_t^2 = sigma_s^2 (1 - SNR_t / SNR_s).
+
+  Args:
+    logsnr_t: the log-SNR [B] of the current time t (or a scalar).
+    logsnr_s: the log-SNR [B] of the earlier time s < t (or a scalar).
+
+  Returns:
+    The variance, >= 0, the broadcast shape of logsnr_t and logsnr_s.
+  """
   _, sigma_s = alpha_sigma(logsnr_s)
   # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(logsnr_t - logsnr_s), as expm1: no cancellation when s is close to t.
   return jnp.maximum(-jnp.expm1(logsnr_t - logsnr_s) * sigma_s**2, 0.0)
 
 
 def ddpm_large_variance(*, logsnr_t, logsnr_s):
-  """Var of the forward transition q(z_t | z_s), s < t: sigma_{t|s}^2 = sigma_t^2 (1 - SNR_t / SNR_s) >= small."""
+  """The variance of the forward transition q(z_t | z_s), s < t: DDPM's 'large' variance.
+
+  sigma_{t|s}^2 = sigma_t^2 (1 - SNR_t / SNR_s), never below the 'small' one (ddpm_small_variance).
+
+  Args:
+    logsnr_t: the log-SNR [B] of the current time t (or a scalar).
+    logsnr_s: the log-SNR [B] of the earlier time s < t (or a scalar).
+
+  Returns:
+    The variance, >= 0, the broadcast shape of logsnr_t and logsnr_s.
+  """
   _, sigma_t = alpha_sigma(logsnr_t)
   return jnp.maximum(-jnp.expm1(logsnr_t - logsnr_s) * sigma_t**2, 0.0)
 
@@ -40,8 +91,24 @@ DDPM_VARIANCES = {'small': ddpm_small_variance, 'large': ddpm_large_variance}
 
 
 def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s, variance: str = 'small'):
-  """Mean and std of the ancestral step z_t -> z_s, s < t: the mean of q(z_s | z_t, x = x_pred) with the
-  variance DDPM_VARIANCES[variance] ('small': that posterior's own, 'large': the forward sigma_{t|s}^2)."""
+  """Mean and std of the DDPM ancestral step z_t -> z_s, s < t.
+
+  The mean is that of q(z_s | z_t, x = x_pred); the variance is DDPM_VARIANCES[variance] ('small':
+  that posterior's own, 'large': the forward sigma_{t|s}^2).
+
+  Args:
+    z_t: the current latent [B, ...], e.g. [B, H, W, C].
+    x_pred: the predicted clean data, the shape of z_t.
+    logsnr_t: the log-SNR [B] of t.
+    logsnr_s: the log-SNR [B] of s < t.
+    variance: 'small' or 'large', a key of DDPM_VARIANCES.
+
+  Returns:
+    (mean, std): mean the shape of z_t, std [B, 1, ..., 1] (broadcasts against z_t).
+
+  Raises:
+    ValueError: variance is not a key of DDPM_VARIANCES.
+  """
   if variance not in DDPM_VARIANCES:
     raise ValueError(f"unknown DDPM variance '{variance}'; choose one of: {', '.join(DDPM_VARIANCES)}")
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
@@ -56,7 +123,19 @@ def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s, variance: str = 'small'):
 
 
 def renoise(*, z_s, logsnr_s, logsnr_u, noise):
-  """Forward transition q(z_u | z_s) from s to a noisier u > s: alpha_{u|s} z_s + sigma_{u|s} noise."""
+  """Samples the forward transition q(z_u | z_s) from s to a noisier time u > s.
+
+  z_u = alpha_{u|s} z_s + sigma_{u|s} noise.
+
+  Args:
+    z_s: the latent [B, ...] at time s, e.g. [B, H, W, C].
+    logsnr_s: the log-SNR [B] of s.
+    logsnr_u: the log-SNR [B] of u > s.
+    noise: standard Gaussian noise, the shape of z_s.
+
+  Returns:
+    z_u, the shape of z_s.
+  """
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   alpha_u, sigma_u = alpha_sigma(logsnr_u)
   alpha_us = alpha_u / alpha_s
@@ -66,9 +145,18 @@ def renoise(*, z_s, logsnr_s, logsnr_u, noise):
 
 
 def stage2_x_target(*, z_t, z_tpp, logsnr_t, logsnr_tpp):
-  """x_tilde such that one DDIM step z_t -> t'' with x_pred = x_tilde lands exactly on z_tpp.
+  """The x_tilde such that one DDIM step z_t -> t'' with x_pred = x_tilde lands exactly on z_tpp.
 
   x_tilde = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t).
+
+  Args:
+    z_t: the latent [B, ...] at time t, e.g. [B, H, W, C].
+    z_tpp: the latent z_t'' at the earlier time t'' < t, the shape of z_t.
+    logsnr_t: the log-SNR [B] of t.
+    logsnr_tpp: the log-SNR [B] of t''.
+
+  Returns:
+    x_tilde, the shape of z_t.
   """
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_tpp, sigma_tpp = alpha_sigma(logsnr_tpp)
@@ -80,10 +168,19 @@ def stage2_x_target(*, z_t, z_tpp, logsnr_t, logsnr_tpp):
 def v_target_between(*, z_t, z_s, logsnr_t, logsnr_s):
   """The v that makes one DDIM step z_t -> s land exactly on z_s, for s < t or s > t.
 
-  With alpha = cos(phi), sigma = sin(phi), solving z_t = alpha_t x + sigma_t eps, z_s = alpha_s x + sigma_s eps
-  for (x, eps) and forming v = alpha_t eps - sigma_t x gives
+  With alpha = cos(phi), sigma = sin(phi), solving z_t = alpha_t x + sigma_t eps,
+  z_s = alpha_s x + sigma_s eps for (x, eps) and forming v = alpha_t eps - sigma_t x gives
     v = (z_s - cos(phi_s - phi_t) z_t) / sin(phi_s - phi_t),
   which is well defined at t = 0 (sigma_t = 0), unlike the x target: the encoder's first step.
+
+  Args:
+    z_t: the latent [B, ...] at time t, e.g. [B, H, W, C].
+    z_s: the latent at time s != t, the shape of z_t.
+    logsnr_t: the log-SNR [B] of t.
+    logsnr_s: the log-SNR [B] of s.
+
+  Returns:
+    v, the shape of z_t.
   """
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)

@@ -29,9 +29,23 @@ W_DISTRIBUTIONS = ('uniform', 'arcsine')
 
 
 def sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0, w_distribution='uniform'):
-  """w in [w_min, w_max] -> [B]: uniform, or 'arcsine' (Beta(1/2, 1/2): more mass near both ends of the range,
-  where a student drifts furthest from its teacher); exactly 0 (the conditional model) for a w_zero_fraction of
-  the rows."""
+  """Draws one guidance weight w in [w_min, w_max] for each row of a batch.
+
+  Uniform, or 'arcsine' (Beta(1/2, 1/2): more mass near both ends of the range, where a student
+  drifts furthest from its teacher); exactly 0 (the conditional model) for a w_zero_fraction of the
+  rows.
+
+  Args:
+    rng: a JAX PRNG key.
+    batch_size: B, the number of rows.
+    w_min: the lower end of the range.
+    w_max: the upper end of the range.
+    w_zero_fraction: the probability that a row's w is 0.
+    w_distribution: 'uniform' or 'arcsine' (W_DISTRIBUTIONS).
+
+  Returns:
+    w [B], float32.
+  """
   def draw(key):
     if w_distribution == 'arcsine':
       return w_min + (w_max - w_min) * jnp.sin(0.5 * jnp.pi * jax.random.uniform(key, (batch_size,))) ** 2
@@ -44,7 +58,24 @@ def sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0, w_distribution=
 
 
 def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
-  """Denoising loss with the label replaced by the null label (index num_classes) w.p. p_uncond."""
+  """The teacher's denoising loss, with the label replaced by the null label w.p. p_uncond.
+
+  Label dropout trains one network as both the conditional and the unconditional model that
+  classifier-free guidance combines. Each row is noised at t ~ U[0, 1] and the network's x_pred is
+  regressed on x with the SNR-weighted loss (diffusion.weighted_x_loss).
+
+  Args:
+    model: the flax network trained, applied in train mode (dropout on) without a guidance input.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    parametrization: what the network outputs, one of diffusion.PARAMETRIZATIONS.
+    weighting: the loss weighting, one of diffusion.WEIGHTINGS.
+    p_uncond: the probability that a row's label is replaced by the null label.
+    num_classes: the number of classes; the null label is index num_classes.
+
+  Returns:
+    `loss_fn(params, batch, rng, frozen) -> (loss [], {})` for train.state.make_train_step, with
+    batch {'x': [B, ...], 'label': [B]}; frozen is unused.
+  """
 
   def loss_fn(params, batch, rng, frozen):
     del frozen
@@ -61,7 +92,29 @@ def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, n
 
 def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
                    w_zero_fraction: float = 0.0, w_distribution: str = 'uniform'):
-  """Match the guided teacher x_hat^w (2 teacher calls, no gradient) for w ~ U[w_min, w_max]."""
+  """Stage 1: the w-conditioned student matches the guided teacher's x_hat^w.
+
+  Each row is noised at t ~ U[0, 1] and given a w in [w_min, w_max] (sample_w); the student, fed w,
+  regresses the guided teacher's x_pred at that w (2 teacher calls, no gradient) with the
+  SNR-weighted loss.
+
+  Args:
+    student: the flax network trained, applied in train mode (dropout on).
+    teacher_denoise_fn: the teacher's `denoise_fn(params, z_t, logsnr_t, label, guidance_w) ->
+      (x_pred, eps_pred)` (models.denoiser.make_denoise_fn), called without gradient; of kind
+      'guided' (classifier-free guidance of the teacher).
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    parametrization: what the network outputs, one of diffusion.PARAMETRIZATIONS.
+    weighting: the loss weighting, one of diffusion.WEIGHTINGS.
+    w_min: the lower end of the guidance weights drawn (sample_w).
+    w_max: the upper end of the guidance weights drawn.
+    w_zero_fraction: the probability that a row is trained at w = 0 (sample_w).
+    w_distribution: how w is drawn, one of W_DISTRIBUTIONS (sample_w).
+
+  Returns:
+    `loss_fn(params, batch, rng, frozen) -> (loss [], {})` for train.state.make_train_step, with
+    batch {'x': [B, ...], 'label': [B]} and frozen {'teacher_params': ...}.
+  """
 
   def loss_fn(params, batch, rng, frozen):
     teacher_params = frozen['teacher_params']
@@ -77,13 +130,22 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
 
 
 def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool, off_grid_fraction: float = 0.5):
-  """Student times t and the teacher's two step ends t' = t - 1/(2N), t'' = t - 1/N (clipped at 0).
+  """Draws student times t and the teacher's two step ends t' = t - 1/(2N), t'' = t - 1/N.
 
   Without fine_grid, t ~ U{1/N, ..., 1} (the times the N-step DDIM sampler visits). With fine_grid, a
   fraction off_grid_fraction of the batch is drawn at the odd multiples of 1/(2N) instead, the times
   only the stochastic 2N-step sampler visits (docs/math.md#fine-grid-and-off-grid-times); 0.5 is the
-  uniform draw on the 1/(2N) grid.
-  t = 1/(2N) clips t'' to 0.
+  uniform draw on the 1/(2N) grid. t' and t'' are clipped at 0: t = 1/(2N) clips t'' to 0.
+
+  Args:
+    rng: a JAX PRNG key.
+    batch_size: B, the number of rows.
+    student_steps: N, the student's step count; a Python int or a traced int32 scalar.
+    fine_grid: whether to draw off-grid times as well.
+    off_grid_fraction: with fine_grid, the probability that a row's t is off the 1/N grid.
+
+  Returns:
+    (t, t_mid, t_end): t, t' and t'', each [B] float32.
   """
   rng_i, rng_off = jax.random.split(rng)
   i = jax.random.randint(rng_i, (batch_size,), 1, student_steps + 1)  # [B] in 1..N
@@ -119,10 +181,32 @@ def _halving_regression(student, params, teacher_denoise_fn, teacher_params, *, 
 def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
                    fine_grid: bool, off_grid_fraction: float = 0.5, w_zero_fraction: float = 0.0,
                    w_distribution: str = 'uniform'):
-  """One student DDIM step must land where two teacher DDIM steps land: regress x_tilde.
+  """Stage 2 (halving): one student DDIM step must land where two teacher DDIM steps land.
 
-  frozen = {'teacher_params': ..., 'student_steps': int32 []}: the step count is an input, not a
-  constant, so every halving round runs the same compiled program.
+  At times (t, t', t'') of stage2_times, z_t is made from x, the teacher takes two DDIM steps
+  z_t -> z_t' -> z_t'', and the student regresses x_tilde (diffusion.stage2_x_target), the x_pred
+  whose one DDIM step from t lands on z_t''. The step count is an input (frozen['student_steps']),
+  not a constant, so every halving round runs the same compiled program.
+
+  Args:
+    student: the flax network trained, applied in train mode (dropout on).
+    teacher_denoise_fn: the teacher's `denoise_fn(params, z_t, logsnr_t, label, guidance_w) ->
+      (x_pred, eps_pred)` (models.denoiser.make_denoise_fn), called without gradient; of kind
+      'w_input' (the stage-1 student or the previous round's).
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    parametrization: what the network outputs, one of diffusion.PARAMETRIZATIONS.
+    weighting: the loss weighting, one of diffusion.WEIGHTINGS.
+    w_min: the lower end of the guidance weights drawn (sample_w).
+    w_max: the upper end of the guidance weights drawn.
+    fine_grid: draw off-grid times too (stage2_times).
+    off_grid_fraction: with fine_grid, the fraction of rows off the 1/N grid (stage2_times).
+    w_zero_fraction: the probability that a row is trained at w = 0 (sample_w).
+    w_distribution: how w is drawn, one of W_DISTRIBUTIONS (sample_w).
+
+  Returns:
+    `loss_fn(params, batch, rng, frozen) -> (loss [], {})` for train.state.make_train_step, with
+    batch {'x': [B, ...], 'label': [B]} and
+    frozen {'teacher_params': ..., 'student_steps': int32 []}.
   """
 
   def loss_fn(params, batch, rng, frozen):
@@ -142,10 +226,26 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
 def direct_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
   """The paper's direct baseline: halve the teacher itself, conditional and unconditional, no w input.
 
-  As in teacher training, a label becomes the null label (num_classes) w.p. p_uncond; the target is two unguided
-  DDIM steps of the teacher at that label (teacher_denoise_fn of kind 'conditional'). Guidance is applied only at
-  sampling time, from the student's conditional and unconditional predictions (2 calls a step).
-  frozen = {'teacher_params': ..., 'student_steps': int32 []}.
+  As in teacher training, a label becomes the null label (num_classes) w.p. p_uncond; the target is
+  two unguided DDIM steps of the teacher at that label (teacher_denoise_fn of kind 'conditional').
+  Guidance is applied only at sampling time, from the student's conditional and unconditional
+  predictions (2 calls a step). Times are drawn on the 1/N grid (stage2_times without fine_grid).
+
+  Args:
+    student: the flax network trained, applied in train mode (dropout on).
+    teacher_denoise_fn: the teacher's `denoise_fn(params, z_t, logsnr_t, label, guidance_w) ->
+      (x_pred, eps_pred)` (models.denoiser.make_denoise_fn), called without gradient; of kind
+      'conditional'.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    parametrization: what the network outputs, one of diffusion.PARAMETRIZATIONS.
+    weighting: the loss weighting, one of diffusion.WEIGHTINGS.
+    p_uncond: the probability that a row's label is replaced by the null label.
+    num_classes: the number of classes; the null label is index num_classes.
+
+  Returns:
+    `loss_fn(params, batch, rng, frozen) -> (loss [], {})` for train.state.make_train_step, with
+    batch {'x': [B, ...], 'label': [B]} and
+    frozen {'teacher_params': ..., 'student_steps': int32 []}.
   """
 
   def loss_fn(params, batch, rng, frozen):
@@ -166,7 +266,21 @@ def encoder_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, 
 
   Times t = i/N, i in 0..N-1 (the first step starts at the data, sigma = 0), so the target is set in
   v-space, where it stays finite at t = 0 (diffusion.v_target_between); the loss is the v-MSE.
-  frozen = {'teacher_params': ..., 'student_steps': int32 []}.
+
+  Args:
+    student: the flax network trained, applied in train mode (dropout on).
+    teacher_denoise_fn: the teacher's `denoise_fn(params, z_t, logsnr_t, label, guidance_w) ->
+      (x_pred, eps_pred)` (models.denoiser.make_denoise_fn), called without gradient; of kind
+      'w_input'.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    parametrization: what the network outputs, one of diffusion.PARAMETRIZATIONS.
+    w_min: the lower end of the guidance weights drawn (sample_w).
+    w_max: the upper end of the guidance weights drawn.
+
+  Returns:
+    `loss_fn(params, batch, rng, frozen) -> (loss [], {})` for train.state.make_train_step, with
+    batch {'x': [B, ...], 'label': [B]} and
+    frozen {'teacher_params': ..., 'student_steps': int32 []}.
   """
 
   def loss_fn(params, batch, rng, frozen):

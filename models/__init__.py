@@ -28,7 +28,23 @@ def _unet_fields(model_config) -> dict:
 
 
 def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.Module:
-  """Builds a UNet, RefUNet, MLPDenoiser or DiffusersUNet from model_config (a ConfigDict, `name` in MODEL_NAMES)."""
+  """Builds a UNet, RefUNet, MLPDenoiser or DiffusersUNet from a model config.
+
+  Args:
+    model_config: the model section (a ConfigDict); its `name`, one of MODEL_NAMES, picks the
+      network, its other fields configure it (`dtype`, optional: the dtype it computes in,
+      compute_dtype).
+    num_classes: the number of classes; label num_classes is the null label.
+    guidance_input: whether the network takes a guidance weight w as input (a w-conditioned
+      student).
+
+  Returns:
+    The flax module, called as
+    `model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=...)`.
+
+  Raises:
+    ValueError: model_config.name is not one of MODEL_NAMES.
+  """
   if model_config.name == 'diffusers_unet':
     return build_diffusers_network(model_config, num_classes=num_classes, guidance_input=guidance_input,
                                    dtype=compute_dtype(model_config))
@@ -54,10 +70,19 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
 
 
 def init_params(model: nn.Module, *, rng, x_shape, guidance_input: bool):
-  """Initialises model for a batch of 2; x_shape is one example's shape, e.g. (H, W, C) or (D,).
+  """Initialises a network's parameters, tracing it on a batch of 2.
 
   lazy_init traces the forward pass on shapes only and runs just the initializers: the same values as
-  model.init on a dummy batch, without computing the network (a 265M-parameter U-Net inits in half the time).
+  model.init on a dummy batch, without computing the network.
+
+  Args:
+    model: the flax module (build_model).
+    rng: the JAX PRNG key of the initializers.
+    x_shape: one example's shape, e.g. (H, W, C) or (D,).
+    guidance_input: whether the network takes a guidance weight w (as it was built).
+
+  Returns:
+    The params tree.
   """
   batch = 2
   z_t = jax.ShapeDtypeStruct((batch, *x_shape), jnp.float32)

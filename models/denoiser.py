@@ -24,10 +24,26 @@ def _pairs(a, b):
 
 @functools.lru_cache(maxsize=None)
 def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int):
-  """Returns denoise_fn(params, z_t [B, ...], logsnr_t [B], label [B], guidance_w [B]) -> (x, eps).
+  """Builds the denoise_fn that turns a network's raw output into (x_pred, eps_pred).
 
-  Cached: equal networks (flax modules compare by their fields) get the same function, so the checkpoints of
-  one architecture (stage 1 and every stage-2 round) share their jitted sampler programs within a process.
+  Cached: equal networks (flax modules compare by their fields) get the same function, so the
+  checkpoints of one architecture (stage 1 and every stage-2 round) share their jitted sampler
+  programs within a process.
+
+  Args:
+    model: the flax network, applied in eval mode (dropout off).
+    parametrization: what the network outputs, one of diffusion.PARAMETRIZATIONS.
+    kind: one of DENOISER_KINDS: 'guided' (classifier-free guidance of a conditional network,
+      2 NFE), 'w_input' (a w-conditioned student, guidance_w goes into the network, 1 NFE) or
+      'conditional' (the network at its label, guidance_w ignored, 1 NFE).
+    num_classes: the number of classes; the unconditional call's null label is index num_classes.
+
+  Returns:
+    `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)` on z_t [B, ...],
+    logsnr_t [B], label [B] and guidance_w [B] (a scalar is broadcast); x_pred, eps_pred [B, ...].
+
+  Raises:
+    ValueError: kind is not one of DENOISER_KINDS.
   """
   if kind not in DENOISER_KINDS:
     raise ValueError(f"unknown denoiser kind '{kind}'; choose one of: {', '.join(DENOISER_KINDS)}")
@@ -56,9 +72,17 @@ def make_denoise_fn(model, *, parametrization: str, kind: str, num_classes: int)
 
 @functools.lru_cache(maxsize=None)  # one wrapper per denoiser: its sampler programs compile once
 def clip_x(denoise_fn):
-  """denoise_fn with x_pred clipped to [-1, 1] and eps_pred recomputed from the clipped x (z_t unchanged).
+  """Wraps a denoise_fn so that x_pred is clipped to [-1, 1].
 
-  The reference implementation's sampling default ('clip_x'); the data lies in [-1, 1].
+  eps_pred is recomputed from the clipped x (z_t unchanged). The reference implementation's sampling
+  default ('clip_x'); the data lies in [-1, 1].
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (make_denoise_fn).
+
+  Returns:
+    A denoise_fn of the same signature, returning (clipped x_pred, eps_pred from it), each [B, ...].
   """
 
   def clipped(params, z_t, logsnr_t, label, guidance_w):

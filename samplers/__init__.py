@@ -31,10 +31,26 @@ def _sampler_program(name: str, denoise_fn, logsnr_fn, ddpm_variance: str):
 
 
 def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn, ddpm_variance: str = 'small'):
-  """A jitted `(params, z_init, label, guidance_w, rng) -> x` for sampler `name` at `num_steps` steps.
+  """Builds a jitted `(params, z_init, label, guidance_w, rng) -> x` for sampler `name`.
 
-  ddpm_variance ('small' | 'large', diffusion.DDPM_VARIANCES) is the DDPM sampler's step variance; the other
-  samplers ignore it (and share one program whatever it is).
+  The step count is an input of the compiled program, not a constant: every step count reuses the
+  program of (name, denoise_fn, logsnr_fn, ddpm_variance).
+
+  Args:
+    name: the sampler, one of samplers.SAMPLERS ('ddim', 'stochastic', 'ddpm').
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn); hashable, the programs are cached on it.
+    num_steps: N >= 1, the number of network calls.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    ddpm_variance: the DDPM sampler's step variance, 'small' or 'large' (diffusion.DDPM_VARIANCES);
+      the other samplers ignore it (and share one program whatever it is).
+
+  Returns:
+    `sampler(params, z_init [B, ...], label [B], guidance_w [B] or scalar, rng) -> x [B, ...]`;
+    DDIM is deterministic and ignores rng.
+
+  Raises:
+    ValueError: num_steps < 1, or name is not one of samplers.SAMPLERS.
   """
   if num_steps < 1:
     raise ValueError(f'sampler steps must be >= 1, got {num_steps}')
@@ -50,7 +66,22 @@ def _encoder_program(denoise_fn, logsnr_fn):
 
 
 def make_encoder(denoise_fn, *, num_steps: int, logsnr_fn):
-  """A jitted `(params, x, label, guidance_w) -> z_1`: N-step DDIM encoding of data x."""
+  """Builds a jitted `(params, x, label, guidance_w) -> z_1`: N-step DDIM encoding of data x.
+
+  Like make_sampler, every step count reuses one compiled program of (denoise_fn, logsnr_fn).
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn); hashable, the programs are cached on it.
+    num_steps: N >= 1, the number of network calls.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+
+  Returns:
+    `encoder(params, x [B, ...], label [B], guidance_w [B] or scalar) -> z_1 [B, ...]`.
+
+  Raises:
+    ValueError: num_steps < 1.
+  """
   if num_steps < 1:
     raise ValueError(f'encoder steps must be >= 1, got {num_steps}')
   program, steps = _encoder_program(denoise_fn, logsnr_fn), jnp.int32(num_steps)

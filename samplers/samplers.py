@@ -16,7 +16,23 @@ def _batch_logsnr(logsnr_fn, t, batch_size):
 
 
 def sample_ddim(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int, logsnr_fn):
-  """Deterministic N-step DDIM from z_1 = z_init [B, ...] to x [B, ...]."""
+  """Deterministic N-step DDIM from z_1 = z_init to x.
+
+  N network calls on the grid t_i = i / N; the last step returns the model's x_pred.
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn).
+    params: the parameters denoise_fn takes.
+    z_init: the noise z_1 [B, ...] the sampler starts from, e.g. [B, H, W, C].
+    label: the class labels [B], int32.
+    guidance_w: the guidance weight w, [B] or a scalar (a denoiser without guidance ignores it).
+    num_steps: N, the number of steps; a Python int or a traced int32 scalar.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+
+  Returns:
+    x [B, ...], the shape of z_init.
+  """
   batch = z_init.shape[0]
 
   def body(i, z_t):
@@ -30,10 +46,25 @@ def sample_ddim(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int
 
 
 def stochastic_step(denoise_fn, params, *, z_t, t, num_steps: int, label, guidance_w, logsnr_fn, noise):
-  """One step of the paper's stochastic sampler from t: DDIM to t - 2/N, then re-noise back to t - 1/N.
+  """One step of the paper's stochastic sampler from t: DDIM to t - 2/N, then re-noise to t - 1/N.
 
-  Returns (z_next, x_pred). The DDIM target time is clipped at 0 (the step from t = 2/N lands on
-  x_pred); callers return x_pred at the last step t = 1/N instead of re-noising.
+  The DDIM target time is clipped at 0 (the step from t = 2/N lands on x_pred); callers return
+  x_pred at the last step t = 1/N instead of re-noising.
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn).
+    params: the parameters denoise_fn takes.
+    z_t: the latent [B, ...] at time t, e.g. [B, H, W, C].
+    t: the current time, a scalar on the 1/N grid.
+    num_steps: N, the number of steps of the sampler.
+    label: the class labels [B], int32.
+    guidance_w: the guidance weight w, [B] or a scalar (a denoiser without guidance ignores it).
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    noise: the re-noising noise, the shape of z_t (standard Gaussian; zeros give the mean).
+
+  Returns:
+    (z_next, x_pred): the latent at t - 1/N and the model's x_pred at t, each the shape of z_t.
   """
   batch = z_t.shape[0]
   t_two_back = jnp.maximum(t - 2.0 / num_steps, 0.0)
@@ -50,8 +81,25 @@ def sample_stochastic(denoise_fn, params, *, z_init, label, guidance_w, num_step
                       noise_scale: float = 1.0):
   """The paper's stochastic N-step sampler: N network calls, each with a step size of 2/N.
 
-  The model must be the one distilled for step size 2/N (the N/2-step student), trained on the 1/N grid.
-  noise_scale=0 turns the backward re-noising into its deterministic mean (for tests).
+  Each step is a DDIM step two grid points back followed by re-noising one point forward
+  (stochastic_step). The model must be the one distilled for step size 2/N (the N/2-step student),
+  trained on the 1/N grid.
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn).
+    params: the parameters denoise_fn takes.
+    z_init: the noise z_1 [B, ...] the sampler starts from, e.g. [B, H, W, C].
+    label: the class labels [B], int32.
+    guidance_w: the guidance weight w, [B] or a scalar (a denoiser without guidance ignores it).
+    num_steps: N, the number of steps; a Python int or a traced int32 scalar.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    rng: a JAX PRNG key for the re-noising; step i uses fold_in(rng, i).
+    noise_scale: a factor on the re-noising noise; 0 turns the backward re-noising into its
+      deterministic mean (for tests).
+
+  Returns:
+    x [B, ...], the shape of z_init.
   """
 
   def body(i, z_t):
@@ -66,9 +114,29 @@ def sample_stochastic(denoise_fn, params, *, z_init, label, guidance_w, num_step
 
 def sample_ddpm(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int, logsnr_fn, rng,
                 variance: str = 'small'):
-  """DDPM ancestral sampling on the N-step grid: z_s ~ N(mean of q(z_s | z_t, x = x_pred), variance).
+  """DDPM ancestral sampling on the N-step grid.
 
-  variance: 'small' (the posterior's, sigma_{t|s}^2 sigma_s^2 / sigma_t^2) or 'large' (sigma_{t|s}^2).
+  Each step draws z_s ~ N(mean of q(z_s | z_t, x = x_pred), variance) (diffusion.ddpm_posterior);
+  the last step returns the model's x_pred.
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn).
+    params: the parameters denoise_fn takes.
+    z_init: the noise z_1 [B, ...] the sampler starts from, e.g. [B, H, W, C].
+    label: the class labels [B], int32.
+    guidance_w: the guidance weight w, [B] or a scalar (a denoiser without guidance ignores it).
+    num_steps: N, the number of steps; a Python int or a traced int32 scalar.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+    rng: a JAX PRNG key; step i uses fold_in(rng, i).
+    variance: 'small' (the posterior's, sigma_{t|s}^2 sigma_s^2 / sigma_t^2) or 'large'
+      (sigma_{t|s}^2), a key of diffusion.DDPM_VARIANCES.
+
+  Returns:
+    x [B, ...], the shape of z_init.
+
+  Raises:
+    ValueError: variance is not a key of diffusion.DDPM_VARIANCES.
   """
   batch = z_init.shape[0]
 
@@ -86,7 +154,21 @@ def sample_ddpm(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int
 
 
 def encode_ddim(denoise_fn, params, *, x, label, guidance_w, num_steps: int, logsnr_fn):
-  """Deterministic N-step DDIM encoder: the same update run from t = 0 (data) up to t = 1 (noise)."""
+  """Deterministic N-step DDIM encoder: the same update run from t = 0 (data) up to t = 1 (noise).
+
+  Args:
+    denoise_fn: `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
+      (models.denoiser.make_denoise_fn).
+    params: the parameters denoise_fn takes.
+    x: the data [B, ...] to encode, e.g. [B, H, W, C].
+    label: the class labels [B], int32.
+    guidance_w: the guidance weight w, [B] or a scalar (a denoiser without guidance ignores it).
+    num_steps: N, the number of steps; a Python int or a traced int32 scalar.
+    logsnr_fn: the schedule t -> logsnr (diffusion.get_logsnr_schedule).
+
+  Returns:
+    z_1 [B, ...], the shape of x.
+  """
   batch = x.shape[0]
 
   def body(i, z_t):

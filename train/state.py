@@ -88,7 +88,18 @@ def unpack_state(state: TrainState) -> TrainState:
 
 
 def learning_rate_schedule(section) -> optax.Schedule:
-  """Linear warmup to section.lr, then constant or linear decay to 0 at section.num_steps."""
+  """Linear warmup to section.lr, then constant or linear decay to 0 at section.num_steps.
+
+  Args:
+    section: a training config section with lr, warmup_steps, num_steps and lr_decay ('constant' or
+      'linear').
+
+  Returns:
+    The optax schedule, step -> learning rate.
+
+  Raises:
+    ValueError: section.lr_decay is neither 'constant' nor 'linear'.
+  """
   warmup = optax.linear_schedule(0.0, section.lr, max(section.warmup_steps, 1))
   if section.lr_decay == 'constant':
     after = optax.constant_schedule(section.lr)
@@ -103,6 +114,16 @@ def make_optimizer(section) -> optax.GradientTransformation:
   """Adam(W) with global-norm clipping, the settings of the progressive distillation configs.
 
   The per-key factors of section.lr_scales are applied by the train step (`lr_scales`).
+
+  Args:
+    section: a training config section: the fields of learning_rate_schedule, weight_decay, and
+      grad_clip (the global-norm limit; 0 or less: no clipping).
+
+  Returns:
+    The optax optimizer.
+
+  Raises:
+    ValueError: section.lr_decay is unknown (learning_rate_schedule).
   """
   adamw = optax.adamw(learning_rate_schedule(section), b1=0.9, b2=0.999, weight_decay=section.weight_decay)
   parts = [optax.clip_by_global_norm(section.grad_clip)] if section.grad_clip > 0 else []
@@ -117,7 +138,18 @@ def lr_scales(section) -> dict:
 
 
 def create_train_state(params, tx: optax.GradientTransformation, *, seed: int) -> TrainState:
-  """A packed state at step 0: params and EMA equal to params (own buffers: the state is donated)."""
+  """A packed TrainState at step 0, its EMA equal to params.
+
+  Params and EMA get their own buffers, since the train step donates the state.
+
+  Args:
+    params: the initial params tree.
+    tx: the optimizer (make_optimizer), initialised on the packed params vector.
+    seed: the seed of the state's PRNG key, from which each step's key is folded.
+
+  Returns:
+    The packed TrainState: `layout` set, params and ema_params vectors [N].
+  """
   layout = ParamLayout.of(params)
   vector = layout.pack(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=vector, ema_params=jnp.array(vector, copy=True),
@@ -137,10 +169,23 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
                     lr_schedule: optax.Schedule, lr_scales: Optional[dict] = None):
   """Builds the pure `train_step(state, batch, frozen) -> (state, metrics)` on a packed state.
 
-  loss_fn(params, batch, rng, frozen) -> (loss, aux metrics) sees the params tree. `frozen` holds the teacher's
-  params (or None): an argument under stop_gradient, never in the optimizer state or the checkpoint.
-  lr_scales ({top-level key: factor}, see `lr_scales`) multiplies the update of those keys' arrays.
-  A non-finite loss or gradient leaves params, EMA and optimizer state untouched and is counted.
+  `frozen` holds the teacher's params (or None): an argument under stop_gradient, never in the
+  optimizer state or the checkpoint. A non-finite loss or gradient leaves params, EMA and optimizer
+  state untouched and is counted.
+
+  Args:
+    loss_fn: `loss_fn(params, batch, rng, frozen) -> (loss, aux metrics)`; it sees the params tree
+      (distill.objectives).
+    tx: the optimizer (make_optimizer).
+    ema_decay: the EMA decay, warmed up as min(ema_decay, (1 + step) / (10 + step)); 0: no EMA, the
+      EMA equals params.
+    lr_schedule: the learning-rate schedule (learning_rate_schedule), reported as metrics['lr'].
+    lr_scales: {top-level key: factor} (see `lr_scales`), multiplies the update of those keys'
+      arrays.
+
+  Returns:
+    `train_step(state, batch, frozen) -> (state, metrics)`; metrics holds loss, grad_norm, lr,
+    num_skipped, consecutive_skipped and loss_fn's aux metrics.
   """
 
   def train_step(state: TrainState, batch, frozen):
