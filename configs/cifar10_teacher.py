@@ -47,6 +47,8 @@ def get_config():
   # a 10x lr on it brought stage 1 closer to the teacher at the ends of the w range in 1500 iterations of a
   # decaying lr (docs/results.md, the stage-1 ablation); 50k iterations at a constant lr give the embedding far
   # more updates, and nothing was measured at this scale: compare with benchmarks/stage1_fidelity.py first.
+  # distill.guidance_gains (w scaling each residual block, the digits default) exists for model.name 'unet'
+  # only: the published network keeps the published w input, the embedding added to the time embedding.
   config.stage1.update(batch_size=128, num_steps=50_000, lr=5e-5, warmup_steps=0, log_every=500,
                        checkpoint_every=10_000)
   config.stage2.update(batch_size=128, num_steps=50_000, lr=5e-5, warmup_steps=0, lr_decay='linear',

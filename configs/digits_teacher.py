@@ -16,7 +16,8 @@ The recipe was chosen by the ablations in docs/results.md ("Choosing the digits 
 (about half the FLOPs of a 32-channel one; the 16-channel one was clearly worse), batch 64 in every stage (twice
 the updates of batch 128 for the same examples and time: a better teacher, a stage 1 closer to it at every w),
 students without dropout (as published), stage 1 at lr 2e-3 decaying linearly to 0 with 10x that on the fresh
-w-embedding, for 1500 iterations (the stage-1 ablation: the most faithful across w of the recipes tried), stage 2
+w-embedding, for 1500 iterations, with w also scaling each residual block's activations (distill.guidance_gains;
+the stage-1 ablation: the most faithful across w of the recipes tried), stage 2
 from 32 steps (every student better at w = 0 than from 16, for one round more) at lr 5e-4 for 160 iterations a
 round (as good as 2e-4 for 240) with student EMA and a quarter of its times off the N-step grid.
 """
@@ -33,6 +34,9 @@ def get_config():
   config.train.update(batch_size=64, num_steps=1600, lr=1e-3, warmup_steps=200, ema_decay=0.999,
                       p_uncond=0.1, log_every=200, checkpoint_every=800)
   config.distill.dropout = 0.0  # students: no dropout, as published
+  # w also scales each residual block's normalised activations: closer to the teacher at w = 0 and 1 (the
+  # stage-1 ablation in docs/results.md).
+  config.distill.guidance_gains = True
   # A high lr decaying to 0, 10x higher still on the fresh w-embedding: without it the shared backbone learns the
   # average guidance first and the w response stays flat (guidance leaks into w = 0). 1500 iterations: the
   # distance to the teacher at the ends of the w range keeps falling with iterations (docs/results.md).
