@@ -30,6 +30,7 @@ def get_config(recipe: str = 'digits'):
     raise ValueError(f"unknown recipe '{recipe}' for configs/diffusers_teacher.py; choose one of: {', '.join(RECIPES)}")
   config = importlib.import_module(f'configs.{recipe}_teacher').get_config()
   config.workdir = f'runs/imported_{recipe}'
+  config.distill.guidance_gains = False  # per-block gains from w need this repo's U-Net, not UNet2DModel
   empty_dict = lambda: ml_collections.config_dict.placeholder(dict)  # one reference per field: never shared
   discrete = dict(num_train_timesteps=0, beta_schedule='', beta_start=0.0, beta_end=0.0)  # filled from the folder
   # dropout: -1 keeps config.json's (the students take distill.dropout).
