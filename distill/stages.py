@@ -47,8 +47,8 @@ def fresh_params(model, record: dict, *, seed: int):
   once (benchmarks/README.md).
   """
   x_shape, guidance_input = tuple(record['x_shape']), record['guidance_input']
-  # jax.jit, not train.mesh.jit: a budget estimate traces this under jax.eval_shape, where a jit with compiler
-  # options is refused.
+  # A plain jax.jit (no compiler_options of its own): a budget estimate traces this under jax.eval_shape,
+  # which refuses a jit with compiler options; the CPU's are set once per process (train.mesh).
   init = jax.jit(lambda rng: init_params(model, rng=rng, x_shape=x_shape, guidance_input=guidance_input))
   return init(jax.random.key(seed))
 

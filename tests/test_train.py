@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Killed, kill_after, tiny_config
 from distill import stages
-from train import checkpoint, records
+from train import checkpoint, mesh, records
 from train.state import create_train_state, make_train_step, unpack_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +59,31 @@ def _assert_same(a, b):
   """Bit-identical, as docs/running.md promises for a resumed run."""
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
+
+
+def test_configure_cpu_compiler_adds_the_level_once_and_only_for_the_cpu(monkeypatch):
+  monkeypatch.setattr(mesh, '_cpu_is_default', lambda: True)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  assert mesh.configure_cpu_compiler() and mesh.configure_cpu_compiler()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=1'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')  # the user's level is kept
+  assert mesh.configure_cpu_compiler() and os.environ['XLA_FLAGS'] == '--xla_backend_optimization_level=3'
+  monkeypatch.setattr(mesh, '_cpu_is_default', lambda: False)  # an accelerator's code generation reads it too
+  monkeypatch.delenv('XLA_FLAGS')
+  assert not mesh.configure_cpu_compiler() and 'XLA_FLAGS' not in os.environ
+
+
+def test_the_cpu_compiler_level_reaches_the_programs_compiled_after_it(tmp_path):
+  """Set after `import jax` but before a backend starts (as main.py does), the level is in the debug options
+  of a program compiled later: XLA's dump of them says so."""
+  script = (f'import sys; sys.path.insert(0, {REPO!r})\n'
+            'import jax\nfrom train.mesh import configure_cpu_compiler\n'
+            'assert configure_cpu_compiler()\njax.jit(lambda x: x * 2)(1.0)\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_dump_to={tmp_path}')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  options = [p.read_text() for p in tmp_path.glob('*jit__lambda*.debug_options')]
+  assert options and all('xla_backend_optimization_level: 1' in o for o in options), options
 
 
 def test_teacher_killed_after_a_checkpoint_resumes_to_the_same_params(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from train import checkpoint, records
 from train import profile as profile_lib
-from train.mesh import data_mesh, jit
+from train.mesh import data_mesh
 from train.state import (TrainState, create_train_state, learning_rate_schedule, lr_scales, make_optimizer,
                          make_train_step, pack_state, unpack_state)
 
@@ -202,10 +202,10 @@ class ShardedStep:
     self.tx = make_optimizer(section)
     step = make_train_step(loss_fn, self.tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section),
                            lr_scales=lr_scales(section))
-    self.step_fn = jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self.pack = jit(pack_state, out_shardings=self.replicated)
-    self.unpack = jit(unpack_state, out_shardings=self.replicated)
+    self.step_fn = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                           out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self.pack = jax.jit(pack_state, out_shardings=self.replicated)
+    self.unpack = jax.jit(unpack_state, out_shardings=self.replicated)
 
   def init_state(self, params, *, seed: int) -> TrainState:
     """The packed state at step 0."""
