@@ -277,18 +277,21 @@ def halving_teacher_stage(stage: str) -> str:
   return 'teacher' if stage == 'direct' else 'stage1'
 
 
-def _halving_loss_fn(config, stage, teacher, teacher_denoise):
+def _halving_loss_fn(config, stage, student, teacher_denoise):
+  """A halving round's loss: the student network (the stage's own, with its record's dropout) trained on the
+  teacher's denoiser."""
   if stage == 'direct':
-    return objectives.direct_loss_fn(teacher, teacher_denoise, p_uncond=config.train.p_uncond,
+    return objectives.direct_loss_fn(student, teacher_denoise, p_uncond=config.train.p_uncond,
                                      num_classes=data.dataset_info(config.data).num_classes,
                                      **_loss_kwargs(config))
   kwargs = dict(w_min=config.distill.w_min, w_max=config.distill.w_max, logsnr_fn=logsnr_schedule(config),
                 parametrization=config.diffusion.parametrization)
   if stage == 'stage2':
-    return objectives.stage2_loss_fn(teacher, teacher_denoise, fine_grid=config.stage2.fine_grid,
+    return objectives.stage2_loss_fn(student, teacher_denoise, fine_grid=config.stage2.fine_grid,
                                      off_grid_fraction=config.stage2.off_grid_fraction,
-                                     w_zero_fraction=config.distill.w_zero_fraction, weighting=config.diffusion.loss_weighting, **kwargs)
-  return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
+                                     w_zero_fraction=config.distill.w_zero_fraction,
+                                     weighting=config.diffusion.loss_weighting, **kwargs)
+  return objectives.encoder_loss_fn(student, teacher_denoise, **kwargs)
 
 
 def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_params=None) -> TrainingJob:
@@ -304,12 +307,13 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
   else:
     teacher, teacher_params, teacher_record = _teacher_of(config, stage, teacher_steps, teacher_params)
   record = _student_record(config, teacher_record, stage=stage, sampling_steps=student_steps)
+  student, _ = records.build(record)
   teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization,
                                     kind='conditional' if stage == 'direct' else 'w_input',
                                     num_classes=record['num_classes'])
   offset = {'stage2': 100, 'encoder': 10_000, 'direct': 20_000}[stage] + student_steps
   return TrainingJob(f'{stage} {teacher_steps}->{student_steps} steps', record, config[stage],
-                     _halving_loss_fn(config, stage, teacher, teacher_denoise), teacher_params, seed_offset=offset,
+                     _halving_loss_fn(config, stage, student, teacher_denoise), teacher_params, seed_offset=offset,
                      frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)},
                      step_key=(stage, json.dumps(records.to_json(config.to_dict()), sort_keys=True)))
 
