@@ -77,10 +77,11 @@ def main(argv):
   from modes import MODES  # pylint: disable=g-import-not-at-top  (after flags: keeps --help fast)
   from modes.validation import prepare_config, validate_for_devices  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from train.mesh import configure_cpu_compiler, set_cpu_devices  # pylint: disable=g-import-not-at-top
+  configure_cpu_compiler()  # before any backend starts: XLA reads its flags once
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value >= 0 or _PROCESS_ID.value >= 0:
     initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   else:
-    from train.mesh import set_cpu_devices  # pylint: disable=g-import-not-at-top
     set_cpu_devices(_CPU_DEVICES.value)
   prepare_config(_CONFIG.value)  # after the command-line overrides (a config file's get_config() does not validate)
   validate_for_devices(_CONFIG.value, _MODE.value, jax.device_count())  # before anything is written

@@ -20,6 +20,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-
 from distill.stages import halving_rounds  # pylint: disable=wrong-import-position
 from modes.dry_run import estimate_stage  # pylint: disable=wrong-import-position
 from train.loop import config_section  # pylint: disable=wrong-import-position
+from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-position
 
 _CONFIGS = flags.DEFINE_list('configs', ['cifar10_teacher', 'imagenet64_teacher'], 'Config modules in configs/.')
 _STAGES = flags.DEFINE_list('stages', ['teacher', 'stage1', 'stage2'], 'Stages to compile.')
@@ -36,6 +37,7 @@ def _iterations(config, stage: str) -> tuple[int, int]:
 
 
 def main(_):
+  configure_cpu_compiler()  # as main.py: before a backend starts
   print('| config | stage | params | per-device batch | GiB per device (XLA) | TFLOP per example-step | '
         'global batch x iterations | device-hours (estimate) |')
   print('|---|---|---|---|---|---|---|---|')

@@ -35,7 +35,7 @@ from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-posi
 from samplers import make_sampler  # pylint: disable=wrong-import-position
 from train import records  # pylint: disable=wrong-import-position
 from train.loop import ShardedStep  # pylint: disable=wrong-import-position
-from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
+from train.mesh import configure_cpu_compiler, set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 try:
   import torch  # pylint: disable=wrong-import-position
@@ -176,6 +176,7 @@ def run_peer(config, record, ch, layers):
 
 
 def main(_):
+  configure_cpu_compiler()  # as main.py: before a backend starts
   set_cpu_devices(_CPU_DEVICES.value)
   config = _CONFIG.value
   record = records.make(config, stage='teacher')

@@ -24,7 +24,7 @@ from models import init_params  # pylint: disable=wrong-import-position
 from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-position
 from samplers import make_sampler  # pylint: disable=wrong-import-position
 from train import records  # pylint: disable=wrong-import-position
-from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
+from train.mesh import configure_cpu_compiler, set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per sampling call.')
@@ -45,6 +45,7 @@ def _median_seconds(run, params, inputs) -> float:
 
 
 def main(_):
+  configure_cpu_compiler()  # as main.py: before a backend starts
   set_cpu_devices(_CPU_DEVICES.value)  # as main.py samples: the batch split over every device
   config = _CONFIG.value
   logsnr_fn = stages.logsnr_schedule(config)

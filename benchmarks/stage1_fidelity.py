@@ -38,6 +38,7 @@ from modes.methods import Method
 from modes.sampling import load_cached
 from modes.stage_quality import extract_features, floor_method, reference_method, sample_set
 from train import files
+from train.mesh import configure_cpu_compiler
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'the pipeline config')
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'workdirs with a stage-1 checkpoint of the same teacher')
@@ -114,6 +115,7 @@ def _response_row(config, workdir: str, ws) -> list[float]:
 
 def main(argv):
   del argv
+  configure_cpu_compiler()  # as main.py: before a backend starts
   config = _CONFIG.value
   config.workdir = _WORKDIRS.value[0]
   name, extract = fid.make_extractor(config)

@@ -28,7 +28,7 @@ from models.denoiser import make_denoise_fn  # pylint: disable=wrong-import-posi
 from samplers import make_sampler  # pylint: disable=wrong-import-position
 from train.loop import ShardedStep  # pylint: disable=wrong-import-position
 from train import profile, records  # pylint: disable=wrong-import-position
-from train.mesh import set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
+from train.mesh import configure_cpu_compiler, set_cpu_devices, shard_rows  # pylint: disable=wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 50, 'Timed train steps.')
@@ -47,6 +47,7 @@ def entry_ops(compiled) -> int:
 
 
 def main(_):
+  configure_cpu_compiler()  # as main.py: before a backend starts
   set_cpu_devices(_CPU_DEVICES.value)  # as main.py runs: the production sharded step over every device
   config = _CONFIG.value
   record = records.make(config, stage='teacher')

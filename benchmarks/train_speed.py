@@ -39,7 +39,8 @@ from models import count_params  # pylint: disable=wrong-import-position
 from modes import dry_run  # pylint: disable=wrong-import-position
 from train import loop, profile  # pylint: disable=wrong-import-position
 from train.loop import per_host_batch_size, run_training  # pylint: disable=wrong-import-position
-from train.mesh import host_description, set_cpu_devices  # pylint: disable=wrong-import-position
+from train.mesh import (configure_cpu_compiler, host_description,  # pylint: disable=wrong-import-position
+                        set_cpu_devices)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/cifar10_teacher.py', 'Config file.')
 _STAGES = flags.DEFINE_list('stages', ['teacher', 'stage2'], 'Stages to train: teacher, stage1, stage2, direct.')
@@ -106,6 +107,7 @@ def train_stage(config, stage: str, workdir: str) -> dict:
 
 
 def main(_):
+  configure_cpu_compiler()  # as main.py: before a backend starts
   set_cpu_devices(_CPU_DEVICES.value)
   if importlib.util.find_spec('tensorflow') is None:  # e.g. a GPU image with jax but no TF: clu's TensorBoard
     loop.make_writer = lambda logdir: None  # writer needs TF; these figures come from run_training's return

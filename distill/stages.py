@@ -1,7 +1,6 @@
 """The three trainings of the method, chained through checkpoints: teacher -> stage 1 -> stage-2 rounds."""
 
 import dataclasses
-import json
 import time
 from typing import Any, Callable, Optional
 
@@ -19,7 +18,7 @@ from models import count_params, diffusers_import, init_params
 from models.denoiser import make_denoise_fn
 from models.embeddings import GuidanceEmbedding
 from train import checkpoint, files, records
-from train.loop import make_writer, per_host_batch_size, run_training
+from train.loop import ShardedStep, make_writer, per_host_batch_size, run_training
 from train.state import TrainState
 
 GUIDANCE_EMBED_KEY = 'guidance_embed'  # the only stage-1 parameters not copied from the teacher
@@ -47,8 +46,8 @@ def fresh_params(model, record: dict, *, seed: int):
   once (benchmarks/README.md).
   """
   x_shape, guidance_input = tuple(record['x_shape']), record['guidance_input']
-  # jax.jit, not train.mesh.jit: a budget estimate traces this under jax.eval_shape, where a jit with compiler
-  # options is refused.
+  # A plain jax.jit (no compiler_options of its own): a budget estimate traces this under jax.eval_shape,
+  # which refuses a jit with compiler options; the CPU's are set once per process (train.mesh).
   init = jax.jit(lambda rng: init_params(model, rng=rng, x_shape=x_shape, guidance_input=guidance_input))
   return init(jax.random.key(seed))
 
@@ -111,7 +110,6 @@ class TrainingJob:
   params: Any  # initial params of the trained model
   seed_offset: int  # seeds the data order and the train rng of this job
   frozen: Any = None  # the teacher's params (+ student_steps): an argument of every step, never trained
-  step_key: Any = None  # jobs with equal keys compute the same step (halving rounds): one compiled program
 
   def ckpt_dir(self, workdir: str) -> str:
     return stage_dir(workdir, self.record['stage'], self.record['sampling_steps'])
@@ -146,15 +144,18 @@ def check_fresh_stages(config, stages_and_steps) -> None:
     records.check_fresh(stage_dir(config.workdir, stage, sampling_steps), config, stage, fix=RETRAIN_FIX)
 
 
-def _train(config, job: TrainingJob) -> tuple[str, dict]:
-  """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars."""
+def _train(config, job: TrainingJob, sharded_step: Optional[ShardedStep] = None) -> tuple[str, dict]:
+  """Runs (or resumes, or skips) a job; returns its checkpoint directory and its last logged scalars.
+
+  sharded_step: the compiled step several jobs share (halving_step), else None (one of the job's own).
+  """
   ckpt_dir = job.ckpt_dir(config.workdir)
   _write_config(ckpt_dir, config)  # first: every process then sees the directory before a manager opens it
   _set_aside_or_refuse_stale(config, job, ckpt_dir)
   _, scalars = run_training(title=job.title, loss_fn=job.loss_fn, params=job.params, section=job.section,
                             ckpt_dir=ckpt_dir, record=job.record, seed=config.seed + job.seed_offset,
                             make_batches=_batches(config, job.section, job.seed_offset), frozen=job.frozen,
-                            logdir=log_dir(config, ckpt_dir), step_key=job.step_key, profile=config.profile)
+                            logdir=log_dir(config, ckpt_dir), sharded_step=sharded_step, profile=config.profile)
   return ckpt_dir, scalars
 
 
@@ -290,20 +291,25 @@ def halving_teacher_stage(stage: str) -> str:
   return 'teacher' if stage == 'direct' else 'stage1'
 
 
-def _halving_loss_fn(config, stage, teacher, teacher_denoise):
+def _halving_loss_fn(config, stage: str, student, teacher, num_classes: int):
+  """A halving round's loss: the student network (the stage's own: its record's dropout) trained on the teacher
+  network's denoiser of the stage's kind."""
+  teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization,
+                                    kind='conditional' if stage == 'direct' else 'w_input',
+                                    num_classes=num_classes)
   if stage == 'direct':
-    return objectives.direct_loss_fn(teacher, teacher_denoise, p_uncond=config.train.p_uncond,
+    return objectives.direct_loss_fn(student, teacher_denoise, p_uncond=config.train.p_uncond,
                                      num_classes=data.dataset_info(config.data).num_classes,
                                      **_loss_kwargs(config))
   kwargs = dict(w_min=config.distill.w_min, w_max=config.distill.w_max, logsnr_fn=logsnr_schedule(config),
                 parametrization=config.diffusion.parametrization)
   if stage == 'stage2':
-    return objectives.stage2_loss_fn(teacher, teacher_denoise, fine_grid=config.stage2.fine_grid,
+    return objectives.stage2_loss_fn(student, teacher_denoise, fine_grid=config.stage2.fine_grid,
                                      off_grid_fraction=config.stage2.off_grid_fraction,
                                      w_zero_fraction=config.distill.w_zero_fraction,
                                      w_distribution=config.distill.w_distribution,
                                      weighting=config.diffusion.loss_weighting, **kwargs)
-  return objectives.encoder_loss_fn(teacher, teacher_denoise, **kwargs)
+  return objectives.encoder_loss_fn(student, teacher_denoise, **kwargs)
 
 
 def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_params=None) -> TrainingJob:
@@ -319,20 +325,38 @@ def halving_job(config, student_steps: int, stage: str = 'stage2', teacher_param
   else:
     teacher, teacher_params, teacher_record = _teacher_of(config, stage, teacher_steps, teacher_params)
   record = _student_record(config, teacher_record, stage=stage, sampling_steps=student_steps)
-  teacher_denoise = make_denoise_fn(teacher, parametrization=config.diffusion.parametrization,
-                                    kind='conditional' if stage == 'direct' else 'w_input',
-                                    num_classes=record['num_classes'])
+  student, _ = records.build(record)
   offset = {'stage2': 100, 'encoder': 10_000, 'direct': 20_000}[stage] + student_steps
   return TrainingJob(f'{stage} {teacher_steps}->{student_steps} steps', record, config[stage],
-                     _halving_loss_fn(config, stage, teacher, teacher_denoise), teacher_params, seed_offset=offset,
-                     frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)},
-                     step_key=(stage, json.dumps(records.to_json(config.to_dict()), sort_keys=True)))
+                     _halving_loss_fn(config, stage, student, teacher, record['num_classes']), teacher_params,
+                     seed_offset=offset,
+                     frozen={'teacher_params': teacher_params, 'student_steps': np.int32(student_steps)})
 
 
-def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> str:
-  """Trains one round; logs/<stage>/rounds gets its last logged loss, steps/s and wall time (step = round k)."""
+def halving_step(config, stage: str = 'stage2') -> ShardedStep:
+  """The train step of every round of a halving stage: pass it to each train_halving_round.
+
+  Rounds differ only in the teacher's params and the student's step count, inputs of the step (its frozen
+  argument), not constants of its program: one traced and compiled step serves them all. Every round trains
+  the stage's own network; its loss holds the first round's teacher network, and a later round's teacher
+  (the stage's network) differs from it at most in the dropout rate, which a teacher (applied with
+  train=False) never uses. Built from the config alone: nothing is loaded, nothing traced before the first step.
+  """
+  teacher_record = records.make(config, stage=halving_teacher_stage(stage))
+  teacher, _ = records.build(teacher_record)
+  student, _ = records.build(records.make(config, stage=stage))
+  loss_fn = _halving_loss_fn(config, stage, student, teacher, teacher_record['num_classes'])
+  return ShardedStep(loss_fn, config[stage])
+
+
+def train_halving_round(config, student_steps: int, stage: str = 'stage2',
+                        sharded_step: Optional[ShardedStep] = None) -> str:
+  """Trains one round; logs/<stage>/rounds gets its last logged loss, steps/s and wall time (step = round k).
+
+  sharded_step: halving_step(config, stage), shared by the rounds of one process; None compiles this round's own.
+  """
   start = time.time()
-  ckpt_dir, scalars = _train(config, halving_job(config, student_steps, stage))
+  ckpt_dir, scalars = _train(config, halving_job(config, student_steps, stage), sharded_step)
   if scalars:  # empty when the round was already trained
     writer = make_writer(files.join(config.workdir, 'logs', stage, 'rounds'))
     usage = {k: scalars[k] for k in ('examples_per_sec', 'model_flops_per_sec', 'mfu') if k in scalars}
@@ -343,17 +367,17 @@ def train_halving_round(config, student_steps: int, stage: str = 'stage2') -> st
   return ckpt_dir
 
 
-def train_stage2_round(config, student_steps: int) -> str:
-  return train_halving_round(config, student_steps, 'stage2')
+def train_stage2_round(config, student_steps: int, sharded_step: Optional[ShardedStep] = None) -> str:
+  return train_halving_round(config, student_steps, 'stage2', sharded_step)
 
 
 def train_halving(config, stage: str = 'stage2') -> list[str]:
   """Every halving round in order; finished rounds are skipped, a killed round resumes."""
   rounds = halving_rounds(config, stage)
-  dirs = []
+  step, dirs = halving_step(config, stage), []
   for i, student_steps in enumerate(rounds):
     logging.info('[%s] round %d/%d: %d -> %d steps', stage, i + 1, len(rounds), 2 * student_steps, student_steps)
-    dirs.append(train_halving_round(config, student_steps, stage))
+    dirs.append(train_halving_round(config, student_steps, stage, step))
   return dirs
 
 

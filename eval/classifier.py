@@ -15,7 +15,6 @@ import orbax.checkpoint as ocp
 
 import data
 from train.checkpoint import CheckpointError, latest_step, open_manager
-from train.mesh import jit
 
 NUM_CLASSES = 10
 MAX_SHIFT = 1  # Random translations of up to this many pixels during training.
@@ -77,7 +76,7 @@ def _make_train_step(model: DigitsClassifier, optimizer, train_x, train_label, b
 
 def feature_fn(model: DigitsClassifier, params) -> Callable[[jax.Array], dict]:
   """A jitted images [B, 8, 8, 1] -> {'pool': [B, D], 'logits': [B, 10]} in inference mode."""
-  return jit(lambda images: model.apply({'params': params}, images, train=False))
+  return jax.jit(lambda images: model.apply({'params': params}, images, train=False))
 
 
 def _test_accuracy(model: DigitsClassifier, params) -> float:
@@ -106,7 +105,7 @@ def train_classifier(*, ckpt_dir: str, num_steps: int = 1000, batch_size: int = 
   model = DigitsClassifier()
   train_x, train_label = (jnp.asarray(a) for a in data.load_arrays('digits', 'train'))
   init_key, key = jax.random.split(jax.random.key(seed))
-  params = jit(functools.partial(model.init, train=False))(init_key, train_x[:1])['params']  # one program
+  params = jax.jit(functools.partial(model.init, train=False))(init_key, train_x[:1])['params']  # one program
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, num_steps), weight_decay=1e-4)
   opt_state = optimizer.init(params)
   step = _make_train_step(model, optimizer, train_x, train_label, batch_size)

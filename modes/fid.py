@@ -24,7 +24,6 @@ from modes.sampling import LoadedCheckpoint, load_cached
 from train import files, records
 from train.checkpoint import CheckpointError
 from train.loop import make_writer
-from train.mesh import jit
 
 # Real examples whose features make the real manifold of precision and recall (k-NN balls, k = 3).
 PR_EXAMPLES = 10_000
@@ -62,7 +61,7 @@ def make_extractor(config):
     from eval import inception  # pylint: disable=g-import-not-at-top
     variables = inception.load_inception_params(config.eval.inception_path)
     model = inception.InceptionV3FID()
-    return 'inception', jit(lambda images: model.apply(variables, images))
+    return 'inception', jax.jit(lambda images: model.apply(variables, images))
   if config.eval.extractor == 'toy2d':
     from eval.toy_metrics import toy2d_features  # pylint: disable=g-import-not-at-top
     return 'toy2d', toy2d_features

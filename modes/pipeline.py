@@ -196,7 +196,8 @@ def run_pipeline(config) -> str:
   quality = StageQuality(config, writer)
   trainings = [('teacher', 'teacher', None, stages.train_teacher, ()),
                ('stage1', 'stage1', None, stages.train_stage1, ())]
-  trainings += [(f'stage2 round -> {steps_text(n)}', 'stage2', n, stages.train_stage2_round, (n,))
+  halving = stages.halving_step(config, 'stage2')  # the rounds share one compiled step
+  trainings += [(f'stage2 round -> {steps_text(n)}', 'stage2', n, stages.train_stage2_round, (n, halving))
                 for n in stages.stage2_rounds(config)]
   for name, stage, steps, train, args in trainings:
     if _trained(config, stage, steps):

@@ -7,10 +7,10 @@ program, which JAX's persistent compilation cache then serves from disk.
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from samplers.samplers import SAMPLERS, encode_ddim, sample_ddim, sample_ddpm, sample_stochastic, stochastic_step
-from train.mesh import jit
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,7 +27,7 @@ def _sampler_program(name: str, denoise_fn, logsnr_fn, ddpm_variance: str):
     return fn(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w, num_steps=num_steps,
               logsnr_fn=logsnr_fn, **kwargs)
 
-  return jit(run)
+  return jax.jit(run)
 
 
 def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn, ddpm_variance: str = 'small'):
@@ -61,7 +61,7 @@ def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn, ddpm_varia
 
 @functools.lru_cache(maxsize=None)
 def _encoder_program(denoise_fn, logsnr_fn):
-  return jit(lambda params, x, label, guidance_w, num_steps: encode_ddim(
+  return jax.jit(lambda params, x, label, guidance_w, num_steps: encode_ddim(
       denoise_fn, params, x=x, label=label, guidance_w=guidance_w, num_steps=num_steps, logsnr_fn=logsnr_fn))
 
 

@@ -13,6 +13,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=wrong-import-position
+from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-position
+
+configure_cpu_compiler()  # as main.py does, before a test starts a JAX backend
 
 
 PAPER_SCALE_SKIP = 'paper-scale step on the CPU: run with --paper-scale'  # the one expected skip reason

@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import tiny
 from data.toy2d import TOY2D_COVS, TOY2D_MEANS
 from diffusion import ddim_step, get_logsnr_schedule
 from distill import objectives, stages
@@ -63,6 +64,18 @@ def test_fresh_params_are_the_op_by_op_init_as_one_program():
   eager = init_params(model, rng=jax.random.key(7), x_shape=(2,), guidance_input=False)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),  # XLA fuses differently
                stages.fresh_params(model, record, seed=7), eager)
+
+
+def test_every_round_of_the_direct_baseline_trains_its_own_network(monkeypatch):
+  """The first round distils the teacher itself, yet its student is the direct record's network (with
+  distill.dropout), as in every later round: not the teacher's network and dropout."""
+  config = tiny.get_config()
+  config.model.dropout, config.distill.dropout = 0.3, 0.0
+  students = []
+  monkeypatch.setattr(stages.objectives, 'direct_loss_fn', lambda student, *args, **kwargs: students.append(student))
+  for steps in stages.halving_rounds(config, 'direct'):  # 4 -> 2, then 2 -> 1
+    stages.halving_job(config, steps, 'direct', teacher_params={})
+  assert [student.dropout for student in students] == [0.0, 0.0]
 
 
 def test_stage2_target_with_a_real_teacher_network():

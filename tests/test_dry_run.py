@@ -41,7 +41,7 @@ def test_tiny_pipeline_dry_run_steps_every_stage_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize('stage', ['teacher', 'stage1'])
 def test_estimates_of_the_stages_that_initialise_params_trace_their_init(stage, tmp_path):
   """benchmarks/paper_scale_budget.py estimates the teacher and stage 1 too: their fresh params are initialised
-  under jax.eval_shape (a jit with compiler options inside it was refused)."""
+  under jax.eval_shape (which refuses a jit with compiler options inside it)."""
   result = dry_run.estimate_stage(tiny_config(tmp_path / 'run'), stage, batch_size=8)
   assert result['params'] > 0 and result['tflops'] > 0 and result['memory_gib'] > 0
   assert not (tmp_path / 'run').exists()

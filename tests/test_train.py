@@ -8,13 +8,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from conftest import Killed, kill_after, tiny_config
 from distill import stages
-from train import checkpoint, records
+from train import checkpoint, mesh, records
 from train.state import create_train_state, make_train_step, unpack_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +62,31 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+def test_configure_cpu_compiler_adds_the_level_once_and_only_for_the_cpu(monkeypatch):
+  monkeypatch.setattr(mesh, '_cpu_is_default', lambda: True)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  assert mesh.configure_cpu_compiler() and mesh.configure_cpu_compiler()
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=1'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')  # the user's level is kept
+  assert mesh.configure_cpu_compiler() and os.environ['XLA_FLAGS'] == '--xla_backend_optimization_level=3'
+  monkeypatch.setattr(mesh, '_cpu_is_default', lambda: False)  # an accelerator's code generation reads it too
+  monkeypatch.delenv('XLA_FLAGS')
+  assert not mesh.configure_cpu_compiler() and 'XLA_FLAGS' not in os.environ
+
+
+def test_the_cpu_compiler_level_reaches_the_programs_compiled_after_it(tmp_path):
+  """Set after `import jax` but before a backend starts (as main.py does), the level is in the debug options
+  of a program compiled later: XLA's dump of them says so."""
+  script = (f'import sys; sys.path.insert(0, {REPO!r})\n'
+            'import jax\nfrom train.mesh import configure_cpu_compiler\n'
+            'assert configure_cpu_compiler()\njax.jit(lambda x: x * 2)(1.0)\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_dump_to={tmp_path}')
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  options = [p.read_text() for p in tmp_path.glob('*jit__lambda*.debug_options')]
+  assert options and all('xla_backend_optimization_level: 1' in o for o in options), options
+
+
 def test_teacher_killed_after_a_checkpoint_resumes_to_the_same_params(tmp_path, monkeypatch):
   full = tiny_config(tmp_path / 'full', train=30)
   stages.train_teacher(full)
@@ -74,11 +100,29 @@ def test_teacher_killed_after_a_checkpoint_resumes_to_the_same_params(tmp_path, 
   _assert_same(_params(full, 'teacher'), _params(killed, 'teacher'))
 
 
+def _count_loss_traces(monkeypatch) -> list:
+  """[n]: how often the halving losses built from now on run in Python, that is are traced (not stepped)."""
+  traces, real = [0], stages._halving_loss_fn  # pylint: disable=protected-access
+
+  def counted(*args, **kwargs):
+    loss_fn = real(*args, **kwargs)
+
+    def traced(*loss_args):
+      traces[0] += 1
+      return loss_fn(*loss_args)
+    return traced
+
+  monkeypatch.setattr(stages, '_halving_loss_fn', counted)
+  return traces
+
+
 def test_stage2_killed_in_round_two_keeps_round_one_and_matches(tmp_path, monkeypatch):
   full = tiny_config(tmp_path / 'full', train=10, stage1=10, stage2=20)
   stages.train_teacher(full)
   stages.train_stage1(full)
+  traces = _count_loss_traces(monkeypatch)
   stages.train_stage2(full)  # rounds 4 -> 2 -> 1
+  assert traces == [1], 'the rounds did not share one compiled step (stages.halving_step)'
   killed = tiny_config(tmp_path / 'killed', train=10, stage1=10, stage2=20)
   for stage in ('teacher', 'stage1'):
     shutil.copytree(tmp_path / 'full' / stage, tmp_path / 'killed' / stage)
@@ -345,3 +389,17 @@ def test_other_runtime_errors_of_a_train_step_pass_unchanged(tmp_path):
   with pytest.raises(jax.errors.JaxRuntimeError) as caught:
     _train_raising(tmp_path, other)
   assert caught.value is other
+
+
+def test_a_shared_step_built_for_other_optimizer_settings_is_refused(tmp_path):
+  """run_training(sharded_step=...) would train with the step's optimizer and schedule, not the section's."""
+  from train.loop import ShardedStep, run_training  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path)
+  other = ml_collections.ConfigDict(config.stage2.to_dict())
+  other.lr *= 2
+  loss_fn = lambda params, batch, rng, frozen: (jnp.sum(params['w']), {})
+  with pytest.raises(ValueError, match='another optimizer section'):
+    run_training(title='shared', loss_fn=loss_fn, params={'w': jnp.zeros(3)}, section=other,
+                 ckpt_dir=str(tmp_path / 'run'), record={'stage': 'stage2'}, make_batches=None, seed=0,
+                 sharded_step=ShardedStep(loss_fn, config.stage2))
+  assert not (tmp_path / 'run').exists()

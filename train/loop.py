@@ -2,7 +2,6 @@
 
 import contextlib
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -14,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from train import checkpoint, records
 from train import profile as profile_lib
-from train.mesh import data_mesh, jit
+from train.mesh import data_mesh
 from train.state import (TrainState, create_train_state, learning_rate_schedule, lr_scales, make_optimizer,
                          make_train_step, pack_state, unpack_state)
 
@@ -196,16 +195,17 @@ class ShardedStep:
 
   def __init__(self, loss_fn: Callable, section):
     per_host_batch_size(section.batch_size)  # validates divisibility
+    self.section = section
     mesh = data_mesh()
     self.replicated = NamedSharding(mesh, PartitionSpec())
     self.batch_sharding = NamedSharding(mesh, PartitionSpec('data'))
     self.tx = make_optimizer(section)
     step = make_train_step(loss_fn, self.tx, ema_decay=section.ema_decay, lr_schedule=learning_rate_schedule(section),
                            lr_scales=lr_scales(section))
-    self.step_fn = jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self.pack = jit(pack_state, out_shardings=self.replicated)
-    self.unpack = jit(unpack_state, out_shardings=self.replicated)
+    self.step_fn = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                           out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self.pack = jax.jit(pack_state, out_shardings=self.replicated)
+    self.unpack = jax.jit(unpack_state, out_shardings=self.replicated)
 
   def init_state(self, params, *, seed: int) -> TrainState:
     """The packed state at step 0."""
@@ -219,22 +219,14 @@ class ShardedStep:
     return None if frozen is None else jax.device_put(frozen, self.replicated)
 
 
-_LAST_STEP = {}  # the ShardedStep of the last run_training with a step_key: {'key': ..., 'step': ShardedStep}
-
-
-def _sharded_step(loss_fn: Callable, section, step_key) -> ShardedStep:
-  """A new ShardedStep, or the previous run's when both name the same step_key and optimizer section.
-
-  Consecutive halving rounds compute the same step (the teacher's params and the step count are inputs),
-  so they share one traced and compiled program instead of re-tracing it every round.
-  """
-  key = None if step_key is None else (step_key, json.dumps(section.to_dict(), sort_keys=True), jax.device_count())
-  if key is not None and _LAST_STEP.get('key') == key:
-    return _LAST_STEP['step']
-  sharded = ShardedStep(loss_fn, section)
-  if key is not None:
-    _LAST_STEP.update(key=key, step=sharded)
-  return sharded
+def _sharded_step(loss_fn: Callable, section, sharded_step: Optional[ShardedStep]) -> ShardedStep:
+  """sharded_step when given (refused if built for other optimizer settings: its optimizer and schedule would
+  train this run), else a new ShardedStep of loss_fn."""
+  if sharded_step is None:
+    return ShardedStep(loss_fn, section)
+  if sharded_step.section.to_dict() != section.to_dict():
+    raise ValueError('run_training: sharded_step was built for another optimizer section')
+  return sharded_step
 
 
 def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
@@ -260,21 +252,23 @@ def _step_flops(sharded: ShardedStep, state, frozen, section, record: dict, prof
 
 def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: str, record: dict,
                  make_batches: Callable[[int], Iterator[dict]], seed: int, frozen=None,
-                 logdir: Optional[str] = None, step_key=None, profile=None) -> tuple[TrainState, dict]:
+                 logdir: Optional[str] = None, sharded_step: Optional[ShardedStep] = None,
+                 profile=None) -> tuple[TrainState, dict]:
   """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
   passed to every step but never optimised or saved. Returns the final state (unpacked: params trees) and the
   scalars of the last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step just done
-  and raises Preempted; a step out of device memory raises OutOfMemoryError (one line). Runs with the same
-  step_key (a hashable naming what loss_fn computes) reuse one compiled step. profile (config.profile,
-  optional) turns on a trace of some steps into logdir and the FLOP count behind the logged
-  model_flops_per_sec and mfu.
+  and raises Preempted; a step out of device memory raises OutOfMemoryError (one line). sharded_step: a
+  ShardedStep of this section whose loss computes what loss_fn does, built by the caller for several runs
+  (the halving rounds) so that they share one traced and compiled program; None builds one from loss_fn.
+  profile (config.profile, optional) turns on a trace of some steps into logdir and the FLOP count behind
+  the logged model_flops_per_sec and mfu.
   """
   # Resuming, in this order:
   # 1. refuse a directory whose checkpoints were all set aside as damaged (never restart from step 0 silently);
   checkpoint.check_not_all_set_aside(ckpt_dir)
-  sharded = _sharded_step(loss_fn, section, step_key)
+  sharded = _sharded_step(loss_fn, section, sharded_step)
   state = sharded.init_state(params, seed=seed)
   record = dict(record, train_steps=section.num_steps)  # the step at which this stage is complete
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:

@@ -1,8 +1,10 @@
-"""How programs run on this host: the data-parallel mesh, CPU devices, and CPU compiler options."""
+"""How programs run on this host: the data-parallel mesh, CPU devices, and the CPU compiler's flag."""
 
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import platform
-from typing import Optional
 
 import jax
 import numpy as np
@@ -43,17 +45,42 @@ def set_cpu_devices(num_devices: int) -> int:
 
 # XLA:CPU at LLVM optimisation level 1 compiles faster and runs as fast (benchmarks/README.md): convolutions and
 # dots are library calls, LLVM only builds the elementwise fusions around them.
-CPU_COMPILER_OPTIONS = {'xla_backend_optimization_level': 1}
+CPU_XLA_FLAG = '--xla_backend_optimization_level=1'
 
 
-def compiler_options() -> Optional[dict]:
-  """`jax.jit(..., compiler_options=...)` of every program: CPU_COMPILER_OPTIONS on the CPU backend, else None."""
-  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else None
+def configure_cpu_compiler() -> bool:
+  """Adds CPU_XLA_FLAG to XLA_FLAGS when JAX will run on the CPU; call before JAX starts a backend.
+
+  XLA reads XLA_FLAGS once, when its first backend starts: set where a process starts (main.py, the demo
+  notebook, the benchmarks, tests/conftest.py), every program of the process gets it, the ones traced under
+  jax.eval_shape too (where a jit with its own compiler_options is refused). The flag is not only the
+  CPU's: an accelerator's code generation would read it as well, so it is left out when JAX may pick
+  an accelerator (_cpu_is_default). A level already in XLA_FLAGS is kept. Returns whether XLA_FLAGS
+  sets the level now.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  name = CPU_XLA_FLAG.split('=', 1)[0]
+  if any(flag.split('=', 1)[0] == name for flag in flags.split()):
+    return True
+  if not _cpu_is_default():
+    return False
+  os.environ['XLA_FLAGS'] = f'{flags} {CPU_XLA_FLAG}'.strip()
+  return True
 
 
-def jit(fn, **kwargs):
-  """jax.jit with this host's compiler_options()."""
-  return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+def _cpu_is_default() -> bool:
+  """Whether JAX's default backend will be the CPU, told without starting one: the first of JAX_PLATFORMS
+  (--jax_platforms) when set, else whether no accelerator (a PJRT plugin or libtpu) is installed."""
+  platforms = jax.config.jax_platforms
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  if importlib.util.find_spec('libtpu') is not None or importlib.metadata.entry_points(group='jax_plugins'):
+    return False
+  try:
+    import jax_plugins  # pylint: disable=g-import-not-at-top  (the namespace package of PJRT plugins)
+  except ImportError:
+    return True
+  return not any(pkgutil.iter_modules(jax_plugins.__path__))
 
 
 def host_description() -> str:
