@@ -14,6 +14,8 @@ from modes import dry_run
 from modes.validation import ConfigError
 from train.loop import OutOfMemoryError
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each paper-scale config with the mode its docstring's command runs.
 # (config, mode, stage title, params printed): the teachers' counts are the reference U-Net's (tests/test_ref_unet.py
@@ -95,7 +97,6 @@ sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=teacher', '--dry_run'
             '--dry_run_batch_size=8', '--config.workdir={workdir}']
 import main
 
-pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 main.run()
 """
 

@@ -17,6 +17,8 @@ from distill import stages
 from main import PREEMPTED_EXIT_CODE
 from modes.sampling import LoadedCheckpoint
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300
 STEPS = 4  # per stage; checkpoints every 2 steps, so each stage saves twice
@@ -28,7 +30,6 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 import main, modes
 from test_multiprocess import train_chain
 
-pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 modes.MODES['chain'] = train_chain
 main.flags.FLAGS['mode'].parser.enum_values.append('chain')  # a test-only mode for the --mode enum
 sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=chain', '--config.workdir={workdir}',

@@ -17,6 +17,8 @@ from train import checkpoint, writers
 from train.lock import workdir_lock
 from train.loop import run_training
 
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,7 +36,6 @@ def _main(workdir, *args, max_file_bytes=None):
 _LIMITED = """
 import os, resource, signal, sys
 
-pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
 os.execv(sys.argv[1], sys.argv[1:])

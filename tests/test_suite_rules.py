@@ -1,6 +1,8 @@
 """The suite's own rules (tests/conftest.py): paper-scale tests are opt-in, and any other skip fails a CI run."""
 
+import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -76,3 +78,16 @@ def test_core():
   assert core.returncode == 0 and '1 passed, 1 deselected' in core.stdout, core.stdout
   both = _pytest(tmp_path, body, '--integration', '--fail-on-unexpected-skip')
   assert both.returncode == 0 and '2 passed' in both.stdout and 'deselected' not in both.stdout, both.stdout
+
+
+def test_no_tier_mark_hides_in_a_script():
+  """A file of the second tier says so in a module-level `pytestmark`; the same line inside a string (a script a
+  test runs) marks nothing and breaks that script."""
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  for name in sorted(os.listdir(tests_dir)):
+    if name.endswith('.py'):
+      with open(os.path.join(tests_dir, name), encoding='utf-8') as f:
+        tree = ast.parse(f.read())
+      for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+          assert not re.search(r'^pytestmark\s*=', node.value, re.MULTILINE), f'{name}, line {node.lineno}'
