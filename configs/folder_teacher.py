@@ -14,7 +14,7 @@ folder or class folder and an unreadable image, each with one `error:` line befo
 whose teacher was trained on other classes (count or names) or another resolution is refused the same way.
 Model and recipe: a 64-channel U-Net with three levels at 32x32, batch 64 in every stage, 20k teacher steps, 5k
 stage-1 steps, stage-2 rounds of 2k steps from 64 -> 1 steps with student EMA: a starting point, not a tuned
-recipe; nothing here was trained on a real folder (tests/test_folder_data.py runs a tiny version end to end).
+recipe; nothing here was trained on a real folder (tests/test_folder_pipeline.py runs a tiny version end to end).
 FID: Inception features (eval.inception_path) against statistics computed from the folder itself (all of it, up to
 eval.reference_examples), or a standard statistics file (--config.eval.reference_stats=PATH, docs/fid_protocol.md).
 """
