@@ -253,6 +253,17 @@ def fidelity_reference(methods):
   return max(teachers, key=lambda m: m.steps) if teachers else None
 
 
+def _read_reference_cell(path: str):
+  """(mu, sigma) a reference cell stored at path; None when there is none or it is unreadable (with a warning)."""
+  def read(file_path):
+    stored = files.read_npz(file_path)
+    mu, sigma = np.asarray(stored['mu']), np.asarray(stored['sigma'])
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+      raise ValueError(f'mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance')
+    return mu, sigma
+  return files.read_cache(path, read)
+
+
 def _reference_cell_path(out_dir: str, cell: dict) -> str:
   """Where the (mu, sigma) of a fidelity-reference cell are kept (by its _cell_key), for reruns."""
   digest = hashlib.sha1(repr(_cell_key(cell)).encode()).hexdigest()[:16]
@@ -365,10 +376,12 @@ def run_fid(config) -> str:
     done_row = done.get(_cell_key(cell))
     if is_reference and done_row is not None and done_row.get('fidelity') in ('', None):
       done_row = None  # scored before fidelity existed: sampled again, for its statistics
+    stored = _read_reference_cell(stats_path) if done_row is not None and stats_path else None
+    if stats_path and stored is None:
+      done_row = None  # its statistics are missing or unreadable: sampled again, and the file written over
     if done_row is not None and _exported(export_prefix):  # a cell asked for samples it lacks is sampled again
-      if stats_path and files.exists(stats_path):
-        stored = files.read_npz(stats_path)
-        reference_cells[(float(w), seed)] = (stored['mu'], stored['sigma'])
+      if stored is not None:
+        reference_cells[(float(w), seed)] = stored
       current.append(done_row)
       continue
     row = evaluate_cell(load_cached(loaded, method.ckpt_dir), method, w, extract=extract, reference=reference,
@@ -381,7 +394,7 @@ def run_fid(config) -> str:
     row['fidelity'] = 0.0 if is_reference else _fidelity(row, reference_cells.get((float(w), seed)))
     row.pop('_stats', None)
     row.update(cell)
-    rows.append(row)
+    rows = [r for r in rows if _cell_key(r) != _cell_key(row)] + [row]  # a cell scored again replaces its row
     current.append(row)
     logging.info('[fid] %d/%d %s w=%g seed %d: FID %.3f IS %.2f fidelity %s (%.0f s)', i + 1, len(cells),
                  method.label, w, seed, row['fid'], row['is_mean'], _text(row['fidelity']), row['seconds'])

@@ -269,3 +269,31 @@ def test_a_cell_scored_in_a_later_run_gets_its_fidelity_from_the_stored_referenc
   assert scored == ['student']
   assert float(again[('student', 'ddim', '4')]['fidelity']) == pytest.approx(float(student['fidelity']), rel=1e-6)
   assert float(student['fidelity']) > 0
+
+
+def test_a_damaged_reference_cell_is_sampled_again_and_the_others_keep_their_fidelity(toy_run, tmp_path,
+                                                                                       monkeypatch, caplog):
+  config = toy_run.copy_and_resolve_references()
+  config.eval.update(out_dir=str(tmp_path / 'eval'), guidance_ws=(2.0,), teacher_ddpm_steps=(), student_steps=(4,))
+  csv_path = os.path.join(fid.run_fid(config), 'results.csv')
+  first = {(r['method'], r['sampler'], r['steps']): r for r in _rows(csv_path)}
+  (stats_path,) = [os.path.join(tmp_path, 'eval', 'reference_cells', name)
+                   for name in os.listdir(tmp_path / 'eval' / 'reference_cells')]
+  with open(stats_path, 'wb') as f:
+    f.write(b'PK\x03\x04 cut off')  # a damaged npz
+  student = first[('student', 'ddim', '4')]
+  with open(csv_path, 'w', newline='') as f:  # the student's row lost too: it needs the reference's statistics
+    writer = csv.DictWriter(f, fieldnames=fid.CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(r for r in first.values() if r is not student)
+  scored = []
+  real_evaluate_cell = fid.evaluate_cell
+  monkeypatch.setattr(fid, 'evaluate_cell', lambda loaded, method, *a, **k: scored.append(method.name) or
+                      real_evaluate_cell(loaded, method, *a, **k))
+  fid.run_fid(config)
+  rows = _rows(csv_path)
+  again = {(r['method'], r['sampler'], r['steps']): r for r in rows}
+  assert sorted(scored) == ['student', 'teacher CFG'] and len(rows) == len(first)
+  assert 'is unreadable' in caplog.text and stats_path in caplog.text
+  assert float(again[('student', 'ddim', '4')]['fidelity']) == pytest.approx(float(student['fidelity']), rel=1e-6)
+  assert np.load(stats_path)['sigma'].ndim == 2  # written over
