@@ -65,7 +65,7 @@ def _make_train_step(model: DigitsClassifier, optimizer, train_x, train_label, b
     logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})['logits']
     return optax.softmax_cross_entropy_with_integer_labels(logits, train_label[indices]).mean()
 
-  @jit
+  @jax.jit
   def step(params, opt_state, key):
     loss, grads = jax.value_and_grad(loss_fn)(params, key)
     updates, opt_state = optimizer.update(grads, opt_state, params)

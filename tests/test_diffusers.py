@@ -4,6 +4,7 @@ The references are fixtures written by tests/fixtures/make_diffusers_fixtures.py
 --check mode recomputes them); nothing here imports torch.
 """
 
+import csv
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from distill import stages
 from models import diffusers_import
 from models.denoiser import clip_x, make_denoise_fn
 from models.diffusers_unet import DOWN_BLOCKS, UP_BLOCKS, DiffusersUNet, unet_fields
+from modes import fid
 from modes.sampling import LoadedCheckpoint, run_sample
 from modes.validation import ConfigError, prepare_config
 from samplers import make_sampler
@@ -216,7 +218,8 @@ def test_two_network_student_starts_as_the_conditional_network_and_the_pair_guid
 
 
 def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
-  """A diffusers folder -> --mode=teacher (import) -> stage 1 -> one stage-2 round -> --mode=sample, offline."""
+  """A diffusers folder -> --mode=teacher (import) -> stage 1 -> one stage-2 round -> --mode=sample and
+  --mode=fid, offline."""
   config = _config('teacher_tiny', tmp_path / 'run')
   for section in (config.stage1, config.stage2):
     section.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=2, checkpoint_every=2)
@@ -240,6 +243,13 @@ def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
   assert os.path.basename(png) == 'student_ddim_2steps_w1.png'  # guidance_scale 2 is w = 1
   samples = np.load(str(tmp_path / 'samples' / 'student_ddim_2steps_w1.npz'))['samples']
   assert samples.shape == (NUM_CLASSES, 8, 8, 1) and np.all(np.isfinite(samples))
+  config.eval.update(classifier_steps=20, num_samples=40, batch_size=40, guidance_ws=(1.0,), teacher_steps=(4,),
+                     teacher_ddpm_steps=(), stage1_steps=(), student_steps=(2,), out_dir=str(tmp_path / 'eval'))
+  with open(os.path.join(fid.run_fid(config), 'results.csv')) as f:
+    rows = {(row['method'], row['steps']): row for row in csv.DictReader(f)}
+  assert set(rows) == {('teacher CFG', '4'), ('student', '2')}  # the imported teacher and its 2-step student
+  assert float(rows[('teacher CFG', '4')]['fidelity']) == 0.0
+  assert all(np.isfinite(float(row['fid'])) for row in rows.values()) and float(rows[('student', '2')]['fidelity']) > 0
 
 
 def test_another_teachers_weights_in_the_same_workdir_are_refused(tmp_path):
