@@ -219,11 +219,13 @@ def test_two_network_student_starts_as_the_conditional_network_and_the_pair_guid
 
 def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
   """A diffusers folder -> --mode=teacher (import) -> stage 1 -> one stage-2 round -> --mode=sample and
-  --mode=fid, offline."""
+  --mode=fid, and one encoder round, offline."""
   config = _config('teacher_tiny', tmp_path / 'run')
   for section in (config.stage1, config.stage2):
     section.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=2, checkpoint_every=2)
   config.stage2.update(start_steps=4, final_steps=2)
+  config.encoder.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=2, checkpoint_every=2, start_steps=4,
+                        final_steps=2)
   teacher_dir = stages.train_teacher(config)
   assert checkpoint.latest_step(teacher_dir) == 0 and records.check_complete(teacher_dir) == 0
   assert stages.train_teacher(config) == teacher_dir  # a second import finds it there
@@ -235,6 +237,8 @@ def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
       os.path.join(config.model.folder, diffusers_import.WEIGHTS_FILE))
   assert record['teacher']['dir'] == 'stage1' and records.read(stages.stage_dir(config.workdir, 'stage1'))[
       'teacher']['dir'] == 'teacher'
+  (encoder_dir,) = stages.train_encoder(config)  # the guided DDIM encoder, distilled from stage 1
+  assert records.read(encoder_dir)['model']['weights_sha256'] == record['model']['weights_sha256']
   teacher = LoadedCheckpoint(teacher_dir)
   assert teacher.nfe_per_step == 2 and teacher.record['parametrization'] == 'v'
   config.sample.update(checkpoint=round_dir, num_steps=2, per_class=1, guidance_scale=2.0,
