@@ -155,14 +155,21 @@ def _fidelity_section(rows: list[dict]) -> list[str]:
 
 
 def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None:
-  """One Markdown table per w: cells 'FID / IS [/ accuracy]', rows 'method sampler', columns step counts; each
-  column explained once on top, and under each w what a lower FID means there (what_better_means).
+  """results.md: first the fidelity to the teacher (_fidelity_section), the headline; then one table per w against
+  the real data: cells 'FID / IS [/ accuracy]', rows 'method sampler', columns step counts, each column explained
+  once on top of them, and under each w what a lower FID means there (what_better_means); then the paired
+  differences against the teacher (paired_differences).
 
-  With several noise seeds a cell is 'mean ± sd / IS' over them. A section of fidelity to the teacher
-  (_fidelity_section) and one of paired differences against the teacher (paired_differences) follow. is_max:
-  the classifier's class count that bounds IS (None: Inception).
+  With several noise seeds a cell is 'mean ± sd / IS' over them. is_max: the classifier's class count that bounds
+  IS (None: Inception).
   """
-  lines = [f'# Results: {title}', '', *_legend(rows, is_max=is_max)]
+  fidelity = _fidelity_section(rows)
+  lines = [f'# Results: {title}', '']
+  if fidelity:
+    lines += ['The first section is the headline: how closely each method reproduces its teacher, on the same '
+              'noise and labels. The tables after it score each method against the real data, where at w >= 1 '
+              'a lower FID is not a better distillation.', '', *fidelity]
+  lines += ['## FID / IS against the real data', '', *_legend(rows, is_max=is_max)]
   cells = _cells(rows)
   for w in sorted({key[0] for key in cells}):
     steps = sorted({s for (w2, _, s) in cells if w2 == w})
@@ -172,13 +179,12 @@ def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None
         grid[name][s] = _cell_text(by_seed)
     nfe_per_step = {f'{r["method"]} {r["sampler"]}': int(r['nfe']) // int(r['steps']) for r in rows
                     if 'nfe' in r and _as_float(r['w']) == w}
-    lines += [f'## w = {w:g}', '', what_better_means(w), '',
+    lines += [f'### w = {w:g}', '', what_better_means(w), '',
               '| method | NFE per step | ' + ' | '.join(steps_text(s) for s in steps) + ' |',
               '|---' * (len(steps) + 2) + '|']
     lines += [f'| {name} | {nfe_per_step.get(name, "")} | ' + ' | '.join(cells_.get(s, '') for s in steps) + ' |'
               for name, cells_ in grid.items()]
     lines.append('')
-  lines += _fidelity_section(rows)
   differences = paired_differences(rows)
   if differences:
     lines += ['## Paired differences against the teacher', '',

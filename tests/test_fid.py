@@ -222,7 +222,7 @@ def test_fixed_w_students_are_scored_at_their_own_w_only(toy_run, tmp_path, monk
   fixed = {(r['sampler'], int(r['steps']), float(r['w'])) for r in rows if r['method'] == 'student fixed-w'}
   assert fixed == {('ddim', 4, 2.0)}  # the 4-step round at w = 2 only, not at w = 0
   with open(os.path.join(out_dir, 'results.md'), encoding='utf-8') as f:
-    table = f.read().split('## Fidelity to the teacher')[0]  # the FID tables, one per w
+    table = f.read().split('## FID / IS against the real data')[1]  # the FID tables, one per w
   assert table.count('| student fixed-w ddim |') == 1
   assert table.index('## w = 2') < table.index('| student fixed-w ddim |')
   config.eval.fixed_w_dir = str(tmp_path / 'nothing')
