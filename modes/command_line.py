@@ -59,6 +59,8 @@ def config_file_error(path: Optional[str]) -> Optional[str]:
   file, *arg = path.split(':', 1)
   if not os.path.isfile(file):
     return f'no config file {file}: give one of configs/*.py, e.g. {CONFIG_EXAMPLE}'
+  if not file.endswith('.py'):
+    return f'{file} is not a config file (a Python file): give one of configs/*.py, e.g. {CONFIG_EXAMPLE}'
   try:
     spec = importlib.util.spec_from_file_location('_config_file_check', file)
     module = importlib.util.module_from_spec(spec)

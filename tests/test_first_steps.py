@@ -29,6 +29,7 @@ CONFIG_FILES = {  # name -> text of a config file that gives no config
     'imports.py': 'import no_such_module_here\n\ndef get_config():\n  return None\n',
     'returns_none.py': 'def get_config():\n  return None\n',
     'raises.py': 'def get_config():\n  raise ValueError("boom")\n',
+    'notes.md': '# Notes\n',
 }
 
 
@@ -48,6 +49,7 @@ def _error_lines(stderr: str) -> list[str]:
     (['--config=nope.py', '--mode=teacher'], 'no config file nope.py: give one of configs/*.py'),
     (['--config=nope.py', '--config.workdir=elsewhere'], 'no config file nope.py'),
     (['--config={configs}'], 'no config file'),  # a directory
+    (['--config={configs}/notes.md'], 'notes.md is not a config file (a Python file): give one of configs/*.py'),
     (['--config={configs}/no_get_config.py'], 'no_get_config.py defines no get_config()'),
     (['--config={configs}/syntax.py'], 'syntax.py does not parse: line 1'),
     (['--config={configs}/imports.py'], "fails to load: ModuleNotFoundError: No module named 'no_such_module_here'"),
