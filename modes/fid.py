@@ -254,7 +254,8 @@ def fidelity_reference(methods):
 
 
 def _read_reference_cell(path: str):
-  """(mu, sigma) a reference cell stored at path; None when there is none or it is unreadable (with a warning)."""
+  """(mu, sigma) of a reference cell stored at path; None when there is none, or it is unreadable (then with a
+  warning)."""
   def read(file_path):
     stored = files.read_npz(file_path)
     mu, sigma = np.asarray(stored['mu']), np.asarray(stored['sigma'])
@@ -377,8 +378,8 @@ def run_fid(config) -> str:
     if is_reference and done_row is not None and done_row.get('fidelity') in ('', None):
       done_row = None  # scored before fidelity existed: sampled again, for its statistics
     stored = _read_reference_cell(stats_path) if done_row is not None and stats_path else None
-    if stats_path and stored is None:
-      done_row = None  # its statistics are missing or unreadable: sampled again, and the file written over
+    if stored is None and stats_path and files.exists(stats_path):
+      done_row = None  # its statistics are unreadable: sampled again, and the file written over
     if done_row is not None and _exported(export_prefix):  # a cell asked for samples it lacks is sampled again
       if stored is not None:
         reference_cells[(float(w), seed)] = stored
