@@ -250,21 +250,27 @@ def test_is_axis_shows_a_classifier_bounded_is_as_its_gap_to_the_class_count_on_
   assert scale == 'log' and label.startswith('10 - IS')
 
 
+def _rescore_without(config, csv_path, rows, dropped, monkeypatch) -> list:
+  """results.csv rewritten without the row `dropped`, then --mode=fid again; returns the methods it scored."""
+  with open(csv_path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fid.CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(r for r in rows if r is not dropped)
+  scored = []
+  real_evaluate_cell = fid.evaluate_cell
+  monkeypatch.setattr(fid, 'evaluate_cell', lambda loaded, method, *a, **k: scored.append(method.name) or
+                      real_evaluate_cell(loaded, method, *a, **k))
+  fid.run_fid(config)
+  return scored
+
+
 def test_a_cell_scored_in_a_later_run_gets_its_fidelity_from_the_stored_reference(toy_run, tmp_path, monkeypatch):
   config = toy_run.copy_and_resolve_references()
   config.eval.update(out_dir=str(tmp_path / 'eval'), guidance_ws=(2.0,), teacher_ddpm_steps=(), student_steps=(4,))
   csv_path = os.path.join(fid.run_fid(config), 'results.csv')
   first = {(r['method'], r['sampler'], r['steps']): r for r in _rows(csv_path)}
   student = first[('student', 'ddim', '4')]
-  with open(csv_path, 'w', newline='') as f:  # the student's row lost: it alone is scored again
-    writer = csv.DictWriter(f, fieldnames=fid.CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(r for r in first.values() if r is not student)
-  scored = []
-  real_evaluate_cell = fid.evaluate_cell
-  monkeypatch.setattr(fid, 'evaluate_cell', lambda loaded, method, *a, **k: scored.append(method.name) or
-                      real_evaluate_cell(loaded, method, *a, **k))
-  fid.run_fid(config)
+  scored = _rescore_without(config, csv_path, first.values(), student, monkeypatch)  # it alone is scored again
   again = {(r['method'], r['sampler'], r['steps']): r for r in _rows(csv_path)}
   assert scored == ['student']
   assert float(again[('student', 'ddim', '4')]['fidelity']) == pytest.approx(float(student['fidelity']), rel=1e-6)
@@ -282,15 +288,7 @@ def test_a_damaged_reference_cell_is_sampled_again_and_the_others_keep_their_fid
   with open(stats_path, 'wb') as f:
     f.write(b'PK\x03\x04 cut off')  # a damaged npz
   student = first[('student', 'ddim', '4')]
-  with open(csv_path, 'w', newline='') as f:  # the student's row lost too: it needs the reference's statistics
-    writer = csv.DictWriter(f, fieldnames=fid.CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(r for r in first.values() if r is not student)
-  scored = []
-  real_evaluate_cell = fid.evaluate_cell
-  monkeypatch.setattr(fid, 'evaluate_cell', lambda loaded, method, *a, **k: scored.append(method.name) or
-                      real_evaluate_cell(loaded, method, *a, **k))
-  fid.run_fid(config)
+  scored = _rescore_without(config, csv_path, first.values(), student, monkeypatch)  # it needs the reference
   rows = _rows(csv_path)
   again = {(r['method'], r['sampler'], r['steps']): r for r in rows}
   assert sorted(scored) == ['student', 'teacher CFG'] and len(rows) == len(first)
