@@ -377,9 +377,11 @@ def run_fid(config) -> str:
     done_row = done.get(_cell_key(cell))
     if is_reference and done_row is not None and done_row.get('fidelity') in ('', None):
       done_row = None  # scored before fidelity existed: sampled again, for its statistics
-    stored = _read_reference_cell(stats_path) if done_row is not None and stats_path else None
-    if stored is None and stats_path and files.exists(stats_path):
-      done_row = None  # its statistics are unreadable: sampled again, and the file written over
+    stored = None
+    if done_row is not None and stats_path and files.exists(stats_path):
+      stored = _read_reference_cell(stats_path)
+      if stored is None:
+        done_row = None  # its statistics are unreadable: sampled again, and the file written over
     if done_row is not None and _exported(export_prefix):  # a cell asked for samples it lacks is sampled again
       if stored is not None:
         reference_cells[(float(w), seed)] = stored
