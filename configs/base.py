@@ -90,10 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   # quality_samples: samples per guidance weight in quality_ws of the per-stage fidelity table (0 = off): every
   # model the pipeline trains against the guided teacher's CFG DDIM at quality_steps (the reference; stage 1
   # samples at quality_steps too), judged against the floor, the same teacher's CFG DDIM at floor_steps
-  # (modes/stage_quality.py, docs/evaluation.md).
+  # (modes/stage_quality.py, docs/evaluation.md); quality_stochastic: also each N-step student's stochastic
+  # sampler at 2N steps (a column of its own; --mode=fid scores it either way).
   config.pipeline = ml_collections.ConfigDict(dict(
       guidance_ws=(0.0, 1.0, 4.0), teacher_steps=(4, 8, 256), per_class=8, seed=1, quality_steps=64,
-      quality_samples=0, quality_ws=(0.0, 1.0, 4.0), floor_steps=8))
+      quality_samples=0, quality_ws=(0.0, 1.0, 4.0), floor_steps=8, quality_stochastic=True))
   # --mode=fid: features from 'inception' (weights file at inception_path) or the embedded 'classifier'.
   # Protocol options (docs/evaluation.md). clip_x: sample with x predictions clipped to [-1, 1] for
   # --mode=fid, the pipeline's grids and its table; quantize_uint8: round samples and real images to the 256

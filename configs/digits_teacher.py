@@ -53,9 +53,10 @@ def get_config():
                         checkpoint_every=150)
   # The fidelity table: every model against the teacher's CFG DDIM at stage2.start_steps (stage 1's samples there
   # are also round 1's teacher's), at six w including ones training never singles out; the floor is the
-  # teacher's own 8-step sampler.
+  # teacher's own 8-step sampler. The students' stochastic samplers are left to --mode=fid (a third of the
+  # table's network calls).
   config.pipeline.update(teacher_steps=(4, 8, 64), quality_samples=1000, quality_steps=32,
-                         quality_ws=(0.0, 0.5, 1.0, 2.0, 3.0, 4.0), floor_steps=8)
+                         quality_ws=(0.0, 0.5, 1.0, 2.0, 3.0, 4.0), floor_steps=8, quality_stochastic=False)
   config.eval.update(extractor='classifier', num_samples=2000, batch_size=250, guidance_ws=(0.0, 1.0, 4.0),
                      teacher_steps=(64, 8, 4, 2), teacher_ddpm_steps=(), stage1_steps=(64,),
                      reference_examples=1500)

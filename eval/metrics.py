@@ -1,57 +1,39 @@
 """Sample-quality metrics: Frechet distance, streaming feature statistics, Inception Score, accuracy."""
 
-import warnings
-
 import numpy as np
-from scipy import linalg, special
+from scipy import special
 
 from train import files
 
-# Largest imaginary part tolerated on the diagonal of sqrt(S1 S2) before it is treated as an error.
-_MAX_IMAGINARY = 1e-3
-# Relative residual ||X X - A||_F / ||A||_F above which sqrtm is retried with an eps*I offset.
-_MAX_SQRTM_RESIDUAL = 1e-5
+def _trace_sqrt_product(sigma1, sigma2) -> float:
+  """Tr sqrt(S1 S2) of two covariances, as Tr sqrt(S1^1/2 S2 S1^1/2).
+
+  S1 S2 is similar to the symmetric positive semi-definite S1^1/2 S2 S1^1/2, so its eigenvalues are real and
+  >= 0 and two symmetric eigendecompositions give the trace: no general matrix square root (scipy's sqrtm), no
+  imaginary parts to discard, and singular covariances (fewer samples than dimensions) need no offset.
+  Eigenvalues below 0 are round-off and count as 0.
+  """
+  values, vectors = np.linalg.eigh(sigma1)  # [D], [D, D]
+  root1 = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T  # S1^1/2 [D, D]
+  inner = root1 @ sigma2 @ root1
+  return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(0.5 * (inner + inner.T)), 0.0, None))))
 
 
-def _sqrtm_residual(root, matrix) -> float:
-  """Relative Frobenius error of root as a square root of matrix."""
-  scale = max(np.linalg.norm(matrix, 'fro'), np.finfo(np.float64).tiny)
-  return float(np.linalg.norm(root @ root - matrix, 'fro') / scale)
-
-
-def _sqrt_product(sigma1, sigma2, *, eps: float):
-  """sqrt(sigma1 sigma2), retried as sqrt((sigma1 + eps I)(sigma2 + eps I)) when near-singular."""
-  product = sigma1 @ sigma2  # [D, D]
-  with warnings.catch_warnings():
-    warnings.simplefilter('ignore')  # scipy warns on singular products; the retry below handles them.
-    root = linalg.sqrtm(product)
-    if not np.all(np.isfinite(root)) or _sqrtm_residual(root, product) > _MAX_SQRTM_RESIDUAL:
-      offset = eps * np.eye(product.shape[0])
-      root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-  if not np.all(np.isfinite(root)):
-    raise ValueError('matrix square root of sigma1 @ sigma2 is not finite even with an eps*I offset')
-  if np.iscomplexobj(root):
-    largest = np.max(np.abs(np.diagonal(root).imag))
-    if largest > _MAX_IMAGINARY:
-      raise ValueError(f'matrix square root has a large imaginary component {largest:.3g}: '
-                       'the covariances are not valid (use more samples than feature dimensions)')
-    root = root.real
-  return root
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) in float64: FID on Inception (or other) features.
 
-  mu [D], sigma [D, D]; 1-D means with scalar or [1, 1] variances are accepted as well.
+  mu [D], sigma [D, D]; 1-D means with scalar or [1, 1] variances are accepted as well. Statistics that are not
+  finite are refused (ValueError).
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f'mismatched statistics: mu {mu1.shape} vs {mu2.shape}, '
                      f'sigma {sigma1.shape} vs {sigma2.shape}')
+  if not all(np.all(np.isfinite(a)) for a in (mu1, mu2, sigma1, sigma2)):
+    raise ValueError('Frechet distance of statistics that are not finite')
   diff = mu1 - mu2  # [D]
-  root = _sqrt_product(sigma1, sigma2, eps=eps)  # [D, D]
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2))
 
 
 class FeatureStats:

@@ -5,7 +5,6 @@ import csv
 import hashlib
 import io
 import time
-import zipfile
 from typing import Optional
 
 import jax
@@ -122,11 +121,9 @@ def reference_features(config, extractor_name, extract, cache_dir: str) -> np.nd
   precision and recall (eval.metrics.precision_recall). Cached beside reference_stats; an unreadable cache file
   is computed again, with a warning."""
   path = _reference_path(config, extractor_name, cache_dir, '_pool')
-  if files.exists(path):
-    try:
-      return files.read_npz(path)['pool']
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-      logging.warning('[fid] reference features %s are unreadable (%s): computing them again', path, err)
+  cached = files.read_cache(path, lambda path: files.read_npz(path)['pool'])
+  if cached is not None:
+    return cached
   pool, count = [], 0
   for images in _real_batches(config, config.eval.batch_size):
     pool.append(np.asarray(extract(jnp.asarray(images))['pool'], np.float32)[:PR_EXAMPLES - count])
@@ -162,12 +159,9 @@ def reference_stats(config, extractor_name, extract, cache_dir: str):
     logging.info('[fid] reference statistics: %s, %s, %d-d', ev.reference_stats, reference.format, reference.dim)
     return mu, sigma
   path = _reference_path(config, extractor_name, cache_dir)
-  if files.exists(path):
-    try:
-      mu, sigma, _ = metrics.FeatureStats.load_npz(path)
-      return mu, sigma
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-      logging.warning('[fid] reference statistics %s are unreadable (%s): computing them again', path, err)
+  cached = files.read_cache(path, metrics.FeatureStats.load_npz)
+  if cached is not None:
+    return cached[0], cached[1]
   logging.info('[fid] reference statistics: computing them from %d real examples', ev.reference_examples)
   stats = None
   for images in _real_batches(config, ev.batch_size):

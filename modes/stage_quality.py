@@ -76,7 +76,8 @@ def round_comparison(config, student_steps: int) -> Comparison:
   student_dir = stages.stage_dir(workdir, 'stage2', n)
   return Comparison(f'stage2_{2 * n}to{n}', f'stage 2: {2 * n} -> {n}', stages.stage2_rounds(config).index(n) + 1,
                     teacher=teacher, student=Method('student', 'ddim', n, n, student_dir),
-                    stochastic=Method('student', 'stochastic', 2 * n, 2 * n, student_dir) if config.stage2.fine_grid
+                    stochastic=Method('student', 'stochastic', 2 * n, 2 * n, student_dir)
+                    if config.stage2.fine_grid and config.pipeline.quality_stochastic
                     else None)  # the stochastic sampler needs a student trained on the 1/(2N) grid
 
 

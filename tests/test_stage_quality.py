@@ -127,6 +127,14 @@ def test_pipeline_summary_has_the_teacher_rows_and_one_row_per_stage_for_every_w
           'quality/teacher_floor/w0/fidelity', 'quality/stage1/w0/recall'} <= set(writer.scalars)
 
 
+def test_the_stochastic_column_follows_quality_stochastic(tmp_path):
+  config = tiny_config(tmp_path)
+  n = stages.stage2_rounds(config)[-1]
+  assert stage_quality.round_comparison(config, n).stochastic.sampler == 'stochastic'
+  config.pipeline.quality_stochastic = False
+  assert stage_quality.round_comparison(config, n).stochastic is None  # no column, no samples, not in the key
+
+
 def test_teacher_and_student_sample_from_identical_noise_and_labels(fake_run):
   config, calls = fake_run
   stage_quality.StageQuality(config).after_stage1()

@@ -243,8 +243,8 @@ def test_a_read_error_that_is_not_damage_stops_the_run_and_moves_nothing(tmp_pat
 def test_loading_a_teacher_that_cannot_be_read_now_moves_nothing(tmp_path, monkeypatch):
   config = tiny_config(tmp_path, train=10, stage1=10)
   stages.train_teacher(config)
-  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, 'metadata',
-                      lambda *args: (_ for _ in ()).throw(ValueError('UNAVAILABLE: connection reset')))
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, 'restore',
+                      lambda *args, **kwargs: (_ for _ in ()).throw(ValueError('UNAVAILABLE: connection reset')))
   with pytest.raises(checkpoint.CheckpointError, match='could not read step 10 of .*teacher .*nothing was moved'):
     stages.train_stage1(config)
   assert sorted(os.listdir(tmp_path / 'teacher')) == ['10', 'config.json']
@@ -289,6 +289,18 @@ def test_restoring_into_parameters_of_other_shapes_is_refused_and_moves_nothing(
 
 def test_loading_parameters_of_another_architecture_is_refused(tmp_path):
   ckpt_dir = _saved_teacher_dir(tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match='holds parameters of another architecture'):
+    checkpoint.load_params(ckpt_dir, {'w': jax.ShapeDtypeStruct((3,), jnp.float32)}, check_record=lambda saved: None)
+
+
+def test_a_step_saved_before_records_held_shapes_is_checked_on_its_metadata(tmp_path, monkeypatch):
+  ckpt_dir = _saved_teacher_dir(tmp_path)
+  record = records.read(ckpt_dir)
+  saved_shapes = record[checkpoint.SHAPES_KEY]['ema_params']
+  _, abstract = records.build(record)
+  monkeypatch.setattr(checkpoint, 'SHAPES_KEY', 'not_in_this_record')  # as a record written before shapes
+  params = checkpoint.load_params(ckpt_dir, abstract, check_record=lambda saved: None)
+  assert checkpoint.tree_shapes(params) == saved_shapes
   with pytest.raises(checkpoint.CheckpointError, match='holds parameters of another architecture'):
     checkpoint.load_params(ckpt_dir, {'w': jax.ShapeDtypeStruct((3,), jnp.float32)}, check_record=lambda saved: None)
 

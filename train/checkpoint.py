@@ -28,6 +28,7 @@ DAMAGE_CODES = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE', 'INVALID_ARGUMENT', 'F
 # field and of the record itself as they were written (a record without one predates digests: read unverified).
 ITEMS = ('state', 'record')
 DIGEST_KEY = 'digest'
+SHAPES_KEY = 'state_shapes'  # {field: {leaf path: shape}} of the saved state (tree_shapes)
 
 
 class CheckpointError(ValueError):
@@ -117,6 +118,20 @@ def _nonfinite(leaves: list[np.ndarray]) -> bool:
   return any(np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)) for x in leaves)
 
 
+def tree_shapes(tree) -> dict:
+  """{leaf path: shape} of a tree of arrays: what a step's record says it holds, so a reader checks a model's shapes
+  without opening the arrays (the state's metadata opens every one)."""
+  return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _stored_shapes(manager: ocp.CheckpointManager, step: int, record: dict) -> dict:
+  """{field: tree_shapes} of a step: from its record, or (a step saved before records held them) its metadata."""
+  if SHAPES_KEY in record:
+    return record[SHAPES_KEY]
+  stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
+  return {name: tree_shapes(tree) for name, tree in stored.items()}
+
+
 def record_digest(record: dict) -> str:
   """sha1 of a record's canonical JSON, its digest entry left out."""
   text = json.dumps({k: v for k, v in record.items() if k != DIGEST_KEY}, sort_keys=True)
@@ -133,6 +148,7 @@ def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
   if bad:
     raise NonFiniteStateError(f'non-finite values in {", ".join(bad)}')
   digest = {name: params_digest(leaves) for name, leaves in host.items()}
+  record = dict(record, **{SHAPES_KEY: {name: tree_shapes(tree) for name, tree in _fields(state).items()}})
   record = dict(record, **{DIGEST_KEY: dict(digest, record=record_digest(record))})
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -202,9 +218,9 @@ def _restore_step(manager, step: int, abstract, check_record: Callable[[dict], N
   errors as raised (the caller sorts them with is_damage)."""
   record = saved_record(manager, step)
   check_record(record)
-  stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
-  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
-  if shapes(stored) != shapes(abstract):
+  shapes = lambda fields: sorted(shape for tree in fields.values() for shape in tree.values())  # paths aside: a
+  # step saved before records held shapes names the optimizer state's nodes as its metadata does
+  if shapes(_stored_shapes(manager, step, record)) != shapes({k: tree_shapes(v) for k, v in _fields(abstract).items()}):
     raise CheckpointError(f'checkpoint {ckpt_dir} does not fit the current model (parameter shapes differ): '
                           'use another --config.workdir or the config that made it')
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
@@ -300,12 +316,10 @@ def load_params(ckpt_dir: str, target_params, *, check_record: Callable[[dict], 
       raise unreadable(step, ckpt_dir, err) from err
     check_record(record)
     try:
-      stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree[which]
+      stored = _stored_shapes(manager, step, record).get(which)
     except Exception as err:  # pylint: disable=broad-except
       raise unreadable(step, ckpt_dir, err) from err
-    want = jax.tree.map(lambda x: tuple(x.shape), target_params)
-    got = jax.tree.map(lambda x: tuple(x.shape), stored)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    if stored != tree_shapes(target_params):
       raise CheckpointError(f'checkpoint {ckpt_dir} holds parameters of another architecture: '
                             'use the config that made it')
     item = {which: _replicated(target_params)}
