@@ -14,7 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 
 import data
-from train.checkpoint import CheckpointError, latest_step, open_manager
+from train.checkpoint import DIGEST_KEY, CheckpointError, latest_step, open_manager, params_digest
 
 NUM_CLASSES = 10
 MAX_SHIFT = 1  # Random translations of up to this many pixels during training.
@@ -86,6 +86,8 @@ def _test_accuracy(model: DigitsClassifier, params) -> float:
 
 
 def _save(ckpt_dir: str, params, record: dict) -> None:
+  """Saves params with record and their digest (checked by load_classifier)."""
+  record = dict(record, **{DIGEST_KEY: {'params': params_digest(params)}})
   with open_manager(ckpt_dir, keep=1) as manager:
     manager.save(record['num_steps'], args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)), force=True)
@@ -134,7 +136,11 @@ def classifier_id(ckpt_dir: str) -> str:
 
 
 def load_classifier(ckpt_dir: str) -> tuple[DigitsClassifier, dict, dict]:
-  """(model, params, record) of the classifier saved in ckpt_dir; CheckpointError when there is none."""
+  """(model, params, record) of the classifier saved in ckpt_dir.
+
+  CheckpointError when there is none, or when its params are not the bytes written (their digest
+  differs; a classifier saved before digests is read unchecked).
+  """
   step = latest_step(ckpt_dir)
   if step is None:
     raise CheckpointError(f'no classifier in {ckpt_dir}: run --mode=classifier first')
@@ -144,4 +150,8 @@ def load_classifier(ckpt_dir: str) -> tuple[DigitsClassifier, dict, dict]:
     init = functools.partial(model.init, train=False)
     abstract = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+  saved = record.get(DIGEST_KEY, {}).get('params')
+  if saved is not None and params_digest(restored['params']) != saved:
+    raise CheckpointError(f'the classifier in {ckpt_dir} is damaged (its params are not the bytes '
+                          'written): delete that folder and it is trained again')
   return model, restored['params'], record

@@ -8,9 +8,10 @@ from train import files
 def _trace_sqrt_product(sigma1, sigma2) -> float:
   """Tr sqrt(S1 S2) of two covariances, as Tr sqrt(S1^1/2 S2 S1^1/2).
 
-  S1 S2 is similar to the symmetric positive semi-definite S1^1/2 S2 S1^1/2, so its eigenvalues are real and
-  >= 0 and two symmetric eigendecompositions give the trace: no general matrix square root (scipy's sqrtm), no
-  imaginary parts to discard, and singular covariances (fewer samples than dimensions) need no offset.
+  S1 S2 is similar to the symmetric positive semi-definite S1^1/2 S2 S1^1/2, so its eigenvalues
+  are real and >= 0 and two symmetric eigendecompositions give the trace: no general matrix square
+  root (scipy's sqrtm), no imaginary parts to discard, and singular covariances (fewer samples than
+  dimensions) need no offset.
   Eigenvalues below 0 are round-off and count as 0.
   """
   values, vectors = np.linalg.eigh(sigma1)  # [D], [D, D]
@@ -22,8 +23,8 @@ def _trace_sqrt_product(sigma1, sigma2) -> float:
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) in float64: FID on Inception (or other) features.
 
-  mu [D], sigma [D, D]; 1-D means with scalar or [1, 1] variances are accepted as well. Statistics that are not
-  finite are refused (ValueError).
+  mu [D], sigma [D, D]; 1-D means with scalar or [1, 1] variances are accepted as well. Statistics
+  that are not finite are refused (ValueError).
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
   sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -33,7 +34,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   if not all(np.all(np.isfinite(a)) for a in (mu1, mu2, sigma1, sigma2)):
     raise ValueError('Frechet distance of statistics that are not finite')
   diff = mu1 - mu2  # [D]
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2))
+  traces = np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product(sigma1, sigma2)
+  return float(diff @ diff + traces)
 
 
 class FeatureStats:

@@ -1,5 +1,8 @@
 """Tests of eval/: Frechet distance, feature statistics, Inception Score, InceptionV3 and the digits classifier."""
 
+import json
+import os
+import shutil
 import sys
 import time
 import types
@@ -23,8 +26,8 @@ def _random_spd(rng, dim):
 
 
 def _direct_frechet(mu1, sigma1, mu2, sigma2):
-  """Tr sqrt(S1 S2) from scipy's general matrix square root of the product (pytorch-fid's way), independent of
-  the symmetric eigendecompositions eval.metrics uses."""
+  """Tr sqrt(S1 S2) from scipy's general matrix square root of the product (pytorch-fid's way),
+  independent of the symmetric eigendecompositions eval.metrics uses."""
   root = linalg.sqrtm(sigma1 @ sigma2).real
   diff = mu1 - mu2
   return diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(root)
@@ -74,7 +77,8 @@ def test_frechet_distance_of_sample_covariances_matches_scipy_and_refuses_nan():
   mix = rng.standard_normal((64, 64))
   a, b = rng.standard_normal((500, 64)) @ mix, 0.2 + rng.standard_normal((500, 64)) @ (mix + 0.1)
   stats = [(x.mean(axis=0), np.cov(x, rowvar=False)) for x in (a, b)]
-  assert frechet_distance(*stats[0], *stats[1]) == pytest.approx(_direct_frechet(*stats[0], *stats[1]), rel=1e-8)
+  expected = _direct_frechet(*stats[0], *stats[1])
+  assert frechet_distance(*stats[0], *stats[1]) == pytest.approx(expected, rel=1e-8)
   with pytest.raises(ValueError, match='not finite'):
     frechet_distance(stats[0][0], np.full((64, 64), np.nan), *stats[1])
 
@@ -251,6 +255,26 @@ def test_the_classifier_features_are_named_by_its_checkpoint(trained_classifier,
   assert classifier.classifier_id(ckpt_dir).startswith('300-')
   with pytest.raises(CheckpointError, match='no classifier in'):
     classifier.classifier_id(str(tmp_path / 'empty'))
+
+
+def test_a_classifier_whose_params_are_not_the_bytes_written_is_refused(trained_classifier,
+                                                                        tmp_path):
+  ckpt_dir = str(tmp_path / 'classifier')
+  shutil.copytree(trained_classifier[0], ckpt_dir)
+  step = classifier.latest_step(ckpt_dir)
+  _, params, record = classifier.load_classifier(ckpt_dir)
+  assert record['digest']['params'] == classifier.params_digest(params)
+  changed = jax.tree.map(lambda x: x + 1.0, params)  # other bytes under the same record: damage
+  shutil.rmtree(os.path.join(ckpt_dir, str(step)))
+  classifier._save(ckpt_dir, changed, {k: v for k, v in record.items() if k != 'digest'})
+  with open(os.path.join(ckpt_dir, str(step), 'record', 'metadata'), 'r+', encoding='utf-8') as f:
+    saved = json.load(f)
+    saved['digest'] = record['digest']  # the digest of the params first written
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps(saved))
+  with pytest.raises(CheckpointError, match='classifier in .* is damaged .* delete that folder'):
+    classifier.load_classifier(ckpt_dir)
 
 
 def test_load_classifier_missing(tmp_path):

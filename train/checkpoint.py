@@ -119,13 +119,15 @@ def _nonfinite(leaves: list[np.ndarray]) -> bool:
 
 
 def tree_shapes(tree) -> dict:
-  """{leaf path: shape} of a tree of arrays: what a step's record says it holds, so a reader checks a model's shapes
-  without opening the arrays (the state's metadata opens every one)."""
-  return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  """{leaf path: shape} of a tree of arrays: what a step's record says it holds, so a reader checks
+  a model's shapes without opening the arrays (the state's metadata opens every one)."""
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path): list(leaf.shape) for path, leaf in leaves}
 
 
 def _stored_shapes(manager: ocp.CheckpointManager, step: int, record: dict) -> dict:
-  """{field: tree_shapes} of a step: from its record, or (a step saved before records held them) its metadata."""
+  """{field: tree_shapes} of a step: from its record, or (a step saved before records held them)
+  from its metadata."""
   if SHAPES_KEY in record:
     return record[SHAPES_KEY]
   stored = ocp.StandardCheckpointHandler().metadata(manager.directory / str(step) / 'state').tree
@@ -148,7 +150,8 @@ def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
   if bad:
     raise NonFiniteStateError(f'non-finite values in {", ".join(bad)}')
   digest = {name: params_digest(leaves) for name, leaves in host.items()}
-  record = dict(record, **{SHAPES_KEY: {name: tree_shapes(tree) for name, tree in _fields(state).items()}})
+  shapes = {name: tree_shapes(tree) for name, tree in _fields(state).items()}
+  record = dict(record, **{SHAPES_KEY: shapes})
   record = dict(record, **{DIGEST_KEY: dict(digest, record=record_digest(record))})
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -218,9 +221,11 @@ def _restore_step(manager, step: int, abstract, check_record: Callable[[dict], N
   errors as raised (the caller sorts them with is_damage)."""
   record = saved_record(manager, step)
   check_record(record)
-  shapes = lambda fields: sorted(shape for tree in fields.values() for shape in tree.values())  # paths aside: a
-  # step saved before records held shapes names the optimizer state's nodes as its metadata does
-  if shapes(_stored_shapes(manager, step, record)) != shapes({k: tree_shapes(v) for k, v in _fields(abstract).items()}):
+  # Shapes, paths aside: a step saved before records held shapes names the optimizer state's
+  # nodes as its metadata does.
+  shapes = lambda fields: sorted(shape for tree in fields.values() for shape in tree.values())
+  wanted = {name: tree_shapes(tree) for name, tree in _fields(abstract).items()}
+  if shapes(_stored_shapes(manager, step, record)) != shapes(wanted):
     raise CheckpointError(f'checkpoint {ckpt_dir} does not fit the current model (parameter shapes differ): '
                           'use another --config.workdir or the config that made it')
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
