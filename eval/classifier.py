@@ -14,7 +14,8 @@ import optax
 import orbax.checkpoint as ocp
 
 import data
-from train.checkpoint import DIGEST_KEY, CheckpointError, latest_step, open_manager, params_digest
+from train.checkpoint import (DIGEST_KEY, CheckpointError, DamageError, check_digest, latest_step,
+                              open_manager, params_digest)
 
 NUM_CLASSES = 10
 MAX_SHIFT = 1  # Random translations of up to this many pixels during training.
@@ -150,8 +151,9 @@ def load_classifier(ckpt_dir: str) -> tuple[DigitsClassifier, dict, dict]:
     init = functools.partial(model.init, train=False)
     abstract = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
-  saved = record.get(DIGEST_KEY, {}).get('params')
-  if saved is not None and params_digest(restored['params']) != saved:
-    raise CheckpointError(f'the classifier in {ckpt_dir} is damaged (its params are not the bytes '
-                          'written): delete that folder and it is trained again')
+  try:
+    check_digest(record, step, {'params': restored['params']})
+  except DamageError as err:
+    raise CheckpointError(f'the classifier in {ckpt_dir} is damaged ({err}): delete that folder '
+                          'and it is trained again') from err
   return model, restored['params'], record
