@@ -46,6 +46,52 @@ def _error_lines(result) -> list[str]:
   return [line for line in result.stderr.splitlines() if line.startswith('error:')]
 
 
+_READ_ONLY = """
+import errno, os, runpy, sys
+
+root, real_open, real_mkdir = os.path.abspath(sys.argv[1]), os.open, os.mkdir
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _refuse(path):
+  if os.path.abspath(os.fsdecode(path)).startswith(root):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+
+def read_only_open(path, flags, *args, **kwargs):
+  if flags & WRITE:
+    _refuse(path)
+  return real_open(path, flags, *args, **kwargs)
+
+
+def read_only_mkdir(path, *args, **kwargs):
+  _refuse(path)
+  return real_mkdir(path, *args, **kwargs)
+
+
+os.open, os.mkdir = read_only_open, read_only_mkdir  # what open(), tempfile and os.makedirs go through
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
+def test_a_read_only_workdir_is_one_error_line_and_nothing_changes(tmp_path):
+  """A workdir on a read-only file system (every create or write under it fails with EROFS, as on a read-only
+  mount; simulated in the process, since root may write anywhere): one line naming it, no traceback."""
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('kept')
+  command = [sys.executable, '-c', _READ_ONLY, str(workdir), 'main.py', '--config=configs/tiny.py',
+             '--mode=teacher', f'--config.workdir={workdir}']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = _error_lines(result)
+  assert len(lines) == 1 and lines[0].startswith(f'error: {workdir}/') and ': Read-only file system: check the path' \
+      in lines[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert sorted(os.listdir(workdir)) == ['notes.txt'] and (workdir / 'notes.txt').read_text() == 'kept'
+
+
 def test_a_workdir_that_is_a_file_is_one_error_line(tmp_path):
   workdir = tmp_path / 'run'
   workdir.write_text('not a directory')
