@@ -48,10 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
   # models.embeddings.GuidanceEmbedding.gains), besides the embedding added to the conditioning vector;
   # guidance_output: the output gains a term w * b, b a zero-initialised convolution of the last features (UNet
   # students only): the guided teacher's prediction is linear in w; guidance_w_scale: the w-embedding's
-  # sinusoids are of guidance_w_scale * w (UNet students).
+  # sinusoids are of guidance_w_scale * w (UNet students); guidance_context: the w-embedding and gains also see
+  # the noise level and label (UNet students).
   config.distill = ml_collections.ConfigDict(dict(stage='stage2', w_min=0.0, w_max=4.0, w_zero_fraction=0.0,
                                                   dropout=-1.0, allow_incomplete_teacher=False, redistill=False,
                                                   guidance_gains=False, guidance_output=False,
+                                                  guidance_context=False,
                                                   guidance_w_scale=250.0,
                                                   w_distribution='uniform'))
   # lr_scales: lr factors of top-level parameter keys ('guidance_embed': the fresh w-embedding).

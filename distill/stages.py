@@ -64,11 +64,13 @@ def fresh_guidance_embed(abstract_params, *, seed: int):
   gain_channels = tuple(abstract[f'gain_{i}']['kernel'].shape[1] for i in range(len(abstract))
                         if f'gain_{i}' in abstract)
   output = abstract.get('output', {}).get('kernel')  # [3, 3, features, C]
+  use_context = 'dense_context' in abstract
   embed = GuidanceEmbedding(emb_dim=kernel.shape[1], freq_dim=kernel.shape[0], gain_channels=gain_channels,
-                            output_channels=0 if output is None else output.shape[-1])
+                            output_channels=0 if output is None else output.shape[-1], use_context=use_context)
   features = None if output is None else jnp.zeros((2, 4, 4, output.shape[2]), jnp.float32)
+  context = jnp.zeros((2, kernel.shape[1]), jnp.float32) if use_context else None
   rng = LazyRng.create(jax.random.key(seed), GUIDANCE_EMBED_KEY)  # the key path of the submodule
-  params = embed.init({'params': rng}, jnp.zeros((2,), jnp.float32), features,
+  params = embed.init({'params': rng}, jnp.zeros((2,), jnp.float32), features, context,
                       method=GuidanceEmbedding.everything)['params']
   if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, abstract_params[GUIDANCE_EMBED_KEY]):
     raise ValueError('the model\'s w-embedding is not models.embeddings.GuidanceEmbedding')

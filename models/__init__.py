@@ -52,6 +52,7 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
     return UNet(**_unet_fields(model_config), num_classes=num_classes, guidance_input=guidance_input,
                 guidance_gains=model_config.get('guidance_gains', False),
                 guidance_output=model_config.get('guidance_output', False),
+                guidance_context=model_config.get('guidance_context', False),
                 guidance_w_scale=model_config.get('guidance_w_scale', GUIDANCE_W_SCALE),
                 dtype=compute_dtype(model_config))
   if model_config.name == 'ref_unet':

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 TIME_SCALE = 1000.
 # Guidance weights w in roughly [0, 4] are scaled to the same [0, 1000] range.
 GUIDANCE_W_SCALE = 250.
+# The UNet students' options for how w enters (config.distill fields of these names, model fields of the record).
+GUIDANCE_OPTIONS = ('guidance_gains', 'guidance_output', 'guidance_context')
 
 
 def sinusoidal_embedding(x, *, dim, max_period=10000.):
@@ -52,9 +54,14 @@ class GuidanceEmbedding(nn.Module):
   gain_channels: tuple[int, ...] = ()
   output_channels: int = 0
   w_scale: float = GUIDANCE_W_SCALE  # sinusoids of w_scale * w
+  # The hidden layer also sees the conditioning vector (noise level + label): the embedding and the gains can
+  # then differ by class and noise level, as the guidance term (1 + w) x_cond - w x_uncond does.
+  use_context: bool = False
 
   def setup(self):
     self.dense_0 = nn.Dense(self.emb_dim)
+    if self.use_context:
+      self.dense_context = nn.Dense(self.emb_dim)
     self.dense_1 = nn.Dense(self.emb_dim, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
     self.gain = [nn.Dense(channels, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
                  for channels in self.gain_channels]
@@ -62,16 +69,19 @@ class GuidanceEmbedding(nn.Module):
       self.output = nn.Conv(self.output_channels, (3, 3), kernel_init=nn.initializers.zeros,
                             bias_init=nn.initializers.zeros)
 
-  def _hidden(self, guidance_w):
-    h = sinusoidal_embedding(self.w_scale * guidance_w, dim=self.freq_dim)  # [B, freq_dim]
-    return nn.silu(self.dense_0(h))  # [B, emb_dim]
+  def _hidden(self, guidance_w, context):
+    h = self.dense_0(sinusoidal_embedding(self.w_scale * guidance_w, dim=self.freq_dim))  # [B, emb_dim]
+    if self.use_context:
+      h = h + self.dense_context(nn.silu(context))
+    return nn.silu(h)  # [B, emb_dim]
 
-  def __call__(self, guidance_w):
-    return self.dense_1(self._hidden(guidance_w))  # [B, emb_dim]
+  def __call__(self, guidance_w, context=None):
+    """The embedding [B, emb_dim] of w (and of context [B, emb_dim], the conditioning vector, if use_context)."""
+    return self.dense_1(self._hidden(guidance_w, context))  # [B, emb_dim]
 
-  def gains(self, guidance_w) -> tuple:
+  def gains(self, guidance_w, context=None) -> tuple:
     """One [B, channels] gain per entry of gain_channels, each exactly 1 at initialisation."""
-    hidden = self._hidden(guidance_w)
+    hidden = self._hidden(guidance_w, context)
     return tuple(1.0 + layer(hidden) for layer in self.gain)
 
   def guidance_term(self, features, guidance_w):
@@ -80,14 +90,14 @@ class GuidanceEmbedding(nn.Module):
     term lets the student represent it as a + w b instead of learning the scaling through the embedding."""
     return guidance_w[:, None, None, None] * self.output(features)
 
-  def everything(self, guidance_w, features=None):
+  def everything(self, guidance_w, features=None, context=None):
     """(embedding, gains, guidance term or None): touches every parameter (what init must call)."""
     term = self.guidance_term(features, guidance_w) if self.output_channels else None
-    return self(guidance_w), self.gains(guidance_w), term
+    return self(guidance_w, context), self.gains(guidance_w, context), term
 
 
 def conditioning_and_gains(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim, gain_channels=(),
-                           output_channels=0, w_scale=GUIDANCE_W_SCALE):
+                           output_channels=0, w_scale=GUIDANCE_W_SCALE, guidance_context=False):
   """(conditioning vector [B, emb_dim], per-block gains, guidance module): conditioning_vector's sum, and when
   guidance_w is given and gain_channels is not empty, GuidanceEmbedding.gains (an empty tuple otherwise); the
   GuidanceEmbedding (None without guidance_w), whose guidance_term the network adds to its output when
@@ -102,8 +112,10 @@ def conditioning_and_gains(logsnr_t, label, guidance_w, *, num_classes, emb_dim,
   if guidance_w is None:
     return emb, (), None
   embed = GuidanceEmbedding(emb_dim=emb_dim, freq_dim=freq_dim, gain_channels=tuple(gain_channels),
-                            output_channels=output_channels, w_scale=w_scale, name='guidance_embed')
-  return emb + embed(guidance_w), embed.gains(guidance_w), embed  # [B, emb_dim], ([B, C_i], ...)
+                            output_channels=output_channels, w_scale=w_scale, use_context=guidance_context,
+                            name='guidance_embed')
+  context = emb if guidance_context else None
+  return emb + embed(guidance_w, context), embed.gains(guidance_w, context), embed  # [B, emb_dim], ([B, C_i], ...)
 
 
 def conditioning_vector(logsnr_t, label, guidance_w, *, num_classes, emb_dim, freq_dim):

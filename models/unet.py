@@ -90,7 +90,8 @@ class UNet(nn.Module):
   label == num_classes is the null label used for classifier-free guidance. With guidance_input=True
   the only extra parameters are under the top-level key 'guidance_embed'; with guidance_gains too, w also
   scales every residual block's normalised activations channel by channel (GuidanceEmbedding.gains); with
-  guidance_output, the output gains a term linear in w (GuidanceEmbedding.guidance_term).
+  guidance_output, the output gains a term linear in w (GuidanceEmbedding.guidance_term); with guidance_context,
+  the w-embedding and gains also see the noise level and label (GuidanceEmbedding.use_context).
   """
   num_classes: int
   ch: int = 64
@@ -102,6 +103,7 @@ class UNet(nn.Module):
   guidance_input: bool = False
   guidance_gains: bool = False
   guidance_output: bool = False
+  guidance_context: bool = False
   guidance_w_scale: float = GUIDANCE_W_SCALE
   num_heads: int = 1
   dtype: Any = jnp.float32  # compute dtype (see the module docstring)
@@ -115,7 +117,8 @@ class UNet(nn.Module):
     emb, gains, guidance = conditioning_and_gains(
         logsnr_t, label, guidance_w, num_classes=self.num_classes, emb_dim=4 * self.ch, freq_dim=self.ch,
         gain_channels=tuple(blocks.values()) if self.guidance_gains else (),
-        output_channels=z_t.shape[-1] if self.guidance_output else 0, w_scale=self.guidance_w_scale)
+        output_channels=z_t.shape[-1] if self.guidance_output else 0, w_scale=self.guidance_w_scale,
+        guidance_context=self.guidance_context)
     gains = dict(zip(blocks, gains))  # block name -> [B, C], empty without guidance gains
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z_t)  # [B, H, W, ch]
     h, skips = self._down_path(h, emb, gains, train=train)

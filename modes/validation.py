@@ -8,6 +8,7 @@ from distill.objectives import W_DISTRIBUTIONS
 from diffusion import BETA_SCHEDULES, DDPM_VARIANCES, DISCRETE_FIELDS, PARAMETRIZATIONS, SCHEDULES, WEIGHTINGS
 from eval import reference_stats as standard_stats
 from models import COMPUTE_DTYPES, MODEL_NAMES
+from models.embeddings import GUIDANCE_OPTIONS
 from models.diffusers_import import FolderError, complete_config
 from samplers.samplers import SAMPLERS
 
@@ -185,7 +186,7 @@ def validate_config(config) -> None:
            f'distill.dropout must be -1 (the teacher\'s) or in [0, 1), got {config.distill.dropout}')
   _require(config.distill.w_distribution in W_DISTRIBUTIONS, f"unknown distill.w_distribution "
            f"'{config.distill.w_distribution}'; choose one of: {', '.join(W_DISTRIBUTIONS)}")
-  for field in ('guidance_gains', 'guidance_output'):
+  for field in GUIDANCE_OPTIONS:
     _require(not config.distill.get(field) or config.model.name == 'unet',
              f"distill.{field} needs model.name 'unet' (got '{config.model.name}'): set it False")
   _require(_finite(config.distill.guidance_w_scale) and config.distill.guidance_w_scale > 0,

@@ -47,14 +47,16 @@ def test_fresh_guidance_embed_is_the_full_initialisations_w_embedding():
   assert np.std(np.asarray(embed['dense_0']['kernel'])) > 0.01  # randomly initialised, not zeros
 
 
-def test_fresh_guidance_embed_with_gains_is_the_full_initialisations():
+@pytest.mark.parametrize('guidance_context', [False, True])
+def test_fresh_guidance_embed_with_gains_is_the_full_initialisations(guidance_context):
   record = dict(model=dict(name='unet', ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                           dropout=0.0, num_groups=4, guidance_gains=True),
+                           dropout=0.0, num_groups=4, guidance_gains=True, guidance_context=guidance_context),
                 num_classes=4, guidance_input=True, x_shape=[8, 8, 1])
   student, abstract = records.build(record)
   full = init_params(student, rng=jax.random.key(5), x_shape=(8, 8, 1), guidance_input=True)
   embed = stages.fresh_guidance_embed(abstract, seed=5)
-  assert len(embed) == 2 + 8  # dense_0, dense_1 and a gain layer per residual block
+  # dense_0, dense_1, a gain layer per residual block (and the context's layer)
+  assert len(embed) == 2 + 8 + guidance_context
   jax.tree.map(np.testing.assert_array_equal, embed, full['guidance_embed'])
 
 

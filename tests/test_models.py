@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models import build_model, count_params, init_params
-from models.embeddings import logsnr_to_time, sinusoidal_embedding
+from models.embeddings import GuidanceEmbedding, logsnr_to_time, sinusoidal_embedding
 from models.mlp import MLPDenoiser
 from models.unet import UNet
 
@@ -221,6 +221,27 @@ def test_guidance_gains_start_at_one_and_scale_channels_once_trained():
   out_w0 = apply_fn(gained, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=0.), train=False)
   out_w4 = apply_fn(gained, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=4.), train=False)
   assert float(jnp.max(jnp.abs(out_w0 - out_w4))) > 1e-4
+
+
+def test_guidance_context_starts_as_the_teacher_and_makes_the_gains_depend_on_the_label():
+  """distill.guidance_context: the w-embedding's hidden layer also sees the conditioning vector; at init the
+  student is its teacher at every w, and once a gain layer moves, w's effect differs from class to class."""
+  base_model = tiny_unet()
+  student = tiny_unet(guidance_input=True, guidance_gains=True, guidance_context=True)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE, guidance_input=False)
+  init = init_params(student, rng=jax.random.PRNGKey(2), x_shape=IMAGE_SHAPE, guidance_input=True)
+  assert 'dense_context' in init['guidance_embed']
+  student_params = {**base_params, 'guidance_embed': init['guidance_embed']}
+  base_out = apply_fn(base_model, base_params, dummy_inputs(IMAGE_SHAPE), train=False)
+  for w in [0., 4.]:
+    np.testing.assert_array_equal(
+        apply_fn(student, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=w), train=False), base_out)
+  embed = GuidanceEmbedding(emb_dim=16, freq_dim=8, gain_channels=(4,), use_context=True)
+  w, contexts = jnp.full((2,), 2.0), jax.random.normal(jax.random.PRNGKey(3), (2, 16))  # two labels' vectors
+  params = embed.init(jax.random.PRNGKey(4), w, None, contexts, method=GuidanceEmbedding.everything)['params']
+  params['gain_0']['kernel'] = jax.random.normal(jax.random.PRNGKey(5), params['gain_0']['kernel'].shape)
+  gains = embed.apply({'params': params}, w, contexts, method=GuidanceEmbedding.gains)[0]  # [2, 4]
+  assert float(jnp.max(jnp.abs(gains[0] - gains[1]))) > 1e-3  # same w, other conditioning: other gains
 
 
 def test_guidance_output_is_zero_at_init_and_exactly_linear_in_w():

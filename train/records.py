@@ -25,7 +25,7 @@ from absl import logging
 
 import data
 from models import build_model, init_params
-from models.embeddings import GUIDANCE_W_SCALE
+from models.embeddings import GUIDANCE_OPTIONS, GUIDANCE_W_SCALE
 from train import checkpoint, files
 from train.checkpoint import CheckpointError
 
@@ -42,7 +42,7 @@ def to_json(tree):
 
 def stage_model_config(config, stage: str) -> dict:
   """config.model for the teacher; for the students with distill.dropout (when >= 0) as their dropout, and for
-  the w-input students with distill.guidance_gains and distill.guidance_output when set.
+  the w-input students with distill.guidance_gains, guidance_output and guidance_context when set.
 
   An imported teacher's model (name 'diffusers_unet') also names its folder(s) and the sha256 of their weights: the
   students' records keep them. A w-input student of a two-network teacher is its conditional network alone.
@@ -51,7 +51,7 @@ def stage_model_config(config, stage: str) -> dict:
   if stage != 'teacher' and config.distill.dropout >= 0:
     model['dropout'] = config.distill.dropout
   if stage not in GUIDED_STAGES:
-    model.update({k: True for k in ('guidance_gains', 'guidance_output') if config.distill.get(k)})
+    model.update({k: True for k in GUIDANCE_OPTIONS if config.distill.get(k)})
     if config.distill.get('guidance_w_scale', GUIDANCE_W_SCALE) != GUIDANCE_W_SCALE:
       model['guidance_w_scale'] = float(config.distill.guidance_w_scale)
   if stage not in GUIDED_STAGES and model.get('uncond_unet'):
@@ -188,7 +188,7 @@ _NOT_INPUTS = {
     'stage2': ('encoder', 'direct', 'stage2.final_steps'),
     'encoder': ('stage2', 'direct', 'encoder.final_steps'),
     'direct': ('stage1', 'stage2', 'encoder', 'distill.w_min', 'distill.w_max', 'distill.w_zero_fraction',
-               'distill.w_distribution', 'distill.guidance_gains', 'distill.guidance_output',
+               'distill.w_distribution', *(f'distill.{k}' for k in GUIDANCE_OPTIONS),
                'distill.guidance_w_scale',
                'direct.final_steps'),
 }
