@@ -8,12 +8,17 @@ the pipeline's fidelity table scores it (modes/stage_quality.py, eval/fidelity.p
 
   python benchmarks/stage1_fidelity.py --config=configs/digits_teacher.py --workdirs=runs/a,runs/b
 
---student_steps=4 adds a row for the 4-step stage-2 student (DDIM 4) of every workdir that has one.
+--student_steps=4 adds a row for the 4-step stage-2 student (DDIM 4) of every workdir that has one. A last row,
+"teacher raw params", is the first workdir's teacher sampled with its raw params (its last iterate) instead of the
+EMA that the students distil and the reference is sampled from: a copy of the teacher a few hundred updates away,
+the scale of what its own training leaves undetermined.
 
 A second table, the guidance response of every stage 1 (eval.fidelity.guidance_response): on 512 training images
 noised at t = 0.3, 0.5 and 0.7 (where guidance shapes the sample), how much of the teacher's guided move away
 from its conditional prediction the student makes at each w > 0 (1: all of it; below 1 at large w: a flattened
-response to w), and at w = 0 the RMS of the student's prediction against the conditional one.
+response to w), and at w = 0 the RMS of the student's prediction against the conditional one. A third, the
+guidance error (eval.fidelity.guidance_error): the student's error over the size of the teacher's guidance term,
+with the teacher's raw params as a row again. --predictions_only prints these two tables alone (no sampling).
 """
 
 import os
@@ -35,7 +40,7 @@ from distill import stages
 from eval import fidelity
 from modes import fid
 from modes.methods import Method
-from modes.sampling import load_cached
+from modes.sampling import LoadedCheckpoint, load_cached
 from modes.stage_quality import extract_features, floor_method, reference_method, sample_set
 from train import files
 from train.mesh import configure_cpu_compiler
@@ -43,6 +48,8 @@ from train.mesh import configure_cpu_compiler
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'the pipeline config')
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'workdirs with a stage-1 checkpoint of the same teacher')
 _STUDENT_STEPS = flags.DEFINE_integer('student_steps', 0, 'also score the stage-2 student of this many steps')
+_PREDICTIONS_ONLY = flags.DEFINE_bool('predictions_only', False, 'only the guidance response and error tables '
+                                      '(no sampling)')
 
 
 _LOADED = {}
@@ -89,28 +96,48 @@ def _models(config, workdir: str) -> list[tuple[str, Method]]:
 RESPONSE_TIMES = (0.3, 0.5, 0.7)
 
 
-def _response_row(config, workdir: str, ws) -> list[float]:
-  """[RMS to the conditional prediction at w = 0, guidance response at each other w] of workdir's stage 1."""
+RAW = '#params'  # a _LOADED key suffix: the teacher's raw params (its last iterate, not the EMA students distil)
+
+
+def _raw_teacher(workdir: str) -> str:
+  """The _LOADED key of workdir's teacher sampled with its raw params: how far a copy of the teacher a few hundred
+  updates from its EMA is, the scale of what the teacher's own training leaves undetermined."""
+  teacher_dir = stages.stage_dir(workdir, 'teacher')
+  if teacher_dir + RAW not in _LOADED:
+    _LOADED[teacher_dir + RAW] = LoadedCheckpoint(teacher_dir, which='params')
+  return teacher_dir + RAW
+
+
+def _prediction_rows(config, workdir: str, ws, raw: bool = False) -> tuple[list[float], list[float]]:
+  """(guidance response, guidance error) at each w of workdir's stage 1 (of its teacher's raw params if raw), on
+  training images noised at RESPONSE_TIMES; at w = 0 the response row holds the RMS to the conditional prediction
+  and the error row the RMS error over the RMS of the teacher's guidance term at w = 1."""
   teacher = load_cached(_LOADED, stages.stage_dir(workdir, 'teacher'))
-  student = load_cached(_LOADED, stages.stage_dir(workdir, 'stage1'))
+  student = _LOADED[_raw_teacher(workdir)] if raw else load_cached(_LOADED, stages.stage_dir(workdir, 'stage1'))
   batch = next(data.make_train_iterator(config.data, per_host_batch_size=512, seed=123, start_step=0))
   x, label = jnp.asarray(batch['x']), jnp.asarray(batch['label'])  # [B, H, W, C], [B]
-  predictions = {w: ([], [], []) for w in ws}  # w -> (student, teacher, conditional) per t
+  predictions = {w: ([], [], []) for w in (*ws, 1.0)}  # w -> (student, teacher, conditional) per t
   for i, t in enumerate(RESPONSE_TIMES):
     logsnr = teacher.logsnr_fn(jnp.full(label.shape, t))  # [B]
     z_t = diffusion_forward(x=x, eps=jax.random.normal(jax.random.key(i), x.shape), logsnr=logsnr)
     conditional = teacher.denoise_fn(teacher.params, z_t, logsnr, label, jnp.zeros(label.shape))[0]
-    for w in ws:
+    for w, stores in predictions.items():
       w_b = jnp.full(label.shape, w)
-      for store, model in zip(predictions[w], (student, teacher)):
+      for store, model in zip(stores, (student, teacher)):
         store.append(model.denoise_fn(model.params, z_t, logsnr, label, w_b)[0])
-      predictions[w][2].append(conditional)
-  row = []
+      stores[2].append(conditional)
+  joined = {w: [jnp.concatenate(p) for p in stores] for w, stores in predictions.items()}
+  response, error = [], []
   for w in ws:
-    x_student, x_teacher, x_cond = (jnp.concatenate(p) for p in predictions[w])
-    row.append(float(jnp.sqrt(jnp.mean((x_student - x_cond) ** 2))) if w == 0 else
-               fidelity.guidance_response(x_student=x_student, x_teacher=x_teacher, x_conditional=x_cond))
-  return row
+    x_student, x_teacher, x_cond = joined[w]
+    if w == 0:
+      response.append(float(jnp.sqrt(jnp.mean((x_student - x_cond) ** 2))))
+      guidance_1 = float(jnp.sqrt(jnp.mean((joined[1.0][1] - x_cond) ** 2)))  # the guidance term at w = 1
+      error.append(float(jnp.sqrt(jnp.mean((x_student - x_teacher) ** 2))) / guidance_1)
+    else:
+      response.append(fidelity.guidance_response(x_student=x_student, x_teacher=x_teacher, x_conditional=x_cond))
+      error.append(fidelity.guidance_error(x_student=x_student, x_teacher=x_teacher, x_conditional=x_cond))
+  return response, error
 
 
 def main(argv):
@@ -118,29 +145,45 @@ def main(argv):
   configure_cpu_compiler()  # as main.py: before a backend starts
   config = _CONFIG.value
   config.workdir = _WORKDIRS.value[0]
+  ws = [float(w) for w in config.pipeline.quality_ws]
+  if not _PREDICTIONS_ONLY.value:
+    _fidelity_table(config, ws)
+  _prediction_tables(config, ws)
+
+
+def _fidelity_table(config, ws):
   name, extract = fid.make_extractor(config)
   cache_dir = files.join(config.workdir, 'reference_stats')
   real_pool = fid.reference_features(config, name, extract, cache_dir)
   real_stats = fid.reference_stats(config, name, extract, cache_dir)
-  ws = [float(w) for w in config.pipeline.quality_ws]
   references = _teacher_sets(config, ws, extract, real_pool, real_stats)
   print('| workdir | model | ' + ' | '.join(f'w = {w:g}' for w in ws) + f' | max / w = 1 | recall w = {ws[0]:g} '
         f'| class acc. w = {ws[0]:g} | seconds |')
-  for workdir in _WORKDIRS.value:
-    for model, method in _models(config, workdir):
-      start = time.time()
-      scores = {w: fidelity.score(_features(config, method.ckpt_dir, method, w, extract), reference=references[w],
-                                  real_pool=real_pool, real_stats=real_stats) for w in ws}
-      values = [scores[w]['fidelity'] for w in ws]
-      ratio = max(values) / scores[1.0]['fidelity'] if 1.0 in scores else float('nan')
-      print(f'| {os.path.basename(workdir.rstrip("/"))} | {model} | ' + ' | '.join(f'{v:.4f}' for v in values) +
-            f' | {ratio:.2f} | {scores[ws[0]]["recall"]:.3f} | {scores[ws[0]]["accuracy"]:.3f} '
-            f'| {time.time() - start:.0f} |', flush=True)
-  print(f'\nguidance response at t = {RESPONSE_TIMES} (w = 0: RMS to the conditional prediction)')
-  print('| workdir | ' + ' | '.join(f'w = {w:g}' for w in ws) + ' |')
-  for workdir in _WORKDIRS.value:
-    row = _response_row(config, workdir, ws)
-    print(f'| {os.path.basename(workdir.rstrip("/"))} | ' + ' | '.join(f'{v:.3f}' for v in row) + ' |', flush=True)
+  raw = Method('teacher', 'ddim', config.pipeline.quality_steps, 2 * config.pipeline.quality_steps,
+               _raw_teacher(config.workdir))
+  rows = [(os.path.basename(w.rstrip('/')), *m) for w in _WORKDIRS.value for m in _models(config, w)]
+  for name, model, method in rows + [('teacher raw params', f'CFG ddim {config.pipeline.quality_steps}', raw)]:
+    start = time.time()
+    scores = {w: fidelity.score(_features(config, method.ckpt_dir, method, w, extract), reference=references[w],
+                                real_pool=real_pool, real_stats=real_stats) for w in ws}
+    values = [scores[w]['fidelity'] for w in ws]
+    ratio = max(values) / scores[1.0]['fidelity'] if 1.0 in scores else float('nan')
+    print(f'| {name} | {model} | ' + ' | '.join(f'{v:.4f}' for v in values) +
+          f' | {ratio:.2f} | {scores[ws[0]]["recall"]:.3f} | {scores[ws[0]]["accuracy"]:.3f} '
+          f'| {time.time() - start:.0f} |', flush=True)
+
+
+def _prediction_tables(config, ws):
+  rows = [(os.path.basename(w.rstrip('/')), _prediction_rows(config, w, ws)) for w in _WORKDIRS.value]
+  rows.append(('teacher raw params', _prediction_rows(config, _WORKDIRS.value[0], ws, raw=True)))
+  header = '| workdir | ' + ' | '.join(f'w = {w:g}' for w in ws) + ' |'
+  print(f'\nguidance response at t = {RESPONSE_TIMES} (w = 0: RMS to the conditional prediction)\n{header}')
+  for name, (response, _) in rows:
+    print(f'| {name} | ' + ' | '.join(f'{v:.3f}' for v in response) + ' |')
+  print(f'\nguidance error at t = {RESPONSE_TIMES}: RMS error / RMS of the teacher\'s guidance term (w = 0: over '
+        f'the term at w = 1)\n{header}')
+  for name, (_, error) in rows:
+    print(f'| {name} | ' + ' | '.join(f'{v:.3f}' for v in error) + ' |', flush=True)
 
 
 if __name__ == '__main__':

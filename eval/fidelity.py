@@ -77,6 +77,15 @@ def verdict(fidelity: Optional[float], floor: Optional[float]) -> Optional[str]:
   return FAITHFUL if fidelity <= floor else DRIFTED
 
 
+def guidance_error(*, x_student, x_teacher, x_conditional) -> float:
+  """A student's error as a fraction of the teacher's guidance term, from predictions on the same inputs
+  [B, ...]: RMS(x_student - x_teacher) / RMS(x_teacher - x_conditional), where x_teacher - x_conditional is
+  w (x_cond - x_uncond). 0: the teacher's guided prediction; 1: as far from it as the conditional model is."""
+  error = np.asarray(x_student, np.float64) - np.asarray(x_teacher, np.float64)
+  guidance = np.asarray(x_teacher, np.float64) - np.asarray(x_conditional, np.float64)
+  return float(np.sqrt(np.sum(error * error) / max(np.sum(guidance * guidance), 1e-30)))
+
+
 def guidance_response(*, x_student, x_teacher, x_conditional) -> float:
   """How much of the teacher's guidance a student reproduces, from predictions on the same inputs [B, ...]:
   the projection of the student's move away from the conditional prediction onto the teacher's,

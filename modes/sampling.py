@@ -92,11 +92,14 @@ def default_steps(record: dict, sampler: str) -> int:
 class LoadedCheckpoint:
   """A checkpoint's record, params and denoiser: guided CFG for the teacher, w-input for students."""
 
-  def __init__(self, ckpt_dir: str):
+  def __init__(self, ckpt_dir: str, which: str = 'ema_params'):
+    """which: the params sampled, 'ema_params' (what every stage distils and samples) or 'params' (the raw last
+    iterate)."""
     self.ckpt_dir = ckpt_dir
     self.record = records.read(ckpt_dir)
     model, abstract = records.build(self.record)
-    self.params = checkpoint.load_params(ckpt_dir, abstract, check_record=records.checker(self.record, ckpt_dir))
+    self.params = checkpoint.load_params(ckpt_dir, abstract, check_record=records.checker(self.record, ckpt_dir),
+                                         which=which)
     self.logsnr_fn = schedule_of(self.record['diffusion'])
     kind = 'guided' if not self.record['guidance_input'] else 'w_input'  # teacher, direct baseline: CFG
     self.denoise_fn = make_denoise_fn(model, parametrization=self.record['parametrization'], kind=kind,

@@ -88,6 +88,12 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
   assert all(float(value) >= 0 for value in cells[0][2:5])
   assert float(cells[0][5]) == pytest.approx(max(map(float, cells[0][2:5])) / float(cells[0][3]), rel=1e-2)
   assert result.stdout.count('floor (teacher CFG ddim 2)') == 1
-  responses = [line for line in result.stdout.splitlines() if line.startswith('| a | ') and 'stage 1' not in line]
-  assert len(responses) == 2 and responses[0] == responses[1]  # w = 0, 1, 2: RMS, then two guidance responses
+  lines = [line for line in result.stdout.splitlines() if line.startswith('| a | ') and 'stage 1' not in line]
+  responses, errors = lines[:2], lines[2:]  # w = 0, 1, 2: RMS, then two guidance responses; then the errors
+  assert len(responses) == 2 and responses[0] == responses[1]
   assert float(responses[0].split(' | ')[1]) >= 0 and 0 < float(responses[0].split(' | ')[2]) < 2
+  assert len(errors) == 2 and errors[0] == errors[1] and all(float(v) >= 0 for v in errors[0][len('| a | '):-2].split(' | '))
+  raw = [line for line in result.stdout.splitlines() if line.startswith('| teacher raw params | ')]
+  assert len(raw) == 3 and raw[0].startswith('| teacher raw params | CFG ddim ')  # fidelity, response, error
+  assert all(float(v) > 0 for v in raw[0].split(' | ')[2:5])  # not the EMA: another set of samples
+  assert all(0 < float(v) < 10 for v in raw[2][len('| teacher raw params | '):-2].split(' | '))

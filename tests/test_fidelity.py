@@ -140,3 +140,14 @@ def test_guidance_response_is_one_for_the_teacher_and_w_ratio_for_another_w():
   noise = rng.normal(size=cond.shape)
   noise -= np.sum(noise * (guided(4.0) - cond)) / np.sum((guided(4.0) - cond) ** 2) * (guided(4.0) - cond)
   assert response(x_student=guided(4.0) + noise) == pytest.approx(1.0)  # an error orthogonal to guidance
+
+
+def test_guidance_error_is_zero_for_the_teacher_one_for_the_conditional_and_scales_with_w():
+  rng = np.random.default_rng(1)
+  cond, uncond = rng.normal(size=(16, 8, 8, 1)), rng.normal(size=(16, 8, 8, 1))  # [B, H, W, C]
+  guided = lambda w: np.asarray(guided_prediction(cond=cond, uncond=uncond, guidance_w=w))
+  error = functools.partial(fidelity.guidance_error, x_teacher=guided(4.0), x_conditional=cond)
+  assert error(x_student=guided(4.0)) == pytest.approx(0.0)
+  assert error(x_student=cond) == pytest.approx(1.0)
+  assert error(x_student=guided(3.0)) == pytest.approx(0.25)  # a quarter of the guidance term missing
+  assert error(x_student=guided(5.0)) == pytest.approx(0.25)  # or too much of it
