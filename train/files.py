@@ -1,12 +1,14 @@
-"""Every path under a run's workdir, local or remote (gs://, s3://, ...), through etils.epath as Orbax's own.
+"""Every path under a run's workdir, local or remote (gs://, s3://, ...), through etils.epath as
+Orbax's own.
 
-Result files are written atomically: a killed process leaves the old file or the new one, never half of one. On a
-local disk that is a temporary file in the same directory renamed over the target (os.replace is atomic on one
-filesystem); on an object store (a path with a URL scheme) the object is written in one go, which is atomic there
-(an object appears whole or not at all) and which is all it offers: it has no rename.
+Result files are written atomically: a killed process leaves the old file or the new one, never half
+of one. On a local disk that is a temporary file in the same directory renamed over the target
+(os.replace is atomic on one filesystem); on an object store (a path with a URL scheme) the object
+is written in one go, which is atomic there (an object appears whole or not at all) and which is all
+it offers: it has no rename.
 
-Paths stay strings in the rest of the code (dictionary keys, records, messages); these helpers take str or
-os.PathLike and turn them into epath.Path where they touch storage.
+Paths stay strings in the rest of the code (dictionary keys, records, messages); these helpers take
+str or os.PathLike and turn them into epath.Path where they touch storage.
 """
 
 import csv
@@ -24,8 +26,9 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike]
 T = TypeVar('T')
-# What reading a damaged cache file raises: cut or garbled JSON, CSV or .npz (ValueError covers JSONDecodeError and
-# UnicodeDecodeError), content of another shape (KeyError, TypeError, ...), or a file that cannot be opened.
+# What reading a damaged cache file raises: cut or garbled JSON, CSV or .npz (ValueError covers
+# JSONDecodeError and UnicodeDecodeError), content of another shape (KeyError, TypeError, ...), or a
+# file that cannot be opened.
 CACHE_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, EOFError,
                      zipfile.BadZipFile, csv.Error)
 
@@ -43,7 +46,8 @@ def join(path: PathLike, *parts: str) -> str:
 
 
 def relative(path: PathLike, start: PathLike) -> str:
-  """path relative to start, a directory above it: ('gs://b/run/stage2/steps_0004', 'gs://b/run') -> 'stage2/...'."""
+  """path relative to start, a directory above it: ('gs://b/run/stage2/steps_0004', 'gs://b/run') ->
+  'stage2/...'."""
   return os.fspath(epath.Path(path).relative_to(epath.Path(start)))
 
 
@@ -67,7 +71,8 @@ def listdir(path: PathLike) -> list[str]:
 
 
 def makedirs(path: PathLike) -> None:
-  """Creates a directory and its parents; an existing one is fine (a no-op where directories are implicit)."""
+  """Creates a directory and its parents; an existing one is fine (a no-op where directories are
+  implicit)."""
   epath.Path(path).mkdir(parents=True, exist_ok=True)
 
 
@@ -90,10 +95,11 @@ def read_npz(path: PathLike) -> dict[str, np.ndarray]:
 
 
 def read_cache(path: PathLike, read: Callable[[str], T]) -> Optional[T]:
-  """read(path) of a result cache; None when there is none or it cannot be read (CACHE_READ_ERRORS), then with one
-  warning: the caller computes it again and writes it over the damaged file.
+  """read(path) of a result cache; None when there is none or it cannot be read (CACHE_READ_ERRORS),
+  then with one warning: the caller computes it again and writes it over the damaged file.
 
-  read should also check what it read has the shape the caller needs (raise KeyError, TypeError, ... if not).
+  read should also check what it read has the shape the caller needs (raise KeyError, TypeError, ...
+  if not).
   """
   path = os.fspath(path)
   if not exists(path):
@@ -102,16 +108,16 @@ def read_cache(path: PathLike, read: Callable[[str], T]) -> Optional[T]:
     return read(path)
   except CACHE_READ_ERRORS as err:
     text = str(err).strip().splitlines()
-    logging.warning('cache %s is unreadable (%s): computing it again', path, text[0][:200] if text else
-                    type(err).__name__)
+    logging.warning('cache %s is unreadable (%s): computing it again', path,
+                    text[0][:200] if text else type(err).__name__)
     return None
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:
   """Writes data to path atomically, creating its directory.
 
-  Local disk: PATH_ROOT.tmpPID.EXT is written, flushed to disk and renamed over path (removed if anything
-  fails). Elsewhere: one write of the whole object, which object stores commit atomically.
+  Local disk: PATH_ROOT.tmpPID.EXT is written, flushed to disk and renamed over path (removed if
+  anything fails). Elsewhere: one write of the whole object, which object stores commit atomically.
   """
   path = os.fspath(path)
   makedirs(epath.Path(path).parent)
@@ -157,8 +163,8 @@ def write_npz(path: PathLike, **arrays) -> None:
 def copy_tree(src: PathLike, dst: PathLike) -> None:
   """Copies the directory src to dst, which must not exist yet.
 
-  Local disk: into a temporary sibling renamed to dst at the end, so a killed copy leaves no partial dst. Elsewhere:
-  file by file (an object store has no directory rename).
+  Local disk: into a temporary sibling renamed to dst at the end, so a killed copy leaves no partial
+  dst. Elsewhere: file by file (an object store has no directory rename).
   """
   if is_local(dst):
     dst = os.fspath(dst)

@@ -1,4 +1,5 @@
-"""One run per workdir: a lock file naming the host, process and start time of the run that holds it."""
+"""One run per workdir: a lock file naming the host, process and start time of the run that holds
+it."""
 
 import contextlib
 import json
@@ -40,11 +41,12 @@ def _read(path: str) -> dict:
 def _create(path: str, me: dict) -> bool:
   """Writes me to path unless path exists; False when it does.
 
-  Local: me is written to a temporary file first, then hard-linked to path, which fails if path exists: of two runs
-  starting at once exactly one creates it, and the lock appears with its content (never empty, as an exclusive
-  create then a write would leave it for a moment). Elsewhere (an object store has no exclusive create through
-  epath): checked, then written, so two runs started within the same moment can both pass; one started while
-  another runs is refused as on a local disk.
+  Local: me is written to a temporary file first, then hard-linked to path, which fails if path
+  exists: of two runs starting at once exactly one creates it, and the lock appears with its content
+  (never empty, as an exclusive create then a write would leave it for a moment). Elsewhere (an
+  object store has no exclusive create through epath): checked, then written, so two runs started
+  within the same moment can both pass; one started while another runs is refused as on a local
+  disk.
   """
   if not files.is_local(path):
     if files.exists(path):
@@ -64,7 +66,8 @@ def _create(path: str, me: dict) -> bool:
 
 
 def _take_or_refuse(path: str, me: dict) -> None:
-  """Creates the lock; takes over one left by a dead process on this host; refuses a live holder's."""
+  """Creates the lock; takes over one left by a dead process on this host; refuses a live
+  holder's."""
   if _create(path, me):
     return
   holder = _read(path)
@@ -73,8 +76,10 @@ def _take_or_refuse(path: str, me: dict) -> None:
     where = 'this host' if same_host else f'host {holder.get("host")}'
     raise WorkdirLocked(
         f'{epath.Path(path).parent} is in use by process {holder.get("pid")} on {where} since '
-        f'{holder.get("started")}: wait for it, use another --config.workdir, or delete {path} if that run is gone')
-  logging.warning('taking over %s from a process that is gone: %s', path, holder or 'unreadable lock')
+        f'{holder.get("started")}: wait for it, use another --config.workdir, or delete {path} if '
+        'that run is gone')
+  logging.warning('taking over %s from a process that is gone: %s', path,
+                  holder or 'unreadable lock')
   files.write_json(path, me)
 
 
@@ -82,12 +87,13 @@ def _take_or_refuse(path: str, me: dict) -> None:
 def workdir_lock(workdir: str):
   """Holds WORKDIR/run.lock while the body runs (process 0; the other processes of a run share it).
 
-  A second run in the same workdir stops with WorkdirLocked before writing anything. A lock left by a killed
-  process on this host is detected (its pid is gone) and taken over with a warning. A workdir this call
-  created and that stays empty is removed again.
+  A second run in the same workdir stops with WorkdirLocked before writing anything. A lock left by
+  a killed process on this host is detected (its pid is gone) and taken over with a warning. A
+  workdir this call created and that stays empty is removed again.
 
-  A remote workdir (gs://, s3://, ...) gets the same lock file through epath, but without an exclusive create: a run
-  started while another holds the lock is refused, two started at the same moment may both run (see _create).
+  A remote workdir (gs://, s3://, ...) gets the same lock file through epath, but without an
+  exclusive create: a run started while another holds the lock is refused, two started at the same
+  moment may both run (see _create).
   """
   if jax.process_index() != 0:
     yield
@@ -95,7 +101,8 @@ def workdir_lock(workdir: str):
   created = not files.is_dir(workdir)
   files.makedirs(workdir)
   path = files.join(workdir, LOCK_NAME)
-  me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+  me = dict(host=socket.gethostname(), pid=os.getpid(),
+            started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
   _take_or_refuse(path, me)
   try:
     yield

@@ -15,20 +15,23 @@ import optax
 class ParamLayout:
   """Where each array of a params tree sits in one vector [N]; hashable, so it is static under jit.
 
-  The train step keeps params, EMA and Adam's moments as such vectors: its update is a handful of large
-  element-wise ops instead of several small ones per parameter array (the reference U-Net has 455 arrays).
+  The train step keeps params, EMA and Adam's moments as such vectors: its update is a handful of
+  large element-wise ops instead of several small ones per parameter array (the reference U-Net has
+  455 arrays).
   """
   treedef: Any
   shapes: tuple[tuple[int, ...], ...]
   dtypes: tuple[str, ...]
-  top_keys: tuple[str, ...]  # each array's top-level key ('guidance_embed', ...): per-key learning rates
+  # each array's top-level key ('guidance_embed', ...): per-key learning rates
+  top_keys: tuple[str, ...]
 
   @classmethod
   def of(cls, params) -> 'ParamLayout':
     paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return cls(treedef=treedef, shapes=tuple(tuple(leaf.shape) for _, leaf in paths_and_leaves),
-               dtypes=tuple(str(leaf.dtype) for _, leaf in paths_and_leaves),
-               top_keys=tuple(str(getattr(path[0], 'key', path[0])) for path, _ in paths_and_leaves))
+    return cls(
+        treedef=treedef, shapes=tuple(tuple(leaf.shape) for _, leaf in paths_and_leaves),
+        dtypes=tuple(str(leaf.dtype) for _, leaf in paths_and_leaves),
+        top_keys=tuple(str(getattr(path[0], 'key', path[0])) for path, _ in paths_and_leaves))
 
   @property
   def size(self) -> int:
@@ -41,14 +44,17 @@ class ParamLayout:
   def pack(self, tree) -> jnp.ndarray:
     """params tree -> [N] in the arrays' common dtype."""
     dtype = jnp.result_type(*self.dtypes)
-    return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in self.treedef.flatten_up_to(tree)])
+    return jnp.concatenate(
+        [jnp.ravel(leaf).astype(dtype) for leaf in self.treedef.flatten_up_to(tree)])
 
   def unpack(self, vector: jnp.ndarray):
     """[N] -> params tree (slices of the vector, reshaped, in each array's own dtype)."""
     ends = np.cumsum([math.prod(shape) for shape in self.shapes])
     pieces = jnp.split(vector, ends[:-1])
-    return self.treedef.unflatten([piece.reshape(shape).astype(dtype)
-                                   for piece, shape, dtype in zip(pieces, self.shapes, self.dtypes)])
+    return self.treedef.unflatten([
+        piece.reshape(shape).astype(dtype)
+        for piece, shape, dtype in zip(pieces, self.shapes, self.dtypes)
+    ])
 
   def per_top_key(self, values: dict, default: float = 1.0) -> jnp.ndarray:
     """[N]: values[k] at every entry of an array under top-level key k, default elsewhere."""
@@ -58,9 +64,9 @@ class ParamLayout:
 
 @flax.struct.dataclass
 class TrainState:
-  """What a train step updates. Packed (the train step's form, `layout` set): params, ema_params and the
-  optimizer's per-parameter moments are vectors [N] laid out by `layout`. Unpacked (`unpack_state`, layout None,
-  the form of checkpoints and of every reader): params trees."""
+  """What a train step updates. Packed (the train step's form, `layout` set): params, ema_params and
+  the optimizer's per-parameter moments are vectors [N] laid out by `layout`. Unpacked
+  (`unpack_state`, layout None, the form of checkpoints and of every reader): params trees."""
   step: jnp.ndarray  # int32 []
   params: Any
   ema_params: Any  # equals params when ema_decay == 0 (no EMA, as in distillation rounds)
@@ -72,18 +78,23 @@ class TrainState:
 
 
 def pack_state(state: TrainState) -> TrainState:
-  """Unpacked -> packed: params, EMA and every params-shaped tree in the optimizer state become vectors [N]."""
+  """Unpacked -> packed: params, EMA and every params-shaped tree in the optimizer state become
+  vectors [N]."""
   layout = ParamLayout.of(state.params)
   pack = lambda tree: layout.pack(tree) if layout.matches(tree) else tree
-  return state.replace(params=layout.pack(state.params), ema_params=layout.pack(state.ema_params),
-                       opt_state=jax.tree.map(pack, state.opt_state, is_leaf=layout.matches), layout=layout)
+  return state.replace(params=layout.pack(state.params),
+                       ema_params=layout.pack(state.ema_params),
+                       opt_state=jax.tree.map(pack, state.opt_state, is_leaf=layout.matches),
+                       layout=layout)
 
 
 def unpack_state(state: TrainState) -> TrainState:
-  """Packed -> unpacked (params trees), the form a checkpoint holds; jit it to run as one program."""
+  """Packed -> unpacked (params trees), the form a checkpoint holds; jit it to run as one
+  program."""
   layout = state.layout
   unpack = lambda x: layout.unpack(x) if getattr(x, 'shape', None) == (layout.size,) else x
-  return state.replace(params=layout.unpack(state.params), ema_params=layout.unpack(state.ema_params),
+  return state.replace(params=layout.unpack(state.params),
+                       ema_params=layout.unpack(state.ema_params),
                        opt_state=jax.tree.map(unpack, state.opt_state), layout=None)
 
 
@@ -125,15 +136,16 @@ def make_optimizer(section) -> optax.GradientTransformation:
   Raises:
     ValueError: section.lr_decay is unknown (learning_rate_schedule).
   """
-  adamw = optax.adamw(learning_rate_schedule(section), b1=0.9, b2=0.999, weight_decay=section.weight_decay)
+  adamw = optax.adamw(learning_rate_schedule(section), b1=0.9, b2=0.999,
+                      weight_decay=section.weight_decay)
   parts = [optax.clip_by_global_norm(section.grad_clip)] if section.grad_clip > 0 else []
   return optax.chain(*parts, adamw)
 
 
 def lr_scales(section) -> dict:
-  """section.lr_scales (optional) without its 1.0 entries: top-level parameter keys -> a factor on the learning
-  rate, e.g. {'guidance_embed': 10.0}: stage 1's fresh w-embedding learns faster than the backbone copied from the
-  teacher."""
+  """section.lr_scales (optional) without its 1.0 entries: top-level parameter keys -> a factor on
+  the learning rate, e.g. {'guidance_embed': 10.0}: stage 1's fresh w-embedding learns faster than
+  the backbone copied from the teacher."""
   return {key: scale for key, scale in (section.get('lr_scales') or {}).items() if scale != 1.0}
 
 
@@ -152,9 +164,13 @@ def create_train_state(params, tx: optax.GradientTransformation, *, seed: int) -
   """
   layout = ParamLayout.of(params)
   vector = layout.pack(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=vector, ema_params=jnp.array(vector, copy=True),
-                    opt_state=tx.init(vector), rng=jax.random.key_data(jax.random.key(seed)),
-                    num_skipped=jnp.zeros((), jnp.int32), consecutive_skipped=jnp.zeros((), jnp.int32),
+  return TrainState(step=jnp.zeros((), jnp.int32),
+                    params=vector,
+                    ema_params=jnp.array(vector, copy=True),
+                    opt_state=tx.init(vector),
+                    rng=jax.random.key_data(jax.random.key(seed)),
+                    num_skipped=jnp.zeros((), jnp.int32),
+                    consecutive_skipped=jnp.zeros((), jnp.int32),
                     layout=layout)
 
 
@@ -198,10 +214,11 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
     if lr_scales:
       updates = updates * layout.per_top_key(lr_scales)
     params = optax.apply_updates(state.params, updates)
-    # EMA with the usual warm-up: decay min(ema_decay, (1 + step) / (10 + step)), so short runs are not
-    # dominated by their initial parameters.
+    # EMA with the usual warm-up: decay min(ema_decay, (1 + step) / (10 + step)), so short runs are
+    # not dominated by their initial parameters.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema_params = params if ema_decay == 0 else optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    ema_params = params if ema_decay == 0 else optax.incremental_update(
+        params, state.ema_params, 1.0 - decay)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(
@@ -211,8 +228,14 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
         opt_state=_tree_select(finite, opt_state, state.opt_state),
         num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
         consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
-    metrics = {'loss': loss, 'grad_norm': grad_norm, 'lr': lr_schedule(state.step),
-               'num_skipped': new_state.num_skipped, 'consecutive_skipped': new_state.consecutive_skipped, **aux}
+    metrics = {
+        'loss': loss,
+        'grad_norm': grad_norm,
+        'lr': lr_schedule(state.step),
+        'num_skipped': new_state.num_skipped,
+        'consecutive_skipped': new_state.consecutive_skipped,
+        **aux
+    }
     return new_state, metrics
 
   return train_step

@@ -1,6 +1,8 @@
-"""Metric writers of every mode: TensorBoard (clu) plus a plain metrics.jsonl, written by process 0 only.
+"""Metric writers of every mode: TensorBoard (clu) plus a plain metrics.jsonl, written by process 0
+only.
 
-Both take remote log directories (gs://, ...): TensorBoard's through tf.io.gfile, metrics.jsonl through epath.
+Both take remote log directories (gs://, ...): TensorBoard's through tf.io.gfile, metrics.jsonl
+through epath.
 """
 
 import json
@@ -21,13 +23,14 @@ JSONL_NAME = 'metrics.jsonl'
 
 
 class JsonlWriter(metric_writers.MetricWriter):
-  """Scalars, texts and hparams as one strict JSON object per line: {"step": 100, "time": ..., "loss": 0.12, ...};
-  a NaN or infinite value is written as null.
+  """Scalars, texts and hparams as one strict JSON object per line: {"step": 100, "time": ...,
+  "loss": 0.12, ...}; a NaN or infinite value is written as null.
 
-  Lines are appended (a resumed run adds to its file; after a kill a step may appear twice, the later line
-  wins). A last line cut short by a killed process is removed before appending, so the file stays one JSON
-  object per line. Images, videos, audio and histograms go to TensorBoard only: this writer leaves them out.
-  An object store has no appends: on one, every flush uploads the whole file again.
+  Lines are appended (a resumed run adds to its file; after a kill a step may appear twice, the
+  later line wins). A last line cut short by a killed process is removed before appending, so the
+  file stays one JSON object per line. Images, videos, audio and histograms go to TensorBoard only:
+  this writer leaves them out. An object store has no appends: on one, every flush uploads the whole
+  file again.
   """
 
   def __init__(self, path: str):
@@ -72,7 +75,8 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def _drop_cut_last_line(path: str) -> None:
-  """Cuts path after its last newline (atomically): removes a line a killed writer left without one."""
+  """Cuts path after its last newline (atomically): removes a line a killed writer left without
+  one."""
   if not files.exists(path):
     return
   content = files.read_bytes(path)
@@ -81,8 +85,9 @@ def _drop_cut_last_line(path: str) -> None:
 
 
 def _plain(value):
-  """A strict-JSON form of a metric: numpy/jax scalars and arrays to Python numbers and lists, NaN and infinities
-  to null (JSON has no such numbers), dicts and lists element by element, anything else unchanged."""
+  """A strict-JSON form of a metric: numpy/jax scalars and arrays to Python numbers and lists, NaN
+  and infinities to null (JSON has no such numbers), dicts and lists element by element, anything
+  else unchanged."""
   if isinstance(value, (np.ndarray, np.generic, jax.Array)):
     array = np.asarray(value)
     value = array.item() if array.ndim == 0 else array.tolist()
@@ -96,17 +101,23 @@ def _plain(value):
 
 
 def config_hparams(config: Mapping[str, Any]) -> dict:
-  """A nested config dict as flat hparams {'train.lr': 0.0002, 'model.ch_mult': '[1, 2]', ...}: TensorBoard's
-  HParams take numbers, strings and booleans; tuples, lists and None are written as text."""
+  """A nested config dict as flat hparams {'train.lr': 0.0002, 'model.ch_mult': '[1, 2]', ...}:
+  TensorBoard's HParams take numbers, strings and booleans; tuples, lists and None are written as
+  text."""
   flat = traverse_util.flatten_dict(dict(config), sep='.')
-  return {key: value if isinstance(value, (bool, int, float, str)) else str(value) for key, value in flat.items()}
+  return {
+      key: value if isinstance(value, (bool, int, float, str)) else str(value)
+      for key, value in flat.items()
+  }
 
 
 def create_writer(logdir: str) -> metric_writers.MetricWriter:
-  """TensorBoard event files and metrics.jsonl in logdir on process 0; a writer that writes nothing elsewhere."""
+  """TensorBoard event files and metrics.jsonl in logdir on process 0; a writer that writes nothing
+  elsewhere."""
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
-  logdir = os.fspath(logdir)  # a str, as clu's SummaryWriter (tf.summary, tf.io.gfile) takes it: 'gs://...' too
+  # a str, as clu's SummaryWriter (tf.summary, tf.io.gfile) takes it: 'gs://...' too
+  logdir = os.fspath(logdir)
   tensorboard = metric_writers.create_default_writer(logdir, asynchronous=False)
   return metric_writers.MultiWriter([tensorboard, JsonlWriter(files.join(logdir, JSONL_NAME))])
 
