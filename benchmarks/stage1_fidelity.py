@@ -8,17 +8,18 @@ the pipeline's fidelity table scores it (modes/stage_quality.py, eval/fidelity.p
 
   python benchmarks/stage1_fidelity.py --config=configs/digits_teacher.py --workdirs=runs/a,runs/b
 
---student_steps=4 adds a row for the 4-step stage-2 student (DDIM 4) of every workdir that has one. A last row,
-"teacher raw params", is the first workdir's teacher sampled with its raw params (its last iterate) instead of the
-EMA that the students distil and the reference is sampled from: a copy of the teacher a few hundred updates away,
-the scale of what its own training leaves undetermined.
+--student_steps=4 adds a row for the 4-step stage-2 student (DDIM 4) of every workdir that has one.
+--raw_teacher adds a last row, "teacher raw params": the first workdir's teacher sampled with its raw params
+(its last iterate) instead of the EMA that the students distil and the reference is sampled from: a copy of the
+teacher that its own training noise moved.
 
 A second table, the guidance response of every stage 1 (eval.fidelity.guidance_response): on 512 training images
 noised at t = 0.3, 0.5 and 0.7 (where guidance shapes the sample), how much of the teacher's guided move away
 from its conditional prediction the student makes at each w > 0 (1: all of it; below 1 at large w: a flattened
 response to w), and at w = 0 the RMS of the student's prediction against the conditional one. A third, the
 guidance error (eval.fidelity.guidance_error): the student's error over the size of the teacher's guidance term,
-with the teacher's raw params as a row again. --predictions_only prints these two tables alone (no sampling).
+with --raw_teacher the teacher's raw params as a row again. --predictions_only prints these two tables alone
+(no sampling).
 """
 
 import os
@@ -48,6 +49,8 @@ from train.mesh import configure_cpu_compiler
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/digits_teacher.py', 'the pipeline config')
 _WORKDIRS = flags.DEFINE_list('workdirs', [], 'workdirs with a stage-1 checkpoint of the same teacher')
 _STUDENT_STEPS = flags.DEFINE_integer('student_steps', 0, 'also score the stage-2 student of this many steps')
+_RAW_TEACHER = flags.DEFINE_bool('raw_teacher', False, 'add a row for the first workdir\'s teacher '
+                                  'sampled with its raw params (its last iterate) to every table')
 _PREDICTIONS_ONLY = flags.DEFINE_bool('predictions_only', False, 'only the guidance response and error tables '
                                       '(no sampling)')
 
@@ -159,10 +162,12 @@ def _fidelity_table(config, ws):
   references = _teacher_sets(config, ws, extract, real_pool, real_stats)
   print('| workdir | model | ' + ' | '.join(f'w = {w:g}' for w in ws) + f' | max / w = 1 | recall w = {ws[0]:g} '
         f'| class acc. w = {ws[0]:g} | seconds |')
-  raw = Method('teacher', 'ddim', config.pipeline.quality_steps, 2 * config.pipeline.quality_steps,
-               _raw_teacher(config.workdir))
   rows = [(os.path.basename(w.rstrip('/')), *m) for w in _WORKDIRS.value for m in _models(config, w)]
-  for name, model, method in rows + [('teacher raw params', f'CFG ddim {config.pipeline.quality_steps}', raw)]:
+  if _RAW_TEACHER.value:
+    steps = config.pipeline.quality_steps
+    rows.append(('teacher raw params', f'CFG ddim {steps}',
+                 Method('teacher', 'ddim', steps, 2 * steps, _raw_teacher(config.workdir))))
+  for name, model, method in rows:
     start = time.time()
     scores = {w: fidelity.score(_features(config, method.ckpt_dir, method, w, extract), reference=references[w],
                                 real_pool=real_pool, real_stats=real_stats) for w in ws}
@@ -175,7 +180,8 @@ def _fidelity_table(config, ws):
 
 def _prediction_tables(config, ws):
   rows = [(os.path.basename(w.rstrip('/')), _prediction_rows(config, w, ws)) for w in _WORKDIRS.value]
-  rows.append(('teacher raw params', _prediction_rows(config, _WORKDIRS.value[0], ws, raw=True)))
+  if _RAW_TEACHER.value:
+    rows.append(('teacher raw params', _prediction_rows(config, _WORKDIRS.value[0], ws, raw=True)))
   header = '| workdir | ' + ' | '.join(f'w = {w:g}' for w in ws) + ' |'
   print(f'\nguidance response at t = {RESPONSE_TIMES} (w = 0: RMS to the conditional prediction)\n{header}')
   for name, (response, _) in rows:

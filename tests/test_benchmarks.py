@@ -78,7 +78,7 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
                    timeout=300, check=True)
   result = subprocess.run(
       [sys.executable, 'benchmarks/stage1_fidelity.py', '--config=configs/tiny.py',
-       '--config.pipeline.quality_ws=(0.0,1.0,2.0)', f'--workdirs={workdir},{workdir}'],
+       '--config.pipeline.quality_ws=(0.0,1.0,2.0)', f'--workdirs={workdir},{workdir}', '--raw_teacher'],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [line for line in result.stdout.splitlines() if line.startswith('| a | stage 1 |')]
