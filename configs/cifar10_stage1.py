@@ -1,10 +1,12 @@
-"""CIFAR-10 stage1 of guided distillation at paper scale (see cifar10_teacher.py for data and model).
+"""CIFAR-10 stage1 of guided distillation at paper scale (see cifar10_teacher.py for data and
+model).
 
   python main.py --config=configs/cifar10_stage1.py --mode=distill --config.data.tfds_data_dir=DIR
-  python main.py --config=configs/cifar10_stage1.py --mode=distill --dry_run   # one step on any machine
+  python main.py --config=configs/cifar10_stage1.py --mode=distill \
+      --dry_run  # one step on any machine
 
-Expected cost: about 3.7 GiB per device at 16 examples per device, ~1 device-hour at 35% MFU (estimates,
-docs/results.md; see cifar10_teacher.py).
+Expected cost: about 3.7 GiB per device at 16 examples per device, ~1 device-hour at 35% MFU
+(estimates, docs/results.md; see cifar10_teacher.py).
 Multi-host: add --multihost on every host (docs/running.md).
 """
 

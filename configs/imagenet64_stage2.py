@@ -1,10 +1,12 @@
 """ImageNet 64x64 stage2 of guided distillation at paper scale (see imagenet64_teacher.py).
 
-  python main.py --config=configs/imagenet64_stage2.py --mode=distill --config.data.tfds_data_dir=DIR
-  python main.py --config=configs/imagenet64_stage2.py --mode=distill --dry_run   # one step on any machine
+  python main.py --config=configs/imagenet64_stage2.py --mode=distill \
+      --config.data.tfds_data_dir=DIR
+  python main.py --config=configs/imagenet64_stage2.py --mode=distill \
+      --dry_run  # one step on any machine
 
-Expected cost: 10 rounds 1024 -> 1 steps, ~27 GiB per device at 16 per device, ~870 device-hours at 35% MFU
-(estimates, docs/results.md; see imagenet64_teacher.py).
+Expected cost: 10 rounds 1024 -> 1 steps, ~27 GiB per device at 16 per device, ~870 device-hours at
+35% MFU (estimates, docs/results.md; see imagenet64_teacher.py).
 Multi-host: add --multihost on every host (docs/running.md).
 """
 

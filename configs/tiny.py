@@ -1,4 +1,5 @@
-"""A tiny config for tests and smoke runs: the 2-D toy set, a small MLP, a few steps per stage (seconds).
+"""A tiny config for tests and smoke runs: the 2-D toy set, a small MLP, a few steps per stage
+(seconds).
 
   python main.py --config=configs/tiny.py --mode=pipeline --config.workdir=/tmp/tiny
 """
@@ -17,8 +18,8 @@ def get_config():
   config.stage2.update(start_steps=4, final_steps=1)
   config.encoder.update(start_steps=4, final_steps=1)
   config.direct.update(start_steps=4, final_steps=1)
-  config.transfer.update(source_class=0, target_class=1, num_images=4, steps=(1, 2), eval_ws=(0.0, 2.0),
-                         eval_images=64)
+  config.transfer.update(source_class=0, target_class=1, num_images=4, steps=(1, 2),
+                         eval_ws=(0.0, 2.0), eval_images=64)
   config.pipeline.update(teacher_steps=(2, 8), guidance_ws=(0.0, 2.0), per_class=4, quality_steps=8,
                          quality_samples=256, quality_ws=(0.0, 2.0), floor_steps=2)
   config.eval.update(extractor='toy2d', num_samples=512, batch_size=256, guidance_ws=(0.0, 2.0),
