@@ -1,5 +1,6 @@
-"""tf.data input pipelines: CIFAR-10, ImageNet 64x64, any tfds data set with image and label ('tfds:NAME'), and
-a folder of class sub-folders ('folder'); all batched, flipped and scaled by the same code."""
+"""tf.data input pipelines: CIFAR-10, ImageNet 64x64, any tfds data set with image and label
+('tfds:NAME'), and a folder of class sub-folders ('folder'); all batched, flipped and scaled by the
+same code."""
 
 import functools
 from typing import Iterator
@@ -12,8 +13,10 @@ from data import folder
 from data.errors import DataError
 
 TFDS_NAMES = {'cifar10': 'cifar10', 'imagenet64': 'imagenet_resized/64x64'}
-TFDS_PREFIX = 'tfds:'  # data.name 'tfds:oxford_flowers102': any tfds data set with 'image' and 'label' features
-# Held-out split names: imagenet_resized has no 'test' split; its 'validation' split plays that part.
+# data.name 'tfds:oxford_flowers102': any tfds data set with 'image' and 'label' features
+TFDS_PREFIX = 'tfds:'
+# Held-out split names: imagenet_resized has no 'test' split; its 'validation' split plays that
+# part.
 SPLIT_ALIASES = {'imagenet64': {'test': 'validation'}}
 
 
@@ -31,14 +34,14 @@ def _not_prepared_message(name: str, tfds_name: str, data_dir: str) -> str:
       f' internet run `tfds build {tfds_name} --data_dir=DIR` (or `python -c'
       " 'import tensorflow_datasets as tfds;"
       f' tfds.load("{tfds_name}", data_dir="DIR")\'`), copy DIR here and set'
-      ' --config.data.tfds_data_dir=DIR'
-  )
+      ' --config.data.tfds_data_dir=DIR')
 
 
 def as_data_config(name_or_config, data_dir: str | None = None) -> ml_collections.ConfigDict:
   """A data config from a config (returned as is) or a bare data set name (older callers, tests)."""
   if isinstance(name_or_config, str):
-    return ml_collections.ConfigDict(dict(name=name_or_config, tfds_data_dir=data_dir or '', path='', resolution=0))
+    return ml_collections.ConfigDict(
+        dict(name=name_or_config, tfds_data_dir=data_dir or '', path='', resolution=0))
   return name_or_config
 
 
@@ -48,7 +51,8 @@ def tfds_name(name: str) -> str:
 
 
 def _builder(name: str, data_dir: str | None):
-  """The tfds builder of data.name (its metadata only); DataError (one line) for a name tfds does not know."""
+  """The tfds builder of data.name (its metadata only); DataError (one line) for a name tfds does
+  not know."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   builder_name = tfds_name(name)
   try:
@@ -59,8 +63,9 @@ def _builder(name: str, data_dir: str | None):
 
 
 def check_prepared(name: str, data_dir: str | None = None) -> None:
-  """Raises DataError, saying how to prepare it, when tfds data set `name` ('cifar10', 'imagenet64' or
-  'tfds:NAME') is not prepared in data_dir. Nothing is downloaded: a run checks this before it writes anything."""
+  """Raises DataError, saying how to prepare it, when tfds data set `name` ('cifar10', 'imagenet64'
+  or 'tfds:NAME') is not prepared in data_dir. Nothing is downloaded: a run checks this before it
+  writes anything."""
   builder = _builder(name, data_dir)
   if not builder.is_prepared():
     raise DataError(_not_prepared_message(name, tfds_name(name), builder.data_dir_root))
@@ -68,10 +73,12 @@ def check_prepared(name: str, data_dir: str | None = None) -> None:
 
 @functools.lru_cache(maxsize=16)
 def tfds_features(name: str, resolution: int, data_dir: str | None):
-  """(image shape [R, R, 3], class names) of data.name 'tfds:NAME'; DataError (one line) when it cannot be used.
+  """(image shape [R, R, 3], class names) of data.name 'tfds:NAME'; DataError (one line) when it
+  cannot be used.
 
   Reads the builder's metadata only (no data). The images are made RGB and, unless they are already
-  resolution x resolution (resolution 0: their own fixed square size), resized and centre-cropped to it.
+  resolution x resolution (resolution 0: their own fixed square size), resized and centre-cropped to
+  it.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
   builder_name, builder = tfds_name(name), _builder(name, data_dir)
@@ -79,29 +86,35 @@ def tfds_features(name: str, resolution: int, data_dir: str | None):
   image = features['image'] if 'image' in features else None
   label = features['label'] if 'label' in features else None
   if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
-    raise DataError(f"tfds data set '{builder_name}' has features {sorted(features)}: data.name '{name}' needs an "
-                    "'image' (Image) and a 'label' (ClassLabel) feature")
+    raise DataError(
+        f"tfds data set '{builder_name}' has features {sorted(features)}: data.name "
+        f"'{name}' needs an 'image' (Image) and a 'label' (ClassLabel) feature")
   height, width, channels = image.shape
   if channels not in (1, 3, 4):
-    raise DataError(f"tfds data set '{builder_name}' has {channels}-channel images: 1, 3 or 4 are read (as RGB)")
+    raise DataError(
+        f"tfds data set '{builder_name}' has {channels}-channel images: 1, 3 or 4 "
+        "are read (as RGB)")
   if resolution <= 0:
     if height is None or height != width:
       raise DataError(f"tfds data set '{builder_name}' has images of {height}x{width}: set "
                       '--config.data.resolution=R to resize and centre-crop them to RxR')
     resolution = height
   if height is not None and width is not None and min(height, width) < resolution:
-    raise DataError(f"tfds data set '{builder_name}' has {height}x{width} images, smaller than "
-                    f'data.resolution={resolution}: upscaling is refused; lower --config.data.resolution')
+    raise DataError(
+        f"tfds data set '{builder_name}' has {height}x{width} images, smaller than "
+        f'data.resolution={resolution}: upscaling is refused; lower --config.data.resolution')
   return (resolution, resolution, 3), tuple(label.names)
 
 
 def _tfds_split(data_config, *, split: str, seed: int, shuffle: bool):
-  """This host's shard of a prepared tfds split {'image', 'label'}; files shuffled with seed when shuffle."""
+  """This host's shard of a prepared tfds split {'image', 'label'}; files shuffled with seed when
+  shuffle."""
   import tensorflow_datasets as tfds  # Lazy: pulls in TF.
   name, data_dir = data_config.name, data_config.tfds_data_dir or None
   if name not in TFDS_NAMES and not name.startswith(TFDS_PREFIX):
-    raise DataError(f"'{name}' is not a tfds dataset; use one of: {', '.join(sorted(TFDS_NAMES))} or "
-                    f'{TFDS_PREFIX}NAME')
+    raise DataError(
+        f"'{name}' is not a tfds dataset; use one of: {', '.join(sorted(TFDS_NAMES))} or "
+        f'{TFDS_PREFIX}NAME')
   builder_name = tfds_name(name)
   split = SPLIT_ALIASES.get(name, {}).get(split, split)
   builder = tfds.builder(builder_name, data_dir=data_dir)
@@ -118,16 +131,19 @@ def _tfds_split(data_config, *, split: str, seed: int, shuffle: bool):
 
 
 def _made_square(ds, data_config):
-  """{'image', 'label'} of a 'tfds:NAME' data set as RGB squares of its resolution (others dropped)."""
+  """{'image', 'label'} of a 'tfds:NAME' data set as RGB squares of its resolution (others
+  dropped)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from data.transforms import to_rgb, to_square  # pylint: disable=g-import-not-at-top
-  shape, _ = tfds_features(data_config.name, data_config.get('resolution', 0), data_config.tfds_data_dir or None)
+  shape, _ = tfds_features(data_config.name, data_config.get('resolution', 0),
+                           data_config.tfds_data_dir or None)
   return ds.map(lambda example: {'image': to_square(to_rgb(example['image']), shape[0]),
                                  'label': example['label']}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def open_split(data_config, *, split: str, seed: int, shuffle: bool = True):
-  """tf.data.Dataset of this host's examples {'image': uint8 [H, W, C], 'label'} of a tfds or folder data set."""
+  """tf.data.Dataset of this host's examples {'image': uint8 [H, W, C], 'label'} of a tfds or folder
+  data set."""
   if data_config.name == folder.FOLDER:
     index = folder.scan_folder(data_config.get('path', ''), data_config.get('resolution', 0))
     return folder.folder_split(index, split=split, seed=seed, shuffle=shuffle)
@@ -135,18 +151,21 @@ def open_split(data_config, *, split: str, seed: int, shuffle: bool = True):
 
 
 def _one_line_errors(iterator, data_config):
-  """Re-raises a failure inside the pipeline (an image that does not decode, or is too small) as one DataError line."""
+  """Re-raises a failure inside the pipeline (an image that does not decode, or is too small) as one
+  DataError line."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from data.transforms import TOO_SMALL  # pylint: disable=g-import-not-at-top
   source = data_config.get('path', '') if data_config.name == folder.FOLDER else data_config.name
-  failed = tf.errors.InvalidArgumentError  # looked up now: at interpreter exit `tf.errors` may be gone
+  # looked up now: at interpreter exit `tf.errors` may be gone
+  failed = tf.errors.InvalidArgumentError
   try:
     yield from iterator
   except failed as err:
     if TOO_SMALL in str(err):
       raise DataError(f'an {TOO_SMALL} in {source}: lower --config.data.resolution') from err
     message = ' '.join(str(err.message).split())[:200]
-    raise DataError(f'an image of {source} does not decode ({message}): replace or remove it') from err
+    raise DataError(
+        f'an image of {source} does not decode ({message}): replace or remove it') from err
 
 
 def make_tfds_iterator(
@@ -245,11 +264,14 @@ def read_examples(data_config, *, split: str, limit: int, label: int | None = No
                   data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(x [N, H, W, C] float32 in [-1, 1], label [N] int32): iterate_examples gathered in memory.
 
-  data_config: a data config, or a tfds data set name with data_dir. DataError when there is no example.
+  data_config: a data config, or a tfds data set name with data_dir. DataError when there is no
+  example.
   """
   data_config = as_data_config(data_config, data_dir)
-  batches = list(iterate_examples(data_config, split=split, batch_size=256, limit=limit, label=label))
+  batches = list(
+      iterate_examples(data_config, split=split, batch_size=256, limit=limit, label=label))
   if not batches:
-    raise DataError(f"no examples{'' if label is None else f' of class {label}'} in split '{split}' of "
-                    f'{data_config.name}')
+    raise DataError(
+        f"no examples{'' if label is None else f' of class {label}'} in split '{split}' of "
+        f'{data_config.name}')
   return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])

@@ -1,4 +1,5 @@
-"""Image transforms of the input pipelines (TensorFlow ops inside tf.data maps): RGB, resize and centre crop."""
+"""Image transforms of the input pipelines (TensorFlow ops inside tf.data maps): RGB, resize and
+centre crop."""
 
 TOO_SMALL = 'image smaller than data.resolution on its shorter side (upscaling is refused)'
 
@@ -17,18 +18,21 @@ def to_rgb(image):
 
 
 def to_square(image, resolution: int):
-  """[H, W, C] uint8 -> [R, R, C] uint8: the shorter side resized to R (bicubic, antialiased), centre-cropped.
+  """[H, W, C] uint8 -> [R, R, C] uint8: the shorter side resized to R (bicubic, antialiased),
+  centre-cropped.
 
-  An image whose shorter side is already R is only cropped (no resampling). One whose shorter side is smaller
-  than R fails the map with TOO_SMALL: it could only be made square at R by upscaling.
+  An image whose shorter side is already R is only cropped (no resampling). One whose shorter side
+  is smaller than R fails the map with TOO_SMALL: it could only be made square at R by upscaling.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   short = tf.minimum(height, width)
   tf.debugging.assert_greater_equal(short, resolution, message=TOO_SMALL)
   scale = resolution / tf.cast(short, tf.float64)
-  new_height = tf.maximum(resolution, tf.cast(tf.round(tf.cast(height, tf.float64) * scale), tf.int32))
-  new_width = tf.maximum(resolution, tf.cast(tf.round(tf.cast(width, tf.float64) * scale), tf.int32))
+  new_height = tf.maximum(resolution,
+                          tf.cast(tf.round(tf.cast(height, tf.float64) * scale), tf.int32))
+  new_width = tf.maximum(
+      resolution, tf.cast(tf.round(tf.cast(width, tf.float64) * scale), tf.int32))
 
   def resized():
     pixels = tf.image.resize(image, [new_height, new_width], method='bicubic', antialias=True)
