@@ -140,7 +140,8 @@ def x_eps_from_output(*, z, output, logsnr, parametrization: str):
     return output, predict_eps_from_x(z=z, x=output, logsnr=logsnr)
   if parametrization == 'eps':
     return predict_x_from_eps(z=z, eps=output, logsnr=logsnr), output
-  raise ValueError(f"unknown diffusion.parametrization '{parametrization}'; choose one of: eps, v, x")
+  raise ValueError(
+      f"unknown diffusion.parametrization '{parametrization}'; choose one of: eps, v, x")
 
 
 PARAMETRIZATIONS = ('eps', 'v', 'x')

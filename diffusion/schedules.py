@@ -1,4 +1,5 @@
-"""Log-SNR noise schedules; convention: t=0 -> logsnr_max (clean data), t=1 -> logsnr_min (pure noise)."""
+"""Log-SNR noise schedules; convention: t=0 -> logsnr_max (clean data), t=1 -> logsnr_min (pure
+noise)."""
 
 import functools
 import math
@@ -29,9 +30,11 @@ def linear_logsnr(t, *, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
   return logsnr_max + (logsnr_min - logsnr_max) * t
 
 
-# The beta schedules of diffusers' discrete-time schedulers (DDPMScheduler, DDIMScheduler, ...) that 'discrete' reads.
+# The beta schedules of diffusers' discrete-time schedulers (DDPMScheduler, DDIMScheduler, ...) that
+# 'discrete' reads.
 BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
-# The fields of a diffusion section that describe a discrete schedule (config.diffusion, a record's 'diffusion').
+# The fields of a diffusion section that describe a discrete schedule (config.diffusion, a record's
+# 'diffusion').
 DISCRETE_FIELDS = ('num_train_timesteps', 'beta_schedule', 'beta_start', 'beta_end')
 
 
@@ -64,9 +67,11 @@ def discrete_logsnr_table(*, num_train_timesteps: int, beta_schedule: str, beta_
     betas = np.linspace(beta_start**0.5, beta_end**0.5, steps).astype(np.float32) ** 2
   elif beta_schedule == 'squaredcos_cap_v2':
     abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    betas = np.array([min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999) for i in range(steps)], np.float32)
+    betas = np.array(
+        [min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999) for i in range(steps)], np.float32)
   else:
-    raise ValueError(f"unknown beta_schedule '{beta_schedule}'; choose one of: {', '.join(BETA_SCHEDULES)}")
+    raise ValueError(
+        f"unknown beta_schedule '{beta_schedule}'; choose one of: {', '.join(BETA_SCHEDULES)}")
   abar = np.cumprod(np.float32(1) - betas, dtype=np.float32).astype(np.float64)  # [T]
   table = np.log(abar) - np.log1p(-abar)
   table.setflags(write=False)
@@ -90,7 +95,8 @@ def discrete_logsnr(t, *, table: np.ndarray, logsnr_max: float):
     The log-SNR, float32, the shape of t.
   """
   steps = table.shape[0]
-  nodes = jnp.concatenate([jnp.array([logsnr_max], jnp.float32), jnp.asarray(table, jnp.float32)])  # [T + 1]
+  # [T + 1]
+  nodes = jnp.concatenate([jnp.array([logsnr_max], jnp.float32), jnp.asarray(table, jnp.float32)])
   t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1.0)
   return jnp.interp(steps * t, jnp.arange(steps + 1, dtype=jnp.float32), nodes)
 
@@ -110,14 +116,16 @@ def timestep_of_logsnr(logsnr, *, table: np.ndarray):
   """
   decreasing = jnp.asarray(table, jnp.float32)  # [T], log-SNR falls with the timestep
   steps = decreasing.shape[0]
-  return jnp.interp(-jnp.asarray(logsnr, jnp.float32), -decreasing, jnp.arange(steps, dtype=jnp.float32))
+  return jnp.interp(-jnp.asarray(logsnr, jnp.float32), -decreasing,
+                    jnp.arange(steps, dtype=jnp.float32))
 
 
 SCHEDULES = {'cosine': cosine_logsnr, 'linear': linear_logsnr, 'discrete': discrete_logsnr}
 
 
 @functools.lru_cache(maxsize=None)
-def get_logsnr_schedule(name: str, *, logsnr_min: float, logsnr_max: float, **discrete) -> LogsnrSchedule:
+def get_logsnr_schedule(
+    name: str, *, logsnr_min: float, logsnr_max: float, **discrete) -> LogsnrSchedule:
   """Returns the t -> logsnr function of a registered schedule.
 
   The bounds are clipping limits of logsnr. 'discrete' takes DISCRETE_FIELDS as keywords
@@ -139,13 +147,16 @@ def get_logsnr_schedule(name: str, *, logsnr_min: float, logsnr_max: float, **di
       beta_schedule or a logsnr_max not above the log-SNR of timestep 0.
   """
   if name not in SCHEDULES:
-    raise ValueError(f"unknown diffusion.schedule '{name}'; choose one of: {', '.join(sorted(SCHEDULES))}")
+    raise ValueError(
+        f"unknown diffusion.schedule '{name}'; choose one of: {', '.join(sorted(SCHEDULES))}")
   if not logsnr_min < logsnr_max:
     raise ValueError(f'need diffusion.logsnr_min < logsnr_max, got {logsnr_min} >= {logsnr_max}')
   if name == 'discrete':
     table = discrete_logsnr_table(**discrete)
     if not table[0] < logsnr_max:
-      raise ValueError(f'need diffusion.logsnr_max > the log-SNR of timestep 0 ({table[0]:.3f}), got {logsnr_max}')
+      raise ValueError(
+          f'need diffusion.logsnr_max > the log-SNR of timestep 0 ({table[0]:.3f}), '
+          f'got {logsnr_max}')
     return lambda t: discrete_logsnr(t, table=table, logsnr_max=logsnr_max)
   fn = SCHEDULES[name]
   return lambda t: fn(t, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
@@ -164,7 +175,9 @@ def schedule_of(diffusion) -> LogsnrSchedule:
   Raises:
     ValueError: the section's values are refused by get_logsnr_schedule.
   """
-  discrete = {key: diffusion[key] for key in DISCRETE_FIELDS} if diffusion['schedule'] == 'discrete' else {}
+  discrete = {
+      key: diffusion[key] for key in DISCRETE_FIELDS
+  } if diffusion['schedule'] == 'discrete' else {}
   return get_logsnr_schedule(diffusion['schedule'], logsnr_min=diffusion['logsnr_min'],
                              logsnr_max=diffusion['logsnr_max'], **discrete)
 

@@ -1,4 +1,5 @@
-"""Sampler updates and distillation targets: guidance, DDIM (both directions), DDPM, stage-2 target."""
+"""Sampler updates and distillation targets: guidance, DDIM (both directions), DDPM, stage-2
+target."""
 
 import jax.numpy as jnp
 
@@ -67,7 +68,8 @@ def ddpm_small_variance(*, logsnr_t, logsnr_s):
     The variance, >= 0, the broadcast shape of logsnr_t and logsnr_s.
   """
   _, sigma_s = alpha_sigma(logsnr_s)
-  # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(logsnr_t - logsnr_s), as expm1: no cancellation when s is close to t.
+  # sigma_{t|s}^2 / sigma_t^2 = 1 - exp(logsnr_t - logsnr_s), as expm1: no cancellation when s is
+  # close to t.
   return jnp.maximum(-jnp.expm1(logsnr_t - logsnr_s) * sigma_s**2, 0.0)
 
 
@@ -110,7 +112,8 @@ def ddpm_posterior(*, z_t, x_pred, logsnr_t, logsnr_s, variance: str = 'small'):
     ValueError: variance is not a key of DDPM_VARIANCES.
   """
   if variance not in DDPM_VARIANCES:
-    raise ValueError(f"unknown DDPM variance '{variance}'; choose one of: {', '.join(DDPM_VARIANCES)}")
+    raise ValueError(
+        f"unknown DDPM variance '{variance}'; choose one of: {', '.join(DDPM_VARIANCES)}")
   alpha_t, sigma_t = alpha_sigma(logsnr_t)
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   alpha_ts = alpha_t / alpha_s
@@ -139,7 +142,8 @@ def renoise(*, z_s, logsnr_s, logsnr_u, noise):
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   alpha_u, sigma_u = alpha_sigma(logsnr_u)
   alpha_us = alpha_u / alpha_s
-  # sigma_{u|s}^2 = sigma_u^2 - alpha_{u|s}^2 sigma_s^2 = -sigma_u^2 expm1(logsnr_u - logsnr_s), without cancellation.
+  # sigma_{u|s}^2 = sigma_u^2 - alpha_{u|s}^2 sigma_s^2 = -sigma_u^2 expm1(logsnr_u - logsnr_s),
+  # without cancellation.
   sigma_us = jnp.sqrt(jnp.maximum(-sigma_u**2 * jnp.expm1(logsnr_u - logsnr_s), 0.0))
   return expand_like(alpha_us, z_s) * z_s + expand_like(sigma_us, z_s) * noise
 
