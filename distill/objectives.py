@@ -1,17 +1,21 @@
-"""The training objectives: teacher (label dropout), stage 1 (match the guided teacher), stage 2 (halving), the
-encoder's halving, and the direct baseline (halving the teacher itself)."""
+"""The training objectives: teacher (label dropout), stage 1 (match the guided teacher), stage 2
+(halving), the encoder's halving, and the direct baseline (halving the teacher itself)."""
 
 import jax
 import jax.numpy as jnp
 
-from diffusion import (diffusion_forward, ddim_step, predict_v, stage2_x_target, v_target_between, weighted_x_loss,
-                       x_eps_from_output)
+from diffusion import (diffusion_forward, ddim_step, predict_v, stage2_x_target, v_target_between,
+                       weighted_x_loss, x_eps_from_output)
 
 
-def _regress_x(model, params, *, x_target, z_t, logsnr_t, label, guidance_w, rng, parametrization, weighting):
-  """Mean SNR-weighted error of the model's x_pred (train mode: dropout on) against a fixed target."""
-  output = model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True, rngs={'dropout': rng})
-  x_pred = x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)[0]
+def _regress_x(
+    model, params, *, x_target, z_t, logsnr_t, label, guidance_w, rng, parametrization, weighting):
+  """Mean SNR-weighted error of the model's x_pred (train mode: dropout on) against a fixed
+  target."""
+  output = model.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True,
+                       rngs={'dropout': rng})
+  x_pred = x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t,
+                             parametrization=parametrization)[0]
   loss = weighted_x_loss(x_pred=x_pred, x_target=jax.lax.stop_gradient(x_target), logsnr=logsnr_t,
                          weighting=weighting)
   return jnp.mean(loss), {}
@@ -48,7 +52,8 @@ def sample_w(rng, batch_size, w_min, w_max, w_zero_fraction=0.0, w_distribution=
   """
   def draw(key):
     if w_distribution == 'arcsine':
-      return w_min + (w_max - w_min) * jnp.sin(0.5 * jnp.pi * jax.random.uniform(key, (batch_size,))) ** 2
+      return (w_min +
+              (w_max - w_min) * jnp.sin(0.5 * jnp.pi * jax.random.uniform(key, (batch_size,)))**2)
     return jax.random.uniform(key, (batch_size,), minval=w_min, maxval=w_max)  # [B]
 
   if w_zero_fraction <= 0:
@@ -84,14 +89,15 @@ def teacher_loss_fn(model, *, logsnr_fn, parametrization, weighting, p_uncond, n
     z_t, logsnr_t = _noisy_batch(rng_noise, x, logsnr_fn)
     drop = jax.random.bernoulli(rng_drop, p_uncond, label.shape)
     label = jnp.where(drop, num_classes, label)
-    return _regress_x(model, params, x_target=x, z_t=z_t, logsnr_t=logsnr_t, label=label, guidance_w=None,
-                      rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+    return _regress_x(model, params, x_target=x, z_t=z_t, logsnr_t=logsnr_t, label=label,
+                      guidance_w=None, rng=rng_dropout, parametrization=parametrization,
+                      weighting=weighting)
 
   return loss_fn
 
 
-def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   w_zero_fraction: float = 0.0, w_distribution: str = 'uniform'):
+def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min,
+                   w_max, w_zero_fraction: float = 0.0, w_distribution: str = 'uniform'):
   """Stage 1: the w-conditioned student matches the guided teacher's x_hat^w.
 
   Each row is noised at t ~ U[0, 1] and given a w in [w_min, w_max] (sample_w); the student, fed w,
@@ -124,18 +130,20 @@ def stage1_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     guidance_w = sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction, w_distribution)
     x_teacher, _ = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
     return _regress_x(student, params, x_target=x_teacher, z_t=z_t, logsnr_t=logsnr_t, label=label,
-                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+                      guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization,
+                      weighting=weighting)
 
   return loss_fn
 
 
-def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool, off_grid_fraction: float = 0.5):
+def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool,
+                 off_grid_fraction: float = 0.5):
   """Draws student times t and the teacher's two step ends t' = t - 1/(2N), t'' = t - 1/N.
 
-  Without fine_grid, t ~ U{1/N, ..., 1} (the times the N-step DDIM sampler visits). With fine_grid, a
-  fraction off_grid_fraction of the batch is drawn at the odd multiples of 1/(2N) instead, the times
-  only the stochastic 2N-step sampler visits (docs/math.md#fine-grid-and-off-grid-times); 0.5 is the
-  uniform draw on the 1/(2N) grid. t' and t'' are clipped at 0: t = 1/(2N) clips t'' to 0.
+  Without fine_grid, t ~ U{1/N, ..., 1} (the times the N-step DDIM sampler visits). With fine_grid,
+  a fraction off_grid_fraction of the batch is drawn at the odd multiples of 1/(2N) instead, the
+  times only the stochastic 2N-step sampler visits (docs/math.md#fine-grid-and-off-grid-times); 0.5
+  is the uniform draw on the 1/(2N) grid. t' and t'' are clipped at 0: t = 1/(2N) clips t'' to 0.
 
   Args:
     rng: a JAX PRNG key.
@@ -150,14 +158,15 @@ def stage2_times(rng, batch_size: int, *, student_steps, fine_grid: bool, off_gr
   rng_i, rng_off = jax.random.split(rng)
   i = jax.random.randint(rng_i, (batch_size,), 1, student_steps + 1)  # [B] in 1..N
   off_grid = fine_grid & (jax.random.uniform(rng_off, (batch_size,)) < off_grid_fraction)  # [B]
-  t = (2 * i - off_grid.astype(jnp.int32)).astype(jnp.float32) / (2 * student_steps)  # traced N: no Python ints
+  # traced N: no Python ints
+  t = (2 * i - off_grid.astype(jnp.int32)).astype(jnp.float32) / (2 * student_steps)
   t_mid = jnp.maximum(t - 0.5 / student_steps, 0.0)
   t_end = jnp.maximum(t - 1.0 / student_steps, 0.0)
   return t, t_mid, t_end
 
 
-def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logsnr_mid, logsnr_end, label,
-                      guidance_w):
+def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logsnr_mid, logsnr_end,
+                      label, guidance_w):
   """z_t -> z_t' -> z_t'': two DDIM steps of the teacher, each with its own x_pred at that time."""
   x_pred, eps_pred = teacher_denoise_fn(teacher_params, z_t, logsnr_t, label, guidance_w)
   z_mid = ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=logsnr_mid)
@@ -165,22 +174,26 @@ def two_teacher_steps(teacher_denoise_fn, teacher_params, *, z_t, logsnr_t, logs
   return ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=logsnr_end)
 
 
-def _halving_regression(student, params, teacher_denoise_fn, teacher_params, *, x, label, guidance_w, times,
-                        rng_eps, rng_dropout, logsnr_fn, parametrization, weighting):
-  """[H2]-[H4] at times (t, t', t''): z_t from x, two teacher DDIM steps to t'', the student regresses x_tilde."""
+def _halving_regression(
+    student, params, teacher_denoise_fn, teacher_params, *, x, label, guidance_w, times, rng_eps,
+    rng_dropout, logsnr_fn, parametrization, weighting):
+  """[H2]-[H4] at times (t, t', t''): z_t from x, two teacher DDIM steps to t'', the student
+  regresses x_tilde."""
   t, t_mid, t_end = times
   logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t_mid), logsnr_fn(t_end)
   z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
   z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
-                            logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
+                            logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label,
+                            guidance_w=guidance_w)
   x_target = stage2_x_target(z_t=z_t, z_tpp=z_end, logsnr_t=logsnr_t, logsnr_tpp=logsnr_end)
   return _regress_x(student, params, x_target=x_target, z_t=z_t, logsnr_t=logsnr_t, label=label,
-                    guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization, weighting=weighting)
+                    guidance_w=guidance_w, rng=rng_dropout, parametrization=parametrization,
+                    weighting=weighting)
 
 
-def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min, w_max,
-                   fine_grid: bool, off_grid_fraction: float = 0.5, w_zero_fraction: float = 0.0,
-                   w_distribution: str = 'uniform'):
+def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, w_min,
+                   w_max, fine_grid: bool, off_grid_fraction: float = 0.5,
+                   w_zero_fraction: float = 0.0, w_distribution: str = 'uniform'):
   """Stage 2 (halving): one student DDIM step must land where two teacher DDIM steps land.
 
   At times (t, t', t'') of stage2_times, z_t is made from x, the teacher takes two DDIM steps
@@ -216,15 +229,18 @@ def stage2_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     times = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=fine_grid,
                          off_grid_fraction=off_grid_fraction)
     guidance_w = sample_w(rng_w, x.shape[0], w_min, w_max, w_zero_fraction, w_distribution)
-    return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x, label=label,
-                               guidance_w=guidance_w, times=times, rng_eps=rng_eps, rng_dropout=rng_dropout,
-                               logsnr_fn=logsnr_fn, parametrization=parametrization, weighting=weighting)
+    return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x,
+                               label=label, guidance_w=guidance_w, times=times, rng_eps=rng_eps,
+                               rng_dropout=rng_dropout, logsnr_fn=logsnr_fn,
+                               parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
 
-def direct_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
-  """The paper's direct baseline: halve the teacher itself, conditional and unconditional, no w input.
+def direct_loss_fn(
+    student, teacher_denoise_fn, *, logsnr_fn, parametrization, weighting, p_uncond, num_classes):
+  """The paper's direct baseline: halve the teacher itself, conditional and unconditional, no w
+  input.
 
   As in teacher training, a label becomes the null label (num_classes) w.p. p_uncond; the target is
   two unguided DDIM steps of the teacher at that label (teacher_denoise_fn of kind 'conditional').
@@ -254,9 +270,10 @@ def direct_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, w
     rng_t, rng_eps, rng_drop, rng_dropout = jax.random.split(rng, 4)
     label = jnp.where(jax.random.bernoulli(rng_drop, p_uncond, label.shape), num_classes, label)
     times = stage2_times(rng_t, x.shape[0], student_steps=student_steps, fine_grid=False)
-    return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x, label=label,
-                               guidance_w=None, times=times, rng_eps=rng_eps, rng_dropout=rng_dropout,
-                               logsnr_fn=logsnr_fn, parametrization=parametrization, weighting=weighting)
+    return _halving_regression(student, params, teacher_denoise_fn, teacher_params, x=x,
+                               label=label, guidance_w=None, times=times, rng_eps=rng_eps,
+                               rng_dropout=rng_dropout, logsnr_fn=logsnr_fn,
+                               parametrization=parametrization, weighting=weighting)
 
   return loss_fn
 
@@ -289,15 +306,18 @@ def encoder_loss_fn(student, teacher_denoise_fn, *, logsnr_fn, parametrization, 
     rng_t, rng_eps, rng_w, rng_dropout = jax.random.split(rng, 4)
     i = jax.random.randint(rng_t, x.shape[:1], 0, student_steps)  # [B] in 0..N-1
     t = i.astype(jnp.float32) / student_steps
-    logsnr_t, logsnr_mid, logsnr_end = logsnr_fn(t), logsnr_fn(t + 0.5 / student_steps), logsnr_fn(t + 1.0 / student_steps)
+    logsnr_t, logsnr_mid, logsnr_end = (logsnr_fn(t), logsnr_fn(t + 0.5 / student_steps),
+                                        logsnr_fn(t + 1.0 / student_steps))
     z_t = diffusion_forward(x=x, eps=jax.random.normal(rng_eps, x.shape, x.dtype), logsnr=logsnr_t)
     guidance_w = sample_w(rng_w, x.shape[0], w_min, w_max)
     z_end = two_teacher_steps(teacher_denoise_fn, teacher_params, z_t=z_t, logsnr_t=logsnr_t,
-                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label, guidance_w=guidance_w)
+                              logsnr_mid=logsnr_mid, logsnr_end=logsnr_end, label=label,
+                              guidance_w=guidance_w)
     v_target = v_target_between(z_t=z_t, z_s=z_end, logsnr_t=logsnr_t, logsnr_s=logsnr_end)
     output = student.apply({'params': params}, z_t, logsnr_t, label, guidance_w, train=True,
                            rngs={'dropout': rng_dropout})
-    x_pred, eps_pred = x_eps_from_output(z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)
+    x_pred, eps_pred = x_eps_from_output(
+        z=z_t, output=output, logsnr=logsnr_t, parametrization=parametrization)
     v_pred = predict_v(x=x_pred, eps=eps_pred, logsnr=logsnr_t)
     return jnp.mean(jnp.square(v_pred - jax.lax.stop_gradient(v_target))), {}
 
