@@ -1,4 +1,5 @@
-"""A small CNN digits classifier that stands in for Inception (FID / IS / accuracy) on the embedded digits data."""
+"""A small CNN digits classifier that stands in for Inception (FID / IS / accuracy) on the embedded
+digits data."""
 
 import functools
 import hashlib
@@ -22,7 +23,8 @@ MAX_SHIFT = 1  # Random translations of up to this many pixels during training.
 
 
 class DigitsClassifier(nn.Module):
-  """x [B, 8, 8, 1] in [-1, 1] -> {'pool': [B, pool_dim] penultimate features, 'logits': [B, 10]}."""
+  """x [B, 8, 8, 1] in [-1, 1] -> {'pool': [B, pool_dim] penultimate features, 'logits': [B,
+  10]}."""
 
   features: Sequence[int] = (32, 64)
   pool_dim: int = 128
@@ -37,11 +39,13 @@ class DigitsClassifier(nn.Module):
         h = nn.avg_pool(h, (2, 2), strides=(2, 2))  # [B, 4, 4, width]
     h = h.reshape(h.shape[0], -1)  # [B, 4 * 4 * features[-1]]
     pool = nn.relu(nn.Dense(self.pool_dim)(h))  # [B, pool_dim]
-    logits = nn.Dense(NUM_CLASSES)(nn.Dropout(self.dropout, deterministic=not train)(pool))  # [B, 10]
+    # [B, 10]
+    logits = nn.Dense(NUM_CLASSES)(nn.Dropout(self.dropout, deterministic=not train)(pool))
     return {'pool': pool, 'logits': logits}
 
   def arch(self) -> dict:
-    """The JSON-able description saved with a checkpoint; DigitsClassifier(**arch) rebuilds the model."""
+    """The JSON-able description saved with a checkpoint; DigitsClassifier(**arch) rebuilds the
+    model."""
     return {'features': list(self.features), 'pool_dim': self.pool_dim, 'dropout': self.dropout}
 
 
@@ -57,13 +61,15 @@ def _random_shift(key, images):
 
 
 def _make_train_step(model: DigitsClassifier, optimizer, train_x, train_label, batch_size: int):
-  """A jitted step(params, opt_state, key) -> (params, opt_state, loss) on an augmented random batch."""
+  """A jitted step(params, opt_state, key) -> (params, opt_state, loss) on an augmented random
+  batch."""
 
   def loss_fn(params, key):
     index_key, shift_key, dropout_key = jax.random.split(key, 3)
     indices = jax.random.randint(index_key, (batch_size,), 0, train_x.shape[0])  # [B]
     images = _random_shift(shift_key, train_x[indices])  # [B, 8, 8, 1]
-    logits = model.apply({'params': params}, images, train=True, rngs={'dropout': dropout_key})['logits']
+    logits = model.apply({'params': params}, images, train=True,
+                         rngs={'dropout': dropout_key})['logits']
     return optax.softmax_cross_entropy_with_integer_labels(logits, train_label[indices]).mean()
 
   @jax.jit
@@ -95,9 +101,10 @@ def _save(ckpt_dir: str, params, record: dict) -> None:
     manager.wait_until_finished()
 
 
-def train_classifier(*, ckpt_dir: str, num_steps: int = 1000, batch_size: int = 128, lr: float = 2e-3,
-                     seed: int = 0) -> tuple[dict, float]:
-  """Trains DigitsClassifier on the digits train split and saves it; loads it instead if ckpt_dir has one.
+def train_classifier(*, ckpt_dir: str, num_steps: int = 1000, batch_size: int = 128,
+                     lr: float = 2e-3, seed: int = 0) -> tuple[dict, float]:
+  """Trains DigitsClassifier on the digits train split and saves it; loads it instead if ckpt_dir
+  has one.
 
   Returns (params, held-out test accuracy).
   """
@@ -108,7 +115,8 @@ def train_classifier(*, ckpt_dir: str, num_steps: int = 1000, batch_size: int = 
   model = DigitsClassifier()
   train_x, train_label = (jnp.asarray(a) for a in data.load_arrays('digits', 'train'))
   init_key, key = jax.random.split(jax.random.key(seed))
-  params = jax.jit(functools.partial(model.init, train=False))(init_key, train_x[:1])['params']  # one program
+  # one program
+  params = jax.jit(functools.partial(model.init, train=False))(init_key, train_x[:1])['params']
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, num_steps), weight_decay=1e-4)
   opt_state = optimizer.init(params)
   step = _make_train_step(model, optimizer, train_x, train_label, batch_size)
@@ -127,8 +135,9 @@ def _read_record(ckpt_dir: str, step: int) -> dict:
 
 
 def classifier_id(ckpt_dir: str) -> str:
-  """'<step>-<hash of its record>' of the classifier in ckpt_dir (its own checkpoint layout: params and record,
-  not a train state): features from another classifier get another id. CheckpointError when there is none."""
+  """'<step>-<hash of its record>' of the classifier in ckpt_dir (its own checkpoint layout: params
+  and record, not a train state): features from another classifier get another id. CheckpointError
+  when there is none."""
   step = latest_step(ckpt_dir)
   if step is None:
     raise CheckpointError(f'no classifier in {ckpt_dir}: run --mode=classifier first')
@@ -150,7 +159,8 @@ def load_classifier(ckpt_dir: str) -> tuple[DigitsClassifier, dict, dict]:
     model = DigitsClassifier(**record['arch'])
     init = functools.partial(model.init, train=False)
     abstract = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    restored = manager.restore(step,
+                               args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
   try:
     check_digest(record, step, {'params': restored['params']})
   except DamageError as err:

@@ -1,14 +1,16 @@
-"""Samples written in the files the standard evaluators read (eval.export_samples, sample.export_samples).
+"""Samples written in the files the standard evaluators read (eval.export_samples,
+sample.export_samples).
 
-  * PREFIX_NxHxWx3.npz: arr_0 [N, H, W, 3] uint8 images and arr_1 [N] int64 labels, as guided-diffusion's
-    `scripts/image_sample.py` saves them (np.savez(out_path, arr, label_arr)) and its
-    `evaluations/evaluator.py SAMPLE.npz` reads them (arr_0, streamed batch by batch). No 'mu' key: the evaluator
-    would take stored statistics instead of computing them from the images.
+  * PREFIX_NxHxWx3.npz: arr_0 [N, H, W, 3] uint8 images and arr_1 [N] int64 labels, as
+    guided-diffusion's `scripts/image_sample.py` saves them (np.savez(out_path, arr, label_arr)) and
+    its `evaluations/evaluator.py SAMPLE.npz` reads them (arr_0, streamed batch by batch). No 'mu'
+    key: the evaluator would take stored statistics instead of computing them from the images.
   * PREFIX_NxHxWx3.zip: PNGs 000000.png, 000001.png, ... and dataset.json {"labels": [[name, label],
-    ...]}, the StyleGAN/EDM data set layout that EDM's `fid.py calc --images=PREFIX_NxHxWx3.zip` (its
-    training.dataset.ImageFolderDataset) reads.
-Pixels are to_uint8 of the samples clipped to [-1, 1] (round((x + 1) * 127.5)): with eval.quantize_uint8 they are
-exactly the images this repo scored. Grey images are written as RGB (the evaluator's Inception takes 3 channels).
+    ...]}, the StyleGAN/EDM data set layout that EDM's `fid.py calc --images=PREFIX_NxHxWx3.zip`
+    (its training.dataset.ImageFolderDataset) reads.
+Pixels are to_uint8 of the samples clipped to [-1, 1] (round((x + 1) * 127.5)): with
+eval.quantize_uint8 they are exactly the images this repo scored. Grey images are written as RGB
+(the evaluator's Inception takes 3 channels).
 """
 
 import io
@@ -37,7 +39,8 @@ def _png_zip(pixels: np.ndarray, labels: np.ndarray) -> bytes:
       png = io.BytesIO()
       Image.fromarray(image).save(png, format='PNG')
       archive.writestr(name, png.getvalue())
-    archive.writestr('dataset.json', json.dumps({'labels': [[n, int(y)] for n, y in zip(names, labels)]}))
+    archive.writestr('dataset.json',
+                     json.dumps({'labels': [[n, int(y)] for n, y in zip(names, labels)]}))
   return buffer.getvalue()
 
 

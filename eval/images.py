@@ -1,4 +1,5 @@
-"""Sample grids as PNG files: one row per class for images, a scatter plot for 2-D points; each titled."""
+"""Sample grids as PNG files: one row per class for images, a scatter plot for 2-D points; each
+titled."""
 
 import io
 
@@ -15,11 +16,12 @@ def to_uint8(images):
 
 
 def quantize_uint8(images):
-  """[-1, 1] floats [B, H, W, C] -> float32 k / 127.5 - 1 with k = to_uint8(images): what a saved PNG holds.
+  """[-1, 1] floats [B, H, W, C] -> float32 k / 127.5 - 1 with k = to_uint8(images): what a saved
+  PNG holds.
 
-  The evaluation protocol's eval.quantize_uint8: samples (and real images) reach the feature extractor on the
-  256 levels of an 8-bit image, as in FIDs computed from saved images. Each value moves by at most 1/255 after
-  clipping to [-1, 1]; quantising twice changes nothing.
+  The evaluation protocol's eval.quantize_uint8: samples (and real images) reach the feature
+  extractor on the 256 levels of an 8-bit image, as in FIDs computed from saved images. Each value
+  moves by at most 1/255 after clipping to [-1, 1]; quantising twice changes nothing.
   """
   return to_uint8(images).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
@@ -32,14 +34,16 @@ def image_grid(images, *, num_rows: int, pad: int = 1, scale: int = 1):
   grid = np.full((num_rows * (h + pad) + pad, num_cols * (w + pad) + pad, c), 255, np.uint8)
   for i in range(n):
     row, col = divmod(i, num_cols)
-    grid[pad + row * (h + pad):pad + row * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
+    grid[pad + row * (h + pad):pad + row * (h + pad) + h,
+         pad + col * (w + pad):pad + col * (w + pad) + w] = images[i]
   if scale > 1:
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
   return grid
 
 
 def with_row_labels(grid, labels: list[str], *, row_height: int, top: int = 0, font_size: int = 12):
-  """grid uint8 [H, W, C] with a white margin on the left holding labels[i] beside row i -> [H, W', C]."""
+  """grid uint8 [H, W, C] with a white margin on the left holding labels[i] beside row i -> [H, W',
+  C]."""
   grid = np.asarray(grid)
   font = ImageFont.load_default(size=font_size)
   text_width = max(int(np.ceil(font.getlength(label))) for label in labels) + 8
@@ -54,7 +58,8 @@ def with_row_labels(grid, labels: list[str], *, row_height: int, top: int = 0, f
 
 
 def with_column_titles(grid, titles: list[str], *, column_width: int, font_size: int = 12):
-  """grid uint8 [H, W, C] with a white margin on top holding titles[j] centred over the j-th column_width pixels."""
+  """grid uint8 [H, W, C] with a white margin on top holding titles[j] centred over the j-th
+  column_width pixels."""
   grid = np.asarray(grid)
   font = ImageFont.load_default(size=font_size)
   height = font_size + 8
@@ -63,13 +68,15 @@ def with_column_titles(grid, titles: list[str], *, column_width: int, font_size:
   image = Image.fromarray(canvas[..., 0] if grid.shape[-1] == 1 else canvas)
   draw = ImageDraw.Draw(image)
   for j, title in enumerate(titles):
-    draw.text((j * column_width + column_width // 2, height // 2), title, fill=0, font=font, anchor='mm')
+    draw.text(
+        (j * column_width + column_width // 2, height // 2), title, fill=0, font=font, anchor='mm')
   pixels = np.asarray(image)
   return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 def with_title(grid, title: str, *, font_size: int = 12):
-  """grid uint8 [H, W, C] under a white band of title_height(font_size) rows holding `title` -> [H', W', C].
+  """grid uint8 [H, W, C] under a white band of title_height(font_size) rows holding `title` -> [H',
+  W', C].
 
   The picture is widened (white on the right) where the title is wider than it.
   """
@@ -90,11 +97,13 @@ def title_height(font_size: int = 12) -> int:
   return font_size + 8
 
 
-TITLE_KEY = 'Title'  # the PNG text chunk holding a picture's title: PIL.Image.open(path).text['Title']
+# the PNG text chunk holding a picture's title: PIL.Image.open(path).text['Title']
+TITLE_KEY = 'Title'
 
 
 def save_png(path: str, grid, *, title: str = '') -> None:
-  """Writes a uint8 grid [H, W, C] as a PNG, atomically; under jax.distributed only process 0 writes.
+  """Writes a uint8 grid [H, W, C] as a PNG, atomically; under jax.distributed only process 0
+  writes.
 
   A title (drawn on the picture by with_title) is also stored as the PNG's 'Title' text chunk.
   """
@@ -111,18 +120,20 @@ def save_png(path: str, grid, *, title: str = '') -> None:
 
 
 def samples_image(samples, labels, *, num_rows: int, title: str = ''):
-  """uint8 [H, W, C]: a grid (images, one row per class, each row labelled with its class) or a scatter plot
-  coloured by class (2-D points); under a title band (with_title) when a title is given.
+  """uint8 [H, W, C]: a grid (images, one row per class, each row labelled with its class) or a
+  scatter plot coloured by class (2-D points); under a title band (with_title) when a title is
+  given.
 
-  Images come class-major (modes.sampling.fixed_inputs): row i holds the samples of labels[i * per_class].
+  Images come class-major (modes.sampling.fixed_inputs): row i holds the samples of labels[i *
+  per_class].
   """
   samples, labels = np.asarray(samples), np.asarray(labels)
   if samples.ndim == 4:
     scale = max(1, 64 // samples.shape[1])
     pixels = image_grid(samples, num_rows=num_rows, scale=scale)
     row_classes = labels.reshape(num_rows, -1)[:, 0]
-    pixels = with_row_labels(pixels, [f'class {c}' for c in row_classes], row_height=(samples.shape[1] + 1) * scale,
-                             top=scale)
+    pixels = with_row_labels(pixels, [f'class {c}' for c in row_classes],
+                             row_height=(samples.shape[1] + 1) * scale, top=scale)
   else:
     pixels = _scatter(samples, labels)
   return with_title(pixels, title) if title else pixels
@@ -136,8 +147,8 @@ def _scatter(points, labels):
   fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
   colours = plt.get_cmap('tab10').colors
   for c in np.unique(labels):
-    ax.scatter(points[labels == c, 0], points[labels == c, 1], s=4, color=colours[int(c) % len(colours)],
-               label=f'class {c}')
+    ax.scatter(points[labels == c, 0], points[labels == c, 1], s=4,
+               color=colours[int(c) % len(colours)], label=f'class {c}')
   ax.set_aspect('equal')
   ax.legend(fontsize=7, markerscale=2, loc='upper right')
   fig.tight_layout()
@@ -148,7 +159,8 @@ def _scatter(points, labels):
 
 
 def save_samples_png(path: str, samples, labels, *, num_rows: int, title: str):
-  """Writes samples_image(...) under its title as a PNG (title also in the PNG's text) and returns it."""
+  """Writes samples_image(...) under its title as a PNG (title also in the PNG's text) and returns
+  it."""
   pixels = samples_image(samples, labels, num_rows=num_rows, title=title)
   save_png(path, pixels, title=title)
   return pixels

@@ -1,9 +1,10 @@
-"""InceptionV3 as used for FID/IS (pytorch-fid's FIDInception blocks) in Flax, with weight loading and conversion.
+"""InceptionV3 as used for FID/IS (pytorch-fid's FIDInception blocks) in Flax, with weight loading
+and conversion.
 
 Weights: the published FID network is pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`
 (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth),
-a port of TF's `2015-12-05` Inception graph used by the original FID code. It cannot be downloaded here;
-on a machine with internet and torch:
+a port of TF's `2015-12-05` Inception graph used by the original FID code. It cannot be downloaded
+here; on a machine with internet and torch:
 
   python -m eval.inception --convert pt_inception-2015-12-05-6726825d.pth inception_fid.npz
 
@@ -13,7 +14,8 @@ paths. Torch name -> flax path (`convert_torch_state_dict`):
   X.bn.weight / X.bn.bias      -> params/X/bn/scale / params/X/bn/bias
   X.bn.running_mean / _var     -> batch_stats/X/bn/mean / batch_stats/X/bn/var
   fc.weight [1008, 2048]       -> params/fc/kernel [2048, 1008];  fc.bias -> params/fc/bias
-where X is e.g. `Conv2d_1a_3x3` or `Mixed_6b.branch7x7_2` ('.' -> '/'); num_batches_tracked is dropped.
+where X is e.g. `Conv2d_1a_3x3` or `Mixed_6b.branch7x7_2` ('.' -> '/'); num_batches_tracked is
+dropped.
 """
 
 import argparse
@@ -134,7 +136,8 @@ class InceptionD(nn.Module):
 
 
 class InceptionE(nn.Module):
-  """Mixed_7b (avg pool, FIDInceptionE_1) and Mixed_7c (max pool, FIDInceptionE_2 as in the TF graph)."""
+  """Mixed_7b (avg pool, FIDInceptionE_1) and Mixed_7c (max pool, FIDInceptionE_2 as in the TF
+  graph)."""
 
   max_pool: bool
 
@@ -181,7 +184,8 @@ class InceptionV3FID(nn.Module):
     x = InceptionA(64, name='Mixed_5c')(x)  # [B, 35, 35, 288]
     x = InceptionA(64, name='Mixed_5d')(x)  # [B, 35, 35, 288]
     x = InceptionB(name='Mixed_6a')(x)  # [B, 17, 17, 768]
-    for name, channels in (('Mixed_6b', 128), ('Mixed_6c', 160), ('Mixed_6d', 160), ('Mixed_6e', 192)):
+    for name, channels in (('Mixed_6b', 128), ('Mixed_6c', 160), ('Mixed_6d', 160),
+                           ('Mixed_6e', 192)):
       x = InceptionC(channels, name=name)(x)  # [B, 17, 17, 768]
     x = InceptionD(name='Mixed_7a')(x)  # [B, 8, 8, 1280]
     x = InceptionE(max_pool=False, name='Mixed_7b')(x)  # [B, 8, 8, 2048]
@@ -196,13 +200,16 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
   """'/'-joined flax variable path -> shape, for every variable of InceptionV3FID."""
   abstract = jax.eval_shape(InceptionV3FID().init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32))
-  return {key: tuple(leaf.shape) for key, leaf in traverse_util.flatten_dict(abstract, sep='/').items()}
+  return {
+      key: tuple(leaf.shape) for key, leaf in traverse_util.flatten_dict(abstract, sep='/').items()
+  }
 
 
 def _not_found_message(path: str) -> str:
-  return (f'Inception weights not found at {path}: download {WEIGHTS_FILE} on a machine with internet, '
-          'convert it with `python -m eval.inception --convert SRC.pth DST.npz` and set '
-          '--config.eval.inception_path=DST.npz')
+  return (
+      f'Inception weights not found at {path}: download {WEIGHTS_FILE} on a machine with internet, '
+      'convert it with `python -m eval.inception --convert SRC.pth DST.npz` and set '
+      '--config.eval.inception_path=DST.npz')
 
 
 def check_weights(flat: dict[str, np.ndarray], source: str) -> None:
@@ -210,7 +217,8 @@ def check_weights(flat: dict[str, np.ndarray], source: str) -> None:
   expected = expected_shapes()
   for key, shape in expected.items():
     if key not in flat:
-      raise WeightsError(f'Inception weights {source} lack {key} {shape}: convert {WEIGHTS_FILE} again')
+      raise WeightsError(
+          f'Inception weights {source} lack {key} {shape}: convert {WEIGHTS_FILE} again')
     if tuple(flat[key].shape) != shape:
       raise WeightsError(f'Inception weights {source}: {key} has shape {tuple(flat[key].shape)}, '
                          f'expected {shape}: convert {WEIGHTS_FILE} again')
@@ -221,13 +229,16 @@ def check_weights(flat: dict[str, np.ndarray], source: str) -> None:
 
 
 def load_inception_params(path: str) -> dict:
-  """Reads an .npz of '/'-joined flax paths -> {'params': ..., 'batch_stats': ...} for InceptionV3FID."""
+  """Reads an .npz of '/'-joined flax paths -> {'params': ..., 'batch_stats': ...} for
+  InceptionV3FID."""
   if not os.path.isfile(path):
     raise WeightsNotFoundError(_not_found_message(path))
   with np.load(path) as archive:
     flat = {key: np.asarray(archive[key], np.float32) for key in archive.files}
   check_weights(flat, path)
-  return traverse_util.unflatten_dict({tuple(key.split('/')): jnp.asarray(v) for key, v in flat.items()})
+  return traverse_util.unflatten_dict({
+      tuple(key.split('/')): jnp.asarray(v) for key, v in flat.items()
+  })
 
 
 def _torch_to_flax_key(name: str) -> tuple[str, bool]:
@@ -247,7 +258,8 @@ def _torch_to_flax_key(name: str) -> tuple[str, bool]:
 def convert_torch_state_dict(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """pytorch-fid FIDInceptionA/C/E state_dict (numpy arrays) -> {'/'-joined flax path: array}.
 
-  Conv kernels go OIHW -> HWIO, the dense kernel [out, in] -> [in, out]; num_batches_tracked is dropped.
+  Conv kernels go OIHW -> HWIO, the dense kernel [out, in] -> [in, out]; num_batches_tracked is
+  dropped.
   """
   flat = {}
   for name, value in state_dict.items():

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: Frechet distance, streaming feature statistics, Inception Score, accuracy."""
+"""Sample-quality metrics: Frechet distance, streaming feature statistics, Inception Score,
+accuracy."""
 
 import numpy as np
 from scipy import special
@@ -27,7 +28,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   that are not finite are refused (ValueError).
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+  sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma1, np.float64)),
+                    np.atleast_2d(np.asarray(sigma2, np.float64)))
   if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f'mismatched statistics: mu {mu1.shape} vs {mu2.shape}, '
                      f'sigma {sigma1.shape} vs {sigma2.shape}')
@@ -78,14 +80,17 @@ class FeatureStats:
     return stats['mu'], stats['sigma'], int(stats['count'])
 
 
-def inception_score(logits_or_probs, *, num_splits: int = 10, from_probs: bool = False) -> tuple[float, float]:
-  """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))); logits [N, K] (probabilities if from_probs)."""
+def inception_score(logits_or_probs, *, num_splits: int = 10,
+                    from_probs: bool = False) -> tuple[float, float]:
+  """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))); logits [N, K] (probabilities if
+  from_probs)."""
   if from_probs:
     log_p = np.log(np.clip(np.asarray(logits_or_probs, np.float64), 1e-30, None))  # [N, K]
   else:
     log_p = special.log_softmax(np.asarray(logits_or_probs, np.float64), axis=1)  # [N, K]
   if len(log_p) < num_splits:
-    raise ValueError(f'inception_score needs at least num_splits={num_splits} samples, got {len(log_p)}')
+    raise ValueError(
+        f'inception_score needs at least num_splits={num_splits} samples, got {len(log_p)}')
   scores = []
   for part in np.array_split(log_p, num_splits):
     log_marginal = special.logsumexp(part, axis=0, keepdims=True) - np.log(len(part))  # [1, K]
@@ -110,8 +115,9 @@ def _pairwise_sq_dist(a, b):
 def knn_radii(features, *, k: int = 3, chunk: int = 1024):
   """Distance of each row of features [N, D] to its k-th nearest other row: the k-NN ball radii [N].
 
-  The manifold estimate of Kynkaanniemi et al. (2019), "Improved Precision and Recall Metric for Assessing
-  Generative Models", Sec. 2: the union of these balls approximates the support of the distribution.
+  The manifold estimate of Kynkaanniemi et al. (2019), "Improved Precision and Recall Metric for
+  Assessing Generative Models", Sec. 2: the union of these balls approximates the support of the
+  distribution.
   """
   features = np.asarray(features, np.float64)
   if len(features) <= k:
@@ -119,7 +125,8 @@ def knn_radii(features, *, k: int = 3, chunk: int = 1024):
   radii = np.empty(len(features))
   for start in range(0, len(features), chunk):
     sq = _pairwise_sq_dist(features[start:start + chunk], features)  # [n, N]
-    radii[start:start + chunk] = np.sqrt(np.partition(sq, k, axis=1)[:, k])  # index 0 is the row itself
+    # index 0 is the row itself
+    radii[start:start + chunk] = np.sqrt(np.partition(sq, k, axis=1)[:, k])
   return radii
 
 
@@ -141,8 +148,8 @@ def precision_recall(real_features, fake_features, *, k: int = 3) -> tuple[float
     k: neighbourhood size of the k-NN manifold estimate (the paper's default is 3).
 
   Returns:
-    (precision, recall): precision is the fraction of fake samples inside the real manifold (quality),
-    recall the fraction of real samples inside the fake manifold (coverage, diversity).
+    (precision, recall): precision is the fraction of fake samples inside the real manifold
+    (quality), recall the fraction of real samples inside the fake manifold (coverage, diversity).
   """
   real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
   precision = _fraction_inside(fake, real, knn_radii(real, k=k))

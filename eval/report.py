@@ -1,4 +1,5 @@
-"""The paper-style results table (rows method x sampler, columns steps) and plots from results rows."""
+"""The paper-style results table (rows method x sampler, columns steps) and plots from results
+rows."""
 
 import collections
 import io
@@ -34,14 +35,17 @@ def _cell_stats(by_seed: dict) -> tuple[float, float, float]:
 
 
 def _accuracy(by_seed: dict) -> float:
-  """Mean class accuracy of one cell over its seeds; nan where the extractor has no class logits (Inception)."""
+  """Mean class accuracy of one cell over its seeds; nan where the extractor has no class logits
+  (Inception)."""
   return float(np.mean([_as_float(r.get('accuracy')) for r in by_seed.values()]))
 
 
 def _cell_text(by_seed: dict) -> str:
-  """'FID / IS' of one seed, or 'mean ± sd / mean IS' over several; ' / accuracy' appended where there is one."""
+  """'FID / IS' of one seed, or 'mean ± sd / mean IS' over several; ' / accuracy' appended where
+  there is one."""
   fid_mean, fid_sd, is_mean = _cell_stats(by_seed)
-  text = f'{fid_mean:.2f} / {is_mean:.2f}' if len(by_seed) == 1 else f'{fid_mean:.2f} ± {fid_sd:.2f} / {is_mean:.2f}'
+  text = (f'{fid_mean:.2f} / {is_mean:.2f}'
+          if len(by_seed) == 1 else f'{fid_mean:.2f} ± {fid_sd:.2f} / {is_mean:.2f}')
   accuracy = _accuracy(by_seed)
   return text if np.isnan(accuracy) else f'{text} / {accuracy:.3f}'
 
@@ -54,15 +58,20 @@ def steps_text(n: int) -> str:
 def what_better_means(w: float) -> str:
   """What a lower FID against the real data says at guidance weight w."""
   if w == 0:
-    return ('w = 0 is the conditional model without guidance: its samples should match the real data, so a lower '
-            'FID is better.')
+    return (
+        'w = 0 is the conditional model without guidance: its samples should match the real '
+        'data, so a lower FID is better.')
   if w < 1:
-    return (f'w = {w:g} is light guidance: it may still bring the samples closer to the data than w = 0, but a '
-            'method can also score a lower FID by following the guidance less; compare with the teacher\'s row.')
-  return (f'w = {w:g}: guidance trades diversity for class fidelity, so every method\'s samples move away from the '
-          'real data by design and FID against the data grows with w. A lower FID than the teacher\'s here means '
-          'less guidance effect, not better distillation: a student is good when it matches the teacher CFG row at '
-          'this w (the pipeline\'s summary.md compares each student with its teacher directly).')
+    return (
+        f'w = {w:g} is light guidance: it may still bring the samples closer to the data '
+        'than w = 0, but a method can also score a lower FID by following the guidance less; '
+        'compare with the teacher\'s row.')
+  return (
+      f'w = {w:g}: guidance trades diversity for class fidelity, so every method\'s samples '
+      'move away from the real data by design and FID against the data grows with w. A lower FID '
+      'than the teacher\'s here means less guidance effect, not better distillation: a student is '
+      'good when it matches the teacher CFG row at this w (the pipeline\'s summary.md compares '
+      'each student with its teacher directly).')
 
 
 def _legend(rows: list[dict], *, is_max) -> list[str]:
@@ -70,26 +79,32 @@ def _legend(rows: list[dict], *, is_max) -> list[str]:
   has_accuracy = any(not np.isnan(_as_float(r.get('accuracy'))) for r in rows)
   cell = 'FID / IS' + (' / accuracy' if has_accuracy else '')
   lines = [
-      f'Each cell is {cell} of one method\'s samples at one step count and guidance weight w, scored against '
-      'the real data; with several noise seeds, FID is the mean ± standard deviation over them.', '',
-      '- **FID**: Fréchet distance between the features of the samples and of the real data (the reference split). '
-      'What a lower FID means depends on w: see the line under each w.',
-      '- **IS**: Inception Score, exp(E KL(p(y|x) || p(y))): high when each sample is classified confidently and '
-      'the classes are balanced.' + (f' With these features it is at most {is_max:g}, the classifier\'s class '
-                                      f'count, so values near {is_max:g} say little: FID and accuracy tell methods '
-                                      'apart there.' if is_max else ''),
+      f'Each cell is {cell} of one method\'s samples at one step count and guidance weight w, '
+      'scored against the real data; with several noise seeds, FID is the mean ± standard '
+      'deviation over them.',
+      '',
+      '- **FID**: Fréchet distance between the features of the samples and of the real data (the '
+      'reference split). What a lower FID means depends on w: see the line under each w.',
+      '- **IS**: Inception Score, exp(E KL(p(y|x) || p(y))): high when each sample is classified '
+      'confidently and the classes are balanced.' + (
+          f' With these features it is at most {is_max:g}, the classifier\'s class '
+          f'count, so values near {is_max:g} say little: FID and accuracy tell methods '
+          'apart there.' if is_max else ''),
   ]
   if has_accuracy:
-    lines.append('- **accuracy** (results.csv: `accuracy`): the fraction of samples the classifier assigns to the '
-                 'class they were drawn for (class fidelity; guidance raises it).')
+    lines.append(
+        '- **accuracy** (results.csv: `accuracy`): the fraction of samples the classifier '
+        'assigns to the class they were drawn for (class fidelity; guidance raises it).')
   lines += [
-      '- **method**: the model and its sampler. "teacher CFG" is the guided teacher (classifier-free guidance, 2 '
-      'network calls a step); "student ddim" at N steps is the N-step student of stage 2, "student stochastic" at '
-      '2N steps the same N-step student with the stochastic sampler; "stage 1" is the w-conditioned student before '
-      'halving; "direct PD CFG" the direct baseline; "teacher CFG clipped" the teacher with each step\'s x '
-      'prediction clipped to [-1, 1]; "student fixed-w" a student distilled at that one w (the paper\'s baseline).',
-      '- **NFE per step**: network calls per sampling step; NFE per sample = steps x NFE per step, the cost '
-      '`fid_vs_nfe.png` compares methods at.',
+      '- **method**: the model and its sampler. "teacher CFG" is the guided teacher '
+      '(classifier-free guidance, 2 network calls a step); "student ddim" at N steps is the N-step '
+      'student of stage 2, "student stochastic" at 2N steps the same N-step student with the '
+      'stochastic sampler; "stage 1" is the w-conditioned student before halving; "direct PD CFG" '
+      'the direct baseline; "teacher CFG clipped" the teacher with each step\'s x prediction '
+      'clipped to [-1, 1]; "student fixed-w" a student distilled at that one w (the '
+      'paper\'s baseline).',
+      '- **NFE per step**: network calls per sampling step; NFE per sample = steps x NFE per '
+      'step, the cost `fid_vs_nfe.png` compares methods at.',
       '- **N steps** columns: sampling steps.', '']
   return lines
 
@@ -98,10 +113,12 @@ TEACHER = 'teacher CFG ddim'
 
 
 def paired_differences(rows: list[dict]) -> list[tuple]:
-  """(w, name, steps, teacher steps, mean, standard error, wins, seeds) of FID(method) - FID(teacher CFG DDIM).
+  """(w, name, steps, teacher steps, mean, standard error, wins, seeds) of FID(method) - FID(teacher
+  CFG DDIM).
 
-  Each distilled row (not the teacher's own) is compared with the teacher's CFG DDIM at the same step count
-  and at the teacher's largest step count, seed by seed (same noise and labels), over the seeds both have.
+  Each distilled row (not the teacher's own) is compared with the teacher's CFG DDIM at the same
+  step count and at the teacher's largest step count, seed by seed (same noise and labels), over the
+  seeds both have.
   """
   cells, out = _cells(rows), []
   for (w, name, steps), by_seed in sorted(cells.items()):
@@ -114,32 +131,37 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
       if len(seeds) < 2:
         continue
       diffs = np.array([_as_float(by_seed[k]['fid']) - _as_float(teacher[k]['fid']) for k in seeds])
-      out.append((w, name, steps, reference, float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
-                  int(np.sum(diffs < 0)), len(diffs)))
+      out.append(
+          (w, name, steps, reference, float(diffs.mean()),
+           float(diffs.std(ddof=1) / np.sqrt(len(diffs))), int(np.sum(diffs < 0)), len(diffs)))
   return out
 
 
 def _fidelity_text(by_seed: dict) -> str:
-  """'fidelity / precision / recall' of one cell (means over its seeds); '' for a row scored without them."""
+  """'fidelity / precision / recall' of one cell (means over its seeds); '' for a row scored without
+  them."""
   values = [float(np.mean([_as_float(r.get(name)) for r in by_seed.values()]))
             for name in ('fidelity', 'precision', 'recall')]
-  return '' if np.isnan(values[0]) else ' / '.join(f'{v:.3f}' if v >= 0.001 or v == 0 else f'{v:.1e}'
-                                                   for v in values)
+  return '' if np.isnan(values[0]) else ' / '.join(
+      f'{v:.3f}' if v >= 0.001 or v == 0 else f'{v:.1e}' for v in values)
 
 
 def _fidelity_section(rows: list[dict]) -> list[str]:
-  """'## Fidelity to the teacher': per w, each method's Frechet distance to the teacher's reference samples
-  (same noise and labels), precision and recall against the real data; [] when no row has a fidelity."""
+  """'## Fidelity to the teacher': per w, each method's Frechet distance to the teacher's reference
+  samples (same noise and labels), precision and recall against the real data; [] when no row has a
+  fidelity."""
   cells = _cells(rows)
   texts = {key: _fidelity_text(by_seed) for key, by_seed in cells.items()}
   if not any(texts.values()):
     return []
-  lines = ['## Fidelity to the teacher', '',
-           'Each cell is fidelity / precision / recall. **fidelity**: the Fréchet distance between the method\'s '
-           'samples and the teacher\'s reference samples (its CFG DDIM at the most steps, 0 in its own row) drawn '
-           'from the same noise and labels at the same w: lower is closer to the teacher at every w. **precision** '
-           '/ **recall**: the fraction of samples inside the real data\'s k-NN manifold / of real examples inside '
-           'the samples\' (k = 3, Kynkäänniemi et al. 2019): quality and coverage.', '']
+  lines = [
+      '## Fidelity to the teacher', '',
+      'Each cell is fidelity / precision / recall. **fidelity**: the Fréchet distance '
+      'between the method\'s samples and the teacher\'s reference samples (its CFG DDIM at the '
+      'most steps, 0 in its own row) drawn from the same noise and labels at the same w: lower is '
+      'closer to the teacher at every w. **precision** / **recall**: the fraction of samples '
+      'inside the real data\'s k-NN manifold / of real examples inside the samples\' (k = 3, '
+      'Kynkäänniemi et al. 2019): quality and coverage.', '']
   for w in sorted({key[0] for key in texts}):
     steps = sorted({s for (w2, _, s), text in texts.items() if w2 == w and text})
     grid = collections.defaultdict(dict)
@@ -155,20 +177,22 @@ def _fidelity_section(rows: list[dict]) -> list[str]:
 
 
 def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None:
-  """results.md: first the fidelity to the teacher (_fidelity_section), the headline; then one table per w against
-  the real data: cells 'FID / IS [/ accuracy]', rows 'method sampler', columns step counts, each column explained
-  once on top of them, and under each w what a lower FID means there (what_better_means); then the paired
-  differences against the teacher (paired_differences).
+  """results.md: first the fidelity to the teacher (_fidelity_section), the headline; then one table
+  per w against the real data: cells 'FID / IS [/ accuracy]', rows 'method sampler', columns step
+  counts, each column explained once on top of them, and under each w what a lower FID means there
+  (what_better_means); then the paired differences against the teacher (paired_differences).
 
-  With several noise seeds a cell is 'mean ± sd / IS' over them. is_max: the classifier's class count that bounds
-  IS (None: Inception).
+  With several noise seeds a cell is 'mean ± sd / IS' over them. is_max: the classifier's class
+  count that bounds IS (None: Inception).
   """
   fidelity = _fidelity_section(rows)
   lines = [f'# Results: {title}', '']
   if fidelity:
-    lines += ['The first section is the headline: how closely each method reproduces its teacher, on the same '
-              'noise and labels. The tables after it score each method against the real data, where at w >= 1 '
-              'a lower FID is not a better distillation.', '', *fidelity]
+    lines += [
+        'The first section is the headline: how closely each method reproduces its '
+        'teacher, on the same noise and labels. The tables after it score each method against the '
+        'real data, where at w >= 1 a lower FID is not a better distillation.', '', *fidelity
+    ]
   lines += ['## FID / IS against the real data', '', *_legend(rows, is_max=is_max)]
   cells = _cells(rows)
   for w in sorted({key[0] for key in cells}):
@@ -182,36 +206,43 @@ def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None
     lines += [f'### w = {w:g}', '', what_better_means(w), '',
               '| method | NFE per step | ' + ' | '.join(steps_text(s) for s in steps) + ' |',
               '|---' * (len(steps) + 2) + '|']
-    lines += [f'| {name} | {nfe_per_step.get(name, "")} | ' + ' | '.join(cells_.get(s, '') for s in steps) + ' |'
+    lines += [f'| {name} | {nfe_per_step.get(name, "")} | ' +
+              ' | '.join(cells_.get(s, '') for s in steps) + ' |'
               for name, cells_ in grid.items()]
     lines.append('')
   differences = paired_differences(rows)
   if differences:
-    lines += ['## Paired differences against the teacher', '',
-              'FID(method) - FID(teacher CFG DDIM) seed by seed (the same noise and labels for both): mean ± standard '
-              'error over the seeds; "lower FID" counts the seeds where the method\'s FID is lower (at w >= 1 that '
-              'is not "better": see the line under each w heading).', '',
-              '| w | method | steps | teacher steps | FID difference | lower FID |', '|---|---|---|---|---|---|']
+    lines += [
+        '## Paired differences against the teacher', '',
+        'FID(method) - FID(teacher CFG DDIM) seed by seed (the same noise and labels for both): '
+        'mean ± standard error over the seeds; "lower FID" counts the seeds where the method\'s '
+        'FID is lower (at w >= 1 that is not "better": see the line under each w heading).', '',
+        '| w | method | steps | teacher steps | FID difference | lower FID |',
+        '|---|---|---|---|---|---|']
     lines += [f'| {w:g} | {name} | {steps} | {ref} | {mean:+.3f} ± {se:.3f} | {wins}/{n} |'
               for w, name, steps, ref, mean, se, wins, n in differences]
     lines.append('')
   files.write_text(path, '\n'.join(lines))
 
 
-MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', '<', '>', 'h', 'p', '8')  # with tab20: no two curves alike
+# with tab20: no two curves alike
+MARKERS = ('o', 's', '^', 'v', 'D', 'P', 'X', '*', '<', '>', 'h', 'p', '8')
 
 
 def is_axis(is_values, is_max=None) -> tuple[list, str, str]:
-  """(x values, label, scale) of fid_vs_is.png: IS itself, or, where a classifier with is_max classes bounds it
-  (the digits: 10), the gap is_max - IS on a log scale, which keeps apart the IS values that all print as 9.9x."""
+  """(x values, label, scale) of fid_vs_is.png: IS itself, or, where a classifier with is_max
+  classes bounds it (the digits: 10), the gap is_max - IS on a log scale, which keeps apart the IS
+  values that all print as 9.9x."""
   if not is_max:
     return list(is_values), 'IS', 'linear'
-  return [max(is_max - v, 1e-4) for v in is_values], f'{is_max:g} - IS (log scale; IS grows to the right)', 'log'
+  return ([max(is_max - v, 1e-4) for v in is_values],
+          f'{is_max:g} - IS (log scale; IS grows to the right)', 'log')
 
 
 def write_plots(rows: list[dict], out_dir: str, *, is_max=None) -> None:
-  """fid_vs_steps.png and fid_vs_nfe.png (one panel per w: FID against sampling steps, and against network calls
-  per sample, the cost the paper compares at) and fid_vs_is.png (each method's curve over w; see is_axis)."""
+  """fid_vs_steps.png and fid_vs_nfe.png (one panel per w: FID against sampling steps, and against
+  network calls per sample, the cost the paper compares at) and fid_vs_is.png (each method's curve
+  over w; see is_axis)."""
   plt = _pyplot()
   for x_name in ('steps', 'nfe'):
     fig = fid_panels_figure(rows, x_name=x_name)
@@ -236,13 +267,15 @@ def _means(rows: list[dict]) -> dict:
 
 
 def _plain_log_ticks(ax, which: str) -> None:
-  """Labels a log axis ('x' or 'y') of ax at 1, 2, 5 x 10^k as plain numbers (or, over less than that, at three
-  points), minor ticks unlabelled: readable over any range, where matplotlib labels every minor tick of a range
-  under a decade and they overlap. Call after plotting (it reads the axis limits)."""
+  """Labels a log axis ('x' or 'y') of ax at 1, 2, 5 x 10^k as plain numbers (or, over less than
+  that, at three points), minor ticks unlabelled: readable over any range, where matplotlib labels
+  every minor tick of a range under a decade and they overlap. Call after plotting (it reads the
+  axis limits)."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   low, high = sorted(ax.get_xlim() if which == 'x' else ax.get_ylim())
-  ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
-           for m in (1, 2, 5) if low <= m * 10.0 ** k <= high]
+  ticks = [m * 10.0 ** k for k in range(
+      int(np.floor(np.log10(low))),
+      int(np.ceil(np.log10(high))) + 1) for m in (1, 2, 5) if low <= m * 10.0 ** k <= high]
   if len(ticks) < 2:
     ticks = [float(f'{v:.3g}') for v in np.geomspace(low, high, 5)[1:-1]]
   axis = ax.xaxis if which == 'x' else ax.yaxis
@@ -264,11 +297,13 @@ def fid_panels_figure(rows: list[dict], *, x_name: str):
         curves[name].append((steps if x_name == 'steps' else nfe, fid, fid_sd))
     for name, points in sorted(curves.items()):
       points.sort()
-      ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker='o',
-                  capsize=2, label=name)  # error bars: sd over noise seeds (none with one seed)
-    ax.set(xscale='log', yscale='log', xlabel=xlabel, ylabel='FID against the real data',
-           title=f'w = {w:g}' + (' (lower: closer to the data)' if w == 0 else ' (lower is not better: results.md)'
-                                 if w >= 1 else ''))
+      ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                  marker='o', capsize=2,
+                  label=name)  # error bars: sd over noise seeds (none with one seed)
+    ax.set(
+        xscale='log', yscale='log', xlabel=xlabel, ylabel='FID against the real data',
+        title=f'w = {w:g}' + (' (lower: closer to the data)' if w == 0 else
+                              ' (lower is not better: results.md)' if w >= 1 else ''))
     ax.title.set_fontsize(9)
     _plain_log_ticks(ax, 'x')
     _plain_log_ticks(ax, 'y')
@@ -289,12 +324,14 @@ def fid_vs_is_figure(rows: list[dict], *, is_max):
   _, xlabel, xscale = is_axis([], is_max)
   for i, (name, points) in enumerate(sorted(curves.items())):
     points.sort()
-    ax.plot(is_axis([p[1] for p in points], is_max)[0], [p[2] for p in points], marker=MARKERS[i % len(MARKERS)],
-            color=colours[i % len(colours)], label=name)
+    ax.plot(is_axis([p[1] for p in points], is_max)[0], [p[2] for p in points],
+            marker=MARKERS[i % len(MARKERS)], color=colours[i % len(colours)], label=name)
   ws = sorted({key[0] for key in means})
   over = f' at w = {ws[0]:g}: one point per method' if len(ws) == 1 else \
-      f': one curve per method, through its points at w = {", ".join(f"{w:g}" for w in ws)} in that order'
-  ax.set(xlabel=xlabel, xscale=xscale, ylabel='FID against the real data', yscale='log', title=f'FID vs IS{over}')
+      (': one curve per method, through its points at w = '
+       f'{", ".join(f"{w:g}" for w in ws)} in that order')
+  ax.set(xlabel=xlabel, xscale=xscale, ylabel='FID against the real data', yscale='log',
+         title=f'FID vs IS{over}')
   ax.title.set_fontsize(9)
   if is_max:
     ax.invert_xaxis()

@@ -1,10 +1,12 @@
-"""Distances between sample sets for low-dimensional data: sliced Wasserstein and per-class moments."""
+"""Distances between sample sets for low-dimensional data: sliced Wasserstein and per-class
+moments."""
 
 import numpy as np
 
 
 def sliced_wasserstein(a, b, *, num_projections: int = 256, seed: int = 0) -> float:
-  """Mean over random unit directions of the 1-D Wasserstein-1 distance between projections of a and b.
+  """Mean over random unit directions of the 1-D Wasserstein-1 distance between projections of a and
+  b.
 
   a [N, D], b [M, D]; quantiles are compared on a common grid so N and M may differ.
   """
@@ -36,11 +38,13 @@ def gaussian_mixture_log_posterior(x, means, covs):
     maha = np.einsum('ni,ij,nj->n', diff, np.linalg.inv(cov), diff)
     log_densities.append(-0.5 * maha - 0.5 * np.log(np.linalg.det(cov)))
   log_densities = np.stack(log_densities, axis=1)  # [N, C]
-  log_norm = np.log(np.sum(np.exp(log_densities - log_densities.max(axis=1, keepdims=True)), axis=1, keepdims=True))
+  log_norm = np.log(np.sum(
+      np.exp(log_densities - log_densities.max(axis=1, keepdims=True)), axis=1, keepdims=True))
   return log_densities - log_densities.max(axis=1, keepdims=True) - log_norm
 
 
 def toy2d_features(x):
   """The toy set's stand-in for Inception: the point itself and its true class log-posterior."""
   from data.toy2d import TOY2D_COVS, TOY2D_MEANS  # pylint: disable=g-import-not-at-top
-  return {'pool': np.asarray(x, np.float64), 'logits': gaussian_mixture_log_posterior(x, TOY2D_MEANS, TOY2D_COVS)}
+  return {'pool': np.asarray(x, np.float64),
+          'logits': gaussian_mixture_log_posterior(x, TOY2D_MEANS, TOY2D_COVS)}
