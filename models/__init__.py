@@ -10,19 +10,22 @@ from models.mlp import MLPDenoiser
 from models.ref_unet import RefUNet
 from models.unet import UNet
 
-# 'diffusers_unet': an imported diffusers UNet2DModel teacher and its students (models/diffusers_import.py).
+# 'diffusers_unet': an imported diffusers UNet2DModel teacher and its students
+# (models/diffusers_import.py).
 MODEL_NAMES = ('mlp', 'unet', 'ref_unet', 'diffusers_unet')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
 def compute_dtype(model_config):
-  """model.dtype, the dtype networks compute in (parameters stay float32); float32 when the field is absent."""
+  """model.dtype, the dtype networks compute in (parameters stay float32); float32 when the field is
+  absent."""
   return jnp.dtype(model_config.get('dtype', 'float32'))
 
 
 def _unet_fields(model_config) -> dict:
   """The fields UNet and RefUNet share, from model_config."""
-  return dict(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult), num_res_blocks=model_config.num_res_blocks,
+  return dict(ch=model_config.ch, ch_mult=tuple(model_config.ch_mult),
+              num_res_blocks=model_config.num_res_blocks,
               attn_resolutions=tuple(model_config.attn_resolutions), dropout=model_config.dropout,
               num_groups=model_config.num_groups, num_heads=model_config.get('num_heads', 1))
 
@@ -46,10 +49,11 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
     ValueError: model_config.name is not one of MODEL_NAMES.
   """
   if model_config.name == 'diffusers_unet':
-    return build_diffusers_network(model_config, num_classes=num_classes, guidance_input=guidance_input,
-                                   dtype=compute_dtype(model_config))
+    return build_diffusers_network(model_config, num_classes=num_classes,
+                                   guidance_input=guidance_input, dtype=compute_dtype(model_config))
   if model_config.name == 'unet':
-    return UNet(**_unet_fields(model_config), num_classes=num_classes, guidance_input=guidance_input,
+    return UNet(**_unet_fields(model_config), num_classes=num_classes,
+                guidance_input=guidance_input,
                 guidance_gains=model_config.get('guidance_gains', False),
                 guidance_output=model_config.get('guidance_output', False),
                 guidance_context=model_config.get('guidance_context', False),
@@ -57,8 +61,9 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
                 dtype=compute_dtype(model_config))
   if model_config.name == 'ref_unet':
     return RefUNet(**_unet_fields(model_config), head_dim=model_config.get('head_dim', 0),
-                   resblock_resample=model_config.get('resblock_resample', True), num_classes=num_classes,
-                   guidance_input=guidance_input, dtype=compute_dtype(model_config))
+                   resblock_resample=model_config.get('resblock_resample', True),
+                   num_classes=num_classes, guidance_input=guidance_input,
+                   dtype=compute_dtype(model_config))
   if model_config.name == 'mlp':
     return MLPDenoiser(
         num_classes=num_classes,
@@ -67,14 +72,15 @@ def build_model(model_config, *, num_classes: int, guidance_input: bool) -> nn.M
         dropout=model_config.dropout,
         guidance_input=guidance_input,
         dtype=compute_dtype(model_config))
-  raise ValueError(f"unknown model.name '{model_config.name}'; choose one of: {', '.join(MODEL_NAMES)}")
+  raise ValueError(
+      f"unknown model.name '{model_config.name}'; choose one of: {', '.join(MODEL_NAMES)}")
 
 
 def init_params(model: nn.Module, *, rng, x_shape, guidance_input: bool):
   """Initialises a network's parameters, tracing it on a batch of 2.
 
-  lazy_init traces the forward pass on shapes only and runs just the initializers: the same values as
-  model.init on a dummy batch, without computing the network.
+  lazy_init traces the forward pass on shapes only and runs just the initializers: the same values
+  as model.init on a dummy batch, without computing the network.
 
   Args:
     model: the flax module (build_model).

@@ -1,8 +1,10 @@
-"""The one wrapper that turns a network's raw output into (x_pred, eps_pred), with or without guidance.
+"""The one wrapper that turns a network's raw output into (x_pred, eps_pred), with or without
+guidance.
 
 Teacher, students and samplers all use these `denoise_fn(params, z_t, logsnr_t, label, guidance_w)`:
-- 'guided': classifier-free guidance of a conditional network, one batched call on (label, null) pairs (2 NFE); a
-  two-network teacher (a DiffusersUNet with an `uncond` network) calls each network once (its `guided_outputs`);
+- 'guided': classifier-free guidance of a conditional network, one batched call on (label, null)
+  pairs (2 NFE); a two-network teacher (a DiffusersUNet with an `uncond` network) calls each network
+  once (its `guided_outputs`);
 - 'w_input': a w-conditioned student, guidance_w goes into the network (1 NFE);
 - 'conditional': the network at its label, guidance_w ignored (1 NFE, same as guided at w = 0).
 """
@@ -17,8 +19,9 @@ DENOISER_KINDS = ('guided', 'w_input', 'conditional')
 
 
 def _pairs(a, b):
-  """[B, ...], [B, ...] -> [2B, ...] interleaved (a_0, b_0, a_1, b_1, ...): each example's two rows stay
-  next to each other, so a batch split over devices needs no data movement for the guided call."""
+  """[B, ...], [B, ...] -> [2B, ...] interleaved (a_0, b_0, a_1, b_1, ...): each example's two rows
+  stay next to each other, so a batch split over devices needs no data movement for the guided
+  call."""
   return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
 
 

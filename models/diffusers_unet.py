@@ -1,21 +1,26 @@
-"""What diffusers' UNet2DModel computes, in Flax (NHWC), plus this repo's denoiser interface around it.
+"""What diffusers' UNet2DModel computes, in Flax (NHWC), plus this repo's denoiser interface around
+it.
 
-`DiffusersUNet.forward(sample, timesteps, class_labels)` is UNet2DModel's forward pass for the configurations that
-pixel-space checkpoints use (tests/test_diffusers.py compares it with diffusers on random weights):
-- time embedding 'positional' (sinusoids with flip_sin_to_cos and freq_shift) or 'fourier' (Gaussian Fourier
-  features of log t, the output divided by t);
-- resnet_time_scale_shift 'default' (the embedding added before the second norm) or 'scale_shift' (h * (1 + scale)
+`DiffusersUNet.forward(sample, timesteps, class_labels)` is UNet2DModel's forward pass for the
+configurations that pixel-space checkpoints use (tests/test_diffusers.py compares it with diffusers
+on random weights):
+- time embedding 'positional' (sinusoids with flip_sin_to_cos and freq_shift) or 'fourier' (Gaussian
+  Fourier features of log t, the output divided by t);
+- resnet_time_scale_shift 'default' (the embedding added before the second norm) or 'scale_shift'
+  (h * (1 + scale)
   + shift after it);
-- down blocks DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D; up blocks UpBlock2D, AttnUpBlock2D,
-  ResnetUpsampleBlock2D; mid block UNetMidBlock2D (or none); downsample_type / upsample_type 'conv' or 'resnet';
-  attention_head_dim (None: one head); class embeddings (num_class_embeds).
-Everything else is refused by `unet_fields` in one line. Parameters are named after the PyTorch modules (a flax
-module 'down_blocks.0.resnets.1' holds what the state dict keys 'down_blocks.0.resnets.1.*' hold), so the
-weights convert by name (models/diffusers_import.py).
+- down blocks DownBlock2D, AttnDownBlock2D, ResnetDownsampleBlock2D; up blocks UpBlock2D,
+  AttnUpBlock2D, ResnetUpsampleBlock2D; mid block UNetMidBlock2D (or none); downsample_type /
+  upsample_type 'conv' or 'resnet'; attention_head_dim (None: one head); class embeddings
+  (num_class_embeds).
+Everything else is refused by `unet_fields` in one line. Parameters are named after the PyTorch
+modules (a flax module 'down_blocks.0.resnets.1' holds what the state dict keys
+'down_blocks.0.resnets.1.*' hold), so the weights convert by name (models/diffusers_import.py).
 
-`DiffusersUNet(z_t, logsnr_t, label, guidance_w)` is the repo's interface: logsnr_t becomes the discrete timestep
-the network was trained at (diffusion.timestep_of_logsnr), label == num_classes is the null label, guidance_w (a
-stage-1 or stage-2 student) enters through `add_guidance`, and a learned-range variance channel is dropped.
+`DiffusersUNet(z_t, logsnr_t, label, guidance_w)` is the repo's interface: logsnr_t becomes the
+discrete timestep the network was trained at (diffusion.timestep_of_logsnr), label == num_classes is
+the null label, guidance_w (a stage-1 or stage-2 student) enters through `add_guidance`, and a
+learned-range variance channel is dropped.
 """
 import math
 from typing import Any, Optional
@@ -30,21 +35,25 @@ from models.embeddings import GuidanceEmbedding
 
 DOWN_BLOCKS = ('DownBlock2D', 'AttnDownBlock2D', 'ResnetDownsampleBlock2D')
 UP_BLOCKS = ('UpBlock2D', 'AttnUpBlock2D', 'ResnetUpsampleBlock2D')
-# UNet2DModel's constructor defaults: a config.json written by an older diffusers may lack newer keys.
+# UNet2DModel's constructor defaults: a config.json written by an older diffusers may lack newer
+# keys.
 DEFAULTS = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type='positional',
-    time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
+    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+    time_embedding_type='positional', time_embedding_dim=None, freq_shift=0, flip_sin_to_cos=True,
     down_block_types=('DownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D', 'AttnDownBlock2D'),
-    mid_block_type='UNetMidBlock2D', up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1.0, downsample_padding=1,
-    downsample_type='conv', upsample_type='conv', dropout=0.0, act_fn='silu', attention_head_dim=8,
-    norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift='default',
-    add_attention=True, class_embed_type=None, num_class_embeds=None)
+    mid_block_type='UNetMidBlock2D',
+    up_block_types=('AttnUpBlock2D', 'AttnUpBlock2D', 'AttnUpBlock2D', 'UpBlock2D'),
+    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1.0,
+    downsample_padding=1, downsample_type='conv', upsample_type='conv', dropout=0.0, act_fn='silu',
+    attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5,
+    resnet_time_scale_shift='default', add_attention=True, class_embed_type=None,
+    num_class_embeds=None)
 # (key, allowed values) of the options with a closed set of supported values.
-_CHOICES = (('time_embedding_type', ('positional', 'fourier')), ('mid_block_type', ('UNetMidBlock2D', None)),
-            ('downsample_type', ('conv', 'resnet')), ('upsample_type', ('conv', 'resnet')),
-            ('act_fn', ('silu', 'swish')), ('resnet_time_scale_shift', ('default', 'scale_shift')),
-            ('class_embed_type', (None,)), ('downsample_padding', (0, 1)))
+_CHOICES = (('time_embedding_type', ('positional', 'fourier')),
+            ('mid_block_type', ('UNetMidBlock2D', None)), ('downsample_type', ('conv', 'resnet')),
+            ('upsample_type', ('conv', 'resnet')), ('act_fn', ('silu', 'swish')),
+            ('resnet_time_scale_shift', ('default', 'scale_shift')), ('class_embed_type', (None,)),
+            ('downsample_padding', (0, 1)))
 
 
 def unet_fields(config: dict) -> dict:
@@ -53,52 +62,64 @@ def unet_fields(config: dict) -> dict:
   Raises ValueError naming every unsupported option in one line.
   """
   if config.get('_class_name', 'UNet2DModel') != 'UNet2DModel':
-    raise ValueError(f"config.json describes a {config['_class_name']}, not a UNet2DModel: only pixel-space "
-                     'UNet2DModel teachers are supported')
+    raise ValueError(
+        f"config.json describes a {config['_class_name']}, not a UNet2DModel: only pixel-space "
+        'UNet2DModel teachers are supported')
   fields = {key: config.get(key, default) for key, default in DEFAULTS.items()}
-  strip = lambda name: name[len('UNetRes'):] if name.startswith('UNetRes') else name  # as diffusers' get_*_block
+  # as diffusers' get_*_block
+  strip = lambda name: name[len('UNetRes'):] if name.startswith('UNetRes') else name
   fields['down_block_types'] = tuple(strip(b) for b in fields['down_block_types'])
   fields['up_block_types'] = tuple(strip(b) for b in fields['up_block_types'])
   fields['block_out_channels'] = tuple(fields['block_out_channels'])
-  unsupported = [f'{key} {fields[key]!r}' for key, allowed in _CHOICES if fields[key] not in allowed]
+  unsupported = [
+      f'{key} {fields[key]!r}' for key, allowed in _CHOICES if fields[key] not in allowed
+  ]
   unsupported += [f'down block {b}' for b in fields['down_block_types'] if b not in DOWN_BLOCKS]
   unsupported += [f'up block {b}' for b in fields['up_block_types'] if b not in UP_BLOCKS]
   if not isinstance(fields['norm_num_groups'], int):
     unsupported.append(f"norm_num_groups {fields['norm_num_groups']!r}")
   if unsupported:
-    raise ValueError(f'UNet2DModel options not supported by models/diffusers_unet.py: {", ".join(unsupported)} '
-                     f'(supported: down blocks {", ".join(DOWN_BLOCKS)}; up blocks {", ".join(UP_BLOCKS)}; '
-                     "mid block UNetMidBlock2D; 'positional' or 'fourier' time embeddings; silu)")
+    raise ValueError(
+        f'UNet2DModel options not supported by models/diffusers_unet.py: {", ".join(unsupported)} '
+        f'(supported: down blocks {", ".join(DOWN_BLOCKS)}; up blocks {", ".join(UP_BLOCKS)}; '
+        "mid block UNetMidBlock2D; 'positional' or 'fourier' time embeddings; silu)")
   levels = len(fields['block_out_channels'])
   if not len(fields['down_block_types']) == len(fields['up_block_types']) == levels:
-    raise ValueError(f'config.json has {len(fields["down_block_types"])} down blocks, '
-                     f'{len(fields["up_block_types"])} up blocks and {levels} block_out_channels: they must agree')
+    raise ValueError(
+        f'config.json has {len(fields["down_block_types"])} down blocks, '
+        f'{len(fields["up_block_types"])} up blocks and {levels} block_out_channels: '
+        'they must agree')
   return fields
 
 
-def timestep_embedding(timesteps, *, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period=10000.):
+def timestep_embedding(timesteps, *, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period=10000.):
   """diffusers' sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim].
 
-  Frequencies exp(-log(max_period) i / (dim / 2 - freq_shift)), i < dim / 2; sin half then cos half, swapped
-  when flip_sin_to_cos; a zero column when dim is odd.
+  Frequencies exp(-log(max_period) i / (dim / 2 - freq_shift)), i < dim / 2; sin half then cos half,
+  swapped when flip_sin_to_cos; a zero column when dim is odd.
   """
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
   angles = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]  # [B, half]
-  sin_cos = (jnp.cos(angles), jnp.sin(angles)) if flip_sin_to_cos else (jnp.sin(angles), jnp.cos(angles))
+  sin_cos = ((jnp.cos(angles), jnp.sin(angles)) if flip_sin_to_cos else
+             (jnp.sin(angles), jnp.cos(angles)))
   emb = jnp.concatenate(sin_cos, axis=-1)
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))  # [B, dim]
 
 
 def add_guidance(emb, guidance_w):
-  """The one place w enters an imported network: the repo's w-embedding added to the time (+ class) embedding.
+  """The one place w enters an imported network: the repo's w-embedding added to the time (+ class)
+  embedding.
 
-  Must be called from a parent's @nn.compact method: it creates the top-level submodule 'guidance_embed'
-  (models.embeddings.GuidanceEmbedding, zero at initialisation, so a student starts as its teacher).
+  Must be called from a parent's @nn.compact method: it creates the top-level submodule
+  'guidance_embed' (models.embeddings.GuidanceEmbedding, zero at initialisation, so a student starts
+  as its teacher).
   """
   if guidance_w is None:
     return emb
-  return emb + GuidanceEmbedding(emb_dim=emb.shape[-1], name='guidance_embed')(guidance_w)  # [B, emb_dim]
+  # [B, emb_dim]
+  return emb + GuidanceEmbedding(emb_dim=emb.shape[-1], name='guidance_embed')(guidance_w)
 
 
 def _upsample(x):
@@ -110,7 +131,8 @@ def _downsample(x):
 
 
 class ResnetBlock(nn.Module):
-  """diffusers' ResnetBlock2D: norm -> SiLU -> (resample) -> conv -> time conditioning -> norm -> SiLU -> conv."""
+  """diffusers' ResnetBlock2D: norm -> SiLU -> (resample) -> conv -> time conditioning -> norm ->
+  SiLU -> conv."""
   out_ch: int
   groups: int
   eps: float
@@ -122,16 +144,18 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb, *, train: bool):
-    norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, use_fast_variance=False, dtype=self.dtype,
-                                     name=name)
-    conv = lambda size, name: nn.Conv(self.out_ch, (size, size), padding=size // 2, dtype=self.dtype, name=name)
+    norm = lambda name: nn.GroupNorm(
+        self.groups, epsilon=self.eps, use_fast_variance=False, dtype=self.dtype, name=name)
+    conv = lambda size, name: nn.Conv(self.out_ch,
+                                      (size, size), padding=size // 2, dtype=self.dtype, name=name)
     h = nn.silu(norm('norm1')(x))  # [B, H, W, C_in]
     if self.resample is not None:
       resample = _upsample if self.resample == 'up' else _downsample
       x, h = resample(x), resample(h)
     h = conv(3, 'conv1')(h)  # [B, H', W', out_ch]
     scales = 2 if self.time_norm == 'scale_shift' else 1
-    t = nn.Dense(scales * self.out_ch, dtype=self.dtype, name='time_emb_proj')(nn.silu(emb))[:, None, None, :]
+    t = nn.Dense(scales * self.out_ch, dtype=self.dtype,
+                 name='time_emb_proj')(nn.silu(emb))[:, None, None, :]
     if self.time_norm == 'scale_shift':
       scale, shift = jnp.split(t, 2, axis=-1)
       h = norm('norm2')(h) * (1 + scale) + shift
@@ -145,8 +169,9 @@ class ResnetBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """diffusers' spatial self-attention (Attention with _from_deprecated_attn_block): optional GroupNorm, heads of
-  head_dim channels, softmax in float32, output projection, residual, divided by output_scale."""
+  """diffusers' spatial self-attention (Attention with _from_deprecated_attn_block): optional
+  GroupNorm, heads of head_dim channels, softmax in float32, output projection, residual, divided by
+  output_scale."""
   head_dim: int
   groups: Optional[int]  # None: no normalisation (the mid block's under 'scale_shift')
   eps: float
@@ -164,20 +189,24 @@ class AttentionBlock(nn.Module):
     split = lambda name: nn.Dense(heads * self.head_dim, dtype=self.dtype, name=name)(h).reshape(
         batch, height * width, heads, self.head_dim)  # [B, N, heads, d]
     q, k, v = split('to_q'), split('to_k'), split('to_v')
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)  # [B, heads, N, N]
+    # [B, heads, N, N]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
     weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, height * width, heads * self.head_dim)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(
+        batch, height * width, heads * self.head_dim)
     out = nn.Dense(channels, dtype=self.dtype, name='to_out.0')(out)  # [B, N, C]
     return (out.reshape(x.shape) + x) / self.output_scale
 
 
 class DiffusersUNet(nn.Module):
-  """UNet2DModel in Flax (`forward`), and as a denoiser of this repo (`__call__`); fields as in config.json.
+  """UNet2DModel in Flax (`forward`), and as a denoiser of this repo (`__call__`); fields as in
+  config.json.
 
-  num_train_timesteps / beta_schedule / beta_start / beta_end: the scheduler the network was trained with (its
-  timesteps are fed from log-SNR). num_classes: the dataset's classes; label num_classes is the null label, which
-  is the last class embedding (num_class_embeds = num_classes + 1) or, with `uncond` (a two-network teacher:
-  this network conditional, `uncond` the unconditional one, its parameters under 'uncond'), the other network.
+  num_train_timesteps / beta_schedule / beta_start / beta_end: the scheduler the network was trained
+  with (its timesteps are fed from log-SNR). num_classes: the dataset's classes; label num_classes
+  is the null label, which is the last class embedding (num_class_embeds = num_classes + 1) or, with
+  `uncond` (a two-network teacher: this network conditional, `uncond` the unconditional one, its
+  parameters under 'uncond'), the other network.
   """
   sample_size: Optional[int]
   in_channels: int
@@ -216,9 +245,11 @@ class DiffusersUNet(nn.Module):
   dtype: Any = jnp.float32
 
   def __call__(self, z_t, logsnr_t, label, guidance_w=None, *, train: bool):
-    """The repo's denoiser interface: z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]? -> [B, H, W, C]."""
-    logsnr_t, guidance_w = denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=4,
-                                           guidance_input=self.guidance_input, model_name='DiffusersUNet')
+    """The repo's denoiser interface: z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]? ->
+    [B, H, W, C]."""
+    logsnr_t, guidance_w = denoiser_inputs(
+        z_t, logsnr_t, label, guidance_w, data_rank=4, guidance_input=self.guidance_input,
+        model_name='DiffusersUNet')
     timesteps = self.timesteps_of(logsnr_t)  # [B]
     if self.uncond is None:
       out = self.forward(z_t, timesteps, self._class_labels(label), guidance_w, train=train)
@@ -228,7 +259,8 @@ class DiffusersUNet(nn.Module):
     return out[..., :z_t.shape[-1]].astype(jnp.float32)  # a learned-range variance channel dropped
 
   def guided_outputs(self, z_t, logsnr_t, label, *, train: bool = False):
-    """A two-network teacher's (conditional at label, unconditional) outputs, one call of each network."""
+    """A two-network teacher's (conditional at label, unconditional) outputs, one call of each
+    network."""
     timesteps = self.timesteps_of(jnp.asarray(logsnr_t, jnp.float32))
     channels = z_t.shape[-1]
     cond = self.forward(z_t, timesteps, self._class_labels(label), train=train)[..., :channels]
@@ -236,19 +268,23 @@ class DiffusersUNet(nn.Module):
     return cond.astype(jnp.float32), uncond.astype(jnp.float32)
 
   def timesteps_of(self, logsnr_t):
-    """logsnr_t [B] -> the network's discrete timesteps [B] in [0, T - 1] (fractional between them)."""
-    table = discrete_logsnr_table(num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                                  beta_start=self.beta_start, beta_end=self.beta_end)
+    """logsnr_t [B] -> the network's discrete timesteps [B] in [0, T - 1] (fractional between
+    them)."""
+    table = discrete_logsnr_table(num_train_timesteps=self.num_train_timesteps,
+                                  beta_schedule=self.beta_schedule, beta_start=self.beta_start,
+                                  beta_end=self.beta_end)
     return timestep_of_logsnr(logsnr_t, table=table)
 
   def _class_labels(self, label):
     if self.num_class_embeds is None:
       return None
-    return jnp.minimum(label, self.num_class_embeds - 1)  # a conditional network of a pair never sees the null row
+    # a conditional network of a pair never sees the null row
+    return jnp.minimum(label, self.num_class_embeds - 1)
 
   @nn.compact
   def forward(self, sample, timesteps, class_labels=None, guidance_w=None, *, train: bool = False):
-    """UNet2DModel.forward on NHWC: sample [B, H, W, C_in], timesteps [B] -> [B, H, W, out_channels]."""
+    """UNet2DModel.forward on NHWC: sample [B, H, W, C_in], timesteps [B] -> [B, H, W,
+    out_channels]."""
     if self.center_input_sample:
       sample = 2 * sample - 1.0
     emb = self._embedding(timesteps, class_labels, guidance_w)  # [B, time_embed_dim]
@@ -257,8 +293,8 @@ class DiffusersUNet(nn.Module):
     if self.mid_block_type is not None:
       h = self._mid_block(h, emb, train=train)
     h = self._up_path(h, skips, emb, train=train)
-    h = nn.silu(nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, use_fast_variance=False, dtype=self.dtype,
-                             name='conv_norm_out')(h))
+    h = nn.silu(nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, use_fast_variance=False,
+                             dtype=self.dtype, name='conv_norm_out')(h))
     out = self._conv(self.out_channels, 'conv_out')(h).astype(jnp.float32)
     if self.time_embedding_type == 'fourier':
       out = out / timesteps.astype(jnp.float32)[:, None, None, None]
@@ -268,9 +304,12 @@ class DiffusersUNet(nn.Module):
     width = self.block_out_channels[0]
     emb_dim = self.time_embedding_dim or 4 * width
     if self.time_embedding_type == 'fourier':
-      # A fixed random projection in PyTorch (requires_grad=False): a parameter here, held by stop_gradient.
-      weight = jax.lax.stop_gradient(self.param('time_proj.weight', nn.initializers.normal(16.0), (width,)))
-      angles = jnp.log(timesteps.astype(jnp.float32))[:, None] * weight[None, :] * 2 * jnp.pi  # [B, width]
+      # A fixed random projection in PyTorch (requires_grad=False): a parameter here, held by
+      # stop_gradient.
+      weight = jax.lax.stop_gradient(
+          self.param('time_proj.weight', nn.initializers.normal(16.0), (width,)))
+      # [B, width]
+      angles = jnp.log(timesteps.astype(jnp.float32))[:, None] * weight[None, :] * 2 * jnp.pi
       t_emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, 2 * width]
     else:
       t_emb = timestep_embedding(timesteps, dim=width, flip_sin_to_cos=self.flip_sin_to_cos,
@@ -286,15 +325,16 @@ class DiffusersUNet(nn.Module):
 
   def _resnet(self, out_ch, name, *, output_scale=1.0, resample=None):
     return ResnetBlock(out_ch=out_ch, groups=self.norm_num_groups, eps=self.norm_eps,
-                       time_norm=self.resnet_time_scale_shift, dropout=self.dropout, output_scale=output_scale,
-                       resample=resample, dtype=self.dtype, name=name)
+                       time_norm=self.resnet_time_scale_shift, dropout=self.dropout,
+                       output_scale=output_scale, resample=resample, dtype=self.dtype, name=name)
 
   def _attention(self, channels, name, *, groups, output_scale=1.0):
-    return AttentionBlock(head_dim=self.attention_head_dim or channels, groups=groups, eps=self.norm_eps,
-                          output_scale=output_scale, dtype=self.dtype, name=name)
+    return AttentionBlock(head_dim=self.attention_head_dim or channels, groups=groups,
+                          eps=self.norm_eps, output_scale=output_scale, dtype=self.dtype, name=name)
 
   def _down_path(self, h, emb, *, train):
-    """The down blocks; returns the bottleneck activations and every skip activation, as diffusers collects them."""
+    """The down blocks; returns the bottleneck activations and every skip activation, as diffusers
+    collects them."""
     skips = [h]
     for i, (block, channels) in enumerate(zip(self.down_block_types, self.block_out_channels)):
       prefix = f'down_blocks.{i}'
@@ -305,9 +345,12 @@ class DiffusersUNet(nn.Module):
         skips.append(h)
       if i == len(self.block_out_channels) - 1:
         continue  # the last level keeps its resolution
-      if block == 'ResnetDownsampleBlock2D' or (block == 'AttnDownBlock2D' and self.downsample_type == 'resnet'):
+      if block == 'ResnetDownsampleBlock2D' or (block == 'AttnDownBlock2D' and
+                                                self.downsample_type == 'resnet'):
         h = self._resnet(channels, f'{prefix}.downsamplers.0', resample='down')(h, emb, train=train)
-      else:  # PyTorch pads 1 each side (downsample_padding=1), or 0 left/top and 1 right/bottom (padding 0)
+      # PyTorch pads 1 each side (downsample_padding=1), or 0 left/top and 1 right/bottom (padding
+      # 0)
+      else:
         pad = ((1, 1), (1, 1)) if self.downsample_padding == 1 else ((0, 1), (0, 1))
         h = self._conv(channels, f'{prefix}.downsamplers.0.conv', strides=2, padding=pad)(h)
       skips.append(h)
@@ -317,14 +360,16 @@ class DiffusersUNet(nn.Module):
     channels, scale = self.block_out_channels[-1], self.mid_block_scale_factor
     groups = self.attn_norm_num_groups
     if groups is None and self.resnet_time_scale_shift == 'default':
-      groups = self.norm_num_groups  # diffusers' default: a norm in the mid attention only under 'default'
+      # diffusers' default: a norm in the mid attention only under 'default'
+      groups = self.norm_num_groups
     h = self._resnet(channels, 'mid_block.resnets.0', output_scale=scale)(h, emb, train=train)
     if self.add_attention:
       h = self._attention(channels, 'mid_block.attentions.0', groups=groups, output_scale=scale)(h)
     return self._resnet(channels, 'mid_block.resnets.1', output_scale=scale)(h, emb, train=train)
 
   def _up_path(self, h, skips, emb, *, train):
-    """The up blocks: layers_per_block + 1 resnets each, every one on the activations concatenated with a skip."""
+    """The up blocks: layers_per_block + 1 resnets each, every one on the activations concatenated
+    with a skip."""
     for i, block in enumerate(self.up_block_types):
       channels, prefix = self.block_out_channels[-1 - i], f'up_blocks.{i}'
       for j in range(self.layers_per_block + 1):
@@ -334,7 +379,8 @@ class DiffusersUNet(nn.Module):
           h = self._attention(channels, f'{prefix}.attentions.{j}', groups=self.norm_num_groups)(h)
       if i == len(self.block_out_channels) - 1:
         continue
-      if block == 'ResnetUpsampleBlock2D' or (block == 'AttnUpBlock2D' and self.upsample_type == 'resnet'):
+      if block == 'ResnetUpsampleBlock2D' or (block == 'AttnUpBlock2D' and
+                                              self.upsample_type == 'resnet'):
         h = self._resnet(channels, f'{prefix}.upsamplers.0', resample='up')(h, emb, train=train)
       else:
         h = self._conv(channels, f'{prefix}.upsamplers.0.conv')(_upsample(h))

@@ -36,17 +36,20 @@ class MLPDenoiser(nn.Module):
   num_layers: int = 3
   dropout: float = 0.0
   guidance_input: bool = False
-  dtype: Any = jnp.float32  # compute dtype of the dense layers; parameters, embeddings and output stay float32
+  # compute dtype of the dense layers; parameters, embeddings and output stay float32
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z_t, logsnr_t, label, guidance_w=None, *, train: bool):
-    logsnr_t, guidance_w = denoiser_inputs(z_t, logsnr_t, label, guidance_w, data_rank=2,
-                                           guidance_input=self.guidance_input, model_name='MLPDenoiser')
+    logsnr_t, guidance_w = denoiser_inputs(
+        z_t, logsnr_t, label, guidance_w, data_rank=2, guidance_input=self.guidance_input,
+        model_name='MLPDenoiser')
     emb = conditioning_vector(logsnr_t, label, guidance_w, num_classes=self.num_classes,
                               emb_dim=self.hidden, freq_dim=self.hidden)  # [B, hidden]
     h = nn.Dense(self.hidden, dtype=self.dtype, name='dense_in')(z_t)  # [B, hidden]
     for layer in range(self.num_layers):
-      h = ResidualMLPBlock(hidden=self.hidden, dropout=self.dropout, dtype=self.dtype, name=f'block_{layer}')(
-          h, emb, train=train)
+      h = ResidualMLPBlock(hidden=self.hidden, dropout=self.dropout, dtype=self.dtype,
+                           name=f'block_{layer}')(h, emb, train=train)
     h = nn.silu(nn.LayerNorm(dtype=self.dtype, name='norm_out')(h))
-    return nn.Dense(z_t.shape[-1], dtype=self.dtype, name='dense_out')(h).astype(jnp.float32)  # [B, D]
+    # [B, D]
+    return nn.Dense(z_t.shape[-1], dtype=self.dtype, name='dense_out')(h).astype(jnp.float32)

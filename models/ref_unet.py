@@ -1,31 +1,36 @@
-"""The U-Net of the reference progressive-distillation code, conditioned on logsnr, class label and optionally w.
+"""The U-Net of the reference progressive-distillation code, conditioned on logsnr, class label and
+optionally w.
 
-Architecture of google-research `diffusion_distillation/unet.py` (an Improved-DDPM U-Net), with the fields of
-its published configs (`config/cifar_base.py`, `config/imagenet64_base.py`):
-  * residual blocks GroupNorm -> SiLU -> [resample] -> Conv3x3 -> GroupNorm * (1 + scale) + shift -> SiLU ->
-    Dropout -> Conv3x3 (zero-initialised), where (scale, shift) = Dense(SiLU(emb)) is a FiLM of the embedding;
-    the skip is the (resampled) input, through a Dense over channels when the channel count changes;
-  * multi-head self-attention (num_heads heads, or heads of head_dim channels) with a zero-initialised output
-    projection;
-  * with resblock_resample, down/upsampling by residual blocks that average-pool / nearest-neighbour upsample
-    inside (otherwise a stride-2 conv / nearest-neighbour + conv, as the reference offers too);
+Architecture of google-research `diffusion_distillation/unet.py` (an Improved-DDPM U-Net), with the
+fields of its published configs (`config/cifar_base.py`, `config/imagenet64_base.py`):
+  * residual blocks GroupNorm -> SiLU -> [resample] -> Conv3x3 -> GroupNorm * (1 + scale) + shift ->
+    SiLU -> Dropout -> Conv3x3 (zero-initialised), where (scale, shift) = Dense(SiLU(emb)) is a FiLM
+    of the embedding; the skip is the (resampled) input, through a Dense over channels when the
+    channel count changes;
+  * multi-head self-attention (num_heads heads, or heads of head_dim channels) with a
+    zero-initialised output projection;
+  * with resblock_resample, down/upsampling by residual blocks that average-pool / nearest-neighbour
+    upsample inside (otherwise a stride-2 conv / nearest-neighbour + conv, as the reference offers
+    too);
   * a zero-initialised output conv, so an untrained model outputs exactly 0.
 
 Differences from the reference, kept on purpose:
-  * noise-level embedding: this repo's NoiseLevelEmbedding, sinusoids of 1000 * t with t = arctan(exp(-logsnr/2))
-    / (pi/2) (the reference's 'inv_cos' input) through Dense -> SiLU -> Dense of the same shapes; its frequencies
-    are exp(-ln(1e4) i / (ch/2)) where the reference divides by (ch/2 - 1), and logsnr is not clipped to
-    [-20, 20] (this repo's schedules stay within it);
+  * noise-level embedding: this repo's NoiseLevelEmbedding, sinusoids of 1000 * t with t =
+    arctan(exp(-logsnr/2)) / (pi/2) (the reference's 'inv_cos' input) through Dense -> SiLU -> Dense
+    of the same shapes; its frequencies are exp(-ln(1e4) i / (ch/2)) where the reference divides by
+    (ch/2 - 1), and logsnr is not clipped to [-20, 20] (this repo's schedules stay within it);
   * the embedding width is 4 * ch (the reference's emb_ch, 4 * ch in both published configs);
-  * label embedding: nn.Embed with num_classes + 1 rows (the last is the null label of classifier-free guidance)
-    instead of a Dense on one_hot(label) (num_classes * E weights + E bias: the same parameter count); the model
-    is always class-conditional (the published CIFAR-10 base model is unconditional and has no label embedding);
-  * with guidance_input=True an extra w-embedding (the top-level key 'guidance_embed', last layer zero) is added;
-  * one output of the input's channels (parametrization from diffusion.parametrization), not the reference's
-    2 * C of its 'both' mean type (the published ImageNet 64 model);
-  * mixed precision: `dtype` is the compute dtype of convolutions, dense layers and attention matmuls; params
-    stay float32, GroupNorm statistics and the softmax are float32, the embeddings are float32 and the output is
-    cast to float32 (the reference computes in float32).
+  * label embedding: nn.Embed with num_classes + 1 rows (the last is the null label of
+    classifier-free guidance) instead of a Dense on one_hot(label) (num_classes * E weights + E
+    bias: the same parameter count); the model is always class-conditional (the published CIFAR-10
+    base model is unconditional and has no label embedding);
+  * with guidance_input=True an extra w-embedding (the top-level key 'guidance_embed', last layer
+    zero) is added;
+  * one output of the input's channels (parametrization from diffusion.parametrization), not the
+    reference's 2 * C of its 'both' mean type (the published ImageNet 64 model);
+  * mixed precision: `dtype` is the compute dtype of convolutions, dense layers and attention
+    matmuls; params stay float32, GroupNorm statistics and the softmax are float32, the embeddings
+    are float32 and the output is cast to float32 (the reference computes in float32).
 """
 from typing import Any, Optional
 
@@ -52,7 +57,8 @@ RESAMPLERS = {'up': nearest_neighbour_upsample, 'down': average_pool_downsample}
 
 
 class RefResBlock(nn.Module):
-  """Residual block with FiLM conditioning (scale, shift) from the embedding; optionally resamples by 2."""
+  """Residual block with FiLM conditioning (scale, shift) from the embedding; optionally resamples
+  by 2."""
   out_ch: int
   num_groups: int
   dropout: float
@@ -66,18 +72,21 @@ class RefResBlock(nn.Module):
     if self.resample is not None:
       h, x = RESAMPLERS[self.resample](h), RESAMPLERS[self.resample](x)  # [B, H', W', C_in]
     h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, name='conv_0')(h)  # [B, H', W', out_ch]
-    film = nn.Dense(2 * self.out_ch, dtype=self.dtype, name='emb_proj')(nn.silu(emb))  # [B, 2 * out_ch]
+    # [B, 2 * out_ch]
+    film = nn.Dense(2 * self.out_ch, dtype=self.dtype, name='emb_proj')(nn.silu(emb))
     scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)  # [B, 1, 1, out_ch] each
     h = norm('norm_1')(h) * (1 + scale) + shift
     h = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(h))
     h = nn.Conv(self.out_ch, (3, 3), kernel_init=zeros, dtype=self.dtype, name='conv_1')(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Dense(self.out_ch, dtype=self.dtype, name='skip')(x)  # a 1x1 conv, as the reference's nin_shortcut
+      # a 1x1 conv, as the reference's nin_shortcut
+      x = nn.Dense(self.out_ch, dtype=self.dtype, name='skip')(x)
     return x + h  # [B, H', W', out_ch]
 
 
 def attention_heads(channels, *, num_heads, head_dim):
-  """(heads, channels per head): head_dim > 0 gives heads of head_dim channels, otherwise num_heads heads."""
+  """(heads, channels per head): head_dim > 0 gives heads of head_dim channels, otherwise num_heads
+  heads."""
   heads = channels // head_dim if head_dim > 0 else num_heads
   if heads < 1 or channels % heads:
     raise ValueError(f'RefUNet attention: {channels} channels do not split into heads '
@@ -86,7 +95,8 @@ def attention_heads(channels, *, num_heads, head_dim):
 
 
 class RefAttnBlock(nn.Module):
-  """GroupNorm + multi-head self-attention over the H*W positions, zero-initialised output, residual."""
+  """GroupNorm + multi-head self-attention over the H*W positions, zero-initialised output,
+  residual."""
   num_heads: int
   head_dim: int  # > 0 overrides num_heads
   num_groups: int
@@ -100,15 +110,19 @@ class RefAttnBlock(nn.Module):
     h = h.reshape(batch, height * width, channels)  # [B, N, C]
     project = lambda name: nn.DenseGeneral((heads, head_dim), dtype=self.dtype, name=name)
     q, k, v = project('query')(h), project('key')(h), project('value')(h)  # [B, N, heads, d] each
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)  # [B, heads, N, N]
-    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # softmax in float32
+    # [B, heads, N, N]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    # softmax in float32
+    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v)  # [B, N, heads, d]
-    out = nn.DenseGeneral(channels, axis=(-2, -1), kernel_init=zeros, dtype=self.dtype, name='proj_out')(out)
+    out = nn.DenseGeneral(channels, axis=(-2, -1), kernel_init=zeros, dtype=self.dtype,
+                          name='proj_out')(out)
     return x + out.reshape(batch, height, width, channels)  # [B, H, W, C]
 
 
 class RefUNet(nn.Module):
-  """Reference PD U-Net mapping (z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]?) to [B, H, W, C].
+  """Reference PD U-Net mapping (z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]?) to [B,
+  H, W, C].
 
   label == num_classes is the null label used for classifier-free guidance. With guidance_input=True
   the only extra parameters are under the top-level key 'guidance_embed'.
@@ -121,7 +135,8 @@ class RefUNet(nn.Module):
   dropout: float = 0.0
   num_groups: int = 32  # the reference's GroupNorm default
   num_heads: int = 1
-  head_dim: int = 0  # > 0: heads of head_dim channels (the published ImageNet 64 config: 64), num_heads ignored
+  # > 0: heads of head_dim channels (the published ImageNet 64 config: 64), num_heads ignored
+  head_dim: int = 0
   resblock_resample: bool = True  # down/upsample with residual blocks (both published configs)
   guidance_input: bool = False
   dtype: Any = jnp.float32  # compute dtype (see the module docstring)
@@ -141,27 +156,29 @@ class RefUNet(nn.Module):
     h = self._res_block(mid_ch, 'mid_res_1')(h, emb, train=train)
     h = self._up_path(h, skips, emb, train=train)  # [B, H, W, ch * ch_mult[0]]
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm_out')(h))
-    out = nn.Conv(z_t.shape[-1], (3, 3), kernel_init=zeros, dtype=self.dtype, name='conv_out')(h)  # [B, H, W, C]
+    # [B, H, W, C]
+    out = nn.Conv(z_t.shape[-1], (3, 3), kernel_init=zeros, dtype=self.dtype, name='conv_out')(h)
     return out.astype(jnp.float32)
 
   def _check_config(self, z_shape):
     factor = 2**(len(self.ch_mult) - 1)
     height, width = z_shape[1], z_shape[2]
     if height % factor or width % factor:
-      raise ValueError(f'RefUNet: image size {height}x{width} is not divisible by the downsampling factor '
-                       f'{factor} (2**(len(ch_mult)-1) with ch_mult={self.ch_mult}); use fewer ch_mult levels')
+      raise ValueError(
+          f'RefUNet: image size {height}x{width} is not divisible by the downsampling factor '
+          f'{factor} (2**(len(ch_mult)-1) with ch_mult={self.ch_mult}); use fewer ch_mult levels')
     for mult in self.ch_mult:
       if (self.ch * mult) % self.num_groups:
         raise ValueError(f'RefUNet: channel count ch*mult = {self.ch * mult} is not divisible by '
                          f'num_groups={self.num_groups}; change ch, ch_mult or num_groups')
 
   def _res_block(self, out_ch, name, resample=None):
-    return RefResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout, resample=resample,
-                       dtype=self.dtype, name=name)
+    return RefResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout,
+                       resample=resample, dtype=self.dtype, name=name)
 
   def _attn_block(self, name):
-    return RefAttnBlock(num_heads=self.num_heads, head_dim=self.head_dim, num_groups=self.num_groups,
-                        dtype=self.dtype, name=name)
+    return RefAttnBlock(num_heads=self.num_heads, head_dim=self.head_dim,
+                        num_groups=self.num_groups, dtype=self.dtype, name=name)
 
   def _down_path(self, h, emb, *, train):
     """Encoder; returns the bottleneck activations and the list of skip activations."""
@@ -173,7 +190,8 @@ class RefUNet(nn.Module):
           h = self._attn_block(f'down_{level}_attn_{block}')(h)
         skips.append(h)
       if level != len(self.ch_mult) - 1:
-        h = self._downsample(h, emb, name=f'down_{level}_downsample', train=train)  # [B, H/2, W/2, C]
+        # [B, H/2, W/2, C]
+        h = self._downsample(h, emb, name=f'down_{level}_downsample', train=train)
         skips.append(h)
     return h, skips
 
@@ -182,7 +200,8 @@ class RefUNet(nn.Module):
     for level in reversed(range(len(self.ch_mult))):
       for block in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H', W', C_h + C_skip]
-        h = self._res_block(self.ch * self.ch_mult[level], f'up_{level}_res_{block}')(h, emb, train=train)
+        h = self._res_block(self.ch * self.ch_mult[level],
+                            f'up_{level}_res_{block}')(h, emb, train=train)
         if h.shape[1] in self.attn_resolutions:
           h = self._attn_block(f'up_{level}_attn_{block}')(h)
       if level != 0:
@@ -196,7 +215,8 @@ class RefUNet(nn.Module):
     return nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name=name)(h)
 
   def _upsample(self, h, emb, *, name, train):
-    """[B, H, W, C] -> [B, 2H, 2W, C]: a resampling residual block, or nearest-neighbour + 3x3 conv."""
+    """[B, H, W, C] -> [B, 2H, 2W, C]: a resampling residual block, or nearest-neighbour + 3x3
+    conv."""
     if self.resblock_resample:
       return self._res_block(h.shape[-1], name, resample='up')(h, emb, train=train)
     return nn.Conv(h.shape[-1], (3, 3), dtype=self.dtype, name=name)(nearest_neighbour_upsample(h))

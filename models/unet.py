@@ -1,8 +1,9 @@
 """DDPM / progressive-distillation style U-Net conditioned on logsnr, class label and optionally w.
 
-Mixed precision: `dtype` is the compute dtype of convolutions, dense layers and attention matmuls (bfloat16 on
-TPUs and recent GPUs); parameters stay float32, GroupNorm statistics and the softmax are computed in float32,
-the embeddings of logsnr, label and w are float32, and the output is float32 for the diffusion math and loss.
+Mixed precision: `dtype` is the compute dtype of convolutions, dense layers and attention matmuls
+(bfloat16 on TPUs and recent GPUs); parameters stay float32, GroupNorm statistics and the softmax
+are computed in float32, the embeddings of logsnr, label and w are float32, and the output is
+float32 for the diffusion math and loss.
 """
 from typing import Any
 
@@ -14,7 +15,8 @@ from models.embeddings import GUIDANCE_W_SCALE, conditioning_and_gains
 
 
 class ResBlock(nn.Module):
-  """GroupNorm -> SiLU -> Conv -> +Dense(emb) -> GroupNorm -> SiLU -> Dropout -> Conv, plus a skip."""
+  """GroupNorm -> SiLU -> Conv -> +Dense(emb) -> GroupNorm -> SiLU -> Dropout -> Conv, plus a
+  skip."""
   out_ch: int
   num_groups: int
   dropout: float
@@ -22,7 +24,8 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, emb, *, train, gain=None):
-    """gain [B, out_ch] (optional): multiplies the second normalised activations (GuidanceEmbedding.gains)."""
+    """gain [B, out_ch] (optional): multiplies the second normalised activations
+    (GuidanceEmbedding.gains)."""
     norm = lambda name: nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name=name)
     conv = lambda features, size, name: nn.Conv(features, size, dtype=self.dtype, name=name)
     h = nn.silu(norm('norm_0')(x))  # [B, H, W, C_in]
@@ -49,7 +52,8 @@ class AttnBlock(nn.Module):
   def __call__(self, x):
     batch, height, width, channels = x.shape
     if channels % self.num_heads:
-      raise ValueError(f'AttnBlock: channels {channels} not divisible by num_heads {self.num_heads}')
+      raise ValueError(
+          f'AttnBlock: channels {channels} not divisible by num_heads {self.num_heads}')
     head_dim = channels // self.num_heads
     dense = lambda name: nn.Dense(channels, dtype=self.dtype, name=name)
     h = nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm')(x)
@@ -58,9 +62,12 @@ class AttnBlock(nn.Module):
     q = dense('query')(h).reshape(qkv_shape)  # [B, N, heads, d]
     k = dense('key')(h).reshape(qkv_shape)
     v = dense('value')(h).reshape(qkv_shape)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)  # [B, heads, N, N]
-    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)  # softmax in float32
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, height * width, channels)  # [B, N, C]
+    # [B, heads, N, N]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+    # softmax in float32
+    weights = nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    # [B, N, C]
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(batch, height * width, channels)
     out = dense('proj_out')(out)
     return x + out.reshape(batch, height, width, channels)
 
@@ -71,7 +78,8 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name='conv')(x)  # [B, H/2, W/2, C]
+    # [B, H/2, W/2, C]
+    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, name='conv')(x)
 
 
 class Upsample(nn.Module):
@@ -85,13 +93,15 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
-  """U-Net mapping (z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]?) to an output like z_t.
+  """U-Net mapping (z_t [B, H, W, C], logsnr_t [B], label [B], guidance_w [B]?) to an output like
+  z_t.
 
   label == num_classes is the null label used for classifier-free guidance. With guidance_input=True
-  the only extra parameters are under the top-level key 'guidance_embed'; with guidance_gains too, w also
-  scales every residual block's normalised activations channel by channel (GuidanceEmbedding.gains); with
-  guidance_output, the output gains a term linear in w (GuidanceEmbedding.guidance_term); with guidance_context,
-  the w-embedding and gains also see the noise level and label (GuidanceEmbedding.use_context).
+  the only extra parameters are under the top-level key 'guidance_embed'; with guidance_gains too, w
+  also scales every residual block's normalised activations channel by channel
+  (GuidanceEmbedding.gains); with guidance_output, the output gains a term linear in w
+  (GuidanceEmbedding.guidance_term); with guidance_context, the w-embedding and gains also see the
+  noise level and label (GuidanceEmbedding.use_context).
   """
   num_classes: int
   ch: int = 64
@@ -115,16 +125,18 @@ class UNet(nn.Module):
     self._check_config(z_t.shape)
     blocks = self._res_block_channels()
     emb, gains, guidance = conditioning_and_gains(
-        logsnr_t, label, guidance_w, num_classes=self.num_classes, emb_dim=4 * self.ch, freq_dim=self.ch,
-        gain_channels=tuple(blocks.values()) if self.guidance_gains else (),
+        logsnr_t, label, guidance_w, num_classes=self.num_classes, emb_dim=4 * self.ch,
+        freq_dim=self.ch, gain_channels=tuple(blocks.values()) if self.guidance_gains else (),
         output_channels=z_t.shape[-1] if self.guidance_output else 0, w_scale=self.guidance_w_scale,
         guidance_context=self.guidance_context)
     gains = dict(zip(blocks, gains))  # block name -> [B, C], empty without guidance gains
     h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, name='conv_in')(z_t)  # [B, H, W, ch]
     h, skips = self._down_path(h, emb, gains, train=train)
-    h = self._res_block(blocks['mid_res_0'], 'mid_res_0')(h, emb, train=train, gain=gains.get('mid_res_0'))
+    h = self._res_block(blocks['mid_res_0'], 'mid_res_0')(
+        h, emb, train=train, gain=gains.get('mid_res_0'))
     h = self._attn_block('mid_attn')(h)
-    h = self._res_block(blocks['mid_res_1'], 'mid_res_1')(h, emb, train=train, gain=gains.get('mid_res_1'))
+    h = self._res_block(blocks['mid_res_1'], 'mid_res_1')(
+        h, emb, train=train, gain=gains.get('mid_res_1'))
     h = self._up_path(h, skips, emb, gains, train=train)
     h = nn.silu(nn.GroupNorm(num_groups=self.num_groups, dtype=self.dtype, name='norm_out')(h))
     out = nn.Conv(z_t.shape[-1], (3, 3), dtype=self.dtype, name='conv_out')(h)  # [B, H, W, C]
@@ -138,27 +150,33 @@ class UNet(nn.Module):
     if height % factor or width % factor:
       raise ValueError(
           f'UNet: image size {height}x{width} is not divisible by the downsampling factor {factor} '
-          f'(2**(len(ch_mult)-1) with ch_mult={self.ch_mult}); use fewer ch_mult levels or pad/resize '
-          f'the images to a multiple of {factor}')
+          f'(2**(len(ch_mult)-1) with ch_mult={self.ch_mult}); use fewer ch_mult '
+          f'levels or pad/resize the images to a multiple of {factor}')
     for mult in self.ch_mult:
       if (self.ch * mult) % self.num_groups:
         raise ValueError(f'UNet: channel count ch*mult = {self.ch * mult} is not divisible by '
                          f'num_groups={self.num_groups}; change ch, ch_mult or num_groups')
 
   def _res_block(self, out_ch, name):
-    return ResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype, name=name)
+    return ResBlock(out_ch=out_ch, num_groups=self.num_groups, dropout=self.dropout,
+                    dtype=self.dtype, name=name)
 
   def _attn_block(self, name):
-    return AttnBlock(num_heads=self.num_heads, num_groups=self.num_groups, dtype=self.dtype, name=name)
+    return AttnBlock(
+        num_heads=self.num_heads, num_groups=self.num_groups, dtype=self.dtype, name=name)
 
   def _res_block_channels(self) -> dict:
     """{name: output channels} of every residual block, in the order the forward pass calls them."""
     blocks = {}
     for level, mult in enumerate(self.ch_mult):
       blocks.update({f'down_{level}_res_{b}': self.ch * mult for b in range(self.num_res_blocks)})
-    blocks.update({'mid_res_0': self.ch * self.ch_mult[-1], 'mid_res_1': self.ch * self.ch_mult[-1]})
+    blocks.update({'mid_res_0': self.ch * self.ch_mult[-1],
+                   'mid_res_1': self.ch * self.ch_mult[-1]})
     for level in reversed(range(len(self.ch_mult))):
-      blocks.update({f'up_{level}_res_{b}': self.ch * self.ch_mult[level] for b in range(self.num_res_blocks + 1)})
+      blocks.update({
+          f'up_{level}_res_{b}': self.ch * self.ch_mult[level]
+          for b in range(self.num_res_blocks + 1)
+      })
     return blocks
 
   def _down_path(self, h, emb, gains, *, train):
@@ -182,7 +200,8 @@ class UNet(nn.Module):
       for block in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, skips.pop()], axis=-1)  # [B, H', W', C_h + C_skip]
         name = f'up_{level}_res_{block}'
-        h = self._res_block(self.ch * self.ch_mult[level], name)(h, emb, train=train, gain=gains.get(name))
+        h = self._res_block(self.ch * self.ch_mult[level], name)(
+            h, emb, train=train, gain=gains.get(name))
         if h.shape[1] in self.attn_resolutions:
           h = self._attn_block(f'up_{level}_attn_{block}')(h)
       if level != 0:
