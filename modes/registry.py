@@ -10,7 +10,8 @@ from modes.transfer import run_transfer
 
 def run_distill(config):
   """--mode=distill runs the stage the config names (config.distill.stage)."""
-  return {'stage1': stages.train_stage1, 'stage2': stages.train_stage2}[config.distill.stage](config)
+  return {'stage1': stages.train_stage1,
+          'stage2': stages.train_stage2}[config.distill.stage](config)
 
 
 MODES = {
