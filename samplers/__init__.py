@@ -1,8 +1,8 @@
 """Samplers for the guided teacher and the distilled students, each one jittable program.
 
 The step count is an input of the compiled program, not a constant: every step count of a checkpoint
-reuses one program, and checkpoints of the same architecture (every stage-2 round) compile to the same
-program, which JAX's persistent compilation cache then serves from disk.
+reuses one program, and checkpoints of the same architecture (every stage-2 round) compile to the
+same program, which JAX's persistent compilation cache then serves from disk.
 """
 
 import functools
@@ -10,7 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers.samplers import SAMPLERS, encode_ddim, sample_ddim, sample_ddpm, sample_stochastic, stochastic_step
+from samplers.samplers import (SAMPLERS, encode_ddim, sample_ddim, sample_ddpm, sample_stochastic,
+                               stochastic_step)
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,8 +25,8 @@ def _sampler_program(name: str, denoise_fn, logsnr_fn, ddpm_variance: str):
     kwargs = {} if name == 'ddim' else {'rng': rng}  # DDIM is deterministic
     if name == 'ddpm':
       kwargs['variance'] = ddpm_variance
-    return fn(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w, num_steps=num_steps,
-              logsnr_fn=logsnr_fn, **kwargs)
+    return fn(denoise_fn, params, z_init=z_init, label=label, guidance_w=guidance_w,
+              num_steps=num_steps, logsnr_fn=logsnr_fn, **kwargs)
 
   return jax.jit(run)
 
@@ -54,15 +55,18 @@ def make_sampler(name: str, denoise_fn, *, num_steps: int, logsnr_fn, ddpm_varia
   """
   if num_steps < 1:
     raise ValueError(f'sampler steps must be >= 1, got {num_steps}')
-  program = _sampler_program(name, denoise_fn, logsnr_fn, ddpm_variance if name == 'ddpm' else 'small')
+  program = _sampler_program(name, denoise_fn, logsnr_fn,
+                             ddpm_variance if name == 'ddpm' else 'small')
   steps = jnp.int32(num_steps)
-  return lambda params, z_init, label, guidance_w, rng: program(params, z_init, label, guidance_w, rng, steps)
+  return lambda params, z_init, label, guidance_w, rng: program(
+      params, z_init, label, guidance_w, rng, steps)
 
 
 @functools.lru_cache(maxsize=None)
 def _encoder_program(denoise_fn, logsnr_fn):
   return jax.jit(lambda params, x, label, guidance_w, num_steps: encode_ddim(
-      denoise_fn, params, x=x, label=label, guidance_w=guidance_w, num_steps=num_steps, logsnr_fn=logsnr_fn))
+      denoise_fn, params, x=x, label=label, guidance_w=guidance_w, num_steps=num_steps,
+      logsnr_fn=logsnr_fn))
 
 
 def make_encoder(denoise_fn, *, num_steps: int, logsnr_fn):

@@ -1,4 +1,5 @@
-"""Samplers as single jittable programs: DDIM, the paper's stochastic N-step sampler, DDPM ancestral.
+"""Samplers as single jittable programs: DDIM, the paper's stochastic N-step sampler, DDPM
+ancestral.
 
 Every sampler takes `denoise_fn(params, z_t, logsnr_t, label, guidance_w) -> (x_pred, eps_pred)`
 (see models/denoiser.py), runs its whole loop inside one `lax.fori_loop`, and returns x at t = 0.
@@ -38,14 +39,16 @@ def sample_ddim(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int
   def body(i, z_t):
     t = (num_steps - i) / num_steps
     s = (num_steps - i - 1) / num_steps
-    x_pred, eps_pred = denoise_fn(params, z_t, _batch_logsnr(logsnr_fn, t, batch), label, guidance_w)
+    x_pred, eps_pred = denoise_fn(
+        params, z_t, _batch_logsnr(logsnr_fn, t, batch), label, guidance_w)
     z_s = ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=_batch_logsnr(logsnr_fn, s, batch))
     return jnp.where(i == num_steps - 1, x_pred, z_s)
 
   return jax.lax.fori_loop(0, num_steps, body, z_init)
 
 
-def stochastic_step(denoise_fn, params, *, z_t, t, num_steps: int, label, guidance_w, logsnr_fn, noise):
+def stochastic_step(
+    denoise_fn, params, *, z_t, t, num_steps: int, label, guidance_w, logsnr_fn, noise):
   """One step of the paper's stochastic sampler from t: DDIM to t - 2/N, then re-noise to t - 1/N.
 
   The DDIM target time is clipped at 0 (the step from t = 2/N lands on x_pred); callers return
@@ -77,8 +80,8 @@ def stochastic_step(denoise_fn, params, *, z_t, t, num_steps: int, label, guidan
   return z_one_back, x_pred
 
 
-def sample_stochastic(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int, logsnr_fn, rng,
-                      noise_scale: float = 1.0):
+def sample_stochastic(denoise_fn, params, *, z_init, label, guidance_w, num_steps: int, logsnr_fn,
+                      rng, noise_scale: float = 1.0):
   """The paper's stochastic N-step sampler: N network calls, each with a step size of 2/N.
 
   Each step is a DDIM step two grid points back followed by re-noising one point forward
@@ -105,8 +108,9 @@ def sample_stochastic(denoise_fn, params, *, z_init, label, guidance_w, num_step
   def body(i, z_t):
     t = (num_steps - i) / num_steps
     noise = noise_scale * jax.random.normal(jax.random.fold_in(rng, i), z_t.shape, z_t.dtype)
-    z_next, x_pred = stochastic_step(denoise_fn, params, z_t=z_t, t=t, num_steps=num_steps, label=label,
-                                     guidance_w=guidance_w, logsnr_fn=logsnr_fn, noise=noise)
+    z_next, x_pred = stochastic_step(
+        denoise_fn, params, z_t=z_t, t=t, num_steps=num_steps, label=label, guidance_w=guidance_w,
+        logsnr_fn=logsnr_fn, noise=noise)
     return jnp.where(i == num_steps - 1, x_pred, z_next)
 
   return jax.lax.fori_loop(0, num_steps, body, z_init)
@@ -173,10 +177,12 @@ def encode_ddim(denoise_fn, params, *, x, label, guidance_w, num_steps: int, log
 
   def body(i, z_t):
     t, s = i / num_steps, (i + 1) / num_steps
-    x_pred, eps_pred = denoise_fn(params, z_t, _batch_logsnr(logsnr_fn, t, batch), label, guidance_w)
+    x_pred, eps_pred = denoise_fn(
+        params, z_t, _batch_logsnr(logsnr_fn, t, batch), label, guidance_w)
     return ddim_step(x_pred=x_pred, eps_pred=eps_pred, logsnr_s=_batch_logsnr(logsnr_fn, s, batch))
 
-  z_0 = ddim_step(x_pred=x, eps_pred=jnp.zeros_like(x), logsnr_s=_batch_logsnr(logsnr_fn, 0.0, batch))
+  z_0 = ddim_step(x_pred=x, eps_pred=jnp.zeros_like(x),
+                  logsnr_s=_batch_logsnr(logsnr_fn, 0.0, batch))
   return jax.lax.fori_loop(0, num_steps, body, z_0)
 
 
