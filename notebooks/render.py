@@ -1,12 +1,15 @@
-"""Executes notebooks/demo.ipynb top to bottom and stores it with its outputs, so it reads without running.
+"""Executes notebooks/demo.ipynb top to bottom and stores it with its outputs, so it reads without
+running.
 
-  python notebooks/render.py                  # the 2-D toy config (seconds per stage): the stored outputs
-  python notebooks/render.py --config=digits  # the digits: opens runs/digits when the Quickstart finished it,
-                                              # else trains into runs/demo_digits (minutes)
+  python notebooks/render.py  # the 2-D toy config (seconds per stage): the stored outputs
+  python notebooks/render.py --config=digits
+      # the digits: opens runs/digits when the Quickstart finished it,
+      # else trains into runs/demo_digits (minutes)
 
-Runs with the installed (pinned) stack in this interpreter's python3 kernel, from the repository root, and
-refuses a working tree with uncommitted changes outside the notebook, so the stored outputs are those of a
-commit (the setup cell prints it). Fails, storing nothing, if a cell fails or the outputs exceed MAX_BYTES.
+Runs with the installed (pinned) stack in this interpreter's python3 kernel, from the repository
+root, and refuses a working tree with uncommitted changes outside the notebook, so the stored
+outputs are those of a commit (the setup cell prints it). Fails, storing nothing, if a cell fails or
+the outputs exceed MAX_BYTES.
 """
 
 import argparse
@@ -25,8 +28,8 @@ MAX_BYTES = 300_000  # stored outputs: the sample grid, one plot and a table
 
 
 def python3_kernel_env(prefix: str) -> dict:
-  """The environment under which a python3 kernel spec is found: Jupyter's own, or this interpreter's installed
-  under prefix."""
+  """The environment under which a python3 kernel spec is found: Jupyter's own, or this
+  interpreter's installed under prefix."""
   try:
     kernelspec.KernelSpecManager().get_kernel_spec('python3')
     return {}
@@ -38,7 +41,8 @@ def python3_kernel_env(prefix: str) -> dict:
 
 def uncommitted_changes() -> list[str]:
   """`git status --porcelain` lines of the repository, except the notebook's own."""
-  status = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True, text=True, check=True)
+  status = subprocess.run(['git', 'status', '--porcelain'], cwd=REPO, capture_output=True,
+                          text=True, check=True)
   return [line for line in status.stdout.splitlines() if not line.endswith('notebooks/demo.ipynb')]
 
 
@@ -49,11 +53,13 @@ def output_bytes(nb) -> int:
 
 
 def render(config_name: str, *, allow_dirty: bool = False) -> int:
-  """Executes the notebook with DEMO_CONFIG=config_name and writes it back with its outputs; returns their size."""
+  """Executes the notebook with DEMO_CONFIG=config_name and writes it back with its outputs; returns
+  their size."""
   changes = uncommitted_changes()
   if changes and not allow_dirty:
-    raise SystemExit('error: uncommitted changes (the stored outputs would be of no commit); commit first, or pass '
-                     '--allow_dirty:\n' + '\n'.join(changes))
+    raise SystemExit(
+        'error: uncommitted changes (the stored outputs would be of no commit); commit '
+        'first, or pass --allow_dirty:\n' + '\n'.join(changes))
   nb = nbformat.read(NOTEBOOK, as_version=4)
   with tempfile.TemporaryDirectory() as prefix:
     os.environ.update(python3_kernel_env(prefix), DEMO_CONFIG=config_name, DEMO_SKIP_INSTALL='1')
@@ -62,16 +68,19 @@ def render(config_name: str, *, allow_dirty: bool = False) -> int:
     client.execute()
   size = output_bytes(nb)
   if size > MAX_BYTES:
-    raise SystemExit(f'error: the outputs take {size:,} bytes, over {MAX_BYTES:,}: make the figures smaller')
+    raise SystemExit(
+        f'error: the outputs take {size:,} bytes, over {MAX_BYTES:,}: make the figures smaller')
   nb.metadata.pop('widgets', None)
   nbformat.write(nb, NOTEBOOK)
   return size
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', choices=('tiny', 'digits'), default='tiny')
-  parser.add_argument('--allow_dirty', action='store_true', help='render although the tree has uncommitted changes')
+  parser.add_argument('--allow_dirty', action='store_true',
+                      help='render although the tree has uncommitted changes')
   args = parser.parse_args()
   size = render(args.config, allow_dirty=args.allow_dirty)
   print(f'{NOTEBOOK}: stored with its outputs ({size:,} bytes of outputs, config {args.config})')
