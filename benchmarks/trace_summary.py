@@ -1,12 +1,15 @@
-"""Summarises a jax.profiler trace of train steps: where the device's time goes, and whether the host keeps up.
+"""Summarises a jax.profiler trace of train steps: where the device's time goes, and whether the \
+host keeps up.
 
-  python benchmarks/trace_summary.py runs/cifar10/logs/teacher/plugins/profile/*/*.trace.json.gz [--top=15]
+  python benchmarks/trace_summary.py runs/cifar10/logs/teacher/plugins/profile/*/*.trace.json.gz \
+      [--top=15]
 
-Reads the `*.trace.json.gz` that `--config.profile.num_steps=N` (or `benchmarks/train_speed.py --trace_steps=N`)
-writes. Prints, per traced step: wall time between step starts (host annotations 'train'), device kernels and
-their summed time, the device's busy fraction over the traced span, the host's time inside the step's execute
-call, and the kernels grouped by kind (convolutions and matmuls vs the rest) with the largest groups by name.
-Only device planes ('/device:...') count as device time; without one (a CPU trace) it says so.
+Reads the `*.trace.json.gz` that `--config.profile.num_steps=N` (or `benchmarks/train_speed.py
+--trace_steps=N`) writes. Prints, per traced step: wall time between step starts (host annotations
+'train'), device kernels and their summed time, the device's busy fraction over the traced span, the
+host's time inside the step's execute call, and the kernels grouped by kind (convolutions and
+matmuls vs the rest) with the largest groups by name. Only device planes ('/device:...') count as
+device time; without one (a CPU trace) it says so.
 """
 
 import argparse
@@ -23,12 +26,16 @@ def load_events(path: str) -> tuple[list, dict]:
   with gzip.open(path, 'rt') if path.endswith('.gz') else open(path) as f:
     trace = json.load(f)
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  names = {e['pid']: e['args']['name'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  names = {
+      e['pid']: e['args']['name']
+      for e in events
+      if e.get('ph') == 'M' and e.get('name') == 'process_name'}
   return [e for e in events if e.get('ph') == 'X'], names
 
 
 def kernel_group(name: str) -> str:
-  """'input_reduce_fusion.12' -> 'input_reduce_fusion'; library kernels keep their first 60 characters."""
+  """'input_reduce_fusion.12' -> 'input_reduce_fusion'; library kernels keep their first 60
+  characters."""
   return re.sub(r'[._]?\d+$', '', name.split('.')[0])[:60]
 
 
@@ -46,26 +53,32 @@ def summarise(path: str, top: int) -> None:
   events, process_names = load_events(path)
   device_pids = {pid for pid, name in process_names.items() if name.startswith('/device:')}
   kernels = [e for e in events if e['pid'] in device_pids]
-  steps = sorted((e for e in events if e['pid'] not in device_pids and e['name'] == 'train'), key=lambda e: e['ts'])
-  modules = collections.Counter()  # host time inside each XLA program's launch ('jit_train_step:XLA GPU module')
+  steps = sorted((e for e in events if e['pid'] not in device_pids and e['name'] == 'train'),
+                 key=lambda e: e['ts'])
+  # host time inside each XLA program's launch ('jit_train_step:XLA GPU module')
+  modules = collections.Counter()
   for e in events:
     if e['pid'] not in device_pids and e['name'].endswith(' module'):
       modules[e['name']] += e['dur']
   n = max(len(steps), 1)
   if len(steps) > 1:
     gaps = [b['ts'] - a['ts'] for a, b in zip(steps, steps[1:])]
-    print(f'{len(steps)} steps; wall time between step starts: {sum(gaps) / len(gaps) / 1e3:.1f} ms')
+    print(
+        f'{len(steps)} steps; wall time between step starts: {sum(gaps) / len(gaps) / 1e3:.1f} ms')
   if not kernels:
     print('no device plane in this trace (a CPU run): host events only')
     return
   span = max(e['ts'] + e['dur'] for e in kernels) - min(e['ts'] for e in kernels)
   total = sum(e['dur'] for e in kernels)
-  print(f'device: {len(kernels) / n:.0f} kernels and {total / n / 1e3:.2f} ms of kernel time a step; busy '
-        f'{100 * busy_time(kernels) / span:.1f}% of the traced span ({span / 1e3:.1f} ms)')
+  print(
+      f'device: {len(kernels) / n:.0f} kernels and {total / n / 1e3:.2f} ms of kernel '
+      f'time a step; busy {100 * busy_time(kernels) / span:.1f}% of the traced span '
+      f'({span / 1e3:.1f} ms)')
   if modules:
     module, launch = modules.most_common(1)[0]
-    print(f'host: {launch / n / 1e3:.2f} ms a step inside {module} (launching its kernels; the device idles '
-          f'when this and the rest of the loop exceed its kernel time)')
+    print(
+        f'host: {launch / n / 1e3:.2f} ms a step inside {module} (launching its kernels; '
+        'the device idles when this and the rest of the loop exceed its kernel time)')
   time_by, count_by = collections.Counter(), collections.Counter()
   for e in kernels:
     time_by[kernel_group(e['name'])] += e['dur']
