@@ -1,9 +1,10 @@
 """Shared fixtures: tiny configs and one trained toy-2D run (teacher, stage 1, two stage-2 rounds).
 
-Two tiers: `pytest tests` runs the core (the method: math, samplers, objectives, state, models, data, distillation,
-evaluation, and a tiny end-to-end run); `pytest --integration tests` adds the files marked
-`pytestmark = pytest.mark.integration` (the machinery around it: pre-emption, fault injection, several processes,
-remote workdirs, the command line, logs, docs, the notebook, benchmarks). CI runs both."""
+Two tiers: `pytest tests` runs the core (the method: math, samplers, objectives, state, models,
+data, distillation, evaluation, and a tiny end-to-end run); `pytest --integration tests` adds the
+files marked `pytestmark = pytest.mark.integration` (the machinery around it: pre-emption, fault
+injection, several processes, remote workdirs, the command line, logs, docs, the notebook,
+benchmarks). CI runs both."""
 
 import os
 import sys
@@ -18,32 +19,39 @@ from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-po
 configure_cpu_compiler()  # as main.py does, before a test starts a JAX backend
 
 
-PAPER_SCALE_SKIP = 'paper-scale step on the CPU: run with --paper-scale'  # the one expected skip reason
+# the one expected skip reason
+PAPER_SCALE_SKIP = 'paper-scale step on the CPU: run with --paper-scale'
 _UNEXPECTED_SKIPS = []  # 'nodeid: reason' of every other skip in this session
-_FAULT_INJECTION = []  # the fault-injection test's seed and kill points (record_property), for the summary
+# the fault-injection test's seed and kill points (record_property), for the summary
+_FAULT_INJECTION = []
 
 
 def pytest_addoption(parser):
-  parser.addoption('--paper-scale', action='store_true',
-                   help='also run the tests marked paper_scale (a full-size network step on this CPU each)')
-  parser.addoption('--fail-on-unexpected-skip', action='store_true',
-                   help='fail the run when a test skips for any reason but the opt-in paper-scale marker (CI)')
-  parser.addoption('--integration', action='store_true',
-                   help='also run the tests marked integration (the machinery around the method; CI runs them)')
+  parser.addoption(
+      '--paper-scale', action='store_true',
+      help='also run the tests marked paper_scale (a full-size network step on this CPU each)')
+  parser.addoption(
+      '--fail-on-unexpected-skip', action='store_true',
+      help='fail the run when a test skips for any reason but the opt-in paper-scale marker (CI)')
+  parser.addoption(
+      '--integration', action='store_true',
+      help='also run the tests marked integration (the machinery around the method; CI runs them)')
 
 
 def pytest_configure(config):
-  config.addinivalue_line('markers', 'paper_scale: compiles and steps a paper-size network on the CPU (minutes '
-                                     'and ~12 GB each); run with --paper-scale')
-  config.addinivalue_line('markers', 'integration: tests of the machinery around the method (the second tier); '
-                                     'run with --integration')
+  config.addinivalue_line(
+      'markers', 'paper_scale: compiles and steps a paper-size network on the CPU (minutes '
+      'and ~12 GB each); run with --paper-scale')
+  config.addinivalue_line(
+      'markers', 'integration: tests of the machinery around the method (the second tier); '
+      'run with --integration')
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
-  """Tests using toy_run share one xdist worker (the session fixture is trained once, not once per worker);
-  tests marked paper_scale are skipped unless --paper-scale is given, and tests marked integration are
-  deselected unless --integration is given, so the default suite stays fast."""
+  """Tests using toy_run share one xdist worker (the session fixture is trained once, not once per
+  worker); tests marked paper_scale are skipped unless --paper-scale is given, and tests marked
+  integration are deselected unless --integration is given, so the default suite stays fast."""
   if not config.getoption('--integration'):
     deselected = [item for item in items if item.get_closest_marker('integration')]
     if deselected:
@@ -58,8 +66,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-  """Collects skips other than the paper-scale opt-in and the fault-injection plan (under pytest-xdist the
-  controller sees every report and its recorded properties, though not the workers' prints)."""
+  """Collects skips other than the paper-scale opt-in and the fault-injection plan (under
+  pytest-xdist the controller sees every report and its recorded properties, though not the workers'
+  prints)."""
   if report.when == 'call':
     _FAULT_INJECTION.extend(f'{name}: {value}' for name, value in report.user_properties
                             if name.startswith('fault_injection'))
@@ -77,8 +86,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
       terminalreporter.write_line(f'  {line}')
   if _UNEXPECTED_SKIPS:
     failing = config.getoption('--fail-on-unexpected-skip')
-    terminalreporter.write_line(f'{len(_UNEXPECTED_SKIPS)} unexpected skip(s)'
-                                f'{" (--fail-on-unexpected-skip: the run fails)" if failing else ""}:', red=failing)
+    terminalreporter.write_line(
+        f'{len(_UNEXPECTED_SKIPS)} unexpected skip(s)'
+        f'{" (--fail-on-unexpected-skip: the run fails)" if failing else ""}:', red=failing)
     for line in _UNEXPECTED_SKIPS:
       terminalreporter.write_line(f'  {line}')
 
@@ -120,8 +130,9 @@ def kill_after(monkeypatch, num_batches):
 
 @pytest.fixture(scope='session')
 def toy_run(tmp_path_factory):
-  """A toy-2D run trained well enough to measure: stage 1 as a 16-step teacher, halved to 8 and 4 steps
-  for sampling (stage 2) and for encoding (encoder); the teacher itself halved alike (the direct baseline)."""
+  """A toy-2D run trained well enough to measure: stage 1 as a 16-step teacher, halved to 8 and 4
+  steps for sampling (stage 2) and for encoding (encoder); the teacher itself halved alike (the
+  direct baseline)."""
   from distill import stages  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path_factory.mktemp('toy_run'), train=1500, stage1=600, stage2=600)
   config.model.update(hidden=128, num_layers=3)
@@ -130,7 +141,8 @@ def toy_run(tmp_path_factory):
   config.stage2.update(batch_size=256, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
   config.encoder.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4,
                         checkpoint_every=600)
-  config.direct.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
+  config.direct.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4,
+                       checkpoint_every=600)
   config.transfer.update(steps=(4, 8), eval_images=256)
   stages.train_teacher(config)
   stages.train_stage1(config)
@@ -141,8 +153,8 @@ def toy_run(tmp_path_factory):
 
 
 def stub_fid_scoring(monkeypatch) -> list:
-  """run_fid on a tiny config with no checkpoints: every method 'exists' and a cell is a stand-in row; returns
-  the list that gets one (sampler, steps, w) per evaluated cell."""
+  """run_fid on a tiny config with no checkpoints: every method 'exists' and a cell is a stand-in
+  row; returns the list that gets one (sampler, steps, w) per evaluated cell."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from modes import fid as modes_fid  # pylint: disable=g-import-not-at-top
   evaluated = []
@@ -150,8 +162,8 @@ def stub_fid_scoring(monkeypatch) -> list:
   def evaluate_cell(loaded, method, w, **kwargs):
     del loaded, kwargs
     evaluated.append((method.sampler, method.steps, w))
-    return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w, num_samples=1,
-                fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
+    return dict(method=method.name, sampler=method.sampler, steps=method.steps, nfe=method.nfe, w=w,
+                num_samples=1, fid=1.0, is_mean=1.0, is_std=0.0, accuracy='', seconds=0.0)
 
   monkeypatch.setattr(modes_fid, 'existing', lambda methods: methods)
   monkeypatch.setattr(modes_fid.records, 'checkpoint_id', lambda ckpt_dir: 'fixed')

@@ -19,7 +19,8 @@ def with_eps(x_fn):
 
 
 def gaussian_x(z, logsnr):
-  """E[x | z_t] for x ~ N(MU, STD^2 I): MU + alpha STD^2 (z - alpha MU) / (alpha^2 STD^2 + sigma^2)."""
+  """E[x | z_t] for x ~ N(MU, STD^2 I): MU + alpha STD^2 (z - alpha MU) / (alpha^2 STD^2 +
+  sigma^2)."""
   alpha, sigma = (a[:, None] for a in alpha_sigma(logsnr))
   return MU + alpha * STD**2 * (z - alpha * MU) / (alpha**2 * STD**2 + sigma**2)
 

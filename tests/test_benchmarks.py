@@ -31,16 +31,19 @@ def test_busy_time_is_the_union_of_kernel_intervals():
 def test_kernel_groups_drop_instance_numbers_only():
   assert trace_summary.kernel_group('input_reduce_fusion.12') == 'input_reduce_fusion'
   assert trace_summary.kernel_group('loop_add_fusion_3') == 'loop_add_fusion'
-  assert trace_summary.kernel_group('sm90_xmma_fprop_implicit_gemm') == 'sm90_xmma_fprop_implicit_gemm'
+  assert (trace_summary.kernel_group('sm90_xmma_fprop_implicit_gemm') ==
+          'sm90_xmma_fprop_implicit_gemm')
 
 
 def test_trace_summary_reports_per_step_device_and_host_time(tmp_path, capsys):
   events = []
-  for step in range(2):  # a step every 100 us: a 30 us conv, two 10 us fusions (busy 100 of 150 us); 40 us launching
+  # a step every 100 us: a 30 us conv, two 10 us fusions (busy 100 of 150 us); 40 us launching
+  for step in range(2):
     t0 = 100 * step
     events += [{'pid': 2, 'tid': 1, 'ts': t0, 'dur': 50, 'name': 'train'},
                {'pid': 2, 'tid': 1, 'ts': t0, 'dur': 40, 'name': 'jit_train_step:XLA GPU module'},
-               {'pid': 1, 'tid': 7, 'ts': t0 + 10, 'dur': 30, 'name': 'sm90_xmma_fprop_implicit_gemm'},
+               {'pid': 1, 'tid': 7, 'ts': t0 + 10, 'dur': 30,
+                'name': 'sm90_xmma_fprop_implicit_gemm'},
                {'pid': 1, 'tid': 7, 'ts': t0 + 40, 'dur': 10, 'name': f'loop_add_fusion.{step}'},
                {'pid': 1, 'tid': 7, 'ts': t0 + 50, 'dur': 10, 'name': 'input_reduce_fusion'}]
   path = str(tmp_path / 'vm.trace.json.gz')
@@ -48,7 +51,8 @@ def test_trace_summary_reports_per_step_device_and_host_time(tmp_path, capsys):
   trace_summary.summarise(path, top=5)
   out = capsys.readouterr().out
   assert 'wall time between step starts: 0.1 ms' in out
-  assert 'device: 3 kernels and 0.05 ms of kernel time a step; busy 66.7% of the traced span (0.1 ms)' in out
+  assert ('device: 3 kernels and 0.05 ms of kernel time a step; busy 66.7% of the '
+          'traced span (0.1 ms)') in out
   assert 'host: 0.04 ms a step inside jit_train_step:XLA GPU module' in out
   assert 'convolutions and matmuls: 0.03 ms a step; everything else: 0.02 ms' in out
   assert '| loop_add_fusion | 1 | 0.01 |' in out
@@ -57,11 +61,13 @@ def test_trace_summary_reports_per_step_device_and_host_time(tmp_path, capsys):
 @pytest.mark.xdist_group('subprocess')
 def test_train_speed_runs_the_training_loop_of_each_stage_and_prints_a_row_each():
   result = subprocess.run(
-      [sys.executable, 'benchmarks/train_speed.py', '--config=configs/tiny.py', '--stages=teacher,stage2',
-       '--steps=6', '--log_every=3', '--input=synthetic'],
+      [sys.executable, 'benchmarks/train_speed.py', '--config=configs/tiny.py',
+       '--stages=teacher,stage2', '--steps=6', '--log_every=3', '--input=synthetic'],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  rows = [line for line in result.stdout.splitlines() if line.startswith('| ') and 'stage |' not in line]
+  rows = [
+      line for line in result.stdout.splitlines() if line.startswith('| ') and 'stage |' not in line
+  ]
   assert [row.split(' | ')[0] for row in rows] == ['| teacher', '| stage2 4->2 steps']
   for row in rows:
     steps_per_sec = float(row.split(' | ')[3])
@@ -70,15 +76,17 @@ def test_train_speed_runs_the_training_loop_of_each_stage_and_prints_a_row_each(
 
 
 def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teacher(tmp_path):
-  """Two workdirs with the same stage 1: the same row twice, the teacher's own floor printed once."""
+  """Two workdirs with the same stage 1: the same row twice, the teacher's own floor printed
+  once."""
   workdir = str(tmp_path / 'a')
   flags = ['--config=configs/tiny.py', f'--config.workdir={workdir}']
   for mode in ('teacher', 'stage1'):
-    subprocess.run([sys.executable, 'main.py', *flags, f'--mode={mode}'], cwd=REPO, capture_output=True,
-                   timeout=300, check=True)
+    subprocess.run([sys.executable, 'main.py', *flags, f'--mode={mode}'], cwd=REPO,
+                   capture_output=True, timeout=300, check=True)
   result = subprocess.run(
       [sys.executable, 'benchmarks/stage1_fidelity.py', '--config=configs/tiny.py',
-       '--config.pipeline.quality_ws=(0.0,1.0,2.0)', f'--workdirs={workdir},{workdir}', '--raw_teacher'],
+       '--config.pipeline.quality_ws=(0.0,1.0,2.0)', f'--workdirs={workdir},{workdir}',
+       '--raw_teacher'],
       cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   rows = [line for line in result.stdout.splitlines() if line.startswith('| a | stage 1 |')]
@@ -86,14 +94,21 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
   cells = [row.split(' | ') for row in rows]
   assert cells[0][2:6] == cells[1][2:6]  # same model, same noise: the same fidelity at every w
   assert all(float(value) >= 0 for value in cells[0][2:5])
-  assert float(cells[0][5]) == pytest.approx(max(map(float, cells[0][2:5])) / float(cells[0][3]), rel=1e-2)
+  assert float(cells[0][5]) == pytest.approx(
+      max(map(float, cells[0][2:5])) / float(cells[0][3]), rel=1e-2)
   assert result.stdout.count('floor (teacher CFG ddim 2)') == 1
-  lines = [line for line in result.stdout.splitlines() if line.startswith('| a | ') and 'stage 1' not in line]
-  responses, errors = lines[:2], lines[2:]  # w = 0, 1, 2: RMS, then two guidance responses; then the errors
+  lines = [
+      line for line in result.stdout.splitlines()
+      if line.startswith('| a | ') and 'stage 1' not in line
+  ]
+  # w = 0, 1, 2: RMS, then two guidance responses; then the errors
+  responses, errors = lines[:2], lines[2:]
   assert len(responses) == 2 and responses[0] == responses[1]
   assert float(responses[0].split(' | ')[1]) >= 0 and 0 < float(responses[0].split(' | ')[2]) < 2
-  assert len(errors) == 2 and errors[0] == errors[1] and all(float(v) >= 0 for v in errors[0][len('| a | '):-2].split(' | '))
+  assert (len(errors) == 2 and errors[0] == errors[1] and
+          all(float(v) >= 0 for v in errors[0][len('| a | '):-2].split(' | ')))
   raw = [line for line in result.stdout.splitlines() if line.startswith('| teacher raw params | ')]
-  assert len(raw) == 3 and raw[0].startswith('| teacher raw params | CFG ddim ')  # fidelity, response, error
+  # fidelity, response, error
+  assert len(raw) == 3 and raw[0].startswith('| teacher raw params | CFG ddim ')
   assert all(float(v) > 0 for v in raw[0].split(' | ')[2:5])  # not the EMA: another set of samples
   assert all(0 < float(v) < 10 for v in raw[2][len('| teacher raw params | '):-2].split(' | '))

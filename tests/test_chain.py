@@ -1,5 +1,5 @@
-"""The chain of stages: no student is distilled from an incomplete or changed teacher without being asked to,
-and one run at a time per workdir."""
+"""The chain of stages: no student is distilled from an incomplete or changed teacher without being
+asked to, and one run at a time per workdir."""
 
 import json
 import os
@@ -25,7 +25,8 @@ def test_an_incomplete_teacher_is_refused_unless_allowed(tmp_path, monkeypatch):
     kill_after(patch, 15)  # the teacher's checkpoint at 10 is kept, its final step 20 never comes
     with pytest.raises(Killed):
       stages.train_teacher(config)
-  with pytest.raises(checkpoint.CheckpointError, match=r'teacher is incomplete \(step 10 of 20\): finish it'):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'teacher is incomplete \(step 10 of 20\): finish it'):
     stages.train_stage1(config)
   assert not os.path.exists(tmp_path / 'stage1'), 'nothing may be written before the refusal'
   config.distill.allow_incomplete_teacher = True
@@ -42,7 +43,8 @@ def test_a_student_of_a_changed_teacher_is_refused_then_redistilled_on_request(t
   stages.train_stage1(config)  # same teacher: the finished student is kept
   config.train.num_steps = 20
   stages.train_teacher(config)  # the teacher trains on: every student of it is now stale
-  with pytest.raises(checkpoint.CheckpointError, match='distilled from another teacher .*redistill=True'):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match='distilled from another teacher .*redistill=True'):
     stages.train_stage1(config)
   config.distill.redistill = True
   stages.train_stage1(config)
@@ -56,7 +58,8 @@ def test_the_same_teacher_gives_the_same_digest_and_any_change_another(tmp_path)
   _, params, record = stages.load_stage_params(config, 'teacher')
   assert checkpoint.params_digest(params) == record['provenance']['params_sha1']
   assert stages.load_stage_params(config, 'teacher')[2]['provenance'] == record['provenance']
-  changed = {**params, 'dense_out': {**params['dense_out'], 'bias': params['dense_out']['bias'].at[0].add(1e-6)}}
+  changed = {**params, 'dense_out': {**params['dense_out'],
+                                     'bias': params['dense_out']['bias'].at[0].add(1e-6)}}
   assert checkpoint.params_digest(changed) != record['provenance']['params_sha1']
 
 
@@ -71,17 +74,20 @@ def test_set_aside_never_overwrites_an_earlier_one(tmp_path):
 
 def _lock_file(workdir, pid, host=None):
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / lock.LOCK_NAME).write_text(json.dumps(dict(host=host or socket.gethostname(), pid=pid, started='t0')))
+  (workdir / lock.LOCK_NAME).write_text(
+      json.dumps(dict(host=host or socket.gethostname(), pid=pid, started='t0')))
 
 
 def test_a_second_run_in_a_workdir_is_refused_with_one_line(tmp_path):
   _lock_file(tmp_path / 'run', os.getpid())  # this test process: alive
-  result = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'), f'--config={REPO}/configs/tiny.py',
-                           '--mode=teacher', f'--config.workdir={tmp_path / "run"}'],
+  result = subprocess.run([sys.executable, os.path.join(REPO, 'main.py'),
+                           f'--config={REPO}/configs/tiny.py', '--mode=teacher',
+                           f'--config.workdir={tmp_path / "run"}'],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1 and f'is in use by process {os.getpid()} on this host' in errors[0], result.stderr[-1500:]
+  assert (len(errors) == 1 and
+          f'is in use by process {os.getpid()} on this host' in errors[0]), result.stderr[-1500:]
   assert sorted(os.listdir(tmp_path / 'run')) == [lock.LOCK_NAME], 'nothing may be written'
 
 
@@ -95,7 +101,8 @@ def test_a_lock_of_a_dead_process_is_taken_over_and_released(tmp_path):
       with lock.workdir_lock(str(tmp_path / 'run')):
         pass
   assert os.listdir(tmp_path / 'run') == []
-  _lock_file(tmp_path / 'other', 1, host='another-host')  # another host: its liveness is unknown, so refused
+  # another host: its liveness is unknown, so refused
+  _lock_file(tmp_path / 'other', 1, host='another-host')
   with pytest.raises(lock.WorkdirLocked, match='on host another-host'):
     with lock.workdir_lock(str(tmp_path / 'other')):
       pass
@@ -109,7 +116,9 @@ def test_a_workdir_the_lock_created_and_nothing_filled_is_removed(tmp_path):
 
 def test_a_model_field_added_after_a_checkpoint_or_another_compute_dtype_keeps_it_usable():
   saved = {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24}}
-  records.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 24, 'num_heads': 1,
-                                                                    'dtype': 'bfloat16'}}, 'teacher')
+  records.check_compatible(saved, {
+      'stage': 'teacher',
+      'model': {'name': 'unet', 'ch': 24, 'num_heads': 1, 'dtype': 'bfloat16'}}, 'teacher')
   with pytest.raises(checkpoint.CheckpointError, match="was made with model="):
-    records.check_compatible(saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 32}}, 'teacher')
+    records.check_compatible(
+        saved, {'stage': 'teacher', 'model': {'name': 'unet', 'ch': 32}}, 'teacher')

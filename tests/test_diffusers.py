@@ -1,7 +1,8 @@
-"""Imported diffusers teachers (models/diffusers_unet.py, models/diffusers_import.py) against what diffusers computes.
+"""Imported diffusers teachers (models/diffusers_unet.py, models/diffusers_import.py) against what
+diffusers computes.
 
-The references are fixtures written by tests/fixtures/make_diffusers_fixtures.py with PyTorch and diffusers (its
---check mode recomputes them); nothing here imports torch.
+The references are fixtures written by tests/fixtures/make_diffusers_fixtures.py with PyTorch and
+diffusers (its --check mode recomputes them); nothing here imports torch.
 """
 
 import csv
@@ -45,20 +46,24 @@ def _config(teacher: str = 'teacher_tiny', workdir: str = '/tmp/unused'):
 
 
 def _apply(network, params, *args, **kwargs):
-  """network.apply as one compiled program (op by op, each of the U-Net's ops would compile on its own)."""
+  """network.apply as one compiled program (op by op, each of the U-Net's ops would compile on its
+  own)."""
   return jax.jit(lambda p, *a: network.apply({'params': p}, *a, **kwargs))(params, *args)
 
 
 def _fixture_network(name: str):
-  """(DiffusersUNet, params, reference arrays) of a fixture network, its params converted by name."""
+  """(DiffusersUNet, params, reference arrays) of a fixture network, its params converted by
+  name."""
   folder = os.path.join(FIXTURES, name)
   with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
     network = DiffusersUNet(**unet_fields(json.load(f)))
   ref = dict(np.load(os.path.join(folder, 'reference.npz')))
   args = (jnp.asarray(ref['sample'].transpose(0, 2, 3, 1)), jnp.asarray(ref['timesteps']),
           jnp.asarray(ref['class_labels']) if 'class_labels' in ref else None)
-  abstract = jax.eval_shape(lambda: network.init(jax.random.key(0), *args, method='forward'))['params']
-  params = diffusers_import.convert_state_dict(load_file(os.path.join(folder, diffusers_import.WEIGHTS_FILE)), abstract)
+  abstract = jax.eval_shape(
+      lambda: network.init(jax.random.key(0), *args, method='forward'))['params']
+  params = diffusers_import.convert_state_dict(
+      load_file(os.path.join(folder, diffusers_import.WEIGHTS_FILE)), abstract)
   return network, params, args, ref
 
 
@@ -74,11 +79,13 @@ def test_the_fixtures_cover_every_supported_block_and_option():
   for name in (*NETWORKS, 'teacher_null_class'):
     with open(os.path.join(FIXTURES, name, 'config.json'), encoding='utf-8') as f:
       fields = unet_fields(json.load(f))
-    for key in ('time_embedding_type', 'resnet_time_scale_shift', 'downsample_type', 'upsample_type',
-                'flip_sin_to_cos', 'downsample_padding', 'mid_block_type', 'center_input_sample'):
+    for key in ('time_embedding_type', 'resnet_time_scale_shift', 'downsample_type',
+                'upsample_type', 'flip_sin_to_cos', 'downsample_padding', 'mid_block_type',
+                'center_input_sample'):
       seen.setdefault(key, set()).add(fields[key])
     seen.setdefault('blocks', set()).update(fields['down_block_types'] + fields['up_block_types'])
-    seen.setdefault('heads', set()).add(fields['block_out_channels'][0] // (fields['attention_head_dim'] or 10**9))
+    seen.setdefault('heads', set()).add(fields['block_out_channels'][0] //
+                                        (fields['attention_head_dim'] or 10**9))
   assert seen['blocks'] == set(DOWN_BLOCKS + UP_BLOCKS)
   assert seen['time_embedding_type'] == {'positional', 'fourier'}
   assert seen['resnet_time_scale_shift'] == {'default', 'scale_shift'}
@@ -91,13 +98,16 @@ def test_the_fixtures_cover_every_supported_block_and_option():
 
 def test_old_checkpoints_attention_names_load():
   weights = load_file(os.path.join(FIXTURES, 'fourier', diffusers_import.WEIGHTS_FILE))
-  assert any('.attentions.0.query.' in key for key in weights)  # so the parity test above covers the renaming
+  # so the parity test above covers the renaming
+  assert any('.attentions.0.query.' in key for key in weights)
 
 
 def test_the_repo_interface_feeds_the_timestep_of_logsnr_and_drops_a_learned_range_channel():
-  network, params, (sample, timesteps, _), _ = _fixture_network('fourier')  # out_channels 2 = learned range
+  # out_channels 2 = learned range
+  network, params, (sample, timesteps, _), _ = _fixture_network('fourier')
   network = network.clone(num_train_timesteps=1000, beta_schedule='linear')
-  table = discrete_logsnr_table(num_train_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02)
+  table = discrete_logsnr_table(
+      num_train_timesteps=1000, beta_schedule='linear', beta_start=1e-4, beta_end=0.02)
   logsnr = jnp.asarray(table[[3, 250, 998]], jnp.float32)
   out = _apply(network, params, sample, logsnr, jnp.zeros(3, jnp.int32), train=False)
   full = _apply(network, params, sample, jnp.array([3.0, 250.0, 998.0]), None, method='forward')
@@ -108,8 +118,8 @@ def test_the_repo_interface_feeds_the_timestep_of_logsnr_and_drops_a_learned_ran
 def test_discrete_schedule_matches_the_alphas_cumprod_of_diffusers_schedulers():
   ref = np.load(os.path.join(FIXTURES, 'schedules.npz'))
   for beta_schedule in ref.files:
-    table = discrete_logsnr_table(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=1e-4,
-                                  beta_end=0.02)
+    table = discrete_logsnr_table(num_train_timesteps=1000, beta_schedule=beta_schedule,
+                                  beta_start=1e-4, beta_end=0.02)
     assert np.max(np.abs(1 / (1 + np.exp(-table)) - ref[beta_schedule])) < 1e-6, beta_schedule
 
 
@@ -122,9 +132,10 @@ def test_guidance_scale_is_one_plus_w():
 
 @pytest.mark.parametrize('teacher', sorted(TEACHERS))
 def test_guided_ddim_matches_diffusers_ddim_scheduler(teacher):
-  """The imported teacher (one network with a null class, or two networks), sampled by the repo's DDIM on the
-  scheduler's own schedule, against diffusers' DDIMScheduler (trailing timesteps) with the same noise and
-  guidance_scale = 1 + w; unclipped, and with clip_sample + use_clipped_model_output = the repo's clip_x."""
+  """The imported teacher (one network with a null class, or two networks), sampled by the repo's
+  DDIM on the scheduler's own schedule, against diffusers' DDIMScheduler (trailing timesteps) with
+  the same noise and guidance_scale = 1 + w; unclipped, and with clip_sample +
+  use_clipped_model_output = the repo's clip_x."""
   config = _config(teacher)
   record = records.make(config, stage='teacher')
   model, abstract = records.build(record)
@@ -135,9 +146,10 @@ def test_guided_ddim_matches_diffusers_ddim_scheduler(teacher):
   z_init, label = jnp.asarray(ref['z_init'].transpose(0, 2, 3, 1)), jnp.asarray(ref['labels'])
   guidance_w = jnp.full(label.shape, float(ref['guidance_w']))
   for clip in (False, True):
-    sampler = make_sampler('ddim', clip_x(denoise_fn) if clip else denoise_fn, num_steps=int(ref['num_steps']),
-                           logsnr_fn=schedule_of(config.diffusion))
-    x = np.asarray(sampler(params, z_init, label, guidance_w, jax.random.key(0))).transpose(0, 3, 1, 2)
+    sampler = make_sampler('ddim', clip_x(denoise_fn) if clip else denoise_fn,
+                           num_steps=int(ref['num_steps']), logsnr_fn=schedule_of(config.diffusion))
+    x = np.asarray(sampler(params, z_init, label, guidance_w,
+                           jax.random.key(0))).transpose(0, 3, 1, 2)
     want = ref[f'clip_{clip}']
     assert np.max(np.abs(x - want)) <= 1e-4 * max(1.0, np.max(np.abs(want))), (teacher, clip)
 
@@ -146,10 +158,12 @@ def test_the_folder_fills_the_config():
   config = _config('teacher_pair')
   assert config.diffusion.schedule == 'discrete' and config.diffusion.parametrization == 'eps'
   assert config.diffusion.beta_schedule == config.model.beta_schedule == 'scaled_linear'
-  assert config.model.unet['num_class_embeds'] == NUM_CLASSES and config.model.uncond_unet['num_class_embeds'] is None
+  assert (config.model.unet['num_class_embeds'] == NUM_CLASSES and
+          config.model.uncond_unet['num_class_embeds'] is None)
   assert len(config.model.weights_sha256) == len(config.model.uncond_weights_sha256) == 64
-  table = discrete_logsnr_table(**{k: config.diffusion[k] for k in ('num_train_timesteps', 'beta_schedule',
-                                                                    'beta_start', 'beta_end')})
+  table = discrete_logsnr_table(**{
+      k: config.diffusion[k]
+      for k in ('num_train_timesteps', 'beta_schedule', 'beta_start', 'beta_end')})
   assert config.diffusion.logsnr_min == pytest.approx(table[-1], abs=1e-5)
   assert _config('teacher_null_class').diffusion.parametrization == 'v'
 
@@ -168,21 +182,25 @@ def _edited_folder(tmp_path, source: str, *, config=None, scheduler=None, weight
 
 
 @pytest.mark.parametrize('config_changes,scheduler_changes,weights,message', [
-    ({'down_block_types': ['AttnSkipDownBlock2D', 'DownBlock2D'], 'class_embed_type': 'timestep'}, None, True,
+    ({'down_block_types': ['AttnSkipDownBlock2D', 'DownBlock2D'],
+      'class_embed_type': 'timestep'}, None, True,
      "UNet2DModel options not supported by models/diffusers_unet.py: class_embed_type 'timestep', "
      'down block AttnSkipDownBlock2D'),
-    ({'time_embedding_type': 'fourier'}, None, True, "time_embedding_type 'fourier' is score-SDE's"),
-    ({'num_class_embeds': 10}, None, True, 'a one-network guided teacher needs num_classes + 1 = 11'),
+    ({'time_embedding_type': 'fourier'}, None, True,
+     "time_embedding_type 'fourier' is score-SDE's"),
+    ({'num_class_embeds': 10}, None, True,
+     'a one-network guided teacher needs num_classes + 1 = 11'),
     ({'sample_size': 16}, None, True, 'the teacher takes 1-channel 16x16 images'),
     (None, {'rescale_betas_zero_snr': True}, True, 'options not supported: rescale_betas_zero_snr'),
     (None, {'prediction_type': 'flow'}, True, "prediction_type 'flow'"),
-    (None, None, False, 'has no diffusion_pytorch_model.safetensors (found diffusion_pytorch_model.bin: save it '
-     'with save_pretrained(safe_serialization=True))'),
+    (None, None, False, 'has no diffusion_pytorch_model.safetensors (found '
+     'diffusion_pytorch_model.bin: save it with save_pretrained(safe_serialization=True))'),
 ])
-def test_unsupported_teachers_are_refused_in_one_line(tmp_path, config_changes, scheduler_changes, weights, message):
+def test_unsupported_teachers_are_refused_in_one_line(tmp_path, config_changes, scheduler_changes,
+                                                      weights, message):
   config = diffusers_teacher.get_config()
-  config.model.folder = _edited_folder(tmp_path, 'teacher_tiny', config=config_changes, scheduler=scheduler_changes,
-                                       weights=weights)
+  config.model.folder = _edited_folder(tmp_path, 'teacher_tiny', config=config_changes,
+                                       scheduler=scheduler_changes, weights=weights)
   with pytest.raises(ConfigError) as err:
     prepare_config(config)
   assert message in str(err.value) and '\n' not in str(err.value)
@@ -192,40 +210,47 @@ def test_an_override_that_disagrees_with_the_folder_is_refused():
   config = diffusers_teacher.get_config()
   config.model.folder = os.path.join(FIXTURES, 'teacher_tiny')
   config.diffusion.parametrization = 'eps'  # the folder's prediction_type is v_prediction
-  with pytest.raises(ConfigError, match="parametrization='eps' disagrees with the teacher folder \\('v'\\)"):
+  with pytest.raises(ConfigError,
+                     match="parametrization='eps' disagrees with the teacher folder \\('v'\\)"):
     prepare_config(config)
 
 
 def test_two_network_student_starts_as_the_conditional_network_and_the_pair_guides(tmp_path):
-  """Stage 1 from a two-network teacher: the student is its conditional network plus a zero w-embedding."""
+  """Stage 1 from a two-network teacher: the student is its conditional network plus a zero
+  w-embedding."""
   config = _config('teacher_pair', tmp_path)
   teacher_record = records.make(config, stage='teacher')
   teacher, abstract = records.build(teacher_record)
   teacher_params = diffusers_import.load_params(config.model, abstract)
   job = stages.stage1_job(config, teacher_params=teacher_params)
-  assert diffusers_import.UNCOND_KEY not in job.params and job.record['model']['uncond_unet'] is None
-  assert job.record['model']['uncond_weights_sha256'] == config.model.uncond_weights_sha256  # provenance kept
+  assert (diffusers_import.UNCOND_KEY not in job.params and
+          job.record['model']['uncond_unet'] is None)
+  # provenance kept
+  assert job.record['model']['uncond_weights_sha256'] == config.model.uncond_weights_sha256
   student, _ = records.build(job.record)
-  z_t, logsnr_t = jax.random.normal(jax.random.key(1), (4, 8, 8, 1)), jnp.array([-3.0, 0.0, 2.0, 6.0])
+  z_t, logsnr_t = (
+      jax.random.normal(jax.random.key(1), (4, 8, 8, 1)), jnp.array([-3.0, 0.0, 2.0, 6.0]))
   label = jnp.array([0, 4, 9, 2])
-  student_out = _apply(student, job.params, jnp.concatenate([z_t, z_t]), jnp.tile(logsnr_t, 2), jnp.tile(label, 2),
-                       jnp.array([0.0] * 4 + [3.0] * 4), train=False)  # w = 0, then w = 3
+  student_out = _apply(student, job.params, jnp.concatenate([z_t, z_t]), jnp.tile(logsnr_t, 2),
+                       jnp.tile(label, 2), jnp.array([0.0] * 4 + [3.0] * 4),
+                       train=False)  # w = 0, then w = 3
   cond, uncond = _apply(teacher, teacher_params, z_t, logsnr_t, label, method='guided_outputs')
   # At w = 0 and at w = 3 alike: the w-embedding starts at zero.
   np.testing.assert_allclose(student_out, jnp.concatenate([cond, cond]), rtol=1e-5, atol=1e-5)
   null = _apply(teacher, teacher_params, z_t, logsnr_t, jnp.full((4,), NUM_CLASSES), train=False)
-  np.testing.assert_allclose(null, uncond, rtol=1e-5, atol=1e-5)  # the null label selects the unconditional network
+  # the null label selects the unconditional network
+  np.testing.assert_allclose(null, uncond, rtol=1e-5, atol=1e-5)
 
 
 def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
-  """A diffusers folder -> --mode=teacher (import) -> stage 1 -> one stage-2 round -> --mode=sample and
-  --mode=fid, and one encoder round, offline."""
+  """A diffusers folder -> --mode=teacher (import) -> stage 1 -> one stage-2 round -> --mode=sample
+  and --mode=fid, and one encoder round, offline."""
   config = _config('teacher_tiny', tmp_path / 'run')
   for section in (config.stage1, config.stage2):
     section.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=2, checkpoint_every=2)
   config.stage2.update(start_steps=4, final_steps=2)
-  config.encoder.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=2, checkpoint_every=2, start_steps=4,
-                        final_steps=2)
+  config.encoder.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=2, checkpoint_every=2,
+                        start_steps=4, final_steps=2)
   teacher_dir = stages.train_teacher(config)
   assert checkpoint.latest_step(teacher_dir) == 0 and records.check_complete(teacher_dir) == 0
   assert stages.train_teacher(config) == teacher_dir  # a second import finds it there
@@ -235,8 +260,8 @@ def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
   assert record['model']['folder'] == config.model.folder
   assert record['model']['weights_sha256'] == diffusers_import.weights_sha256(
       os.path.join(config.model.folder, diffusers_import.WEIGHTS_FILE))
-  assert record['teacher']['dir'] == 'stage1' and records.read(stages.stage_dir(config.workdir, 'stage1'))[
-      'teacher']['dir'] == 'teacher'
+  assert (record['teacher']['dir'] == 'stage1' and
+          records.read(stages.stage_dir(config.workdir, 'stage1'))['teacher']['dir'] == 'teacher')
   (encoder_dir,) = stages.train_encoder(config)  # the guided DDIM encoder, distilled from stage 1
   assert records.read(encoder_dir)['model']['weights_sha256'] == record['model']['weights_sha256']
   teacher = LoadedCheckpoint(teacher_dir)
@@ -247,13 +272,16 @@ def test_imported_teacher_to_stage1_to_one_round_to_samples(tmp_path):
   assert os.path.basename(png) == 'student_ddim_2steps_w1.png'  # guidance_scale 2 is w = 1
   samples = np.load(str(tmp_path / 'samples' / 'student_ddim_2steps_w1.npz'))['samples']
   assert samples.shape == (NUM_CLASSES, 8, 8, 1) and np.all(np.isfinite(samples))
-  config.eval.update(classifier_steps=20, num_samples=40, batch_size=40, guidance_ws=(1.0,), teacher_steps=(4,),
-                     teacher_ddpm_steps=(), stage1_steps=(), student_steps=(2,), out_dir=str(tmp_path / 'eval'))
+  config.eval.update(classifier_steps=20, num_samples=40, batch_size=40, guidance_ws=(1.0,),
+                     teacher_steps=(4,), teacher_ddpm_steps=(), stage1_steps=(), student_steps=(2,),
+                     out_dir=str(tmp_path / 'eval'))
   with open(os.path.join(fid.run_fid(config), 'results.csv')) as f:
     rows = {(row['method'], row['steps']): row for row in csv.DictReader(f)}
-  assert set(rows) == {('teacher CFG', '4'), ('student', '2')}  # the imported teacher and its 2-step student
+  # the imported teacher and its 2-step student
+  assert set(rows) == {('teacher CFG', '4'), ('student', '2')}
   assert float(rows[('teacher CFG', '4')]['fidelity']) == 0.0
-  assert all(np.isfinite(float(row['fid'])) for row in rows.values()) and float(rows[('student', '2')]['fidelity']) > 0
+  assert (all(np.isfinite(float(row['fid'])) for row in rows.values()) and
+          float(rows[('student', '2')]['fidelity']) > 0)
 
 
 def test_another_teachers_weights_in_the_same_workdir_are_refused(tmp_path):
@@ -263,7 +291,8 @@ def test_another_teachers_weights_in_the_same_workdir_are_refused(tmp_path):
   other.workdir = config.workdir
   weights = load_file(os.path.join(FIXTURES, 'teacher_tiny', diffusers_import.WEIGHTS_FILE))
   other.model.folder = _edited_folder(tmp_path, 'teacher_tiny')
-  save_file({k: v + 1.0 for k, v in weights.items()}, os.path.join(other.model.folder, diffusers_import.WEIGHTS_FILE))
+  save_file({k: v + 1.0 for k, v in weights.items()},
+            os.path.join(other.model.folder, diffusers_import.WEIGHTS_FILE))
   prepare_config(other)
   with pytest.raises(checkpoint.CheckpointError, match='was made with model='):
     stages.train_teacher(other)

@@ -13,10 +13,13 @@ pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(REPO, 'docs', 'math.md'), encoding='utf-8') as _f:
   MATH = _f.read()
-NOT_CODE = {'eval.clip_x'}  # a config field; 'tests/test_file.py::test_name' below is the naming example
-CODE_NAMES = sorted(set(re.findall(r'`((?:diffusion|distill|models|samplers|eval|modes|train|data)(?:\.\w+)+)`', MATH))
+# a config field; 'tests/test_file.py::test_name' below is the naming example
+NOT_CODE = {'eval.clip_x'}
+CODE_NAMES = sorted(set(re.findall(
+    r'`((?:diffusion|distill|models|samplers|eval|modes|train|data)(?:\.\w+)+)`', MATH))
                     - NOT_CODE)
-TEST_NAMES = sorted(set(re.findall(r'`(tests/\w+\.py)::(\w+)`', MATH)) - {('tests/test_file.py', 'test_name')})
+TEST_NAMES = sorted(
+    set(re.findall(r'`(tests/\w+\.py)::(\w+)`', MATH)) - {('tests/test_file.py', 'test_name')})
 
 
 def test_math_md_names_code_and_tests():
@@ -40,13 +43,17 @@ def test_every_function_math_md_names_exists(name):
 @pytest.mark.parametrize('path,test', TEST_NAMES)
 def test_every_test_math_md_names_exists(path, test):
   with open(os.path.join(REPO, path), encoding='utf-8') as f:
-    names = {node.name for node in ast.walk(ast.parse(f.read())) if isinstance(node, ast.FunctionDef)}
+    names = {
+        node.name for node in ast.walk(ast.parse(f.read())) if isinstance(node, ast.FunctionDef)
+    }
   assert test in names, f'docs/math.md names {path}::{test}, which does not exist'
 
 
 # README.md stays a front page; every page's links resolve; README's commands name real things.
 PAGES = ['README.md', 'benchmarks/README.md'] + sorted(
-    os.path.join('docs', name) for name in os.listdir(os.path.join(REPO, 'docs')) if name.endswith('.md'))
+    os.path.join('docs', name)
+    for name in os.listdir(os.path.join(REPO, 'docs'))
+    if name.endswith('.md'))
 
 
 def _read(path):

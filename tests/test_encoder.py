@@ -1,4 +1,5 @@
-"""Encoder distillation and style transfer: target identity, exact round trips, the trained toy pair."""
+"""Encoder distillation and style transfer: target identity, exact round trips, the trained toy
+pair."""
 
 import csv
 import os
@@ -27,7 +28,8 @@ def _round_trip(denoise_fn, x, num_steps):
 
 @pytest.mark.parametrize('t, s', [(0.0, 0.125), (0.0, 1.0), (0.3, 0.8), (0.9, 0.2)])
 def test_v_target_lands_on_the_target_in_both_directions(t, s):
-  z_t, z_s = jax.random.normal(jax.random.key(0), (6, 3)), jax.random.normal(jax.random.key(1), (6, 3))
+  z_t, z_s = (
+      jax.random.normal(jax.random.key(0), (6, 3)), jax.random.normal(jax.random.key(1), (6, 3)))
   logsnr_t, logsnr_s = jnp.full((6,), LOGSNR_FN(t)), jnp.full((6,), LOGSNR_FN(s))
   v = v_target_between(z_t=z_t, z_s=z_s, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
   assert np.all(np.isfinite(v))
@@ -37,19 +39,22 @@ def test_v_target_lands_on_the_target_in_both_directions(t, s):
 
 
 def test_encoder_target_equals_two_teacher_encoder_steps_with_a_real_network():
-  model = build_model(ml_collections.ConfigDict(dict(name='mlp', hidden=32, num_layers=2, dropout=0.0)),
-                      num_classes=4, guidance_input=True)
+  model = build_model(
+      ml_collections.ConfigDict(dict(name='mlp', hidden=32, num_layers=2, dropout=0.0)),
+      num_classes=4, guidance_input=True)
   params = init_params(model, rng=jax.random.key(0), x_shape=(2,), guidance_input=True)
   denoise_fn = make_denoise_fn(model, parametrization='v', kind='w_input', num_classes=4)
   z_0 = jax.random.normal(jax.random.key(1), (8, 2))
   label, w = jnp.arange(8, dtype=jnp.int32) % 4, jnp.full((8,), 1.5)
   for t, n in ((0.0, 4), (0.5, 2)):  # t = 0: the first encoder step starts at the data
     logsnrs = [jnp.full((8,), LOGSNR_FN(u)) for u in (t, t + 0.5 / n, t + 1.0 / n)]
-    z_end = objectives.two_teacher_steps(denoise_fn, params, z_t=z_0, logsnr_t=logsnrs[0], logsnr_mid=logsnrs[1],
-                                         logsnr_end=logsnrs[2], label=label, guidance_w=w)
+    z_end = objectives.two_teacher_steps(
+        denoise_fn, params, z_t=z_0, logsnr_t=logsnrs[0], logsnr_mid=logsnrs[1],
+        logsnr_end=logsnrs[2], label=label, guidance_w=w)
     v = v_target_between(z_t=z_0, z_s=z_end, logsnr_t=logsnrs[0], logsnr_s=logsnrs[2])
     one_step = ddim_step(x_pred=predict_x_from_v(z=z_0, v=v, logsnr=logsnrs[0]),
-                         eps_pred=predict_eps_from_v(z=z_0, v=v, logsnr=logsnrs[0]), logsnr_s=logsnrs[2])
+                         eps_pred=predict_eps_from_v(z=z_0, v=v, logsnr=logsnrs[0]),
+                         logsnr_s=logsnrs[2])
     np.testing.assert_allclose(one_step, z_end, atol=1e-4)
 
 
@@ -88,7 +93,8 @@ def test_distilled_toy_encoder_decoder_round_trip_and_transfer(toy_run, tmp_path
 
 
 class _IdentityPair:
-  """A stand-in encoder-decoder: 'transfers' by returning its input (checkpoints are not what this tests)."""
+  """A stand-in encoder-decoder: 'transfers' by returning its input (checkpoints are not what this
+  tests)."""
 
   def __init__(self, config, method, num_steps, cache):
     del config, method, cache
@@ -99,25 +105,29 @@ class _IdentityPair:
     return np.asarray(x)
 
 
-def test_transfer_reads_tfds_data_and_leaves_out_accuracy_for_inception_features(tmp_path, monkeypatch):
-  """--mode=transfer on a tfds data set (CIFAR-10, mocked): the source and target classes' examples come from the
-  tfds pipeline, one class each; with Inception features the target accuracy is '-' (its logits are not
-  CIFAR-10's classes), with a note, instead of a meaningless number."""
+def test_transfer_reads_tfds_data_and_leaves_out_accuracy_for_inception_features(
+    tmp_path, monkeypatch):
+  """--mode=transfer on a tfds data set (CIFAR-10, mocked): the source and target classes' examples
+  come from the tfds pipeline, one class each; with Inception features the target accuracy is '-'
+  (its logits are not CIFAR-10's classes), with a note, instead of a meaningless number."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   import data  # pylint: disable=g-import-not-at-top
   from configs import cifar10_teacher  # pylint: disable=g-import-not-at-top
   from modes import transfer  # pylint: disable=g-import-not-at-top
   config = cifar10_teacher.get_config()
   config.workdir = str(tmp_path)
-  config.transfer.update(source_class=3, target_class=5, num_images=2, steps=(1,), eval_ws=(0.0,), eval_images=16)
+  config.transfer.update(
+      source_class=3, target_class=5, num_images=2, steps=(1,), eval_ws=(0.0,), eval_images=16)
   seen = []
 
   def extractor(cfg):
     assert cfg.eval.extractor == 'inception'
 
-    def extract(images):  # [B, 32, 32, 3]: per-channel means and spreads as 'features', 10 fake logits
+    # [B, 32, 32, 3]: per-channel means and spreads as 'features', 10 fake logits
+    def extract(images):
       seen.append(np.asarray(images))
-      pool = jnp.concatenate([images.mean((1, 2)), images.std((1, 2)), images.max((1, 2))], axis=1)  # [B, 9]
+      # [B, 9]
+      pool = jnp.concatenate([images.mean((1, 2)), images.std((1, 2)), images.max((1, 2))], axis=1)
       return {'pool': pool, 'logits': jnp.zeros((images.shape[0], 10))}
 
     return 'inception', extract
@@ -127,14 +137,18 @@ def test_transfer_reads_tfds_data_and_leaves_out_accuracy_for_inception_features
   monkeypatch.setattr(transfer, 'save_png', lambda path, grid: None)
   with tfds.testing.mock_data(num_examples=200):
     out_dir = transfer.run_transfer(config)
-    source, labels = data.load_examples(config.data, 'train', limit=4, label=3)  # what _class_examples reads
+    # what _class_examples reads
+    source, labels = data.load_examples(config.data, 'train', limit=4, label=3)
     again = transfer._class_examples(config, 3, 'train', 4)  # pylint: disable=protected-access
   assert source.shape == (4, 32, 32, 3) and -1.0 <= source.min() and source.max() <= 1.0
-  assert list(labels) == [3] * 4 and np.array_equal(again, source)  # one class, the same examples every call
+  # one class, the same examples every call
+  assert list(labels) == [3] * 4 and np.array_equal(again, source)
   with open(os.path.join(out_dir, 'transfer_results.csv'), encoding='utf-8') as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 2 and all(row['target_accuracy'] == '' and float(row['recon_mse']) == 0.0 for row in rows)
+  assert len(rows) == 2 and all(
+      row['target_accuracy'] == '' and float(row['recon_mse']) == 0.0 for row in rows)
   with open(os.path.join(out_dir, 'transfer_results.md'), encoding='utf-8') as f:
     table = f.read()
-  assert "target acc is left out (-): Inception's logits" in table and '| distilled | 1 | 0 | 0.0000 | - |' in table
+  assert ("target acc is left out (-): Inception's logits" in table and
+          '| distilled | 1 | 0 | 0.0000 | - |' in table)
   assert seen and all(batch.shape[1:] == (32, 32, 3) for batch in seen)

@@ -1,4 +1,5 @@
-"""Tests of eval/: Frechet distance, feature statistics, Inception Score, InceptionV3 and the digits classifier."""
+"""Tests of eval/: Frechet distance, feature statistics, Inception Score, InceptionV3 and the digits
+classifier."""
 
 import json
 import os
@@ -62,7 +63,7 @@ def test_frechet_distance_shifted_means_is_squared_shift():
 def test_frechet_distance_one_dimensional():
   m1, s1, m2, s2 = 0.3, 1.5, -0.4, 0.7
   expected = (m1 - m2) ** 2 + (s1 - s2) ** 2
-  assert frechet_distance([m1], [[s1 ** 2]], [m2], [[s2 ** 2]]) == pytest.approx(expected, rel=1e-10)
+  assert frechet_distance([m1], [[s1**2]], [m2], [[s2**2]]) == pytest.approx(expected, rel=1e-10)
   assert frechet_distance(m1, s1 ** 2, m2, s2 ** 2) == pytest.approx(expected, rel=1e-10)
 
 
@@ -89,8 +90,10 @@ def test_feature_stats_streaming_equals_whole_array(tmp_path):
   for chunk in np.array_split(features, 5):
     stats.update(chunk)
   assert stats.count == 103
-  np.testing.assert_allclose(stats.mean(), features.astype(np.float64).mean(axis=0), rtol=1e-12, atol=1e-12)
-  np.testing.assert_allclose(stats.cov(), np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
+  np.testing.assert_allclose(stats.mean(),
+                             features.astype(np.float64).mean(axis=0), rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(
+      stats.cov(), np.cov(features.astype(np.float64), rowvar=False), rtol=1e-10)
   stats.save_npz(str(tmp_path / 'ref' / 'stats.npz'))
   mu, sigma, count = FeatureStats.load_npz(str(tmp_path / 'ref' / 'stats.npz'))
   np.testing.assert_array_equal(mu, stats.mean())
@@ -109,7 +112,8 @@ def test_inception_score_confident_even_predictions_is_num_classes():
   mean, std = inception_score(logits, num_splits=10)
   assert mean == pytest.approx(num_classes, rel=1e-6) and std < 1e-6
   probs = np.eye(num_classes)[np.arange(200) % num_classes]
-  assert inception_score(probs, num_splits=10, from_probs=True)[0] == pytest.approx(num_classes, rel=1e-6)
+  assert inception_score(probs, num_splits=10,
+                         from_probs=True)[0] == pytest.approx(num_classes, rel=1e-6)
 
 
 def test_classifier_accuracy():
@@ -122,14 +126,16 @@ def test_classifier_accuracy():
 
 @pytest.fixture(scope='module')
 def inception_flat():
-  """Random InceptionV3FID variables {'/'-joined path: array}, He-scaled so activations stay O(1)."""
+  """Random InceptionV3FID variables {'/'-joined path: array}, He-scaled so activations stay
+  O(1)."""
   rng = np.random.default_rng(0)
   flat = {}
   for key, shape in inception.expected_shapes().items():
     leaf = key.rsplit('/', 1)[1]
     if leaf == 'kernel':
       fan_in = int(np.prod(shape[:-1]))
-      flat[key] = (rng.standard_normal(shape, np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+      flat[key] = (
+          (rng.standard_normal(shape, np.float32) * np.sqrt(2.0 / fan_in)).astype(np.float32))
     elif leaf == 'var':
       flat[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
     else:  # scale, bias, mean
@@ -144,15 +150,17 @@ def inception_apply():
 
 def test_inception_shapes_determinism_and_batch_independence(inception_flat, inception_apply):
   variables = traverse_util.unflatten_dict(inception_flat, sep='/')
-  images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1.0, maxval=1.0)  # [3, H, W, 3]
+  # [3, H, W, 3]
+  images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1.0, maxval=1.0)
   first = inception_apply(variables, images[:2])
-  assert first['pool'].shape == (2, inception.POOL_DIM) and first['logits'].shape == (2, inception.NUM_LOGITS)
+  assert (first['pool'].shape == (2, inception.POOL_DIM) and
+          first['logits'].shape == (2, inception.NUM_LOGITS))
   assert np.all(np.isfinite(first['logits'])) and float(jnp.std(first['pool'])) > 1e-3
   again = inception_apply(variables, images[:2])
   np.testing.assert_array_equal(np.asarray(first['pool']), np.asarray(again['pool']))
   swapped = inception_apply(variables, images[::2])  # Same first image, another second one.
-  np.testing.assert_allclose(np.asarray(swapped['logits'][0]), np.asarray(first['logits'][0]), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(swapped['logits'][0]), np.asarray(first['logits'][0]),
+                             rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.asarray(swapped['logits'][1]), np.asarray(first['logits'][1]))
 
 
@@ -176,7 +184,8 @@ def test_missing_inception_weights_message(tmp_path):
     inception.load_inception_params(path)
   assert isinstance(info.value, inception.WeightsError) and isinstance(info.value, ValueError)
   message = str(info.value)
-  assert '\n' not in message and path in message and 'pt_inception-2015-12-05-6726825d.pth' in message
+  assert ('\n' not in message and path in message and
+          'pt_inception-2015-12-05-6726825d.pth' in message)
   assert 'python -m eval.inception --convert SRC.pth DST.npz' in message
 
 
@@ -213,8 +222,10 @@ def test_convert_command_with_stand_in_torch(inception_flat, tmp_path, monkeypat
   fake_torch = types.SimpleNamespace(load=lambda path, map_location: state_dict)
   monkeypatch.setitem(sys.modules, 'torch', fake_torch)
   inception.main(['--convert', str(tmp_path / 'src.pth'), str(tmp_path / 'dst.npz')])
-  loaded = traverse_util.flatten_dict(inception.load_inception_params(str(tmp_path / 'dst.npz')), sep='/')
-  np.testing.assert_array_equal(np.asarray(loaded['params/fc/kernel']), inception_flat['params/fc/kernel'])
+  loaded = traverse_util.flatten_dict(
+      inception.load_inception_params(str(tmp_path / 'dst.npz')), sep='/')
+  np.testing.assert_array_equal(np.asarray(loaded['params/fc/kernel']),
+                                inception_flat['params/fc/kernel'])
 
 
 # -------------------------------------------------------------------------------------- classifier
@@ -239,12 +250,14 @@ def test_classifier_accuracy_and_cache(trained_classifier, monkeypatch):
   assert record['num_steps'] == 300 and record['arch'] == model.arch()
   test_x, test_label = data.load_arrays('digits', 'test')
   outputs = classifier.feature_fn(model, loaded_params)(test_x)
-  assert outputs['pool'].shape == (len(test_x), model.pool_dim) and outputs['logits'].shape == (len(test_x), 10)
+  assert (outputs['pool'].shape == (len(test_x), model.pool_dim) and
+          outputs['logits'].shape == (len(test_x), 10))
   assert classifier_accuracy(outputs['logits'], test_label) == pytest.approx(accuracy)
 
 
 def test_the_classifier_features_are_named_by_its_checkpoint(trained_classifier, tmp_path):
-  """The id --mode=fid and the pipeline's table key their cached features by (its own checkpoint layout)."""
+  """The id --mode=fid and the pipeline's table key their cached features by (its own checkpoint
+  layout)."""
   from configs import digits_teacher  # pylint: disable=g-import-not-at-top
   from modes import fid  # pylint: disable=g-import-not-at-top
   ckpt_dir, _, _ = trained_classifier
@@ -303,8 +316,8 @@ def test_classifier_fid_ranks_digits_above_noise(trained_classifier):
 def test_row_labels_sit_beside_their_rows_and_keep_the_grid():
   from eval.images import image_grid, with_row_labels  # pylint: disable=g-import-not-at-top
   grid = image_grid(np.ones((6, 8, 8, 1)), num_rows=3, scale=4)  # white images, 3 rows of 36 px
-  labelled = with_row_labels(grid, ['teacher CFG ddim 64 (NFE 128)', 'student ddim 8 (NFE 8)', ''], row_height=36,
-                             top=4)
+  labelled = with_row_labels(grid, ['teacher CFG ddim 64 (NFE 128)', 'student ddim 8 (NFE 8)', ''],
+                             row_height=36, top=4)
   margin = labelled.shape[1] - grid.shape[1]
   assert margin > 50 and labelled.shape[0] == grid.shape[0]
   np.testing.assert_array_equal(labelled[:, margin:], grid)
@@ -314,13 +327,15 @@ def test_row_labels_sit_beside_their_rows_and_keep_the_grid():
 
 def test_column_titles_sit_above_their_columns_and_keep_the_grid():
   from eval.images import image_grid, with_column_titles  # pylint: disable=g-import-not-at-top
-  grid = image_grid(np.ones((12, 8, 8, 3)), num_rows=1, scale=4)  # white images, 12 columns of 36 px
+  # white images, 12 columns of 36 px
+  grid = image_grid(np.ones((12, 8, 8, 3)), num_rows=1, scale=4)
   titled = with_column_titles(grid, ['class 3 (source)', '', 'transferred to 8'], column_width=144)
   margin = titled.shape[0] - grid.shape[0]
   assert margin >= 12 and titled.shape[1] == grid.shape[1]
   np.testing.assert_array_equal(titled[margin:], grid)
   ink = [(titled[:margin, 144 * j:144 * (j + 1)] < 128).sum() for j in range(3)]
-  assert ink[0] > 0 and ink[1] == 0 and ink[2] > 0  # each title over its own columns; an empty one none
+  # each title over its own columns; an empty one none
+  assert ink[0] > 0 and ink[1] == 0 and ink[2] > 0
 
 
 def test_quantize_uint8_lands_on_the_256_levels_is_idempotent_and_moves_at_most_half_a_level():

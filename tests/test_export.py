@@ -1,6 +1,7 @@
-"""Samples for the standard evaluators (eval/export.py), read back by readers written to their documented layouts:
-guided-diffusion's evaluations/evaluator.py (npz arr_0 streamed from the zip, arr_1 labels) and EDM's fid.py
-(training.dataset.ImageFolderDataset over a zip of PNGs with dataset.json labels)."""
+"""Samples for the standard evaluators (eval/export.py), read back by readers written to their
+documented layouts: guided-diffusion's evaluations/evaluator.py (npz arr_0 streamed from the zip,
+arr_1 labels) and EDM's fid.py (training.dataset.ImageFolderDataset over a zip of PNGs with
+dataset.json labels)."""
 
 import io
 import json
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
 
 def read_like_guided_diffusion(path, batch_size=4):
-  """As evaluator.py's open_npz_array(path, 'arr_0'): the .npy member's header, then raw batches of its bytes."""
+  """As evaluator.py's open_npz_array(path, 'arr_0'): the .npy member's header, then raw batches of
+  its bytes."""
   batches = []
   with open(path, 'rb') as f, zipfile.ZipFile(f, 'r') as zip_f:
     names = zip_f.namelist()
@@ -37,7 +39,8 @@ def read_like_guided_diffusion(path, batch_size=4):
 
 
 def read_like_edm(path):
-  """As ImageFolderDataset(path=ZIP): files with a PIL image extension, sorted; labels from dataset.json."""
+  """As ImageFolderDataset(path=ZIP): files with a PIL image extension, sorted; labels from
+  dataset.json."""
   Image.init()
   with zipfile.ZipFile(path) as archive:
     names = set(archive.namelist())
@@ -49,7 +52,8 @@ def read_like_edm(path):
 
 def _samples(n=10, size=5, channels=3, seed=0):
   rng = np.random.default_rng(seed)
-  images = rng.uniform(-1.2, 1.2, (n, size, size, channels)).astype(np.float32)  # some outside [-1, 1]
+  # some outside [-1, 1]
+  images = rng.uniform(-1.2, 1.2, (n, size, size, channels)).astype(np.float32)
   images[0] = -1.0
   images[1] = 1.0
   return images, np.arange(n) % 3
@@ -58,14 +62,16 @@ def _samples(n=10, size=5, channels=3, seed=0):
 def test_the_exported_npz_is_what_guided_diffusions_evaluator_reads(tmp_path):
   images, labels = _samples()
   npz, _ = export_samples(str(tmp_path / 'teacher_ddim_8steps_w1'), images, labels)
-  assert os.path.basename(npz) == 'teacher_ddim_8steps_w1_10x5x5x3.npz'  # N x H x W x C, as its sampler names it
+  # N x H x W x C, as its sampler names it
+  assert os.path.basename(npz) == 'teacher_ddim_8steps_w1_10x5x5x3.npz'
   pixels, read_labels, names = read_like_guided_diffusion(npz)
   assert pixels.dtype == np.uint8 and pixels.shape == (10, 5, 5, 3)
   expected = np.round((np.clip(images, -1, 1) + 1) * 127.5)
   np.testing.assert_array_equal(pixels, expected)
   assert pixels[0].max() == 0 and pixels[1].min() == 255
   np.testing.assert_array_equal(read_labels, labels)
-  assert 'mu.npy' not in names  # else the evaluator would read stored statistics instead of the images
+  # else the evaluator would read stored statistics instead of the images
+  assert 'mu.npy' not in names
 
 
 def test_the_exported_zip_is_what_edms_fid_reads_and_holds_the_same_pixels(tmp_path):
@@ -73,7 +79,8 @@ def test_the_exported_zip_is_what_edms_fid_reads_and_holds_the_same_pixels(tmp_p
   npz, archive_path = export_samples(str(tmp_path / 'student'), images, labels)
   pixels, read_labels, archive = read_like_edm(archive_path)
   with np.load(npz) as arrays:
-    np.testing.assert_array_equal(pixels, arrays['arr_0'])  # PNG is lossless: the same images in both files
+    # PNG is lossless: the same images in both files
+    np.testing.assert_array_equal(pixels, arrays['arr_0'])
   np.testing.assert_array_equal(read_labels, labels)
   assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
 
@@ -84,5 +91,6 @@ def test_grey_samples_are_written_as_rgb(tmp_path):
   pixels, _, _ = read_like_guided_diffusion(npz)
   assert pixels.shape == (4, 5, 5, 3) and os.path.basename(npz).endswith('_4x5x5x3.npz')
   for channel in range(3):
-    np.testing.assert_array_equal(pixels[..., channel], np.round((np.clip(images[..., 0], -1, 1) + 1) * 127.5))
+    np.testing.assert_array_equal(pixels[..., channel],
+                                  np.round((np.clip(images[..., 0], -1, 1) + 1) * 127.5))
   np.testing.assert_array_equal(read_like_edm(archive_path)[0], pixels)

@@ -1,7 +1,7 @@
-"""Checkpoint integrity: real checkpoints written by Orbax, damaged on disk (values changed under Orbax, bits
-flipped in compressed array data, an item removed, a record cut or edited, numeric folders that are no
-checkpoint), are caught by every reader: training sets the step aside and resumes the previous one, every other
-reader stops with one line."""
+"""Checkpoint integrity: real checkpoints written by Orbax, damaged on disk (values changed under
+Orbax, bits flipped in compressed array data, an item removed, a record cut or edited, numeric
+folders that are no checkpoint), are caught by every reader: training sets the step aside and
+resumes the previous one, every other reader stops with one line."""
 
 import glob
 import json
@@ -29,7 +29,8 @@ def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('trained')
   config = tiny_config(workdir, train=STEPS)
   stages.train_teacher(config)
-  return str(workdir), [np.asarray(x) for x in jax.tree.leaves(_plain_restore(config, STEPS)['params'])]
+  return (str(workdir),
+          [np.asarray(x) for x in jax.tree.leaves(_plain_restore(config, STEPS)['params'])])
 
 
 @pytest.fixture
@@ -51,8 +52,9 @@ def _plain_restore(config, step):
 
 
 def _flip_bits(config, step):
-  """Flips one bit a third into each array data file of step: zstd-compressed chunks, so the flip either breaks
-  decoding or decodes into other values, and which arrays it reaches depends on how Orbax grouped them."""
+  """Flips one bit a third into each array data file of step: zstd-compressed chunks, so the flip
+  either breaks decoding or decodes into other values, and which arrays it reaches depends on how
+  Orbax grouped them."""
   pattern = os.path.join(_teacher_dir(config), str(step), 'state', 'ocdbt.process_*', 'd', '*')
   for path in glob.glob(pattern):
     data = bytearray(open(path, 'rb').read())
@@ -62,9 +64,10 @@ def _flip_bits(config, step):
 
 
 def _rewrite_with_other_values(config, step):
-  """Rewrites step's state item through Orbax itself with one bit of the largest array of params and of
-  ema_params flipped: files Orbax reads without an error, as values other than the ones written (silent bit rot,
-  made deterministic: a flip inside compressed bytes lands wherever Orbax happened to put each array)."""
+  """Rewrites step's state item through Orbax itself with one bit of the largest array of params and
+  of ema_params flipped: files Orbax reads without an error, as values other than the ones written
+  (silent bit rot, made deterministic: a flip inside compressed bytes lands wherever Orbax happened
+  to put each array)."""
   state = jax.tree.map(np.array, _plain_restore(config, step))  # writable copies
   for field in ('params', 'ema_params'):
     largest = max(jax.tree.leaves(state[field]), key=lambda x: x.size)
@@ -84,47 +87,59 @@ def _one_line(err) -> str:
   return text
 
 
-def test_values_orbax_reads_silently_are_caught_set_aside_and_the_step_retrained(run, trained, caplog):
+def test_values_orbax_reads_silently_are_caught_set_aside_and_the_step_retrained(
+    run, trained, caplog):
   _rewrite_with_other_values(run, STEPS)
-  read_back = jax.tree.leaves(_plain_restore(run, STEPS)['params'])  # Orbax itself reads them without an error ...
-  assert any(not np.array_equal(a, b) for a, b in zip(trained[1], read_back)), '... but other values'
+  # Orbax itself reads them without an error ...
+  read_back = jax.tree.leaves(_plain_restore(run, STEPS)['params'])
+  assert (
+      any(not np.array_equal(a, b) for a, b in zip(trained[1], read_back))), '... but other values'
   with pytest.raises(checkpoint.CheckpointError) as err:
     stages.load_stage_params(run, 'teacher')  # what stage 1 does with its teacher
   assert 'the ema_params of step 20 are not the bytes written' in _one_line(err)
   with caplog.at_level(logging.WARNING):
     stages.train_teacher(run)  # sets step 20 aside, resumes from 10, trains 10 -> 20 again
-  assert [r for r in caplog.records if 'checkpoint step 20' in r.getMessage() and 'is damaged' in r.getMessage()]
+  assert [
+      r for r in caplog.records
+      if 'checkpoint step 20' in r.getMessage() and 'is damaged' in r.getMessage()
+  ]
   teacher_dir = _teacher_dir(run)
-  assert os.path.isdir(os.path.join(teacher_dir, 'corrupted.20')), 'the damaged step is kept as evidence'
+  assert os.path.isdir(
+      os.path.join(teacher_dir, 'corrupted.20')), 'the damaged step is kept as evidence'
   assert checkpoint.latest_step(teacher_dir) == STEPS
   for a, b in zip(trained[1], jax.tree.leaves(_plain_restore(run, STEPS)['params']), strict=True):
     np.testing.assert_array_equal(a, b)  # retrained from step 10 to the very same parameters
 
 
 def test_flipped_bits_in_compressed_data_are_never_consumed(run, trained):
-  """Whatever a raw flip reaches, the teacher is either refused in one line as damage (the advice that recovers
-  from it, not "not damage") or exactly the EMA written; training then ends with the parameters written."""
+  """Whatever a raw flip reaches, the teacher is either refused in one line as damage (the advice
+  that recovers from it, not "not damage") or exactly the EMA written; training then ends with the
+  parameters written."""
   written = jax.tree.leaves(_plain_restore(run, STEPS)['ema_params'])
   _flip_bits(run, STEPS)
   try:
     _, params, _ = stages.load_stage_params(run, 'teacher')
   except checkpoint.CheckpointError as err:
     text = str(err)
-    assert '\n' not in text and text.startswith(f'step 20 of {_teacher_dir(run)} is unreadable ('), text
+    assert '\n' not in text and text.startswith(
+        f'step 20 of {_teacher_dir(run)} is unreadable ('), text
     assert 'rerun the mode that trained it' in text and 'not damage' not in text, text
   else:
     for a, b in zip(written, jax.tree.leaves(params), strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  stages.train_teacher(run)  # sets a damaged step 20 aside and trains 10 -> 20 again (or finds it intact)
+  # sets a damaged step 20 aside and trains 10 -> 20 again (or finds it intact)
+  stages.train_teacher(run)
   for a, b in zip(trained[1], jax.tree.leaves(_plain_restore(run, STEPS)['params']), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
 def _restore_newest(config):
-  """What a resumed training run does first: checkpoint.restore_state of the newest readable step."""
+  """What a resumed training run does first: checkpoint.restore_state of the newest readable
+  step."""
   target = _plain_restore_target(config)
   with checkpoint.open_manager(_teacher_dir(config), create=False) as manager:
-    state = checkpoint.restore_state(manager, target, _teacher_dir(config), check_record=lambda record: None)
+    state = checkpoint.restore_state(manager, target, _teacher_dir(config),
+                                     check_record=lambda record: None)
   return int(np.asarray(state.step))
 
 
@@ -143,7 +158,8 @@ def test_a_removed_item_is_damage_one_line_to_readers_and_set_aside_by_training(
   shutil.rmtree(os.path.join(_teacher_dir(run), str(STEPS), item))
   with pytest.raises(checkpoint.CheckpointError) as err:
     stages.load_stage_params(run, 'teacher')
-  assert f'step 20 of {_teacher_dir(run)} is unreadable (step 20 has no {item} item)' in _one_line(err)
+  assert (f'step 20 of {_teacher_dir(run)} is unreadable (step 20 has no {item} item)'
+          in _one_line(err))
   assert _restore_newest(run) == 10  # the previous step, not "not damage, nothing moved"
   assert os.path.isdir(os.path.join(_teacher_dir(run), 'corrupted.20'))
 
@@ -200,7 +216,8 @@ def test_missing_items_and_digest_mismatches_count_as_damage(err, damage):
 
 
 def _wrapped(inner: Exception) -> Exception:
-  """What Orbax raises for an array it cannot read: a bare Exception raised from TensorStore's error."""
+  """What Orbax raises for an array it cannot read: a bare Exception raised from TensorStore's
+  error."""
   try:
     try:
       raise inner
@@ -212,5 +229,6 @@ def _wrapped(inner: Exception) -> Exception:
 
 
 def test_the_error_orbax_wraps_decides_whether_it_is_damage():
-  assert checkpoint.is_damage(_wrapped(ValueError('FAILED_PRECONDITION: Error reading "params/0": Truncated')))
+  assert checkpoint.is_damage(
+      _wrapped(ValueError('FAILED_PRECONDITION: Error reading "params/0": Truncated')))
   assert not checkpoint.is_damage(_wrapped(ValueError('UNAVAILABLE: connection reset')))

@@ -1,5 +1,6 @@
-"""Smaller reliability items: Ctrl-C saves like SIGTERM, without a traceback; two runs racing for run.lock never
-both hold it; a refused --mode=transfer leaves no transfer/ behind; a checkpoint of another data set is refused."""
+"""Smaller reliability items: Ctrl-C saves like SIGTERM, without a traceback; two runs racing for
+run.lock never both hold it; a refused --mode=transfer leaves no transfer/ behind; a checkpoint of
+another data set is refused."""
 
 import json
 import os
@@ -38,7 +39,8 @@ def test_ctrl_c_saves_the_step_just_done_and_restores_the_handler(tmp_path):
   try:
     with pytest.raises(Preempted, match=r'\[ctrl-c\] SIGINT: saved step 13 in'):
       run_training(title='ctrl-c', loss_fn=loss, params={'w': jnp.zeros(3)}, section=section,
-                   ckpt_dir=str(tmp_path / 'ckpt'), record={'stage': 'teacher'}, make_batches=make_batches, seed=0)
+                   ckpt_dir=str(tmp_path / 'ckpt'), record={'stage': 'teacher'},
+                   make_batches=make_batches, seed=0)
   except KeyboardInterrupt:
     pytest.fail('Ctrl-C interrupted training instead of saving')
   assert checkpoint.latest_step(str(tmp_path / 'ckpt')) == 13
@@ -48,8 +50,9 @@ def test_ctrl_c_saves_the_step_just_done_and_restores_the_handler(tmp_path):
 def test_ctrl_c_to_main_is_one_line_exit_130_and_the_rerun_resumes(tmp_path):
   workdir = tmp_path / 'run'
   log_path = tmp_path / 'main.log'
-  args = [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
-          '--config.train.num_steps=100000', '--config.train.log_every=5', '--config.train.checkpoint_every=100000']
+  args = [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher',
+          f'--config.workdir={workdir}', '--config.train.num_steps=100000',
+          '--config.train.log_every=5', '--config.train.checkpoint_every=100000']
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   try:
@@ -70,11 +73,12 @@ def test_ctrl_c_to_main_is_one_line_exit_130_and_the_rerun_resumes(tmp_path):
 
 
 def test_two_runs_racing_for_the_lock_never_both_hold_it(tmp_path, monkeypatch):
-  """The second run looks at the lock while the first is writing it: with an exclusive create followed by a
-  write, it found an empty file, took it over as unreadable, and both ran."""
+  """The second run looks at the lock while the first is writing it: with an exclusive create
+  followed by a write, it found an empty file, took it over as unreadable, and both ran."""
   path = str(tmp_path / lock.LOCK_NAME)
   first = dict(host='h', pid=os.getpid(), started='first')
-  second = dict(host='h', pid=os.getpid(), started='second')  # another live process on the same host
+  # another live process on the same host
+  second = dict(host='h', pid=os.getpid(), started='second')
   refused, real_dump = [], json.dump
 
   def dump_while_another_run_starts(obj, f, **kwargs):
@@ -110,5 +114,6 @@ def test_a_checkpoint_of_another_data_set_is_refused_naming_the_field(tmp_path):
   config = tiny_config(tmp_path)
   expected = records.make(config, stage='teacher')
   saved = dict(expected, data='toy2d_rings')  # another set of the same shape and classes
-  with pytest.raises(checkpoint.CheckpointError, match="made with data='toy2d_rings' but the config gives 'toy2d'"):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="made with data='toy2d_rings' but the config gives 'toy2d'"):
     records.check_compatible(saved, expected, 'ckpt')

@@ -1,6 +1,7 @@
-"""Logs that survive a kill (metrics.jsonl on disk up to the last checkpoint, strict JSON) and result caches that
-heal (an unreadable stage_quality.json, timings.json, grid_samples/*.npz or eval/results.csv is computed again,
-with one warning); --mode=fid's cell key holds the sample count and the extractor's id."""
+"""Logs that survive a kill (metrics.jsonl on disk up to the last checkpoint, strict JSON) and
+result caches that heal (an unreadable stage_quality.json, timings.json, grid_samples/*.npz or
+eval/results.csv is computed again, with one warning); --mode=fid's cell key holds the sample count
+and the extractor's id."""
 
 import json
 import logging
@@ -47,12 +48,14 @@ def test_metrics_jsonl_is_on_disk_up_to_each_checkpoint_and_a_resume_rewrites_th
         raise Killed()
       yield {'x': np.ones((64, 3), np.float32), 'label': np.zeros(64, np.int32)}
 
-  train = lambda batches: run_training(title='log', loss_fn=_quadratic, params={'w': jnp.zeros(3)}, section=section,
-                                       ckpt_dir=ckpt_dir, record={'stage': 'teacher'}, make_batches=batches,
-                                       seed=0, logdir=str(logdir))
+  train = lambda batches: run_training(title='log', loss_fn=_quadratic, params={'w': jnp.zeros(3)},
+                                       section=section, ckpt_dir=ckpt_dir,
+                                       record={'stage': 'teacher'}, make_batches=batches, seed=0,
+                                       logdir=str(logdir))
   with pytest.raises(Killed):
     train(lambda start: make_batches(start, kill_at=5))  # killed while step 6's batch is read
-  steps_at = lambda step: [line['step'] for line in map(json.loads, on_disk[step].decode().splitlines())]
+  steps_at = (
+      lambda step: [line['step'] for line in map(json.loads, on_disk[step].decode().splitlines())])
   assert steps_at(3) == [1, 2, 3]  # every step up to the checkpoint at 3
   path.write_bytes(on_disk[5])  # kill -9 at that moment: lines 4 and 5 were not flushed yet
   train(make_batches)  # resumes from step 3 and logs 4, 5, 6 again
@@ -64,7 +67,8 @@ def test_metrics_jsonl_is_on_disk_up_to_each_checkpoint_and_a_resume_rewrites_th
 
 def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
   writer = writers.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
-  writer.write_scalars(1, {'loss': float('nan'), 'grad_norm': np.float32('inf'), 'per_w': np.array([1.0, -np.inf])})
+  writer.write_scalars(1, {'loss': float('nan'), 'grad_norm': np.float32('inf'),
+                           'per_w': np.array([1.0, -np.inf])})
   writer.write_hparams({'train.lr': float('inf')})
   writer.close()
   first, second = _lines(tmp_path / 'metrics.jsonl')
@@ -73,7 +77,11 @@ def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
 
 
 def _warnings_about(caplog, path) -> list[str]:
-  return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and str(path) in r.getMessage()]
+  return [
+      r.getMessage()
+      for r in caplog.records
+      if r.levelno == logging.WARNING and str(path) in r.getMessage()
+  ]
 
 
 def test_an_unreadable_stage_quality_json_is_computed_again_with_one_warning(tmp_path, caplog):
@@ -83,7 +91,8 @@ def test_an_unreadable_stage_quality_json_is_computed_again_with_one_warning(tmp
   path.write_bytes(GARBAGE)
   with caplog.at_level(logging.WARNING):
     quality = stage_quality.StageQuality(config)
-  assert quality.enabled and quality._done == {}  # pylint: disable=protected-access  (every row computed again)
+  # (every row computed again)
+  assert quality.enabled and quality._done == {}  # pylint: disable=protected-access
   assert len(_warnings_about(caplog, path)) == 1
 
 
@@ -129,12 +138,15 @@ def test_unreadable_grid_samples_are_sampled_again_with_one_warning(tmp_path, ca
   assert loaded[method.ckpt_dir].calls == 2  # healed: written again, read back
 
 
-CELLS = 7 * 2  # tiny: teacher ddim 64 and 4, ddpm 64; students ddim 2, 1 and stochastic 4, 2; w 0 and 2
+# tiny: teacher ddim 64 and 4, ddpm 64; students ddim 2, 1 and stochastic 4, 2; w 0 and 2
+CELLS = 7 * 2
 
 
-@pytest.mark.parametrize('content', [GARBAGE, (','.join(fid.CSV_FIELDS) + '\nteacher CFG,ddim,64\n').encode()],
+@pytest.mark.parametrize('content',
+                         [GARBAGE, (','.join(fid.CSV_FIELDS) + '\nteacher CFG,ddim,64\n').encode()],
                          ids=['cut', 'row_cut_short'])
-def test_an_unreadable_results_csv_is_scored_again_with_one_warning(tmp_path, caplog, monkeypatch, content):
+def test_an_unreadable_results_csv_is_scored_again_with_one_warning(
+    tmp_path, caplog, monkeypatch, content):
   evaluated = stub_fid_scoring(monkeypatch)
   config = tiny_config(tmp_path)
   path = tmp_path / 'eval' / 'results.csv'

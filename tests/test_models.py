@@ -1,4 +1,5 @@
-"""Fast tests for the denoiser networks: shapes, parameter counts, zero-init w path, dropout, checks, jit."""
+"""Fast tests for the denoiser networks: shapes, parameter counts, zero-init w path, dropout,
+checks, jit."""
 import functools
 
 import jax
@@ -64,7 +65,8 @@ def test_logsnr_to_time_range_and_stability():
   assert bool(jnp.all((time > 0.) & (time < 1.)))
   assert bool(jnp.all(jnp.diff(time) < 0.))  # higher logsnr = cleaner = earlier time
   np.testing.assert_allclose(logsnr_to_time(jnp.array(0.)), 0.5, rtol=1e-6)
-  # float32 result matches the float64 inverse of the cosine schedule logsnr(t) = -2 log tan(pi t / 2).
+  # float32 result matches the float64 inverse of the cosine schedule logsnr(t) = -2 log tan(pi t /
+  # 2).
   reference = np.arctan(np.exp(-0.5 * np.asarray(logsnr, np.float64))) / (np.pi / 2)
   np.testing.assert_allclose(time, reference, rtol=1e-6, atol=1e-7)
 
@@ -76,7 +78,8 @@ def test_logsnr_to_time_range_and_stability():
 @pytest.mark.parametrize('guidance_input', [False, True])
 def test_output_shape(make_model, x_shape, guidance_input):
   model = make_model(guidance_input=guidance_input)
-  params = init_params(model, rng=jax.random.PRNGKey(0), x_shape=x_shape, guidance_input=guidance_input)
+  params = init_params(model, rng=jax.random.PRNGKey(0), x_shape=x_shape,
+                       guidance_input=guidance_input)
   inputs = dummy_inputs(x_shape, guidance_w=2. if guidance_input else None)
   out = apply_fn(model, params, inputs, train=False)
   assert out.shape == (BATCH, *x_shape)
@@ -166,8 +169,8 @@ def test_mlp_param_count():
   model = tiny_mlp(hidden=16, num_layers=2)
   params = init_params(model, rng=jax.random.PRNGKey(0), x_shape=VECTOR_SHAPE, guidance_input=False)
   assert count_params(params) == expected_mlp_count(hidden=16, num_layers=2, data_dim=2)
-  guided = init_params(tiny_mlp(guidance_input=True), rng=jax.random.PRNGKey(0), x_shape=VECTOR_SHAPE,
-                       guidance_input=True)
+  guided = init_params(tiny_mlp(guidance_input=True), rng=jax.random.PRNGKey(0),
+                       x_shape=VECTOR_SHAPE, guidance_input=True)
   assert count_params(guided) - count_params(params) == 2 * dense_count(16, 16)
 
 
@@ -177,8 +180,10 @@ def test_mlp_param_count():
 @pytest.mark.parametrize('make_model,x_shape', MODELS_AND_SHAPES)
 def test_guidance_path_is_zero_at_init(make_model, x_shape):
   base_model, guided_model = make_model(), make_model(guidance_input=True)
-  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=x_shape, guidance_input=False)
-  guided_init = init_params(guided_model, rng=jax.random.PRNGKey(2), x_shape=x_shape, guidance_input=True)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=x_shape,
+                            guidance_input=False)
+  guided_init = init_params(guided_model, rng=jax.random.PRNGKey(2), x_shape=x_shape,
+                            guidance_input=True)
   shared_keys = set(guided_init) - {'guidance_embed'}
   assert shared_keys == set(base_params)
   param_shapes = functools.partial(jax.tree_util.tree_map, jnp.shape)
@@ -202,10 +207,12 @@ def test_guidance_path_is_zero_at_init(make_model, x_shape):
 
 
 def test_guidance_gains_start_at_one_and_scale_channels_once_trained():
-  """distill.guidance_gains: the student starts as its teacher at every w (gains exactly 1), one gain layer per
-  residual block under 'guidance_embed', and once a gain layer moves, w changes the output."""
+  """distill.guidance_gains: the student starts as its teacher at every w (gains exactly 1), one
+  gain layer per residual block under 'guidance_embed', and once a gain layer moves, w changes the
+  output."""
   base_model, gained = tiny_unet(), tiny_unet(guidance_input=True, guidance_gains=True)
-  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE, guidance_input=False)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE,
+                            guidance_input=False)
   init = init_params(gained, rng=jax.random.PRNGKey(2), x_shape=IMAGE_SHAPE, guidance_input=True)
   assert set(init) - set(base_params) == {'guidance_embed'}
   gain_layers = sorted(k for k in init['guidance_embed'] if k.startswith('gain_'))
@@ -224,40 +231,51 @@ def test_guidance_gains_start_at_one_and_scale_channels_once_trained():
 
 
 def test_guidance_context_starts_as_the_teacher_and_makes_the_gains_depend_on_the_label():
-  """distill.guidance_context: the w-embedding's hidden layer also sees the conditioning vector; at init the
-  student is its teacher at every w, and once a gain layer moves, w's effect differs from class to class."""
+  """distill.guidance_context: the w-embedding's hidden layer also sees the conditioning vector; at
+  init the student is its teacher at every w, and once a gain layer moves, w's effect differs from
+  class to class."""
   base_model = tiny_unet()
   student = tiny_unet(guidance_input=True, guidance_gains=True, guidance_context=True)
-  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE, guidance_input=False)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE,
+                            guidance_input=False)
   init = init_params(student, rng=jax.random.PRNGKey(2), x_shape=IMAGE_SHAPE, guidance_input=True)
   assert 'dense_context' in init['guidance_embed']
   student_params = {**base_params, 'guidance_embed': init['guidance_embed']}
   base_out = apply_fn(base_model, base_params, dummy_inputs(IMAGE_SHAPE), train=False)
   for w in [0., 4.]:
     np.testing.assert_array_equal(
-        apply_fn(student, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=w), train=False), base_out)
+        apply_fn(student, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=w), train=False),
+        base_out)
   embed = GuidanceEmbedding(emb_dim=16, freq_dim=8, gain_channels=(4,), use_context=True)
-  w, contexts = jnp.full((2,), 2.0), jax.random.normal(jax.random.PRNGKey(3), (2, 16))  # two labels' vectors
-  params = embed.init(jax.random.PRNGKey(4), w, None, contexts, method=GuidanceEmbedding.everything)['params']
-  params['gain_0']['kernel'] = jax.random.normal(jax.random.PRNGKey(5), params['gain_0']['kernel'].shape)
+  # two labels' vectors
+  w, contexts = jnp.full((2,), 2.0), jax.random.normal(jax.random.PRNGKey(3), (2, 16))
+  params = embed.init(jax.random.PRNGKey(4), w, None, contexts,
+                      method=GuidanceEmbedding.everything)['params']
+  params['gain_0']['kernel'] = jax.random.normal(
+      jax.random.PRNGKey(5), params['gain_0']['kernel'].shape)
   gains = embed.apply({'params': params}, w, contexts, method=GuidanceEmbedding.gains)[0]  # [2, 4]
-  assert float(jnp.max(jnp.abs(gains[0] - gains[1]))) > 1e-3  # same w, other conditioning: other gains
+  # same w, other conditioning: other gains
+  assert float(jnp.max(jnp.abs(gains[0] - gains[1]))) > 1e-3
 
 
 def test_guidance_output_is_zero_at_init_and_exactly_linear_in_w():
-  """distill.guidance_output: out = a + w b with b a zero-initialised convolution under 'guidance_embed'."""
+  """distill.guidance_output: out = a + w b with b a zero-initialised convolution under
+  'guidance_embed'."""
   base_model, linear = tiny_unet(), tiny_unet(guidance_input=True, guidance_output=True)
-  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE, guidance_input=False)
+  base_params = init_params(base_model, rng=jax.random.PRNGKey(1), x_shape=IMAGE_SHAPE,
+                            guidance_input=False)
   init = init_params(linear, rng=jax.random.PRNGKey(2), x_shape=IMAGE_SHAPE, guidance_input=True)
   assert set(init) - set(base_params) == {'guidance_embed'}
   student_params = {**base_params, 'guidance_embed': init['guidance_embed']}
   base_out = apply_fn(base_model, base_params, dummy_inputs(IMAGE_SHAPE), train=False)
-  np.testing.assert_array_equal(apply_fn(linear, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=4.),
-                                         train=False), base_out)
+  np.testing.assert_array_equal(
+      apply_fn(linear, student_params, dummy_inputs(IMAGE_SHAPE, guidance_w=4.), train=False),
+      base_out)
   head = student_params['guidance_embed']['output']
   moved = {**student_params, 'guidance_embed': {**student_params['guidance_embed'], 'output': {
       **head, 'kernel': jax.random.normal(jax.random.PRNGKey(3), head['kernel'].shape)}}}
-  out = {w: apply_fn(linear, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=w), train=False) for w in (0., 1., 4.)}
+  out = {w: apply_fn(linear, moved, dummy_inputs(IMAGE_SHAPE, guidance_w=w),
+                     train=False) for w in (0., 1., 4.)}
   np.testing.assert_array_equal(out[0.], base_out)  # w = 0: the teacher's function
   assert float(jnp.max(jnp.abs(out[1.] - out[0.]))) > 1e-3
   np.testing.assert_allclose(out[4.] - out[0.], 4 * (out[1.] - out[0.]), rtol=1e-4, atol=1e-4)
@@ -271,9 +289,10 @@ def test_null_label_accepted(make_model, x_shape):
   model = make_model()
   params = init_params(model, rng=jax.random.PRNGKey(0), x_shape=x_shape, guidance_input=False)
   z_t, logsnr_t, _, _ = dummy_inputs(x_shape)
-  null_out = model.apply({'params': params}, z_t, logsnr_t, jnp.full((BATCH,), NUM_CLASSES, jnp.int32),
-                         train=False)
-  class0_out = model.apply({'params': params}, z_t, logsnr_t, jnp.zeros((BATCH,), jnp.int32), train=False)
+  null_out = model.apply({'params': params}, z_t, logsnr_t,
+                         jnp.full((BATCH,), NUM_CLASSES, jnp.int32), train=False)
+  class0_out = model.apply(
+      {'params': params}, z_t, logsnr_t, jnp.zeros((BATCH,), jnp.int32), train=False)
   assert params['label_embed']['embedding'].shape[0] == NUM_CLASSES + 1
   assert bool(jnp.all(jnp.isfinite(null_out)))
   assert float(jnp.max(jnp.abs(null_out - class0_out))) > 1e-6
@@ -284,10 +303,12 @@ def test_dropout_only_in_train_mode(make_model, x_shape):
   model = make_model(dropout=0.5)
   params = init_params(model, rng=jax.random.PRNGKey(0), x_shape=x_shape, guidance_input=False)
   inputs = dummy_inputs(x_shape)
-  train_outs = [apply_fn(model, params, inputs, train=True, rngs={'dropout': jax.random.PRNGKey(seed)})
+  train_outs = [apply_fn(model, params, inputs, train=True,
+                         rngs={'dropout': jax.random.PRNGKey(seed)})
                 for seed in (0, 1)]
   assert float(jnp.max(jnp.abs(train_outs[0] - train_outs[1]))) > 1e-6
-  eval_outs = [apply_fn(model, params, inputs, train=False, rngs={'dropout': jax.random.PRNGKey(seed)})
+  eval_outs = [apply_fn(model, params, inputs, train=False,
+                        rngs={'dropout': jax.random.PRNGKey(seed)})
                for seed in (0, 1)]
   np.testing.assert_array_equal(eval_outs[0], eval_outs[1])
   np.testing.assert_array_equal(eval_outs[0], apply_fn(model, params, inputs, train=False))
@@ -337,15 +358,16 @@ def test_unet_image_size_not_divisible_raises():
 
 def test_unet_groupnorm_mismatch_raises():
   with pytest.raises(ValueError, match='num_groups'):
-    init_params(tiny_unet(ch=6), rng=jax.random.PRNGKey(0), x_shape=IMAGE_SHAPE, guidance_input=False)
+    init_params(tiny_unet(ch=6), rng=jax.random.PRNGKey(0), x_shape=IMAGE_SHAPE,
+                guidance_input=False)
 
 
 # ---------------------------------------------------------------- build_model
 
 
 def test_build_model_from_config():
-  unet_config = ml_collections.ConfigDict(dict(
-      name='unet', ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4], dropout=0.1, num_groups=4))
+  unet_config = ml_collections.ConfigDict(dict(name='unet', ch=8, ch_mult=[1, 2], num_res_blocks=1,
+                                               attn_resolutions=[4], dropout=0.1, num_groups=4))
   unet = build_model(unet_config, num_classes=NUM_CLASSES, guidance_input=True)
   assert isinstance(unet, UNet) and unet.ch_mult == (1, 2) and unet.attn_resolutions == (4,)
   assert unet.guidance_input and unet.num_classes == NUM_CLASSES
@@ -357,27 +379,34 @@ def test_build_model_from_config():
 
 
 def test_build_model_unknown_name():
-  with pytest.raises(ValueError, match=r"^unknown model.name 'x'; choose one of: mlp, unet, ref_unet, diffusers_unet$"):
-    build_model(ml_collections.ConfigDict(dict(name='x')), num_classes=NUM_CLASSES, guidance_input=False)
+  with pytest.raises(ValueError, match=r"^unknown model.name 'x'; choose one of: mlp, unet, "
+                                       r"ref_unet, diffusers_unet$"):
+    build_model(ml_collections.ConfigDict(dict(name='x')), num_classes=NUM_CLASSES,
+                guidance_input=False)
 
 
 def test_equal_networks_and_schedules_share_one_denoiser_and_sampler_program():
-  """Checkpoints of one architecture (every stage-2 round) reuse one jitted sampler: compiled once per shape."""
+  """Checkpoints of one architecture (every stage-2 round) reuse one jitted sampler: compiled once
+  per shape."""
   from diffusion import get_logsnr_schedule  # pylint: disable=g-import-not-at-top
   from models.denoiser import make_denoise_fn  # pylint: disable=g-import-not-at-top
   from samplers import make_sampler  # pylint: disable=g-import-not-at-top
   from samplers import _sampler_program  # pylint: disable=g-import-not-at-top
-  make = lambda model, kind='w_input': make_denoise_fn(model, parametrization='v', kind=kind, num_classes=3)
+  make = lambda model, kind='w_input': make_denoise_fn(model, parametrization='v', kind=kind,
+                                                       num_classes=3)
   net = functools.partial(MLPDenoiser, num_classes=3, guidance_input=True)
   first, second = net(hidden=16), net(hidden=16)
   assert first is not second and make(first) is make(second)
   assert make(first) is not make(net(hidden=32))
   assert make(first) is not make(first, kind='conditional')
   logsnr_fn = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
-  assert get_logsnr_schedule('cosine', logsnr_min=-20, logsnr_max=20) is logsnr_fn  # as read from two records
-  params = [init_params(m, rng=jax.random.key(i), x_shape=(2,), guidance_input=True) for i, m in enumerate((first, second))]
+  # as read from two records
+  assert get_logsnr_schedule('cosine', logsnr_min=-20, logsnr_max=20) is logsnr_fn
+  params = [init_params(m, rng=jax.random.key(i), x_shape=(2,),
+                        guidance_input=True) for i, m in enumerate((first, second))]
   z_init, label, w = jnp.ones((4, 2)), jnp.arange(4, dtype=jnp.int32) % 3, jnp.ones((4,))
-  outputs = [make_sampler('ddim', make(m), num_steps=n, logsnr_fn=logsnr_fn)(p, z_init, label, w, jax.random.key(0))
+  outputs = [make_sampler('ddim', make(m), num_steps=n,
+                          logsnr_fn=logsnr_fn)(p, z_init, label, w, jax.random.key(0))
              for m, p, n in ((first, params[0], 4), (second, params[1], 2))]
   assert not np.allclose(outputs[0], outputs[1])  # different params and step counts, one program
   assert _sampler_program('ddim', make(first), logsnr_fn, 'small')._cache_size() == 1

@@ -1,4 +1,5 @@
-"""Two JAX processes on loopback (main.py --coordinator_address ...) train exactly like one process."""
+"""Two JAX processes on loopback (main.py --coordinator_address ...) train exactly like one
+process."""
 
 import os
 import re
@@ -33,17 +34,20 @@ from test_multiprocess import train_chain
 modes.MODES['chain'] = train_chain
 main.flags.FLAGS['mode'].parser.enum_values.append('chain')  # a test-only mode for the --mode enum
 sys.argv = ['main.py', '--config=configs/tiny.py', '--mode=chain', '--config.workdir={workdir}',
-            '--coordinator_address={coordinator}', '--num_processes={num_processes}', '--process_id={process_id}',
+            '--coordinator_address={coordinator}', '--num_processes={num_processes}', \
+'--process_id={process_id}',
             '--config.train.num_steps={steps}', '--config.stage1.num_steps={steps}',
-            '--config.stage2.num_steps={steps}', '--config.stage2.final_steps=2', '--config.train.checkpoint_every=2',
+            '--config.stage2.num_steps={steps}', '--config.stage2.final_steps=2', \
+'--config.train.checkpoint_every=2',
             '--config.stage1.checkpoint_every=2', '--config.stage2.checkpoint_every=2']
 main.run()
 """
 
 
 def train_chain(config):
-  """Teacher (twice: the second run restores collectively and skips), stage 1, then the 4 -> 2 stage-2 round,
-  on the production data path: each process keeps its rows of the global batch (data._in_memory_batches)."""
+  """Teacher (twice: the second run restores collectively and skips), stage 1, then the 4 -> 2
+  stage-2 round, on the production data path: each process keeps its rows of the global batch
+  (data._in_memory_batches)."""
   stages.train_teacher(config)
   stages.train_teacher(config)
   stages.train_stage1(config)
@@ -58,8 +62,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def launch(tmp_path):
-  """launch(argv, num_processes) starts the processes of one run on a fresh loopback coordinator and returns
-  [(process, log path)]; argv(process_id, coordinator) is each one's command. Leftovers are killed."""
+  """launch(argv, num_processes) starts the processes of one run on a fresh loopback coordinator and
+  returns [(process, log path)]; argv(process_id, coordinator) is each one's command. Leftovers are
+  killed."""
   runs = []
 
   def start(argv, num_processes):
@@ -83,9 +88,9 @@ def launch(tmp_path):
 
 
 def _wait_all(started, expected_code: int = 0) -> list[str]:
-  """Waits until every process exits with expected_code and returns their outputs. Fails as soon as one
-  exits with another code or prints a traceback (a failed process waits minutes for the others at shutdown,
-  the others for it in a collective), or when TIMEOUT_S runs out."""
+  """Waits until every process exits with expected_code and returns their outputs. Fails as soon as
+  one exits with another code or prints a traceback (a failed process waits minutes for the others
+  at shutdown, the others for it in a collective), or when TIMEOUT_S runs out."""
   deadline = time.time() + TIMEOUT_S
   while any(proc.poll() is None for proc, _ in started):
     for proc, log_path in started:
@@ -103,13 +108,14 @@ def _wait_all(started, expected_code: int = 0) -> list[str]:
 def _chain_argv(workdir):
   def argv(process_id, coordinator):
     return [sys.executable, '-c', _PROCESS_SCRIPT.format(
-        repo=REPO, tests=os.path.join(REPO, 'tests'), workdir=workdir, coordinator=coordinator, num_processes=2,
-        process_id=process_id, steps=STEPS)]
+        repo=REPO, tests=os.path.join(REPO, 'tests'), workdir=workdir, coordinator=coordinator,
+        num_processes=2, process_id=process_id, steps=STEPS)]
   return argv
 
 
 def _params(config, stage, steps=None):
-  """A checkpoint's EMA params, read as sampling reads them: configs here need not give its step counts."""
+  """A checkpoint's EMA params, read as sampling reads them: configs here need not give its step
+  counts."""
   return jax.tree.leaves(LoadedCheckpoint(stages.stage_dir(config.workdir, stage, steps)).params)
 
 
@@ -139,19 +145,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, laun
   workdir = tmp_path / 'run'
 
   def argv(process_id, coordinator):
-    return [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
-            '--config.train.num_steps=1000000', '--config.train.checkpoint_every=100000',
-            '--config.train.log_every=10', f'--coordinator_address={coordinator}', '--num_processes=2',
+    return [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher',
+            f'--config.workdir={workdir}', '--config.train.num_steps=1000000',
+            '--config.train.checkpoint_every=100000', '--config.train.log_every=10',
+            f'--coordinator_address={coordinator}', '--num_processes=2',
             f'--process_id={process_id}']
 
   started = launch(argv, 2)
   (_, log0), (proc1, log1) = started
   deadline = time.time() + TIMEOUT_S
   while '[teacher] step' not in log0.read_text():
-    assert all(proc.poll() is None for proc, _ in started), log0.read_text()[-3000:] + log1.read_text()[-3000:]
+    assert all(proc.poll() is None
+               for proc, _ in started), log0.read_text()[-3000:] + log1.read_text()[-3000:]
     assert time.time() < deadline, log0.read_text()[-3000:]
     time.sleep(0.1)
-  proc1.send_signal(signal.SIGTERM)  # one host told it is pre-empted: JAX's preemption service tells the other
+  # one host told it is pre-empted: JAX's preemption service tells the other
+  proc1.send_signal(signal.SIGTERM)
   outputs = _wait_all(started, PREEMPTED_EXIT_CODE)
   saved = []
   for output in outputs:
@@ -160,7 +169,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(tmp_path, laun
   assert stages.checkpoint.latest_step(str(workdir / 'teacher')) == int(saved[0])
 
 
-def test_kill_9_of_one_process_then_restarting_both_resumes_from_the_last_checkpoint(tmp_path, launch):
+def test_kill_9_of_one_process_then_restarting_both_resumes_from_the_last_checkpoint(
+    tmp_path, launch):
   steps, every = 300, 100
   one = tiny_config(tmp_path / 'one', train=steps)
   one.train.checkpoint_every = every
@@ -168,15 +178,17 @@ def test_kill_9_of_one_process_then_restarting_both_resumes_from_the_last_checkp
   workdir = tmp_path / 'two'
 
   def argv(process_id, coordinator):
-    return [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
-            f'--config.train.num_steps={steps}', f'--config.train.checkpoint_every={every}',
-            '--config.train.log_every=50', f'--coordinator_address={coordinator}', '--num_processes=2',
+    return [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher',
+            f'--config.workdir={workdir}', f'--config.train.num_steps={steps}',
+            f'--config.train.checkpoint_every={every}', '--config.train.log_every=50',
+            f'--coordinator_address={coordinator}', '--num_processes=2',
             f'--process_id={process_id}']
 
   started = launch(argv, 2)
   (proc0, log0), (proc1, _) = started
   deadline = time.time() + TIMEOUT_S
-  while not [int(k) for k in re.findall(r'\[teacher\] step (\d+)/', log0.read_text()) if every < int(k) < steps]:
+  while not [int(k) for k in re.findall(r'\[teacher\] step (\d+)/',
+                                        log0.read_text()) if every < int(k) < steps]:
     assert proc0.poll() is None and proc1.poll() is None, log0.read_text()[-3000:]
     assert time.time() < deadline, log0.read_text()[-3000:]
     time.sleep(0.01)
@@ -186,10 +198,14 @@ def test_kill_9_of_one_process_then_restarting_both_resumes_from_the_last_checkp
   assert saved is not None and every <= saved < steps
   errors = [line for line in log0.read_text().splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and 'Traceback' not in log0.read_text(), log0.read_text()[-3000:]
-  assert errors[0].startswith('error: [teacher] another process of this run stopped (') and errors[0].endswith(
-      f'restart every process with the same command; training resumes from step {saved} in {workdir}/teacher')
+  assert (
+      errors[0].startswith('error: [teacher] another process of this run stopped (') and
+      errors[0].endswith(
+          f'restart every process with the same command; training resumes from step {saved} in '
+          f'{workdir}/teacher'))
 
-  outputs = _wait_all(launch(argv, 2))  # both restarted: the stale workdir lock is taken over, training resumes
+  # both restarted: the stale workdir lock is taken over, training resumes
+  outputs = _wait_all(launch(argv, 2))
   assert f'[teacher] resuming from step {saved}' in outputs[0], outputs[0][-3000:]
   assert stages.checkpoint.latest_step(str(workdir / 'teacher')) == steps
   two = tiny_config(workdir)

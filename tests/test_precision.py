@@ -1,4 +1,5 @@
-"""Mixed precision (model.dtype = 'bfloat16'): float32 params and outputs, bf16 compute, close to float32."""
+"""Mixed precision (model.dtype = 'bfloat16'): float32 params and outputs, bf16 compute, close to
+float32."""
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +19,8 @@ IMAGE_SHAPE = (8, 8, 1)
 
 
 def _unet(dtype, **overrides):
-  kwargs = dict(num_classes=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4,
-                guidance_input=True, dtype=dtype)
+  kwargs = dict(num_classes=3, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                num_groups=4, guidance_input=True, dtype=dtype)
   return UNet(**{**kwargs, **overrides})
 
 
@@ -32,23 +33,30 @@ def _inputs(batch=8):
 
 
 def _trained_like_params(model):
-  """Init params with the zero-initialised layers given random values, so every path carries signal."""
+  """Init params with the zero-initialised layers given random values, so every path carries
+  signal."""
   params = init_params(model, rng=jax.random.key(1), x_shape=IMAGE_SHAPE, guidance_input=True)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
-  return jax.tree.unflatten(treedef, [x if np.any(np.asarray(x)) else 0.1 * jax.random.normal(k, x.shape)
-                                      for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(treedef, [
+      x if np.any(np.asarray(x)) else 0.1 * jax.random.normal(k, x.shape)
+      for x, k in zip(leaves, keys)
+  ])
 
 
 def test_bf16_forward_is_within_2_percent_of_float32_on_the_same_params():
   params = _trained_like_params(_unet(jnp.float32))
-  apply = lambda dtype: jax.jit(lambda p, *args: _unet(dtype).apply({'params': p}, *args, train=False))
+  apply = lambda dtype: jax.jit(
+      lambda p, *args: _unet(dtype).apply({'params': p}, *args, train=False))
   out32 = apply(jnp.float32)(params, *_inputs())
   out16 = apply(jnp.bfloat16)(params, *_inputs())
-  assert out16.dtype == jnp.float32 and out32.dtype == jnp.float32  # diffusion math and loss stay float32
+  # diffusion math and loss stay float32
+  assert out16.dtype == jnp.float32 and out32.dtype == jnp.float32
   assert jax.tree.all(jax.tree.map(lambda x: x.dtype == jnp.float32, params))
-  error = float(jnp.sqrt(jnp.mean(jnp.square(out16 - out32))) / jnp.sqrt(jnp.mean(jnp.square(out32))))
-  assert 1e-5 < error < 0.02, error  # bf16 really computes (not 0) and stays close (a 3-significant-digit type)
+  error = float(
+      jnp.sqrt(jnp.mean(jnp.square(out16 - out32))) / jnp.sqrt(jnp.mean(jnp.square(out32))))
+  # bf16 really computes (not 0) and stays close (a 3-significant-digit type)
+  assert 1e-5 < error < 0.02, error
 
 
 @pytest.mark.parametrize('sampler', SAMPLERS)
@@ -68,8 +76,11 @@ def test_bf16_training_is_finite_learns_and_its_checkpoints_load_under_float32(t
   config.model.dtype = 'bfloat16'
   config.train.update(log_every=10, checkpoint_every=40)
   stages.train_teacher(config)
-  losses = [row['loss'] for row in writers.read_jsonl(str(tmp_path / 'logs' / 'teacher' / writers.JSONL_NAME))
-            if 'loss' in row]
+  losses = [
+      row['loss']
+      for row in writers.read_jsonl(str(tmp_path / 'logs' / 'teacher' / writers.JSONL_NAME))
+      if 'loss' in row
+  ]
   assert len(losses) == 8 and np.all(np.isfinite(losses)), losses
   assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
   config.model.dtype = 'float32'  # the same checkpoint, another compute dtype

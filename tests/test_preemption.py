@@ -1,5 +1,5 @@
-"""Pre-emption: SIGTERM saves the step just done and exits with one line; SIGKILL keeps the last periodic
-checkpoint. Either way the same command resumes to the params of an uninterrupted run."""
+"""Pre-emption: SIGTERM saves the step just done and exits with one line; SIGKILL keeps the last
+periodic checkpoint. Either way the same command resumes to the params of an uninterrupted run."""
 
 import logging
 import os
@@ -28,16 +28,23 @@ _PROGRESS = re.compile(r'\[teacher\] step (\d+)/')
 
 @pytest.fixture
 def start_main(tmp_path):
-  """Starts `main.py --mode=teacher` on configs/tiny.py; returns (process, log path). Kills leftovers."""
+  """Starts `main.py --mode=teacher` on configs/tiny.py; returns (process, log path). Kills
+  leftovers."""
   procs = []
 
   def start(workdir, *overrides):
     log_path = tmp_path / f'main{len(procs)}.log'
     with open(log_path, 'w') as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher', f'--config.workdir={workdir}',
-           '--cpu_devices=1', *overrides],  # one device, as the in-process runs it is compared with
-          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+          subprocess.Popen(
+              [
+                  sys.executable, 'main.py', '--config=configs/tiny.py', '--mode=teacher',
+                  f'--config.workdir={workdir}', '--cpu_devices=1', *overrides
+              ],  # one device, as the in-process runs it is compared with
+              cwd=REPO,
+              env=dict(os.environ, JAX_PLATFORMS='cpu'),
+              stdout=log,
+              stderr=subprocess.STDOUT))
     return procs[-1], log_path
 
   yield start
@@ -57,8 +64,10 @@ def _wait_for(condition, proc, log_path):
 
 
 def _finalized_steps(ckpt_dir):
-  """Steps of the complete checkpoints (Orbax renames a step's temporary folder to its number when done)."""
-  return [int(name) for name in os.listdir(ckpt_dir) if name.isdigit()] if os.path.isdir(ckpt_dir) else []
+  """Steps of the complete checkpoints (Orbax renames a step's temporary folder to its number when
+  done)."""
+  return ([int(name) for name in os.listdir(ckpt_dir) if name.isdigit()]
+          if os.path.isdir(ckpt_dir) else [])
 
 
 def _teacher_params(config):
@@ -103,9 +112,11 @@ def test_sigterm_saves_that_step_restores_the_handler_and_resumes_exactly(tmp_pa
   _assert_same_as_uninterrupted(config, tmp_path)
 
 
-def test_sigterm_to_main_saves_exits_with_one_line_and_the_rerun_resumes(tmp_path, start_main, caplog):
+def test_sigterm_to_main_saves_exits_with_one_line_and_the_rerun_resumes(
+    tmp_path, start_main, caplog):
   workdir = tmp_path / 'run'
-  proc, log_path = start_main(workdir, '--config.train.num_steps=1000000', '--config.train.checkpoint_every=100000',
+  proc, log_path = start_main(workdir, '--config.train.num_steps=1000000',
+                              '--config.train.checkpoint_every=100000',
                               '--config.train.log_every=10')
   _wait_for(lambda: _PROGRESS.search(log_path.read_text()), proc, log_path)
   proc.send_signal(signal.SIGTERM)
@@ -126,8 +137,8 @@ def test_sigterm_to_main_saves_exits_with_one_line_and_the_rerun_resumes(tmp_pat
 
 def test_sigkill_resumes_from_the_last_periodic_checkpoint_exactly(tmp_path, start_main, caplog):
   workdir = tmp_path / 'run'
-  proc, log_path = start_main(workdir, '--config.train.num_steps=1000000', '--config.train.checkpoint_every=100',
-                              '--config.train.log_every=100')
+  proc, log_path = start_main(workdir, '--config.train.num_steps=1000000',
+                              '--config.train.checkpoint_every=100', '--config.train.log_every=100')
   _wait_for(lambda: _finalized_steps(workdir / 'teacher'), proc, log_path)
   proc.kill()
   proc.wait(timeout=TIMEOUT_S)

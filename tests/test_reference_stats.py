@@ -1,5 +1,6 @@
-"""Reference statistics from the standard files (eval/reference_stats.py), written here in each format: pytorch-fid's
-and EDM's {mu, sigma} npz and guided-diffusion's reference batch; their provenance keys the FID cells."""
+"""Reference statistics from the standard files (eval/reference_stats.py), written here in each
+format: pytorch-fid's and EDM's {mu, sigma} npz and guided-diffusion's reference batch; their
+provenance keys the FID cells."""
 
 import csv
 import os
@@ -36,8 +37,9 @@ def write_edm(path, mu, sigma):
 
 
 def write_guided_diffusion(path, mu, sigma, num_images: int = 6):
-  """A reference batch as guided-diffusion's evaluator reads it: arr_0 uint8 NHWC images, arr_1 labels, the pool
-  statistics mu / sigma and the spatial ones mu_s / sigma_s (here of another size, as sFID's are)."""
+  """A reference batch as guided-diffusion's evaluator reads it: arr_0 uint8 NHWC images, arr_1
+  labels, the pool statistics mu / sigma and the spatial ones mu_s / sigma_s (here of another size,
+  as sFID's are)."""
   rng = np.random.default_rng(1)
   mu_s, sigma_s = _stats(3, seed=2)
   np.savez(path, arr_0=rng.integers(0, 256, (num_images, 8, 8, 3), dtype=np.uint8),
@@ -60,7 +62,8 @@ def test_each_standard_format_loads_its_mu_and_sigma(writer, tmp_path):
   np.testing.assert_array_equal(loaded_sigma, sigma)
   assert loaded_mu.dtype == loaded_sigma.dtype == np.float64
   assert reference.format == fmt and reference.dim == 8
-  assert reference_stats.inspect(path) == reference  # the header-only look agrees with the loaded arrays
+  # the header-only look agrees with the loaded arrays
+  assert reference_stats.inspect(path) == reference
 
 
 def test_float32_statistics_load_as_float64(tmp_path):
@@ -113,8 +116,9 @@ def test_non_finite_statistics_are_refused(tmp_path):
 
 
 def test_a_2048_d_inception_file_needs_the_inception_extractor_before_anything_is_written(tmp_path):
-  """The feature spaces must match: the digits classifier's 128-d features against Inception pool statistics is
-  refused by the config check (main.py runs it before the workdir is touched), naming the fix."""
+  """The feature spaces must match: the digits classifier's 128-d features against Inception pool
+  statistics is refused by the config check (main.py runs it before the workdir is touched), naming
+  the fix."""
   mu = np.zeros(2048, np.float32)
   path = write_edm(tmp_path / 'cifar10-32x32.npz', mu, np.eye(2048, dtype=np.float32))
   config = digits_teacher.get_config()
@@ -128,10 +132,13 @@ def test_a_2048_d_inception_file_needs_the_inception_extractor_before_anything_i
   assert '--config.eval.extractor=inception' in message
   assert not (tmp_path / 'run').exists()
   reference = reference_stats.inspect(path)
-  reference_stats.check_dim(reference, extractor='inception', feature_dim=2048)  # the right extractor: accepted
+  # the right extractor: accepted
+  reference_stats.check_dim(reference, extractor='inception', feature_dim=2048)
   small = write_pytorch_fid(tmp_path / 'dims768.npz', *_stats(768 // 96))
-  with pytest.raises(reference_stats.ReferenceStatsError, match=r'give a file of 2048-d statistics'):
-    reference_stats.check_dim(reference_stats.inspect(small), extractor='inception', feature_dim=2048)
+  with pytest.raises(reference_stats.ReferenceStatsError,
+                     match=r'give a file of 2048-d statistics'):
+    reference_stats.check_dim(reference_stats.inspect(small), extractor='inception',
+                              feature_dim=2048)
 
 
 def test_the_extractors_feature_dimensions():
@@ -145,15 +152,17 @@ def _rows(path):
     return list(csv.DictReader(f))
 
 
-def test_fid_mode_scores_against_the_files_statistics_and_keys_its_cells_by_the_files_provenance(tmp_path,
-                                                                                                 monkeypatch):
-  """A tiny toy teacher scored against three EDM-format files whose means differ by 0, +d and -d: with the same
-  samples, FID(+d) + FID(-d) - 2 FID(0) = 2 |d|^2 exactly, so the file's statistics are what is scored; each file's
-  cells are its own (the provenance in the key), and a rerun with a file reuses its cells."""
+def test_fid_mode_scores_against_the_files_statistics_and_keys_its_cells_by_the_files_provenance(
+    tmp_path, monkeypatch):
+  """A tiny toy teacher scored against three EDM-format files whose means differ by 0, +d and -d:
+  with the same samples, FID(+d) + FID(-d) - 2 FID(0) = 2 |d|^2 exactly, so the file's statistics
+  are what is scored; each file's cells are its own (the provenance in the key), and a rerun with a
+  file reuses its cells."""
   config = tiny_config(tmp_path / 'run', train=20)
   stages.train_teacher(config)
-  config.eval.update(teacher_steps=(4,), teacher_ddpm_steps=(), student_steps=(), guidance_ws=(0.0,),
-                     num_samples=256, batch_size=256, out_dir=str(tmp_path / 'eval'))
+  config.eval.update(teacher_steps=(4,), teacher_ddpm_steps=(), student_steps=(),
+                     guidance_ws=(0.0,), num_samples=256, batch_size=256,
+                     out_dir=str(tmp_path / 'eval'))
   weights = np.full(len(TOY2D_MEANS), 1.0 / len(TOY2D_MEANS))
   mu = weights @ TOY2D_MEANS  # [2]: the mixture's mean and covariance
   sigma = np.einsum('k,kij->ij', weights, TOY2D_COVS) + np.cov(TOY2D_MEANS.T, bias=True)
@@ -163,10 +172,15 @@ def test_fid_mode_scores_against_the_files_statistics_and_keys_its_cells_by_the_
     config.eval.reference_stats = write_edm(tmp_path / f'{name}.npz', mu + sign * shift, sigma)
     validate_config(config)
     rows = _rows(os.path.join(fid.run_fid(config), 'results.csv'))
-    (row,) = [r for r in rows if r['reference'] == reference_stats.provenance(config.eval.reference_stats)]
+    (row,) = [
+        r for r in rows if r['reference'] == reference_stats.provenance(config.eval.reference_stats)
+    ]
     fids[name] = float(row['fid'])
-  assert len(rows) == 3 and len({r['reference'] for r in rows}) == 3  # one cell per file, none reused across
-  np.testing.assert_allclose(fids['plus'] + fids['minus'] - 2 * fids['zero'], 2 * shift @ shift, rtol=1e-6)
-  monkeypatch.setattr(fid, 'evaluate_cell', lambda *args, **kwargs: pytest.fail('a finished cell was scored again'))
+  # one cell per file, none reused across
+  assert len(rows) == 3 and len({r['reference'] for r in rows}) == 3
+  np.testing.assert_allclose(
+      fids['plus'] + fids['minus'] - 2 * fids['zero'], 2 * shift @ shift, rtol=1e-6)
+  monkeypatch.setattr(fid, 'evaluate_cell',
+                      lambda *args, **kwargs: pytest.fail('a finished cell was scored again'))
   config.eval.reference_stats = str(tmp_path / 'plus.npz')
   fid.run_fid(config)  # the same file: its cell is reused

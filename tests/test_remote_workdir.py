@@ -1,19 +1,21 @@
-"""A workdir on a remote filesystem (--config.workdir=gs://bucket/run): every file of a run goes through epath,
-Orbax or tf.io.gfile, never through os.path, open or os.rename.
+"""A workdir on a remote filesystem (--config.workdir=gs://bucket/run): every file of a run goes
+through epath, Orbax or tf.io.gfile, never through os.path, open or os.rename.
 
-The run's workdir is a ram:// URL, the scheme of TensorFlow's in-memory filesystem, and works offline:
+The run's workdir is a ram:// URL, the scheme of TensorFlow's in-memory filesystem, and works
+offline:
 - the TensorBoard writers (tf.io.gfile) write to TensorFlow's ram:// itself;
-- epath (train/files.py, Orbax's directories and JSON files) and Orbax's TensorStore array store reach the same
-  URLs in a directory of this test, a stand-in bucket that only those two know the way to (_Bucket).
-No offline scheme serves all three as it is. epath knows gs://, s3://, az:// and hf:// only (the test registers
-ram:// with it); Orbax hands TensorStore gs:// URLs (its gcs driver, which needs the network) or absolute local
-paths, nothing else ('Checkpoint path should be absolute'); TensorFlow's ram:// keeps a file's old bytes when it
-is written again and leaves a directory's files behind when the directory is renamed, both of which Orbax does;
-fsspec's memory:// is unknown to tf.io.gfile.
+- epath (train/files.py, Orbax's directories and JSON files) and Orbax's TensorStore array store
+  reach the same URLs in a directory of this test, a stand-in bucket that only those two know the
+  way to (_Bucket).
+No offline scheme serves all three as it is. epath knows gs://, s3://, az:// and hf:// only (the
+test registers ram:// with it); Orbax hands TensorStore gs:// URLs (its gcs driver, which needs the
+network) or absolute local paths, nothing else ('Checkpoint path should be absolute'); TensorFlow's
+ram:// keeps a file's old bytes when it is written again and leaves a directory's files behind when
+the directory is renamed, both of which Orbax does; fsspec's memory:// is unknown to tf.io.gfile.
 
-While the run goes on, builtins.open, os.makedirs, os.rename, os.replace, os.path.exists, ... refuse a ram://
-path from anyone, and os.path.join and friends refuse one from the repository's modules: the second test fails
-on any of them, with the caller.
+While the run goes on, builtins.open, os.makedirs, os.rename, os.replace, os.path.exists, ... refuse
+a ram:// path from anyone, and os.path.join and friends refuse one from the repository's modules:
+the second test fails on any of them, with the caller.
 """
 
 import builtins
@@ -77,7 +79,8 @@ class _Bucket(backend.Backend):
     return [self.url(p) for p in backend.os_backend.glob(self.local(path))]
 
   def walk(self, top, *, top_down=True, on_error=None):
-    for root, dirs, names in backend.os_backend.walk(self.local(top), top_down=top_down, on_error=on_error):
+    for root, dirs, names in backend.os_backend.walk(self.local(top), top_down=top_down,
+                                                     on_error=on_error):
       yield self.url(root), dirs, names
 
   def makedirs(self, path, *, exist_ok=False, mode=None):
@@ -133,10 +136,12 @@ class _BucketPath(gpath.PosixGPath):
 
 
 def _serve_bucket(patch: pytest.MonkeyPatch, root: str) -> None:
-  """epath.Path('ram://...') and Orbax's TensorStore specs of ram:// directories use the bucket in root."""
+  """epath.Path('ram://...') and Orbax's TensorStore specs of ram:// directories use the bucket in
+  root."""
   bucket = _Bucket(root)
   patch.setattr(_BucketPath, 'bucket', bucket)
-  patch.setitem(register._URI_PREFIXES_TO_CLS, f'{SCHEME}://', _BucketPath)  # pylint: disable=protected-access
+  patch.setitem(register._URI_PREFIXES_TO_CLS,  # pylint: disable=protected-access
+                f'{SCHEME}://', _BucketPath)
   build_kvstore_tspec = tensorstore_utils.build_kvstore_tspec
 
   def bucket_kvstore_tspec(directory, *args, **kwargs):
@@ -150,10 +155,12 @@ def _serve_bucket(patch: pytest.MonkeyPatch, root: str) -> None:
 IO_FUNCTIONS = {  # touch the local disk: a ram:// path here is a bug, whoever calls
     builtins: ('open',),
     io: ('open',),  # zipfile's (np.savez)
-    os: ('open', 'makedirs', 'mkdir', 'rename', 'replace', 'remove', 'unlink', 'rmdir', 'listdir', 'scandir', 'stat'),
+    os: ('open', 'makedirs', 'mkdir', 'rename', 'replace', 'remove', 'unlink', 'rmdir', 'listdir',
+         'scandir', 'stat'),
     os.path: ('exists', 'isdir', 'isfile', 'getsize', 'abspath', 'realpath', 'relpath'),
 }
-STRING_FUNCTIONS = {os.path: ('join', 'dirname', 'basename', 'splitext')}  # a bug only in the repository's code
+# a bug only in the repository's code
+STRING_FUNCTIONS = {os.path: ('join', 'dirname', 'basename', 'splitext')}
 
 
 def _is_remote(value) -> bool:
@@ -166,8 +173,8 @@ def _from_repository(frame) -> bool:
 
 
 def _guard_local_io(patch: pytest.MonkeyPatch) -> list[str]:
-  """Makes the functions above raise on a ram:// path; returns the list every refusal is also added to
-  (an exception raised in a background thread of Orbax may be logged rather than seen)."""
+  """Makes the functions above raise on a ram:// path; returns the list every refusal is also added
+  to (an exception raised in a background thread of Orbax may be logged rather than seen)."""
   refused = []
 
   def guarded(module, name, fn, only_repository):
@@ -197,14 +204,15 @@ class RemoteRun:
 
 @pytest.fixture(scope='module')
 def remote_run(tmp_path_factory):
-  """teacher -> stage 1 -> one stage-2 round (4 -> 2 steps) -> samples, --mode=sample and --mode=fid, under the
-  workdir lock, with the workdir on ram:// and local I/O on it refused."""
-  workdir = f'{SCHEME}://bucket-{uuid.uuid4().hex[:8]}/run'  # TensorFlow's ram:// lives as long as the process
+  """teacher -> stage 1 -> one stage-2 round (4 -> 2 steps) -> samples, --mode=sample and
+  --mode=fid, under the workdir lock, with the workdir on ram:// and local I/O on it refused."""
+  # TensorFlow's ram:// lives as long as the process
+  workdir = f'{SCHEME}://bucket-{uuid.uuid4().hex[:8]}/run'
   config = tiny_config(workdir)
   config.stage2.final_steps = 2
   config.pipeline.update(teacher_steps=(4,), guidance_ws=(2.0,))
-  config.eval.update(guidance_ws=(2.0,), teacher_steps=(4,), teacher_ddpm_steps=(), student_steps=(2,),
-                     num_samples=256)
+  config.eval.update(guidance_ws=(2.0,), teacher_steps=(4,), teacher_ddpm_steps=(),
+                     student_steps=(2,), num_samples=256)
   bucket_root, cwd = str(tmp_path_factory.mktemp('bucket')), str(tmp_path_factory.mktemp('cwd'))
   with pytest.MonkeyPatch.context() as patch:
     _serve_bucket(patch, bucket_root)
@@ -230,11 +238,15 @@ def test_the_pipeline_runs_with_its_workdir_on_a_remote_filesystem(remote_run):
   assert len(files.read_json(f'{results}/stage_quality.json')['rows']) == 3 * 2
   assert files.read_bytes(f'{results}/student_ddim_2steps_w2.png').startswith(b'\x89PNG')
   samples = files.read_npz(f'{workdir}/samples/teacher_CFG_ddim_64steps_w1.npz')
-  assert samples['samples'].shape == (len(samples['labels']), 2) and np.all(np.isfinite(samples['samples']))
-  assert len(files.listdir(f'{workdir}/reference_stats')) == 2  # the statistics and the precision / recall pool
-  assert {'results.csv', 'results.md', 'fid_vs_steps.png', 'fid_vs_is.png'} <= set(files.listdir(f'{workdir}/eval'))
+  assert (samples['samples'].shape == (len(samples['labels']), 2) and
+          np.all(np.isfinite(samples['samples'])))
+  # the statistics and the precision / recall pool
+  assert len(files.listdir(f'{workdir}/reference_stats')) == 2
+  assert ({'results.csv', 'results.md', 'fid_vs_steps.png', 'fid_vs_is.png'}
+          <= set(files.listdir(f'{workdir}/eval')))
   assert writers.read_jsonl(f'{workdir}/logs/teacher/{writers.JSONL_NAME}')[-1]['step'] == 20
-  events = event_accumulator.EventAccumulator(f'{workdir}/logs/teacher')  # TensorFlow's own ram:// (tf.io.gfile)
+  # TensorFlow's own ram:// (tf.io.gfile)
+  events = event_accumulator.EventAccumulator(f'{workdir}/logs/teacher')
   events.Reload()
   assert 'loss' in events.Tags()['tensors']
   assert not files.exists(f'{workdir}/{lock.LOCK_NAME}'), 'the lock is released'
@@ -250,17 +262,22 @@ def test_the_guard_refuses_local_io_on_a_remote_path(tmp_path):
   with pytest.MonkeyPatch.context() as patch:
     patch.chdir(tmp_path)
     refused = _guard_local_io(patch)
-    for call in (lambda: open(f'{SCHEME}://b/x', 'w', encoding='utf-8'), lambda: os.makedirs(f'{SCHEME}://b/d'),
-                 lambda: os.replace(f'{SCHEME}://b/x', f'{SCHEME}://b/y'), lambda: os.path.exists(f'{SCHEME}://b'),
-                 lambda: np.savez(f'{SCHEME}://b/x.npz', x=np.zeros(1)), lambda: os.path.abspath(f'{SCHEME}://b')):
+    for call in (lambda: open(f'{SCHEME}://b/x', 'w', encoding='utf-8'),
+                 lambda: os.makedirs(f'{SCHEME}://b/d'),
+                 lambda: os.replace(f'{SCHEME}://b/x', f'{SCHEME}://b/y'),
+                 lambda: os.path.exists(f'{SCHEME}://b'),
+                 lambda: np.savez(f'{SCHEME}://b/x.npz', x=np.zeros(1)),
+                 lambda: os.path.abspath(f'{SCHEME}://b')):
       with pytest.raises(AssertionError, match='local I/O on a remote path'):
         call()
     assert len(refused) == 6
-    assert os.path.join(f'{SCHEME}://b', 'x') == f'{SCHEME}://b/x'  # pure string function, called from a test
+    # pure string function, called from a test
+    assert os.path.join(f'{SCHEME}://b', 'x') == f'{SCHEME}://b/x'
   assert os.listdir(tmp_path) == []
 
 
-def test_a_second_run_in_a_remote_workdir_is_refused_and_an_empty_one_removed(tmp_path, monkeypatch):
+def test_a_second_run_in_a_remote_workdir_is_refused_and_an_empty_one_removed(
+    tmp_path, monkeypatch):
   _serve_bucket(monkeypatch, str(tmp_path))
   workdir = f'{SCHEME}://bucket/run'
   with lock.workdir_lock(workdir):

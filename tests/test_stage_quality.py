@@ -20,8 +20,10 @@ from modes.methods import Method
 from modes.validation import ConfigError, validate_config
 from eval import fidelity
 
-STAGE_TITLES = ['stage 1', 'stage 2: 4 -> 2', 'stage 2: 2 -> 1']  # tiny: stage2.start_steps 4, final_steps 1
-# A stand-in's sample is the class mean + noise, shifted by its checkpoint's error (the teacher has none).
+# tiny: stage2.start_steps 4, final_steps 1
+STAGE_TITLES = ['stage 1', 'stage 2: 4 -> 2', 'stage 2: 2 -> 1']
+# A stand-in's sample is the class mean + noise, shifted by its checkpoint's error (the teacher has
+# none).
 ERRORS = {'teacher': 0.0, 'stage1': 0.02, 'steps_0002': 0.05, 'steps_0001': 0.1}
 TEACHER_FLOOR_ERROR = 0.03  # the teacher at tiny's floor_steps = 2
 
@@ -35,11 +37,14 @@ class FakeCheckpoint:
 
   def sample(self, *, sampler, num_steps, guidance_w, z_init, label, seed, clip_x=False):
     del clip_x
-    self.calls.append(dict(ckpt=os.path.basename(self.ckpt_dir), sampler=sampler, steps=num_steps, w=guidance_w,
-                           z_init=np.asarray(z_init), label=np.asarray(label), seed=seed))
+    self.calls.append(
+        dict(ckpt=os.path.basename(self.ckpt_dir), sampler=sampler, steps=num_steps, w=guidance_w,
+             z_init=np.asarray(z_init), label=np.asarray(label), seed=seed))
     error = ERRORS[os.path.basename(self.ckpt_dir)] * (2.0 if sampler == 'stochastic' else 1.0)
-    error += TEACHER_FLOOR_ERROR if (os.path.basename(self.ckpt_dir), num_steps) == ('teacher', 2) else 0.0
-    return TOY2D_MEANS[np.asarray(label)] + 0.2 * np.asarray(z_init) + error * (1.0 + guidance_w)  # [B, 2]
+    error += (TEACHER_FLOOR_ERROR if
+              (os.path.basename(self.ckpt_dir), num_steps) == ('teacher', 2) else 0.0)
+    # [B, 2]
+    return TOY2D_MEANS[np.asarray(label)] + 0.2 * np.asarray(z_init) + error * (1.0 + guidance_w)
 
 
 class FakeWriter:
@@ -61,10 +66,12 @@ class FakeWriter:
 
 @pytest.fixture
 def fake_run(tmp_path, monkeypatch):
-  """A tiny config whose checkpoints are FakeCheckpoints; returns (config, the list of sample() calls)."""
+  """A tiny config whose checkpoints are FakeCheckpoints; returns (config, the list of sample()
+  calls)."""
   calls = []
-  monkeypatch.setattr(stage_quality, 'load_cached',
-                      lambda cache, ckpt_dir: cache.setdefault(ckpt_dir, FakeCheckpoint(ckpt_dir, calls)))
+  monkeypatch.setattr(
+      stage_quality, 'load_cached',
+      lambda cache, ckpt_dir: cache.setdefault(ckpt_dir, FakeCheckpoint(ckpt_dir, calls)))
   monkeypatch.setattr(stage_quality, 'checkpoint_id', lambda ckpt_dir: 'fake')
   return tiny_config(tmp_path), calls
 
@@ -79,9 +86,11 @@ def _run_all(config, writer=None) -> stage_quality.StageQuality:
 
 
 def _pipeline_without_training(config, monkeypatch, **stand_ins):
-  """run_pipeline with every stage already trained and no sample grids: only the quality table does work.
+  """run_pipeline with every stage already trained and no sample grids: only the quality table does
+  work.
 
-  stand_ins replace a training function (by name) with another stand-in than the one that does nothing.
+  stand_ins replace a training function (by name) with another stand-in than the one that does
+  nothing.
   """
   for name in ('train_teacher', 'train_stage1', 'train_stage2_round'):
     monkeypatch.setattr(pipeline.stages, name, stand_ins.get(name, lambda *args: None))
@@ -99,26 +108,31 @@ def _table_rows(summary: str, w: str) -> list[list[str]]:
   return [[c.strip() for c in line.split('|')[1:-1]] for line in table.strip().splitlines()[2:]]
 
 
-def test_pipeline_summary_has_the_teacher_rows_and_one_row_per_stage_for_every_w(fake_run, monkeypatch):
+def test_pipeline_summary_has_the_teacher_rows_and_one_row_per_stage_for_every_w(
+    fake_run, monkeypatch):
   config, _ = fake_run
   results_dir, writer = _pipeline_without_training(config, monkeypatch)
   with open(os.path.join(results_dir, 'summary.md'), encoding='utf-8') as f:
     summary = f.read()
   for w in ('0', '2'):
     rows = [r for r in _table_rows(summary, w) if 'stochastic' not in r[0]]
-    assert [r[0] for r in rows] == ['teacher CFG ddim 8 (reference)', 'teacher CFG ddim 2 (floor)', 'stage 1 ddim 8',
-                                    'student ddim 2 (stage 2: 4 -> 2)', 'student ddim 1 (stage 2: 2 -> 1)']
+    assert [r[0] for r in rows] == ['teacher CFG ddim 8 (reference)', 'teacher CFG ddim 2 (floor)',
+                                    'stage 1 ddim 8', 'student ddim 2 (stage 2: 4 -> 2)',
+                                    'student ddim 1 (stage 2: 2 -> 1)']
     assert [r[1] for r in rows] == ['16', '4', '8', '2', '1']
     fidelities = [float(r[2]) for r in rows]
     assert fidelities[0] == 0.0 and all(f > 0 for f in fidelities[1:])
-    assert fidelities[2] < fidelities[3] < fidelities[4]  # the stand-ins' errors grow round by round
+    # the stand-ins' errors grow round by round
+    assert fidelities[2] < fidelities[3] < fidelities[4]
     assert rows[2][3] in ('faithful', 'drifted') and rows[0][3] == '-'
     assert rows[2][4] == rows[2][2]  # stage 1's own teacher is the reference
   with open(os.path.join(results_dir, 'stage_quality.json'), encoding='utf-8') as f:
-    assert len(json.load(f)['rows']) == 4 * 2  # the teacher's (two rows under one key), stage 1, two rounds
+    # the teacher's (two rows under one key), stage 1, two rounds
+    assert len(json.load(f)['rows']) == 4 * 2
   with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
     timings = json.load(f)
-  assert 'quality' in timings and ' cores' in timings['machine (this invocation)']  # times name their machine
+  # times name their machine
+  assert 'quality' in timings and ' cores' in timings['machine (this invocation)']
   assert f'Machine: {timings["machine (this invocation)"]}' in summary
   assert os.path.exists(os.path.join(results_dir, 'fidelity_vs_w.png'))
   step, value = writer.scalars['quality/stage2_4to2/w2/fidelity']
@@ -132,13 +146,16 @@ def test_the_stochastic_column_follows_quality_stochastic(tmp_path):
   n = stages.stage2_rounds(config)[-1]
   assert stage_quality.round_comparison(config, n).stochastic.sampler == 'stochastic'
   config.pipeline.quality_stochastic = False
-  assert stage_quality.round_comparison(config, n).stochastic is None  # no column, no samples, not in the key
+  # no column, no samples, not in the key
+  assert stage_quality.round_comparison(config, n).stochastic is None
 
 
 def test_teacher_and_student_sample_from_identical_noise_and_labels(fake_run):
   config, calls = fake_run
   stage_quality.StageQuality(config).after_stage1()
-  teacher = [c for c in calls if c['ckpt'] == 'teacher' and c['steps'] == config.pipeline.quality_steps]
+  teacher = [
+      c for c in calls if c['ckpt'] == 'teacher' and c['steps'] == config.pipeline.quality_steps
+  ]
   student = [c for c in calls if c['ckpt'] == 'stage1']
   assert len(teacher) == len(student) == 2  # one batch of 256 per w
   for t, s in zip(teacher, student, strict=True):
@@ -154,22 +171,26 @@ def test_a_checkpoint_compared_with_itself_has_fidelity_0_and_rms_0(fake_run):
   _, extract = fid.make_extractor(config)
   sets = []
   for _ in range(2):  # two separately loaded copies of the checkpoint
-    samples = stage_quality.sample_set(FakeCheckpoint(method.ckpt_dir, calls), method, w=1.0, num_samples=512,
-                                       batch_size=256, seed=config.pipeline.seed)
-    sets.append((samples, stage_quality.extract_features(samples, extract=extract, batch_size=256, num_classes=4,
-                                                         logits_are_classes=True)))
+    samples = stage_quality.sample_set(FakeCheckpoint(method.ckpt_dir, calls), method, w=1.0,
+                                       num_samples=512, batch_size=256, seed=config.pipeline.seed)
+    sets.append((samples,
+                 stage_quality.extract_features(samples, extract=extract, batch_size=256,
+                                                num_classes=4, logits_are_classes=True)))
   (teacher, teacher_features), (student, student_features) = sets
   assert teacher.shape == (512, 2)
-  assert fidelity.frechet_between(teacher_features, student_features) == pytest.approx(0.0, abs=1e-9)
+  assert (
+      fidelity.frechet_between(teacher_features, student_features) == pytest.approx(0.0, abs=1e-9))
   assert stage_quality.paired_rms(teacher, student) == 0.0
 
 
-def test_a_rerun_reads_the_cache_and_samples_nothing_and_a_killed_run_resumes(fake_run, monkeypatch):
+def test_a_rerun_reads_the_cache_and_samples_nothing_and_a_killed_run_resumes(
+    fake_run, monkeypatch):
   config, calls = fake_run
   stage_quality.StageQuality(config).after_stage1()  # a run killed after stage 1's rows
   calls.clear()
   finished = _run_all(config)
-  assert finished.computed_rows == 2 * 2  # two rounds at two w: the teacher's and stage 1's rows were kept
+  # two rounds at two w: the teacher's and stage 1's rows were kept
+  assert finished.computed_rows == 2 * 2
 
   def must_not_sample(*args, **kwargs):
     raise AssertionError('a finished comparison was sampled again')
@@ -185,7 +206,8 @@ def test_a_rerun_reads_the_cache_and_samples_nothing_and_a_killed_run_resumes(fa
 def test_a_row_is_keyed_by_the_evaluation_protocol(fake_run):
   config, _ = fake_run
   plain = stage_quality.StageQuality(config)._key('stage1', 1.0)
-  config.eval.quantize_uint8 = True  # (refused for toy data by validate_config; the key does not look at data)
+  # (refused for toy data by validate_config; the key does not look at data)
+  config.eval.quantize_uint8 = True
   quantized = stage_quality.StageQuality(config)._key('stage1', 1.0)
   assert quantized != plain and ' | uint8 | ' in quantized
 
@@ -213,7 +235,8 @@ def test_inception_without_weights_skips_the_table_with_one_line(fake_run, caplo
 
 @pytest.mark.parametrize('field, value, message', [
     ('quality_samples', -1, 'pipeline.quality_samples must be >= 0 (0 = off)'),
-    ('quality_samples', 100, 'pipeline.quality_samples (100) must be a multiple of eval.batch_size (256)'),
+    ('quality_samples', 100,
+     'pipeline.quality_samples (100) must be a multiple of eval.batch_size (256)'),
     ('quality_steps', 0, 'pipeline.quality_steps must be > 0'),
     ('floor_steps', 8, 'pipeline.floor_steps must be in [1, pipeline.quality_steps=8), got 8'),
     ('quality_ws', (), 'pipeline.quality_ws must name at least one guidance weight'),
@@ -235,12 +258,15 @@ def test_a_rerun_keeps_the_recorded_time_of_what_it_skipped(fake_run, monkeypatc
   _pipeline_without_training(config, monkeypatch)
   with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
     first = json.load(f)
-  assert first['teacher'] == 257.0 and first['stage1'] < 1.0 and first['quality'] >= 0.0  # this run's (fast: 0.0)
-  monkeypatch.setattr(pipeline, '_trained', lambda config, stage, steps=None: True)  # a rerun of a finished run
-  _pipeline_without_training(config, monkeypatch, train_stage1=lambda *args: time.sleep(1.5))  # loading, checks
+  # this run's (fast: 0.0)
+  assert first['teacher'] == 257.0 and first['stage1'] < 1.0 and first['quality'] >= 0.0
+  # a rerun of a finished run
+  monkeypatch.setattr(pipeline, '_trained', lambda config, stage, steps=None: True)
+  # loading, checks
+  _pipeline_without_training(config, monkeypatch, train_stage1=lambda *args: time.sleep(1.5))
   with open(os.path.join(results_dir, 'timings.json'), encoding='utf-8') as f:
     second = json.load(f)
-  assert {k: second[k] for k in ('teacher', 'stage1', 'quality')} == {k: first[k] for k in ('teacher', 'stage1',
-                                                                                             'quality')}
+  assert {k: second[k] for k in ('teacher', 'stage1', 'quality')} == {k: first[k] for k in (
+      'teacher', 'stage1', 'quality')}
   assert second['pipeline (this invocation)'] >= 1.5
 

@@ -1,7 +1,8 @@
-"""Stale stages: a rerun whose config differs, in a field a finished stage depends on, from the config that stage
-was trained with is refused in one line naming the field and both values; --config.retrain_stale=True sets the old
-stage aside and trains it again; log, evaluation and output fields never trigger it. The sweep shares a stage
-between points by the same definition of what it depends on."""
+"""Stale stages: a rerun whose config differs, in a field a finished stage depends on, from the
+config that stage was trained with is refused in one line naming the field and both values;
+--config.retrain_stale=True sets the old stage aside and trains it again; log, evaluation and output
+fields never trigger it. The sweep shares a stage between points by the same definition of what it
+depends on."""
 
 import os
 import shutil
@@ -44,10 +45,11 @@ def test_a_pipeline_rerun_with_another_w_max_is_refused_in_one_line(run):
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   stage1_dir = stages.stage_dir(run.workdir, 'stage1')
   assert result.returncode == 1 and errors == [
-      f'error: {stage1_dir} was trained with distill.w_max=4.0 but this config gives 2.0: rerun with the value it '
-      'was trained with, pass --config.retrain_stale=True to set it aside and train it again, or use another '
-      '--config.workdir'], result.stderr[-3000:]
-  assert not os.path.exists(stages.stage_dir(run.workdir, 'stage2', 2)), 'nothing distilled from the old stage 1'
+      f'error: {stage1_dir} was trained with distill.w_max=4.0 but this config gives 2.0: rerun '
+      'with the value it was trained with, pass --config.retrain_stale=True to set it aside and '
+      'train it again, or use another --config.workdir'], result.stderr[-3000:]
+  assert not os.path.exists(
+      stages.stage_dir(run.workdir, 'stage2', 2)), 'nothing distilled from the old stage 1'
 
 
 def test_retrain_stale_sets_the_old_stage_aside_and_trains_it_again(run):
@@ -55,7 +57,8 @@ def test_retrain_stale_sets_the_old_stage_aside_and_trains_it_again(run):
   run.retrain_stale = True
   stages.train_stage1(run)
   stage1_dir = stages.stage_dir(run.workdir, 'stage1')
-  assert records.read(f'{stage1_dir}.stale')['config']['distill']['w_max'] == 4.0  # kept, not deleted
+  # kept, not deleted
+  assert records.read(f'{stage1_dir}.stale')['config']['distill']['w_max'] == 4.0
   assert records.read(stage1_dir)['config']['distill']['w_max'] == 2.0
   assert records.stale_field(stage1_dir, run, 'stage1') is None
 
@@ -65,9 +68,10 @@ def test_a_stale_teacher_is_refused_where_a_student_loads_it(run):
   with pytest.raises(records.StaleStageError) as err:
     stages.train_stage1(run)
   teacher_dir = stages.stage_dir(run.workdir, 'teacher')
-  assert str(err.value) == (f'{teacher_dir} was trained with train.lr=0.001 but this config gives 0.002: rerun with '
-                            'the value it was trained with, rerun --mode=teacher with --config.retrain_stale=True to '
-                            'train it again, or use another --config.workdir')
+  assert str(err.value) == (
+      f'{teacher_dir} was trained with train.lr=0.001 but this config gives 0.002: rerun with '
+      'the value it was trained with, rerun --mode=teacher with --config.retrain_stale=True to '
+      'train it again, or use another --config.workdir')
 
 
 def test_log_evaluation_and_output_fields_do_not_make_a_stage_stale(run):
@@ -82,7 +86,8 @@ def test_log_evaluation_and_output_fields_do_not_make_a_stage_stale(run):
   run.data.tfds_data_dir = '/elsewhere'
   for stage in ('teacher', 'stage1'):
     assert records.stale_field(stages.stage_dir(run.workdir, stage), run, stage) is None
-  stages.train_stage1(run)  # loads the teacher, finds stage 1 finished: nothing refused, nothing trained
+  # loads the teacher, finds stage 1 finished: nothing refused, nothing trained
+  stages.train_stage1(run)
 
 
 @pytest.mark.parametrize('field, value, changed', [
@@ -105,9 +110,10 @@ def test_which_teacher_fields_make_a_finished_teacher_stale(run, field, value, c
 
 
 @pytest.mark.parametrize('field, value', [
-    ('distill.w_max', 2.0), ('distill.w_min', 1.0), ('stage1.lr', 5e-4), ('train.lr', 2e-3), ('train.log_every', 1),
-    ('eval.num_samples', 256), ('seed', 3), ('model.hidden', 32), ('stage2.lr', 1e-4), ('stage2.final_steps', 2),
-    ('pipeline.quality_samples', 0), ('train.checkpoint_every', 1), ('sample.guidance_w', 0.5)])
+    ('distill.w_max', 2.0), ('distill.w_min', 1.0), ('stage1.lr', 5e-4), ('train.lr', 2e-3),
+    ('train.log_every', 1), ('eval.num_samples', 256), ('seed', 3), ('model.hidden', 32),
+    ('stage2.lr', 1e-4), ('stage2.final_steps', 2), ('pipeline.quality_samples', 0),
+    ('train.checkpoint_every', 1), ('sample.guidance_w', 0.5)])
 def test_the_sweep_shares_a_stage_exactly_when_a_rerun_would_not_refuse_it(tmp_path, field, value):
   base, point = tiny_config(tmp_path), tiny_config(tmp_path)
   sweep.set_dotted(point, field, value)

@@ -1,4 +1,5 @@
-"""The packed train state: params, EMA and Adam's moments as one vector each, the same update as per array."""
+"""The packed train state: params, EMA and Adam's moments as one vector each, the same update as per
+array."""
 
 import jax
 import jax.numpy as jnp
@@ -6,11 +7,13 @@ import numpy as np
 import optax
 
 from conftest import tiny_config
-from train.state import (ParamLayout, create_train_state, learning_rate_schedule, make_optimizer, make_train_step,
-                         pack_state, unpack_state)
+from train.state import (ParamLayout, create_train_state, learning_rate_schedule, make_optimizer,
+                         make_train_step, pack_state, unpack_state)
 
-_PARAMS = {'conv': {'kernel': jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4) / 10, 'bias': jnp.array([0.5, -1.0])},
-           'embed': {'table': jnp.linspace(-1, 1, 6).reshape(3, 2)}, 'scale': jnp.array(2.0)}  # a scalar leaf too
+_PARAMS = {'conv': {'kernel': jnp.arange(24, dtype=jnp.float32).reshape(2, 3, 4) / 10,
+                    'bias': jnp.array([0.5, -1.0])},
+           # a scalar leaf too
+           'embed': {'table': jnp.linspace(-1, 1, 6).reshape(3, 2)}, 'scale': jnp.array(2.0)}
 
 
 def test_pack_then_unpack_gives_back_every_array_exactly():
@@ -33,20 +36,23 @@ def test_per_top_key_fills_each_arrays_entries_with_its_keys_value():
 
 
 def test_an_unpacked_state_has_the_per_array_structure_checkpoints_hold():
-  """Checkpoints hold unpacked states: the optimizer state of an unpacked state is tx.init of the params tree
-  (checkpoints written before the packed step restore into it), and packing it again is exact."""
+  """Checkpoints hold unpacked states: the optimizer state of an unpacked state is tx.init of the
+  params tree (checkpoints written before the packed step restore into it), and packing it again is
+  exact."""
   tx = make_optimizer(tiny_config('/tmp/unused').train)
   state = create_train_state(_PARAMS, tx, seed=0)
   unpacked = unpack_state(state)
   assert jax.tree.structure(unpacked.opt_state) == jax.tree.structure(tx.init(_PARAMS))
-  assert unpacked.layout is None and jax.tree.structure(unpacked.params) == jax.tree.structure(_PARAMS)
+  assert (unpacked.layout is None and
+          jax.tree.structure(unpacked.params) == jax.tree.structure(_PARAMS))
   repacked = pack_state(unpacked)
   assert repacked.layout == state.layout
   jax.tree.map(np.testing.assert_array_equal, repacked, state)
 
 
 def _per_array_step(loss_fn, tx, ema_decay, state, batch):
-  """The update written per array (as this repo's step was before it packed the state): a reference."""
+  """The update written per array (as this repo's step was before it packed the state): a
+  reference."""
   grads = jax.grad(lambda p: loss_fn(p, batch, None, None)[0])(state['params'])
   updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
@@ -56,14 +62,16 @@ def _per_array_step(loss_fn, tx, ema_decay, state, batch):
 
 
 def test_the_packed_step_is_the_per_array_update():
-  """AdamW with weight decay, global-norm clipping (active: the gradient norm is above 1) and the EMA warm-up,
-  three steps: the packed step and the per-array reference agree on params, EMA and Adam's moments."""
+  """AdamW with weight decay, global-norm clipping (active: the gradient norm is above 1) and the
+  EMA warm-up, three steps: the packed step and the per-array reference agree on params, EMA and
+  Adam's moments."""
   section = tiny_config('/tmp/unused').train
   section.update(warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
   tx = make_optimizer(section)
-  loss_fn = lambda p, batch, rng, frozen: (sum(jnp.sum(jnp.square(leaf - batch)) for leaf in jax.tree.leaves(p)),
-                                           {})
-  step = jax.jit(make_train_step(loss_fn, tx, ema_decay=0.9, lr_schedule=learning_rate_schedule(section)))
+  loss_fn = lambda p, batch, rng, frozen: (
+      sum(jnp.sum(jnp.square(leaf - batch)) for leaf in jax.tree.leaves(p)), {})
+  step = jax.jit(
+      make_train_step(loss_fn, tx, ema_decay=0.9, lr_schedule=learning_rate_schedule(section)))
   packed = create_train_state(_PARAMS, tx, seed=0)
   reference = {'params': _PARAMS, 'ema': _PARAMS, 'opt_state': tx.init(_PARAMS), 'step': 0}
   for batch in (jnp.float32(0.3), jnp.float32(-2.0), jnp.float32(1.0)):
@@ -75,5 +83,6 @@ def test_the_packed_step_is_the_per_array_update():
   jax.tree.map(close, unpacked.params, reference['params'])
   jax.tree.map(close, unpacked.ema_params, reference['ema'])
   jax.tree.map(close, unpacked.opt_state, reference['opt_state'])
-  moved = jax.tree.map(lambda new, old: float(jnp.max(jnp.abs(new - old))), unpacked.params, _PARAMS)
+  moved = jax.tree.map(
+      lambda new, old: float(jnp.max(jnp.abs(new - old))), unpacked.params, _PARAMS)
   assert min(jax.tree.leaves(moved)) > 1e-3  # every array was updated

@@ -1,4 +1,5 @@
-"""--mode=sweep on two tiny points: separate workdirs, an index, printed commands, unknown keys refused."""
+"""--mode=sweep on two tiny points: separate workdirs, an index, printed commands, unknown keys
+refused."""
 
 import json
 import os
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_PATH = os.path.join(REPO, 'configs', 'tiny.py')
-POINTS = [{'distill.w_max': 2.0, 'stage2.num_steps': 10}, {'distill.w_max': 3.0, 'stage2.num_steps': 10}]
+POINTS = [{'distill.w_max': 2.0, 'stage2.num_steps': 10},
+          {'distill.w_max': 3.0, 'stage2.num_steps': 10}]
 
 
 def _must_not_run(config):
@@ -26,13 +28,15 @@ def _must_not_run(config):
 
 
 def _parse_command(line: str, monkeypatch):
-  """The config main.py would build from a printed command (config_flags reads overrides from sys.argv)."""
+  """The config main.py would build from a printed command (config_flags reads overrides from
+  sys.argv)."""
   args = shlex.split(line)
   assert args[:2] == ['python', 'main.py'] and '--mode=pipeline' in args, line
   argv = ['main.py', *(a for a in args[2:] if a.startswith('--config'))]
   monkeypatch.setattr(sys, 'argv', argv)
   flag_values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=flag_values, lock_config=True)
+  config_flags.DEFINE_config_file('config', None, 'config file', flag_values=flag_values,
+                                  lock_config=True)
   flag_values(argv)
   return flag_values.config
 
@@ -49,13 +53,16 @@ def test_sweep_runs_each_point_in_its_own_workdir(tmp_path):
       assert json.load(f)['distill']['w_max'] == point['distill.w_max']
   index = (tmp_path / 'sweep' / 'index.md').read_text()
   assert all(f'`{name}`' in index and workdir in index for name, workdir in zip(names, workdirs))
-  # Only distillation fields differ: the second point gets a copy of the first point's teacher, not a new one.
+  # Only distillation fields differ: the second point gets a copy of the first point's teacher, not
+  # a new one.
   assert f'| teacher (`{names[0]}`) |' in index
   teachers = [checkpoint.params_digest(checkpoint.load_params(
-      stages.stage_dir(w, 'teacher'), abstract, check_record=records.checker(record, stages.stage_dir(w, 'teacher'))))
+      stages.stage_dir(w, 'teacher'), abstract,
+      check_record=records.checker(record, stages.stage_dir(w, 'teacher'))))
               for w in workdirs for abstract, record in [_teacher_shapes(config, w)]]
   assert teachers[0] == teachers[1]
-  assert not os.path.isdir(os.path.join(workdirs[1], 'logs', 'teacher')), 'the second point trained a teacher'
+  assert not os.path.isdir(
+      os.path.join(workdirs[1], 'logs', 'teacher')), 'the second point trained a teacher'
 
 
 def _teacher_shapes(config, workdir):
@@ -63,19 +70,23 @@ def _teacher_shapes(config, workdir):
   return records.build(record)[1], record
 
 
-def test_stage_inputs_share_the_teacher_for_distillation_fields_and_stage_1_for_stage_2_fields(tmp_path):
+def test_stage_inputs_share_the_teacher_for_distillation_fields_and_stage_1_for_stage_2_fields(
+    tmp_path):
   config = tiny_config(tmp_path)
-  points = {name: sweep.point_config(config, overrides, str(tmp_path / name)) for name, overrides in (
+  points = {name: sweep.point_config(config, overrides,
+                                     str(tmp_path / name)) for name, overrides in (
       ('base', {}), ('w_max', {'distill.w_max': 3.0}), ('rounds', {'stage2.num_steps': 7}),
       ('teacher_lr', {'train.lr': 1e-4}), ('eval', {'eval.num_samples': 1024}))}
-  same = lambda stage, a, b: sweep.stage_inputs(points[a], stage) == sweep.stage_inputs(points[b], stage)
+  same = lambda stage, a, b: sweep.stage_inputs(points[a], stage) == sweep.stage_inputs(
+      points[b], stage)
   assert same('teacher', 'base', 'w_max') and not same('stage1', 'base', 'w_max')
   assert same('teacher', 'base', 'rounds') and same('stage1', 'base', 'rounds')
   assert not same('teacher', 'base', 'teacher_lr')
   assert same('teacher', 'base', 'eval') and same('stage1', 'base', 'eval')
 
 
-@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')  # ml_collections loading tiny.py
+# ml_collections loading tiny.py
+@pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
 def test_print_only_prints_one_command_per_point_and_runs_nothing(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(sweep, 'run_pipeline', _must_not_run)
   config = tiny_config(tmp_path, train=7)
@@ -105,7 +116,8 @@ def test_digits_sweep_lists_four_valid_points(tmp_path):
   base = sweep.load_config_module(config_path).get_config()
   for point in points:
     config = sweep.point_config(base, point, str(tmp_path / sweep.point_name(point)))
-    assert (config.distill.w_max, config.stage2.num_steps) == (point['distill.w_max'], point['stage2.num_steps'])
+    assert ((config.distill.w_max, config.stage2.num_steps) ==
+            (point['distill.w_max'], point['stage2.num_steps']))
 
 
 def test_fixed_w_sweep_has_one_valid_point_per_w_sharing_one_teacher(tmp_path):
@@ -121,7 +133,8 @@ def test_fixed_w_sweep_has_one_valid_point_per_w_sharing_one_teacher(tmp_path):
   assert len({sweep.stage_inputs(c, 'teacher') for c in configs}) == 1
   assert len({sweep.stage_inputs(c, 'stage1') for c in configs}) == 3
   default = sweep.point_config(config, {}, str(tmp_path / 'default'))
-  assert sweep.stage_inputs(default, 'teacher') == sweep.stage_inputs(configs[0], 'teacher')  # the default's teacher
+  # the default's teacher
+  assert sweep.stage_inputs(default, 'teacher') == sweep.stage_inputs(configs[0], 'teacher')
 
 
 def test_w_range_sweep_varies_only_w_max_and_shares_the_default_teacher(tmp_path):
@@ -132,6 +145,8 @@ def test_w_range_sweep_varies_only_w_max_and_shares_the_default_teacher(tmp_path
   configs = [sweep.point_config(config, p, str(tmp_path / sweep.point_name(p))) for p in points]
   assert [c.distill.w_max for c in configs] == [1.0, 2.0, 4.0, 8.0]
   default = sweep.point_config(config, {}, str(tmp_path / 'default'))
-  assert {sweep.stage_inputs(c, 'teacher') for c in configs} == {sweep.stage_inputs(default, 'teacher')}
-  assert sweep.stage_inputs(configs[2], 'stage1') == sweep.stage_inputs(default, 'stage1')  # w_max = 4: the default
+  assert {sweep.stage_inputs(c, 'teacher') for c in configs
+         } == {sweep.stage_inputs(default, 'teacher')}
+  # w_max = 4: the default
+  assert sweep.stage_inputs(configs[2], 'stage1') == sweep.stage_inputs(default, 'stage1')
   assert len({sweep.stage_inputs(c, 'stage1') for c in configs}) == 4
