@@ -34,20 +34,22 @@ def _cell_stats(by_seed: dict) -> tuple[float, float, float]:
   return fid_mean, fid_sd, float(np.mean([_as_float(r['is_mean']) for r in by_seed.values()]))
 
 
-def _accuracy(by_seed: dict) -> float:
-  """Mean class accuracy of one cell over its seeds; nan where the extractor has no class logits
-  (Inception)."""
-  return float(np.mean([_as_float(r.get('accuracy')) for r in by_seed.values()]))
+def _mean_of(by_seed: dict, name: str) -> float:
+  """The mean of one column over a cell's seeds; nan where its rows have none."""
+  return float(np.mean([_as_float(r.get(name)) for r in by_seed.values()]))
 
 
 def _cell_text(by_seed: dict) -> str:
-  """'FID / IS' of one seed, or 'mean ± sd / mean IS' over several; ' / accuracy' appended where
-  there is one."""
+  """'FID / IS' of one seed, or 'mean ± sd / mean IS' over several; ' / precision / recall' and
+  ' / accuracy' appended where the rows have them (means over the seeds)."""
   fid_mean, fid_sd, is_mean = _cell_stats(by_seed)
   text = (f'{fid_mean:.2f} / {is_mean:.2f}'
           if len(by_seed) == 1 else f'{fid_mean:.2f} ± {fid_sd:.2f} / {is_mean:.2f}')
-  accuracy = _accuracy(by_seed)
-  return text if np.isnan(accuracy) else f'{text} / {accuracy:.3f}'
+  for names in (('precision', 'recall'), ('accuracy',)):
+    values = [_mean_of(by_seed, name) for name in names]
+    if not np.isnan(values[0]):
+      text += ''.join(f' / {v:.3f}' for v in values)
+  return text
 
 
 def steps_text(n: int) -> str:
@@ -76,8 +78,12 @@ def what_better_means(w: float) -> str:
 
 def _legend(rows: list[dict], *, is_max) -> list[str]:
   """The lines that explain the table once: cells, rows, columns, IS cap, accuracy, NFE."""
-  has_accuracy = any(not np.isnan(_as_float(r.get('accuracy'))) for r in rows)
-  cell = 'FID / IS' + (' / accuracy' if has_accuracy else '')
+  def has(name):
+    return any(not np.isnan(_as_float(r.get(name))) for r in rows)
+
+  has_accuracy, has_recall = has('accuracy'), has('precision')
+  cell = ('FID / IS' + (' / precision / recall' if has_recall else '') +
+          (' / accuracy' if has_accuracy else ''))
   lines = [
       f'Each cell is {cell} of one method\'s samples at one step count and guidance weight w, '
       'scored against the real data; with several noise seeds, FID is the mean ± standard '
@@ -91,6 +97,11 @@ def _legend(rows: list[dict], *, is_max) -> list[str]:
           f'count, so values near {is_max:g} say little: FID and accuracy tell methods '
           'apart there.' if is_max else ''),
   ]
+  if has_recall:
+    lines.append(
+        '- **precision** / **recall**: the fraction of samples inside the real data\'s k-NN '
+        'manifold / of real examples inside the samples\' (k = 3, Kynkäänniemi et al. 2019): '
+        'quality and coverage, which FID folds into one number.')
   if has_accuracy:
     lines.append(
         '- **accuracy** (results.csv: `accuracy`): the fraction of samples the classifier '
@@ -138,30 +149,25 @@ def paired_differences(rows: list[dict]) -> list[tuple]:
 
 
 def _fidelity_text(by_seed: dict) -> str:
-  """'fidelity / precision / recall' of one cell (means over its seeds); '' for a row scored without
-  them."""
-  values = [float(np.mean([_as_float(r.get(name)) for r in by_seed.values()]))
-            for name in ('fidelity', 'precision', 'recall')]
-  return '' if np.isnan(values[0]) else ' / '.join(
-      f'{v:.3f}' if v >= 0.001 or v == 0 else f'{v:.1e}' for v in values)
+  """The fidelity of one cell (mean over its seeds); '' for a row scored without it."""
+  value = _mean_of(by_seed, 'fidelity')
+  return '' if np.isnan(value) else (
+      f'{value:.3f}' if value >= 0.001 or value == 0 else f'{value:.1e}')
 
 
 def _fidelity_section(rows: list[dict]) -> list[str]:
   """'## Fidelity to the teacher': per w, each method's Frechet distance to the teacher's reference
-  samples (same noise and labels), precision and recall against the real data; [] when no row has a
-  fidelity."""
+  samples (same noise and labels); [] when no row has a fidelity."""
   cells = _cells(rows)
   texts = {key: _fidelity_text(by_seed) for key, by_seed in cells.items()}
   if not any(texts.values()):
     return []
   lines = [
       '## Fidelity to the teacher', '',
-      'Each cell is fidelity / precision / recall. **fidelity**: the Fréchet distance '
-      'between the method\'s samples and the teacher\'s reference samples (its CFG DDIM at the '
-      'most steps, 0 in its own row) drawn from the same noise and labels at the same w: lower is '
-      'closer to the teacher at every w. **precision** / **recall**: the fraction of samples '
-      'inside the real data\'s k-NN manifold / of real examples inside the samples\' (k = 3, '
-      'Kynkäänniemi et al. 2019): quality and coverage.', '']
+      'Each cell is the **fidelity**: the Fréchet distance between the method\'s samples and '
+      'the teacher\'s reference samples (its CFG DDIM at the most steps, 0 in its own row) drawn '
+      'from the same noise and labels at the same w: lower is closer to the teacher at every w. '
+      'Precision and recall against the real data are in the FID cells below.', '']
   for w in sorted({key[0] for key in texts}):
     steps = sorted({s for (w2, _, s), text in texts.items() if w2 == w and text})
     grid = collections.defaultdict(dict)
@@ -178,9 +184,10 @@ def _fidelity_section(rows: list[dict]) -> list[str]:
 
 def write_table(rows: list[dict], path: str, *, title: str, is_max=None) -> None:
   """results.md: first the fidelity to the teacher (_fidelity_section), the headline; then one table
-  per w against the real data: cells 'FID / IS [/ accuracy]', rows 'method sampler', columns step
-  counts, each column explained once on top of them, and under each w what a lower FID means there
-  (what_better_means); then the paired differences against the teacher (paired_differences).
+  per w against the real data: cells 'FID / IS [/ precision / recall] [/ accuracy]', rows 'method
+  sampler', columns step counts, each column explained once on top of them, and under each w what a
+  lower FID means there (what_better_means); then the paired differences against the teacher
+  (paired_differences).
 
   With several noise seeds a cell is 'mean ± sd / IS' over them. is_max: the classifier's class
   count that bounds IS (None: Inception).

@@ -256,7 +256,11 @@ def test_results_md_explains_every_column_and_what_better_means_at_each_w(tmp_pa
   text = (tmp_path / 'results.md').read_text(encoding='utf-8')
   headings = [line for line in text.splitlines() if line.startswith('## ')]
   assert headings == ['## Fidelity to the teacher', '## FID / IS against the real data'], headings
-  assert '| teacher CFG ddim | 0.500 / 0.700 / 0.800 | 0.000 / 0.700 / 0.800 |' in text
+  assert '| teacher CFG ddim | 0.500 | 0.000 |' in text
+  # precision and recall sit beside FID and IS, explained once
+  assert '| teacher CFG ddim | 2 | 10.00 / 9.90 / 0.700 / 0.800 / 0.970 |' in text
+  assert 'Each cell is FID / IS / precision / recall / accuracy' in text
+  assert text.count('**precision** / **recall**') == 1
 
 
 def _overlaps(boxes) -> bool:
