@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from conftest import tiny_config
 from train.state import (ParamLayout, create_train_state, learning_rate_schedule, make_optimizer,
@@ -61,10 +62,11 @@ def _per_array_step(loss_fn, tx, ema_decay, state, batch):
   return {'params': params, 'ema': ema, 'opt_state': opt_state, 'step': state['step'] + 1}
 
 
-def test_the_packed_step_is_the_per_array_update():
+@pytest.mark.parametrize('packed', [True, False])
+def test_the_packed_step_is_the_per_array_update(packed):
   """AdamW with weight decay, global-norm clipping (active: the gradient norm is above 1) and the
-  EMA warm-up, three steps: the packed step and the per-array reference agree on params, EMA and
-  Adam's moments."""
+  EMA warm-up, three steps: the step (packed, or on params trees) and the per-array reference agree
+  on params, EMA and Adam's moments."""
   section = tiny_config('/tmp/unused').train
   section.update(warmup_steps=0, weight_decay=0.1, grad_clip=1.0)
   tx = make_optimizer(section)
@@ -72,13 +74,13 @@ def test_the_packed_step_is_the_per_array_update():
       sum(jnp.sum(jnp.square(leaf - batch)) for leaf in jax.tree.leaves(p)), {})
   step = jax.jit(
       make_train_step(loss_fn, tx, ema_decay=0.9, lr_schedule=learning_rate_schedule(section)))
-  packed = create_train_state(_PARAMS, tx, seed=0)
+  state = create_train_state(_PARAMS, tx, seed=0, packed=packed)
   reference = {'params': _PARAMS, 'ema': _PARAMS, 'opt_state': tx.init(_PARAMS), 'step': 0}
   for batch in (jnp.float32(0.3), jnp.float32(-2.0), jnp.float32(1.0)):
-    packed, metrics = step(packed, batch, None)
+    state, metrics = step(state, batch, None)
     reference = _per_array_step(loss_fn, tx, 0.9, reference, batch)
     assert float(metrics['grad_norm']) > 1.0  # clipping acts
-  unpacked = unpack_state(packed)
+  unpacked = unpack_state(state) if packed else state
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
   jax.tree.map(close, unpacked.params, reference['params'])
   jax.tree.map(close, unpacked.ema_params, reference['ema'])

@@ -149,25 +149,29 @@ def lr_scales(section) -> dict:
   return {key: scale for key, scale in (section.get('lr_scales') or {}).items() if scale != 1.0}
 
 
-def create_train_state(params, tx: optax.GradientTransformation, *, seed: int) -> TrainState:
-  """A packed TrainState at step 0, its EMA equal to params.
+def create_train_state(params, tx: optax.GradientTransformation, *, seed: int,
+                       packed: bool = True) -> TrainState:
+  """A TrainState at step 0, its EMA equal to params.
 
   Params and EMA get their own buffers, since the train step donates the state.
 
   Args:
     params: the initial params tree.
-    tx: the optimizer (make_optimizer), initialised on the packed params vector.
+    tx: the optimizer (make_optimizer), initialised on the params in the state's form.
     seed: the seed of the state's PRNG key, from which each step's key is folded.
+    packed: the packed form (`layout` set, params and ema_params vectors [N]); False keeps the
+      params trees (the form `benchmarks/state_form.py` compares it with).
 
   Returns:
-    The packed TrainState: `layout` set, params and ema_params vectors [N].
+    The TrainState.
   """
-  layout = ParamLayout.of(params)
-  vector = layout.pack(params)
+  copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+  layout = ParamLayout.of(params) if packed else None
+  params = layout.pack(params) if packed else copy(params)  # the caller's arrays stay live
   return TrainState(step=jnp.zeros((), jnp.int32),
-                    params=vector,
-                    ema_params=jnp.array(vector, copy=True),
-                    opt_state=tx.init(vector),
+                    params=params,
+                    ema_params=copy(params),
+                    opt_state=tx.init(params),
                     rng=jax.random.key_data(jax.random.key(seed)),
                     num_skipped=jnp.zeros((), jnp.int32),
                     consecutive_skipped=jnp.zeros((), jnp.int32),
@@ -178,12 +182,21 @@ def _tree_select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def _scale_updates(updates, layout: Optional[ParamLayout], scales: dict):
+  """updates x scales[k] for the arrays under top-level key k, in the state's form."""
+  if layout is not None:
+    return updates * layout.per_top_key(scales)
+  return {key: jax.tree.map(lambda u, f=scales.get(key, 1.0): u * f, tree)
+          for key, tree in updates.items()}
+
+
 LossFn = Callable[..., tuple[jnp.ndarray, dict]]
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_decay: float,
                     lr_schedule: optax.Schedule, lr_scales: Optional[dict] = None):
-  """Builds the pure `train_step(state, batch, frozen) -> (state, metrics)` on a packed state.
+  """Builds the pure `train_step(state, batch, frozen) -> (state, metrics)` on a packed state (or
+  on an unpacked one: `create_train_state(packed=False)`).
 
   `frozen` holds the teacher's params (or None): an argument under stop_gradient, never in the
   optimizer state or the checkpoint. A non-finite loss or gradient leaves params, EMA and optimizer
@@ -208,11 +221,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
     layout = state.layout
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     frozen = jax.lax.stop_gradient(frozen)
-    tree_loss = lambda params: loss_fn(layout.unpack(params), batch, rng, frozen)
-    (loss, aux), grads = jax.value_and_grad(tree_loss, has_aux=True)(state.params)  # grads [N]
+    as_tree = layout.unpack if layout is not None else lambda params: params
+    tree_loss = lambda params: loss_fn(as_tree(params), batch, rng, frozen)
+    (loss, aux), grads = jax.value_and_grad(tree_loss, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     if lr_scales:
-      updates = updates * layout.per_top_key(lr_scales)
+      updates = _scale_updates(updates, layout, lr_scales)
     params = optax.apply_updates(state.params, updates)
     # EMA with the usual warm-up: decay min(ema_decay, (1 + step) / (10 + step)), so short runs are
     # not dominated by their initial parameters.
@@ -223,8 +237,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, ema_de
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(
         step=state.step + 1,
-        params=jnp.where(finite, params, state.params),
-        ema_params=jnp.where(finite, ema_params, state.ema_params),
+        params=_tree_select(finite, params, state.params),
+        ema_params=_tree_select(finite, ema_params, state.ema_params),
         opt_state=_tree_select(finite, opt_state, state.opt_state),
         num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
         consecutive_skipped=jnp.where(finite, 0, state.consecutive_skipped + 1))
