@@ -16,7 +16,7 @@ from train import checkpoint, records
 from train import profile as profile_lib
 from train.mesh import data_mesh
 from train.state import (TrainState, create_train_state, learning_rate_schedule, lr_scales,
-                         make_optimizer, make_train_step, pack_state, unpack_state)
+                         make_optimizer, make_train_step)
 
 
 class Preempted(Exception):
@@ -208,11 +208,7 @@ def peer_loss_as_error(title: str, ckpt_dir: str, manager):
 
 class ShardedStep:
   """The jitted, data-parallel train step of one section: state replicated, batch split along
-  'data'.
-
-  The step's state is packed (`train.state.TrainState`); `unpack` gives the params trees that
-  checkpoints hold and every reader of a state expects, `pack` takes them back.
-  """
+  'data'."""
 
   def __init__(self, loss_fn: Callable, section):
     per_host_batch_size(section.batch_size)  # validates divisibility
@@ -227,11 +223,9 @@ class ShardedStep:
     self.step_fn = jax.jit(step,
                            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
-    self.pack = jax.jit(pack_state, out_shardings=self.replicated)
-    self.unpack = jax.jit(unpack_state, out_shardings=self.replicated)
 
   def init_state(self, params, *, seed: int) -> TrainState:
-    """The packed state at step 0."""
+    """The state at step 0, replicated."""
     return jax.device_put(create_train_state(params, self.tx, seed=seed), self.replicated)
 
   def global_batch(self, local: dict) -> dict:
@@ -288,14 +282,13 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   run.
 
   make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
-  passed to every step but never optimised or saved. Returns the final state (unpacked: params
-  trees) and the scalars of the last log step ({} when the checkpoint was already complete). On
-  SIGTERM it saves the step just done and raises Preempted; a step out of device memory raises
-  OutOfMemoryError (one line). sharded_step: a ShardedStep of this section whose loss computes what
-  loss_fn does, built by the caller for several runs (the halving rounds) so that they share one
-  traced and compiled program; None builds one from loss_fn. profile (config.profile, optional)
-  turns on a trace of some steps into logdir and the FLOP count behind the logged
-  model_flops_per_sec and mfu.
+  passed to every step but never optimised or saved. Returns the final state and the scalars of
+  the last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step
+  just done and raises Preempted; a step out of device memory raises OutOfMemoryError (one line).
+  sharded_step: a ShardedStep of this section whose loss computes what loss_fn does, built by the
+  caller for several runs (the halving rounds) so that they share one traced and compiled program;
+  None builds one from loss_fn. profile (config.profile, optional) turns on a trace of some steps
+  into logdir and the FLOP count behind the logged model_flops_per_sec and mfu.
   """
   # Resuming, in this order:
   # 1. refuse a directory whose checkpoints were all set aside as damaged (never restart from step 0
@@ -308,16 +301,14 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
     # 2. restore the newest readable step: its record must fit this run's, damaged steps are set
     #    aside;
     if manager.latest_step() is not None:
-      # shapes and shardings: no unpacked copy of the state
-      target = jax.eval_shape(sharded.unpack, state)
-      state = sharded.pack(checkpoint.restore_state(manager, target, ckpt_dir,
-                                                    check_record=records.checker(record, ckpt_dir)))
+      state = checkpoint.restore_state(manager, state, ckpt_dir,
+                                       check_record=records.checker(record, ckpt_dir))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
     # 3. a stage already at its final step is done;
     if int(jax.device_get(state.step)) >= section.num_steps:
       logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step),
                    ckpt_dir)
-      return sharded.unpack(state), {}
+      return state, {}
     # 4. logs append (a line cut by a kill is dropped; the config as hparams on a fresh start only),
     #    and the data replay from the restored step (make_batches(start) in _train_steps); 5. train,
     #    saving as it goes.
@@ -341,7 +332,7 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
         state, scalars = _train_steps(title, sharded, state, section, manager, record, make_batches,
                                       frozen, writer, preempted, monitor)
         failed = False
-        return sharded.unpack(state), scalars
+        return state, scalars
     finally:
       monitor.tracer.close()
       _finish(manager, writer, failed=failed)
@@ -412,7 +403,7 @@ class _Run:
     writes them again)."""
     try:
       with checkpoint.save_errors_as_error(self.title, self.ckpt_dir, step):
-        checkpoint.save(self.manager, self.sharded.unpack(state), self.record)
+        checkpoint.save(self.manager, state, self.record)
         self.manager.wait_until_finished()
     except checkpoint.NonFiniteStateError as err:
       raise self.diverged(f'{err} at step {step} (not saved)') from err
