@@ -196,7 +196,7 @@ def run():
   from modes.validation import ConfigError  # pylint: disable=g-import-not-at-top
   from train.checkpoint import CheckpointError, SaveError  # pylint: disable=g-import-not-at-top
   from train.lock import WorkdirLocked  # pylint: disable=g-import-not-at-top
-  from train.loop import (  # pylint: disable=g-import-not-at-top
+  from train.errors import (  # pylint: disable=g-import-not-at-top
       NonFiniteError, OutOfMemoryError, PeerLostError, Preempted)
   try:
     app.run(main, argv=argv, flags_parser=lambda parsed: parsed)

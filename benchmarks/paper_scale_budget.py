@@ -22,7 +22,7 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-
 
 from distill.stages import halving_rounds  # pylint: disable=wrong-import-position
 from modes.dry_run import estimate_stage  # pylint: disable=wrong-import-position
-from train.loop import config_section  # pylint: disable=wrong-import-position
+from train.errors import config_section  # pylint: disable=wrong-import-position
 from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-position
 
 _CONFIGS = flags.DEFINE_list('configs', ['cifar10_teacher', 'imagenet64_teacher'],

@@ -19,8 +19,8 @@ from distill import stages
 from models import count_params, init_params
 from modes.validation import ConfigError
 from train import records
-from train.loop import (NonFiniteError, ShardedStep, config_section, out_of_memory_as_error,
-                        per_host_batch_size)
+from train.errors import NonFiniteError, config_section, out_of_memory_as_error
+from train.loop import ShardedStep, per_host_batch_size
 
 # The stages of the method a --mode trains (pipeline: all of them).
 MODE_STAGES = {'teacher': ('teacher',), 'stage1': ('stage1',), 'stage2': ('stage2',),

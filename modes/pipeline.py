@@ -17,7 +17,8 @@ from modes.methods import list_methods
 from modes.sampling import fixed_inputs, load_cached
 from modes.stage_quality import StageQuality
 from train import checkpoint, files, records
-from train.loop import config_section, make_writer
+from train.errors import config_section
+from train.loop import make_writer
 from train.mesh import host_description
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 from modes import dry_run
 from modes.validation import ConfigError
-from train.loop import OutOfMemoryError
+from train.errors import OutOfMemoryError
 
 pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 

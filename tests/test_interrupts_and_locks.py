@@ -17,7 +17,8 @@ import pytest
 from conftest import tiny_config
 from modes import transfer
 from train import checkpoint, lock, records
-from train.loop import Preempted, run_training
+from train.errors import Preempted
+from train.loop import run_training
 
 pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 

@@ -15,7 +15,8 @@ import pytest
 from conftest import tiny_config
 from modes.validation import ConfigError, validate_config
 from train import checkpoint, records
-from train.loop import NonFiniteError, run_training
+from train.errors import NonFiniteError
+from train.loop import run_training
 
 pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 

@@ -17,7 +17,7 @@ from conftest import tiny_config
 from distill import stages
 from main import PREEMPTED_EXIT_CODE
 from train import checkpoint
-from train.loop import Preempted
+from train.errors import Preempted
 
 pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 

@@ -333,7 +333,8 @@ def test_a_step_saved_before_records_held_shapes_is_checked_on_its_metadata(tmp_
 
 
 def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  from train.loop import NonFiniteError, run_training  # pylint: disable=g-import-not-at-top
+  from train.errors import NonFiniteError  # pylint: disable=g-import-not-at-top
+  from train.loop import run_training  # pylint: disable=g-import-not-at-top
   section = tiny_config(tmp_path).train
   section.update(
       num_steps=20, log_every=10, checkpoint_every=2, max_nonfinite_steps=3, warmup_steps=0)
@@ -401,7 +402,7 @@ def test_lr_scales_multiply_the_learning_rate_of_one_top_level_key():
     (ValueError('out of memory'), False),  # not XLA's runtime error
 ])
 def test_is_out_of_memory_matches_xla_out_of_memory_errors_only(err, expected):
-  from train.loop import is_out_of_memory  # pylint: disable=g-import-not-at-top
+  from train.errors import is_out_of_memory  # pylint: disable=g-import-not-at-top
   assert is_out_of_memory(err) is expected
 
 
@@ -423,7 +424,7 @@ def _train_raising(tmp_path, err, stage='stage2'):
 
 
 def test_a_train_step_out_of_memory_is_one_line_naming_the_batch_to_lower(tmp_path):
-  from train.loop import OutOfMemoryError  # pylint: disable=g-import-not-at-top
+  from train.errors import OutOfMemoryError  # pylint: disable=g-import-not-at-top
   oom = jax.errors.JaxRuntimeError(
       'RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.50GiB.\n'
       'BufferAssignment OOM Debugging.\n...')

@@ -1,5 +1,5 @@
-"""The one training loop every stage shares: sharded jit step, resume, Orbax saves, progress,
-scalars."""
+"""The one training loop every stage shares (`run_training`: restore -> loop {step, log, checkpoint}
+-> finish) and its data-parallel jitted step."""
 
 import contextlib
 import dataclasses
@@ -9,25 +9,17 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from train import checkpoint, records
 from train import profile as profile_lib
+from train.errors import (NonFiniteError, Preempted, config_section, out_of_memory_as_error,
+                          peer_loss_as_error)
 from train.mesh import data_mesh
 from train.state import (TrainState, create_train_state, learning_rate_schedule, lr_scales,
                          make_optimizer, make_train_step)
-
-
-class Preempted(Exception):
-  """Training stopped on SIGTERM or Ctrl-C (SIGINT) after saving a checkpoint; the same command
-  resumes from it."""
-
-  def __init__(self, title: str, step: int, ckpt_dir: str, signum: int = signal.SIGTERM):
-    super().__init__(
-        f'[{title}] {signal.Signals(signum).name}: saved step {step} in {ckpt_dir}; run the same '
-        'command to resume')
-    self.step, self.ckpt_dir, self.signum = step, ckpt_dir, signum
 
 
 def per_host_batch_size(global_batch_size: int) -> int:
@@ -101,111 +93,6 @@ def watch_preemption(manager):
       signal.signal(signum, signal.SIG_DFL if handler_before is None else handler_before)
 
 
-class NonFiniteError(ValueError):
-  """More than max_nonfinite_steps consecutive updates had a non-finite loss or gradient."""
-
-
-class OutOfMemoryError(ValueError):
-  """A train step needed more device memory than the devices have; the message says which batch to
-  lower."""
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-  """Whether err is XLA's out-of-device-memory error: RESOURCE_EXHAUSTED, 'Out of memory', CUDA's
-  OUT_OF_MEMORY."""
-  text = str(err).lower().replace('_', ' ')
-  return isinstance(err, RuntimeError) and ('resource exhausted' in text or 'out of memory' in text)
-
-
-def config_section(stage: str) -> str:
-  """The config section holding a stage's batch_size and optimizer: 'train' for the teacher."""
-  return 'train' if stage == 'teacher' else stage
-
-
-def _devices_text() -> str:
-  """'N <device kind> devices; M GiB usable each' (JAX's allocator limit, where the backend has
-  one)."""
-  count, device = jax.device_count(), jax.local_devices()[0]
-  text = f'{count} {device.device_kind} device{"s" if count > 1 else ""}'
-  try:
-    limit = (device.memory_stats() or {}).get('bytes_limit')
-  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
-    limit = None
-  return f'{text}; {limit / 2**30:.3g} GiB usable each' if limit else text
-
-
-def out_of_memory_message(where: str, *, section: str, batch_size: int,
-                          memory_gib: float = float('nan'), dry_run: bool = False) -> str:
-  """One line: where, the global and per-device batch, the devices, XLA's memory estimate, what to
-  lower."""
-  per_device, count = batch_size // jax.device_count(), jax.device_count()
-  line = (f'{where}: out of device memory at global batch {batch_size} ({per_device} per device on '
-          f'{_devices_text()}); ')
-  if memory_gib == memory_gib:  # not nan
-    line += f'XLA estimates {memory_gib:.3g} GiB per device for the step; '
-  elif dry_run:
-    line += 'XLA gave no memory estimate of the step; '
-  else:
-    line += ('for XLA\'s memory estimate of the step add --dry_run '
-             f'--dry_run_batch_size={batch_size}; ')
-  if per_device <= 1:
-    return line + ('even 1 example per device does not fit: use devices with more memory or a '
-                   'smaller model')
-  lower = per_device // 2 * count
-  check = f' (--dry_run_batch_size={lower} to check it)' if dry_run else ''
-  return line + (f'lower the batch per device: --config.{section}.batch_size={lower}{check}, or '
-                 'run on more devices')
-
-
-@contextlib.contextmanager
-def out_of_memory_as_error(where: str, *, section: str, batch_size: int, dry_run: bool = False,
-                           memory_gib: Callable[[], float] = lambda: float('nan')):
-  """Turns XLA's out-of-memory error inside into an OutOfMemoryError of one line; other errors pass
-  unchanged.
-
-  memory_gib() gives XLA's per-device estimate of the step where it is at hand (nan: none).
-  """
-  try:
-    yield
-  except RuntimeError as err:
-    if not is_out_of_memory(err):
-      raise
-    raise OutOfMemoryError(out_of_memory_message(where, section=section, batch_size=batch_size,
-                                                 memory_gib=memory_gib(), dry_run=dry_run)) from err
-
-
-class PeerLostError(RuntimeError):
-  """Another process of a multi-process run stopped; the message says to restart them all."""
-
-
-# What a collective or JAX's coordination service raises in the survivors when a process of the run
-# is gone.
-PEER_LOST_MARKERS = ('connection closed by peer', 'connection reset by peer', 'heartbeat',
-                     'task has failed', 'has been disconnected')
-
-
-def is_peer_lost(err: BaseException) -> bool:
-  """Whether err (in a multi-process run) says that another process of the run has gone."""
-  text = str(err).lower()
-  return jax.process_count() > 1 and isinstance(err, RuntimeError) and any(
-      m in text for m in PEER_LOST_MARKERS)
-
-
-@contextlib.contextmanager
-def peer_loss_as_error(title: str, ckpt_dir: str, manager):
-  """Turns a lost peer process inside into a PeerLostError of one line naming the step to resume
-  from."""
-  try:
-    yield
-  except RuntimeError as err:
-    if not is_peer_lost(err):
-      raise
-    raise PeerLostError(
-        f'[{title}] another process of this run stopped ({checkpoint.first_line(err, 160)}): '
-        'restart every process with the same command; training resumes from step '
-        f'{manager.latest_step()} in {ckpt_dir}') from err
-
-
 class ShardedStep:
   """The jitted, data-parallel train step of one section: state replicated, batch split along
   'data'."""
@@ -248,15 +135,6 @@ def _sharded_step(loss_fn: Callable, section, sharded_step: Optional[ShardedStep
   return sharded_step
 
 
-def _log_scalars(summed, count: int, last_metrics, t_log: float) -> dict:
-  """Means of the metrics summed since the last log; counters are their last value, not a mean."""
-  scalars = {k: float(v) / count for k, v in jax.device_get(summed).items()}
-  for key in ('num_skipped', 'consecutive_skipped'):
-    scalars[key] = float(jax.device_get(last_metrics[key]))
-  scalars['steps_per_sec'] = count / max(time.time() - t_log, 1e-9)
-  return scalars
-
-
 def _step_flops(sharded: ShardedStep, state, frozen, section, record: dict,
                 profile) -> Optional[float]:
   """FLOPs of one train step (`profile.step_flops`) when profile.flops asks for it ('auto':
@@ -278,64 +156,125 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
                  make_batches: Callable[[int], Iterator[dict]], seed: int, frozen=None,
                  logdir: Optional[str] = None, sharded_step: Optional[ShardedStep] = None,
                  profile=None) -> tuple[TrainState, dict]:
-  """Trains `params` on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a
-  run.
+  """Trains params on loss_fn for section.num_steps steps, resuming from ckpt_dir if it holds a run.
 
-  make_batches(start_step) yields per-host batches {'x', 'label'}; `frozen` (teacher params) is
-  passed to every step but never optimised or saved. Returns the final state and the scalars of
-  the last log step ({} when the checkpoint was already complete). On SIGTERM it saves the step
-  just done and raises Preempted; a step out of device memory raises OutOfMemoryError (one line).
-  sharded_step: a ShardedStep of this section whose loss computes what loss_fn does, built by the
-  caller for several runs (the halving rounds) so that they share one traced and compiled program;
-  None builds one from loss_fn. profile (config.profile, optional) turns on a trace of some steps
-  into logdir and the FLOP count behind the logged model_flops_per_sec and mfu.
+  Restore -> loop {step, log, checkpoint} -> finish, as flax's examples/imagenet. A killed run
+  resumes from its last checkpoint and ends with the uninterrupted run's params.
+
+  Args:
+    title: the name in progress lines and errors ('teacher', 'stage2 8->4 steps', ...).
+    loss_fn: `loss_fn(params, batch, rng, frozen) -> (loss, aux metrics)` (distill.objectives).
+    params: the initial params tree (ignored when ckpt_dir holds a checkpoint).
+    section: the config section with batch_size, the optimizer and num_steps, log_every,
+      checkpoint_every, keep_checkpoints, max_nonfinite_steps.
+    ckpt_dir: the Orbax directory of this run; its record must fit `record` to resume.
+    record: what the checkpoints say they hold (train.records.make).
+    make_batches: make_batches(start_step) yields this process's batches {'x', 'label'} from that
+      step on (a resumed run replays the same data).
+    seed: seeds the state's PRNG key.
+    frozen: the teacher's params (or None): passed to every step, never optimised or saved.
+    logdir: TensorBoard events, metrics.jsonl and traces (None: progress lines only).
+    sharded_step: a ShardedStep of this section whose loss computes what loss_fn does, shared by
+      several runs (the halving rounds) so they share one compiled program; None builds one.
+    profile: config.profile (optional): a trace of some steps into logdir (clu's Profile action)
+      and the FLOP count behind the logged model_flops_per_sec and mfu.
+
+  Returns:
+    (the final TrainState, the scalars of the last log step: {} when the checkpoint was complete).
+
+  Raises:
+    Preempted: SIGTERM or Ctrl-C; the step just done was saved.
+    NonFiniteError: section.max_nonfinite_steps non-finite updates in a row (nothing non-finite is
+      saved).
+    OutOfMemoryError, PeerLostError: the step ran out of device memory, another process stopped.
+    checkpoint.CheckpointError, checkpoint.SaveError: a checkpoint that cannot be used or written.
   """
-  # Resuming, in this order:
-  # 1. refuse a directory whose checkpoints were all set aside as damaged (never restart from step 0
-  #    silently);
+  # Restore: refuse a directory whose checkpoints were all set aside as damaged (never restart from
+  # step 0 silently), then the newest readable step (its record must fit this run's).
   checkpoint.check_not_all_set_aside(ckpt_dir)
   sharded = _sharded_step(loss_fn, section, sharded_step)
   state = sharded.init_state(params, seed=seed)
   record = dict(record, train_steps=section.num_steps)  # the step at which this stage is complete
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
-    # 2. restore the newest readable step: its record must fit this run's, damaged steps are set
-    #    aside;
     if manager.latest_step() is not None:
       state = checkpoint.restore_state(manager, state, ckpt_dir,
                                        check_record=records.checker(record, ckpt_dir))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
-    # 3. a stage already at its final step is done;
-    if int(jax.device_get(state.step)) >= section.num_steps:
-      logging.info('[%s] already trained (%d steps in %s); skipping', title, int(state.step),
-                   ckpt_dir)
+    start = int(jax.device_get(state.step))
+    if start >= section.num_steps:
+      logging.info('[%s] already trained (%d steps in %s); skipping', title, start, ckpt_dir)
       return state, {}
-    # 4. logs append (a line cut by a kill is dropped; the config as hparams on a fresh start only),
-    #    and the data replay from the restored step (make_batches(start) in _train_steps); 5. train,
-    #    saving as it goes.
-    starting = int(jax.device_get(state.step)) == 0
-    writer = make_writer(logdir, config=record.get('config') if starting else None)
+    # Logs append (the config as hparams on a fresh start only); the data replay from `start`.
+    writer = make_writer(logdir, config=record.get('config') if start == 0 else None)
+    run = _Run(title, sharded, section, manager, record, writer, start)
     frozen = sharded.put_frozen(frozen)
-    tracer = profile_lib.StepTracer(logdir if profile is not None else None,
-                                    start_step=profile.start_step if profile else 0,
-                                    num_steps=profile.num_steps if profile else 0)
-    # MFU is against the peak at the compute dtype
-    dtype = (record.get('model') or {}).get('dtype', 'float32')
-    monitor = _Monitor(_step_flops(sharded, state, frozen, section, record, profile),
-                       profile_lib.peak_flops(dtype=dtype), tracer)
-    failed = True
+    flops = _step_flops(sharded, state, frozen, section, record, profile)
+    window = _Window(flops, profile_lib.peak_flops(dtype=(record.get('model') or {}).get(
+        'dtype', 'float32')))  # MFU is against the peak at the compute dtype
+    hooks = _hooks(logdir, profile, start)
+    block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1
+    scalars, failed, previous = {}, True, None
     try:
-      lost_peer = peer_loss_as_error(title, ckpt_dir, manager)
-      out_of_memory = out_of_memory_as_error(f'[{title}] train step',
-                                             section=config_section(record['stage']),
-                                             batch_size=section.batch_size)
-      with watch_preemption(manager) as preempted, lost_peer, out_of_memory:
-        state, scalars = _train_steps(title, sharded, state, section, manager, record, make_batches,
-                                      frozen, writer, preempted, monitor)
-        failed = False
-        return state, scalars
+      with watch_preemption(manager) as preempted, run.errors_as_one_line():
+        batches = make_batches(start)
+        for hook in hooks:
+          hook(start)
+        for step in range(start + 1, section.num_steps + 1):
+          # Train: one step, queued on the device; the host reads nothing of it yet.
+          with jax.profiler.StepTraceAnnotation('train', step_num=step):
+            state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
+          if block_each_step:  # XLA:CPU's collectives over several devices
+            jax.block_until_ready(state)
+          for hook in hooks:
+            hook(step)
+          # The previous step's count of consecutive skipped updates, read once this step is queued
+          # behind it: a run of non-finite steps stops at the limit, before anything is saved.
+          run.check_nonfinite(previous)
+          previous = (step, metrics['consecutive_skipped'])
+          window.add(metrics)
+          # Log: the means since the last log line.
+          if step % section.log_every == 0 or step == section.num_steps:
+            scalars = _log(run, step, window)
+          if step == section.num_steps:
+            run.check_nonfinite(previous, final=True)
+          # Checkpoint: periodically, at the end, and on SIGTERM / Ctrl-C (then stop).
+          signum = preempted(step)
+          if step % section.checkpoint_every == 0 or step == section.num_steps or signum:
+            run.save(state, step)
+          if signum:
+            logging.info('[%s] preempted: saved step %d in %s', title, step, ckpt_dir)
+            raise Preempted(title, step, ckpt_dir, signum)
+      failed = False
     finally:
-      monitor.tracer.close()
+      # Finish: stop a trace still running, wait for the checkpoint writes, flush the scalars.
+      _stop_trace(hooks)
       _finish(manager, writer, failed=failed)
+  return state, scalars
+
+
+def _hooks(logdir: Optional[str], profile, start: int) -> list:
+  """clu periodic actions called after each step: a profiler trace of profile.num_steps steps from
+  profile.start_step into logdir (process 0), or none (also when the run starts after that step)."""
+  if (logdir is None or profile is None or profile.num_steps <= 0 or jax.process_index() != 0 or
+      start >= profile.start_step):
+    return []
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top  (imports TensorFlow)
+  logging.info('profiling steps %d-%d into %s', profile.start_step,
+               profile.start_step + profile.num_steps - 1, logdir)
+  # called after step start_step - 1 (or with the step a run starts from): the trace holds steps
+  # start_step .. start_step + num_steps - 1
+  return [periodic_actions.Profile(logdir=logdir, num_profile_steps=profile.num_steps,
+                                   profile_duration_ms=None, first_profile=profile.start_step - 1,
+                                   every_secs=None)]
+
+
+def _stop_trace(hooks: list) -> None:
+  """Ends a trace the run stopped inside of (an error, a signal, or fewer steps than traced)."""
+  if hooks:
+    try:
+      jax.profiler.stop_trace()
+    except RuntimeError:  # none running: the action had stopped it
+      pass
 
 
 @dataclasses.dataclass
@@ -396,6 +335,16 @@ class _Run:
           f'the last {count} updates up to the final step {step} were non-finite, so the stage is '
           'not complete', all_skipped=count >= step - self.start)
 
+  @contextlib.contextmanager
+  def errors_as_one_line(self):
+    """A lost peer process and a step out of device memory become errors of one line (main.py
+    prints them): PeerLostError names the step to resume from, OutOfMemoryError the batch to
+    lower."""
+    with peer_loss_as_error(self.title, self.ckpt_dir, self.manager), out_of_memory_as_error(
+        f'[{self.title}] train step', section=config_section(self.record['stage']),
+        batch_size=self.section.batch_size):
+      yield
+
   def save(self, state, step: int) -> None:
     """Saves step's state and waits until it is written, so training stops at the first save that
     fails (checkpoint.SaveError); a non-finite state is never saved (NonFiniteError). Then flushes
@@ -411,64 +360,40 @@ class _Run:
       self.writer.flush()
 
 
-@dataclasses.dataclass
-class _Monitor:
-  """What a training run measures besides its metrics: FLOPs per step, the devices' peak, a step
-  tracer."""
-  flops: Optional[float]
-  peak: Optional[float]
-  tracer: profile_lib.StepTracer
+class _Window:
+  """The metrics of the steps since the last log line, summed on the device, and what turns them
+  into scalars: the time since that line, the step's FLOPs and the devices' peak (MFU)."""
+
+  def __init__(self, flops: Optional[float], peak: Optional[float]):
+    self.flops, self.peak = flops, peak
+    self.summed, self.count, self.last = None, 0, None
+    self.t_start = self.t_log = time.time()
+
+  def add(self, metrics) -> None:
+    self.summed = metrics if self.summed is None else jax.tree.map(jnp.add, self.summed, metrics)
+    self.count, self.last = self.count + 1, metrics
+
+  def scalars(self, batch_size: int) -> dict:
+    """Means since the last log (counters: their last value), steps/s, examples/s, FLOP/s and MFU;
+    starts the next window."""
+    scalars = {k: float(v) / self.count for k, v in jax.device_get(self.summed).items()}
+    for key in ('num_skipped', 'consecutive_skipped'):
+      scalars[key] = float(jax.device_get(self.last[key]))
+    scalars['steps_per_sec'] = self.count / max(time.time() - self.t_log, 1e-9)
+    scalars['examples_per_sec'] = scalars['steps_per_sec'] * batch_size
+    scalars.update(profile_lib.utilisation(self.flops, scalars['steps_per_sec'], self.peak))
+    self.summed, self.count, self.t_log = None, 0, time.time()
+    return scalars
 
 
-def _log(run: _Run, done: int, summed, count: int, metrics, t_log: float, t_start: float,
-         monitor: _Monitor) -> dict:
+def _log(run: _Run, step: int, window: _Window) -> dict:
   """The scalars of the steps since the last log: a progress line, TensorBoard and metrics.jsonl."""
   section = run.section
-  scalars = _log_scalars(summed, count, metrics, t_log)
-  scalars['examples_per_sec'] = scalars['steps_per_sec'] * section.batch_size
-  scalars.update(profile_lib.utilisation(monitor.flops, scalars['steps_per_sec'], monitor.peak))
-  eta = (section.num_steps - done) * (time.time() - t_start) / max(done - run.start, 1)
-  logging.info('[%s] step %d/%d loss %.4f %.1f steps/s%s ETA %s', run.title, done,
+  scalars = window.scalars(section.batch_size)
+  eta = (section.num_steps - step) * (time.time() - window.t_start) / max(step - run.start, 1)
+  logging.info('[%s] step %d/%d loss %.4f %.1f steps/s%s ETA %s', run.title, step,
                section.num_steps, scalars['loss'], scalars['steps_per_sec'],
                profile_lib.describe(scalars), format_seconds(eta))
   if run.writer is not None:
-    run.writer.write_scalars(done, scalars)
+    run.writer.write_scalars(step, scalars)
   return scalars
-
-
-def _train_steps(title, sharded: ShardedStep, state, section, manager, record, make_batches, frozen,
-                 writer, preempted, monitor: _Monitor) -> tuple[TrainState, dict]:
-  """The steps from state.step to section.num_steps: log, check non-finite runs, save, honour
-  SIGTERM / Ctrl-C."""
-  block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # CPU collectives
-  run = _Run(title, sharded, section, manager, record, writer,
-             start=int(jax.device_get(state.step)))
-  batches = make_batches(run.start)
-  summed, count, scalars, t_log = None, 0, {}, time.time()
-  t_start, previous = t_log, None
-  for done in range(run.start + 1, section.num_steps + 1):
-    monitor.tracer.before_step(done)
-    with monitor.tracer.annotate(done):
-      state, metrics = sharded.step_fn(state, sharded.global_batch(next(batches)), frozen)
-    if block_each_step:
-      jax.block_until_ready(state)
-    monitor.tracer.after_step(done, state)
-    # The previous step's count of consecutive skipped updates, read once this step is queued behind
-    # it (the device never waits for the host): a run of non-finite steps stops at the limit, before
-    # anything is saved.
-    run.check_nonfinite(previous)
-    previous = (done, metrics['consecutive_skipped'])
-    summed = metrics if summed is None else jax.tree.map(lambda a, b: a + b, summed, metrics)
-    count += 1
-    if done % section.log_every == 0 or done == section.num_steps:
-      scalars = _log(run, done, summed, count, metrics, t_log, t_start, monitor)
-      summed, count, t_log = None, 0, time.time()
-    if done == section.num_steps:
-      run.check_nonfinite(previous, final=True)
-    signum = preempted(done)
-    if done % section.checkpoint_every == 0 or done == section.num_steps or signum:
-      run.save(state, done)
-    if signum:
-      logging.info('[%s] preempted: saved step %d in %s', title, done, run.ckpt_dir)
-      raise Preempted(title, done, run.ckpt_dir, signum)
-  return state, scalars

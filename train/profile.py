@@ -6,7 +6,6 @@ are the vendors' published figures for the device kinds below; on any other devi
 is "n/a" and only the achieved FLOP/s is reported (when the FLOP count is on).
 """
 
-import contextlib
 import math
 from typing import Optional
 
@@ -103,34 +102,3 @@ def describe(scalars: dict) -> str:
   if 'model_flops_per_sec' in scalars:
     text += f' {scalars["model_flops_per_sec"] / 1e12:.2f} TFLOP/s'
   return text + (f' MFU {100 * scalars["mfu"]:.1f}%' if 'mfu' in scalars else ' MFU n/a')
-
-
-class StepTracer:
-  """Writes a profiler trace (TensorBoard's profile plugin, Perfetto) of steps [start, start +
-  num_steps)."""
-
-  def __init__(self, logdir: Optional[str], *, start_step: int, num_steps: int):
-    self.logdir, self.start, self.stop = logdir, start_step, start_step + num_steps
-    self.active = False
-
-  def before_step(self, step: int) -> None:
-    """step: the 1-based number of the step about to run."""
-    if self.logdir and self.stop > self.start and step == self.start and jax.process_index() == 0:
-      jax.profiler.start_trace(self.logdir)
-      self.active = True
-      logging.info('profiling steps %d-%d into %s', self.start, self.stop - 1, self.logdir)
-
-  def annotate(self, step: int):
-    """A context naming the train step in the trace (a no-op outside the traced window)."""
-    return jax.profiler.StepTraceAnnotation(
-        'train', step_num=step) if self.active else contextlib.nullcontext()
-
-  def after_step(self, step: int, state) -> None:
-    if self.active and step == self.stop - 1:
-      jax.block_until_ready(state)
-      self.close()
-
-  def close(self) -> None:
-    if self.active:
-      jax.profiler.stop_trace()
-      self.active = False
