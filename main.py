@@ -28,7 +28,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file
 # The keys of modes.MODES (tests/test_cli.py checks they agree); listed here so --help needs no JAX
 # import.
 MODE_NAMES = ('teacher', 'stage1', 'stage2', 'distill', 'encoder', 'direct', 'sample', 'pipeline',
-              'classifier', 'fid', 'transfer', 'sweep')
+              'fid', 'transfer', 'sweep')
 _MODE = flags.DEFINE_enum('mode', 'pipeline', MODE_NAMES,
                           'What to run (modes.MODES; docs/running.md).')
 _MULTIHOST = flags.DEFINE_bool('multihost', False,
@@ -53,9 +53,9 @@ _DRY_RUN_BATCH_SIZE = flags.DEFINE_integer(
     'dry_run_batch_size', 0, '--dry_run global batch; 0: one example per '
     'device (give the config batch on the target hardware to check memory).')
 
-# Modes that read no data set (the digits classifier reads the embedded digits); every other one
-# checks, before it writes anything, that its data set can be read.
-MODES_WITHOUT_DATA = ('sample', 'classifier')
+# Modes that read no data set; every other one checks, before it writes anything, that its data set
+# can be read.
+MODES_WITHOUT_DATA = ('sample',)
 
 # Exit status of a run stopped by SIGTERM after saving a checkpoint (128 + SIGTERM, as the shell
 # reports).

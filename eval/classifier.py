@@ -140,7 +140,8 @@ def classifier_id(ckpt_dir: str) -> str:
   when there is none."""
   step = latest_step(ckpt_dir)
   if step is None:
-    raise CheckpointError(f'no classifier in {ckpt_dir}: run --mode=classifier first')
+    raise CheckpointError(
+        f'no classifier in {ckpt_dir}: --mode=fid trains one there when it is missing')
   record = json.dumps(_read_record(ckpt_dir, step), sort_keys=True)
   return f'{step}-{hashlib.sha1(record.encode()).hexdigest()[:12]}'
 
@@ -153,7 +154,8 @@ def load_classifier(ckpt_dir: str) -> tuple[DigitsClassifier, dict, dict]:
   """
   step = latest_step(ckpt_dir)
   if step is None:
-    raise CheckpointError(f'no classifier in {ckpt_dir}: run --mode=classifier first')
+    raise CheckpointError(
+        f'no classifier in {ckpt_dir}: --mode=fid trains one there when it is missing')
   record = _read_record(ckpt_dir, step)
   with open_manager(ckpt_dir, create=False) as manager:
     model = DigitsClassifier(**record['arch'])

@@ -8,8 +8,8 @@ cannot start says so in a fraction of a second.
 
 import importlib
 
-_LAZY = ('MODES', 'run_distill', 'run_classifier', 'run_fid', 'run_pipeline', 'run_sample',
-         'run_sweep', 'run_transfer')
+_LAZY = ('MODES', 'run_distill', 'run_fid', 'run_pipeline', 'run_sample', 'run_sweep',
+         'run_transfer')
 
 
 def __getattr__(name: str):

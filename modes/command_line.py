@@ -17,7 +17,9 @@ CONFIG_EXAMPLE = '--config=configs/digits_teacher.py'
 # Words a newcomer types for --mode that no spelling distance maps to the mode they mean.
 MODE_INTENTS = {'train': ('pipeline', 'teacher'), 'all': ('pipeline',), 'run': ('pipeline',),
                 'eval': ('fid',), 'evaluate': ('fid',), 'generate': ('sample',),
-                'distillation': ('distill',), 'encode': ('encoder',)}
+                'distillation': ('distill',), 'encode': ('encoder',),
+                # the modes that score samples train the digits classifier when it is missing
+                'classifier': ('fid',)}
 
 
 def flag_values(argv: Sequence[str], name: str) -> list[str]:
@@ -44,8 +46,8 @@ def mode_error(argv: Sequence[str], mode_names: Sequence[str]) -> Optional[str]:
     nearest = intents[0] if intents else difflib.get_close_matches(
         value.lower(), mode_names, n=2, cutoff=0.6)
     hint = f' did you mean {" or ".join(f"--mode={m}" for m in nearest)}?' if nearest else ''
-    return (f'unknown --mode={value}:{hint} The modes are: {", ".join(mode_names)} (see the '
-            'README, "Modes")')
+    return (f'unknown --mode={value}:{hint} The modes are: {", ".join(mode_names)} (see '
+            'docs/running.md)')
   return None
 
 

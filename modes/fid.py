@@ -51,12 +51,13 @@ def make_extractor(config):
   """(name, images -> {'pool', 'logits'}) for config.eval.extractor; 'toy2d' uses the known mixture.
 
   The digits classifier is trained first (eval.classifier_steps, a short run) when
-  classifier_dir(config) holds none, so no mode needs a --mode=classifier run before it.
+  classifier_dir(config) holds none, so no mode needs a run of its own before it.
   """
   if config.eval.extractor == 'classifier':
     from eval import classifier  # pylint: disable=g-import-not-at-top
-    classifier.train_classifier(ckpt_dir=classifier_dir(config),
-                                num_steps=config.eval.classifier_steps)
+    _, accuracy = classifier.train_classifier(ckpt_dir=classifier_dir(config),
+                                              num_steps=config.eval.classifier_steps)
+    logging.info('[classifier] held-out accuracy %.4f (%s)', accuracy, classifier_dir(config))
     model, params, _ = classifier.load_classifier(classifier_dir(config))
     return 'classifier', classifier.feature_fn(model, params)
   if config.eval.extractor == 'inception':
@@ -339,20 +340,6 @@ def _read_rows(path: str) -> list[dict]:
       _cell_key(row)  # a row cut short or garbled raises here, not later
     return rows
   return files.read_cache(path, read) or []
-
-
-def run_classifier(config) -> float:
-  """--mode=classifier: trains (or loads the cached) digits classifier that stands in for
-  Inception."""
-  from eval import classifier  # pylint: disable=g-import-not-at-top
-  ckpt_dir = classifier_dir(config)
-  _, accuracy = classifier.train_classifier(
-      ckpt_dir=ckpt_dir, num_steps=config.eval.classifier_steps)
-  writer = make_writer(files.join(config.workdir, 'logs', 'classifier'))
-  writer.write_scalars(config.eval.classifier_steps, {'held_out_accuracy': accuracy})
-  writer.close()
-  logging.info('[classifier] held-out accuracy %.4f (%s)', accuracy, ckpt_dir)
-  return accuracy
 
 
 def run_fid(config) -> str:

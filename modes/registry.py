@@ -1,7 +1,7 @@
 """MODES: one function per `main.py --mode`; main.py only parses flags and dispatches through it."""
 
 from distill import stages
-from modes.fid import run_classifier, run_fid
+from modes.fid import run_fid
 from modes.pipeline import run_pipeline
 from modes.sampling import run_sample
 from modes.sweep import run_sweep
@@ -21,7 +21,6 @@ MODES = {
     'distill': run_distill,
     'sample': run_sample,
     'pipeline': run_pipeline,
-    'classifier': run_classifier,
     'fid': run_fid,
     'encoder': stages.train_encoder,
     'direct': stages.train_direct,

@@ -1,6 +1,5 @@
 """Sampling from any checkpoint (teacher, stage 1, any stage-2 round) with a checked step count."""
 
-import os
 from typing import Optional
 
 import jax

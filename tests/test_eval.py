@@ -291,7 +291,7 @@ def test_a_classifier_whose_params_are_not_the_bytes_written_is_refused(trained_
 
 
 def test_load_classifier_missing(tmp_path):
-  with pytest.raises(CheckpointError, match='no classifier in .*: run --mode=classifier first'):
+  with pytest.raises(CheckpointError, match='no classifier in .*: --mode=fid trains one there'):
     classifier.load_classifier(str(tmp_path / 'empty'))
 
 

@@ -61,6 +61,9 @@ def _error_lines(stderr: str) -> list[str]:
     (['--mode=train', f'--config={TINY}'],
      'unknown --mode=train: did you mean --mode=pipeline or --mode=teacher?'),
     (['--mode=distil'], 'unknown --mode=distil: did you mean --mode=distill?'),
+    # the classifier has no mode of its own: the modes that score samples train it
+    (['--mode=classifier', f'--config={TINY}'],
+     'unknown --mode=classifier: did you mean --mode=fid?'),
     (['--mode', 'smaple', f'--config={TINY}'],
      'unknown --mode=smaple: did you mean --mode=sample?'),
 ])
