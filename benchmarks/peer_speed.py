@@ -97,7 +97,7 @@ def run_ours(config, record):
   n = _SAMPLE_BATCH.value
   z, label, w = shard_rows(jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
                            jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,)))
-  args = (state.ema_params, z, label, w, jax.random.key(0))
+  args = (sharded.unpack(state).ema_params, z, label, w, jax.random.key(0))
   # the same program: compiles it
   one_step = make_sampler('ddim', denoise_fn, num_steps=1, logsnr_fn=logsnr_fn)
   sample_s = _median_seconds(lambda: jax.block_until_ready(sampler(*args)), _REPEATS.value,

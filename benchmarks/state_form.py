@@ -1,24 +1,24 @@
-"""The train state's form, measured: params trees, plain or with optax.flatten.
+"""The train state's form, measured: packed vectors against params trees (plain, or optax.flatten).
 
   python benchmarks/state_form.py --config=configs/digits_teacher.py
   python benchmarks/state_form.py --config=configs/digits_teacher.py \
       --config.model.ch=32 --config.model.num_res_blocks=2 --config.train.batch_size=128
 
-Builds the teacher's train step (`train.state.make_train_step`, the loss of `--mode=teacher`) two
+Builds the teacher's train step (`train.state.make_train_step`, the loss of `--mode=teacher`) three
 ways on the same params and batch:
 
-- `tree`: params, EMA and Adam's moments as trees, one set of element-wise ops per array (the
-  repo's form);
-- `flatten`: the optimizer wrapped in `optax.flatten` (Adam's moments one vector each, the library's
-  fused update).
+- `packed`: the state as three vectors [N] (params, EMA, Adam's moments; `ParamLayout`): the update
+  is a handful of large element-wise ops;
+- `flatten`: params and EMA as trees, the optimizer wrapped in `optax.flatten` (its moments one
+  vector each, the library's fused update);
+- `tree`: params, EMA and moments as trees, one set of element-wise ops per array.
 
-Each is compiled and warmed up, then the two are timed in turn, `--steps` steps each with
-`block_until_ready` at the end, for `--rounds` rounds; it prints the median steps/s and the spread
-(min-max) of each form, its ratio to `tree` per round (median, min-max), the number of instructions
-in each compiled program and the seconds of its `.lower().compile()`. One process on the devices
-main.py uses: the figures of the step itself, without input or logging. (Its first version also
-timed the state packed into one vector each for params, EMA and the moments, the form the repo kept
-before: benchmarks/README.md has those figures and that version's commit.)
+Each is compiled and warmed up, then the three are timed in turn, `--steps` steps each with
+`block_until_ready` at the end (and after every step on several CPU devices, as the train loop
+does), for `--rounds` rounds; it prints the median steps/s and the spread
+(min-max) of each form, its ratio to `packed` per round (median, min-max), the number of
+instructions in each compiled program and the seconds of its `.lower().compile()`. One process on
+the devices main.py uses: the figures of the step itself, without input or logging.
 """
 
 import os
@@ -46,7 +46,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Rounds; each times every form once,
 _WARMUP = flags.DEFINE_integer('warmup', 5, 'Untimed steps of each form after compiling.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'As main.py: 0 = a power of two <= cores.')
 
-FORMS = ('tree', 'flatten')
+FORMS = ('packed', 'flatten', 'tree')
 
 
 def build_step(form: str, job, section):
@@ -58,7 +58,7 @@ def build_step(form: str, job, section):
   step = state_lib.make_train_step(job.loss_fn, tx, ema_decay=section.ema_decay,
                                    lr_schedule=state_lib.learning_rate_schedule(section),
                                    lr_scales=state_lib.lr_scales(section))
-  state = state_lib.create_train_state(job.params, tx, seed=0)
+  state = state_lib.create_train_state(job.params, tx, seed=0, packed=form == 'packed')
   replicated = NamedSharding(data_mesh(), PartitionSpec())
   jitted = jax.jit(step, in_shardings=(replicated, batch_sharding(), replicated),
                    out_shardings=(replicated, replicated), donate_argnums=(0,))
@@ -80,9 +80,12 @@ def compile_and_count(jitted, *args) -> tuple[float, int]:
 
 
 def time_steps(step, state, batch, frozen, num_steps: int):
+  block_each_step = jax.default_backend() == 'cpu' and jax.device_count() > 1  # as train.loop
   start = time.perf_counter()
   for _ in range(num_steps):
     state, _ = step(state, batch, frozen)
+    if block_each_step:
+      jax.block_until_ready(state)
   jax.block_until_ready(state)
   return state, num_steps / (time.perf_counter() - start)
 
@@ -111,11 +114,11 @@ def main(_):
         f'batch {section.batch_size}, {jax.device_count()} {jax.devices()[0].device_kind} '
         f'device(s); {_ROUNDS.value} rounds of '
         f'{_STEPS.value} steps per form, alternated')
-  print('| form | steps/s, median (min-max) | / tree, median (min-max) | HLO instructions | '
+  print('| form | steps/s, median (min-max) | / packed, median (min-max) | HLO instructions | '
         'compile s |')
   print('|---|---|---|---|---|')
   for form in FORMS:
-    mine, ratio = np.array(rates[form]), np.array(rates[form]) / np.array(rates['tree'])
+    mine, ratio = np.array(rates[form]), np.array(rates[form]) / np.array(rates['packed'])
     print(f'| {form} | {np.median(mine):.2f} ({mine.min():.2f}-{mine.max():.2f}) | '
           f'{np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f}) | {counts[form][1]:,} | '
           f'{counts[form][0]:.1f} |')

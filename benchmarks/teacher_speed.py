@@ -97,7 +97,7 @@ def main(_):
   n = _SAMPLE_BATCH.value
   z, label, w = shard_rows(jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
                            jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,)))
-  ema_params = state.ema_params
+  ema_params = sharded.unpack(state).ema_params
   jax.block_until_ready(run(ema_params, z, label, w, jax.random.key(0)))
   times = []
   for _ in range(_REPEATS.value):

@@ -144,13 +144,13 @@ def _restore_newest(config):
 
 
 def _plain_restore_target(config):
-  """A train state of the tiny teacher (shapes and shardings) to restore into."""
+  """An unpacked train state of the tiny teacher (shapes and shardings) to restore into."""
   from train.loop import ShardedStep  # pylint: disable=g-import-not-at-top
   record = records.make(config, stage='teacher')
   model, _ = records.build(record)
   sharded = ShardedStep(lambda *args: (0.0, {}), config.train)
   state = sharded.init_state(stages.fresh_params(model, record, seed=0), seed=0)
-  return jax.eval_shape(lambda: state)
+  return jax.eval_shape(sharded.unpack, state)
 
 
 @pytest.mark.parametrize('item', ['record', 'state'])

@@ -31,7 +31,8 @@ from eval.toy_metrics import (gaussian_mixture_log_posterior, per_class_moment_e
 from models import build_model, init_params
 from models.denoiser import make_denoise_fn
 from models.embeddings import logsnr_to_time
-from train.state import create_train_state, learning_rate_schedule, make_train_step
+from train.state import (
+    create_train_state, learning_rate_schedule, make_train_step, pack_state, unpack_state)
 
 LOGSNR_FN = get_logsnr_schedule('cosine', logsnr_min=-20.0, logsnr_max=20.0)
 NUM_CLASSES = 4
@@ -555,9 +556,9 @@ def _one_step(ema_decay, step):
   the old params, must enter the update). Returns (old EMA, new params, new EMA) as numpy trees."""
   params = {'a': jnp.array([1.0, -2.0, 0.5]), 'b': {'c': jnp.array(3.0)}}
   ema_old = jax.tree.map(lambda p: p + 1.0, params)
-  state = create_train_state(params, _R2_TX, seed=0).replace(step=jnp.int32(step),
-                                                             ema_params=ema_old)
-  new_state = _train_step(ema_decay)(state, None, None)[0]
+  state = unpack_state(create_train_state(params, _R2_TX, seed=0)).replace(
+      step=jnp.int32(step), ema_params=ema_old)
+  new_state = unpack_state(_train_step(ema_decay)(pack_state(state), None, None)[0])
   assert int(new_state.step) == step + 1
   params_new = jax.tree.map(lambda p: np.asarray(p) * (1 - 2 * _R2_LR), params)  # SGD on sum(p^2)
   jax.tree.map(

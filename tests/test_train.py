@@ -17,7 +17,7 @@ import pytest
 from conftest import Killed, kill_after, tiny_config
 from distill import stages
 from train import checkpoint, mesh, records
-from train.state import create_train_state, make_train_step
+from train.state import create_train_state, make_train_step, unpack_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,11 +178,11 @@ def test_non_finite_updates_are_skipped_and_counted():
       make_train_step(loss_fn, tx, ema_decay=0.9, lr_schedule=optax.constant_schedule(0.1)))
   state = create_train_state({'w': jnp.ones(3)}, tx, seed=0)
   state, metrics = step(state, {'x': jnp.ones(3), 'scale': jnp.array(0.0)}, None)  # inf loss
-  np.testing.assert_array_equal(state.params['w'], jnp.ones(3))
-  np.testing.assert_array_equal(state.ema_params['w'], jnp.ones(3))
+  np.testing.assert_array_equal(unpack_state(state).params['w'], jnp.ones(3))
+  np.testing.assert_array_equal(unpack_state(state).ema_params['w'], jnp.ones(3))
   assert int(state.num_skipped) == 1 and int(metrics['num_skipped']) == 1 and int(state.step) == 1
   state, _ = step(state, {'x': jnp.ones(3), 'scale': jnp.array(1.0)}, None)
-  np.testing.assert_allclose(state.params['w'], 0.9 * jnp.ones(3))
+  np.testing.assert_allclose(unpack_state(state).params['w'], 0.9 * jnp.ones(3))
   assert int(state.num_skipped) == 1
 
 
@@ -303,7 +303,7 @@ def _saved_teacher_dir(tmp_path):
 def test_restoring_into_parameters_of_other_shapes_is_refused_and_moves_nothing(tmp_path):
   ckpt_dir = _saved_teacher_dir(tmp_path)
   # the record passes,
-  state = create_train_state({'w': jnp.zeros(3)}, optax.adam(0.1), seed=0)
+  state = unpack_state(create_train_state({'w': jnp.zeros(3)}, optax.adam(0.1), seed=0))
   # the shapes do not
   with checkpoint.open_manager(ckpt_dir, create=False) as manager:
     with pytest.raises(checkpoint.CheckpointError, match='does not fit the current model'):
@@ -380,7 +380,7 @@ def test_lr_scales_multiply_the_learning_rate_of_one_top_level_key():
     step = make_train_step(loss_fn, tx, ema_decay=0.0, lr_schedule=learning_rate_schedule(section),
                            lr_scales=lr_scales(section))
     state, _ = step(create_train_state(params, tx, seed=0), None, None)
-    return jax.tree.map(lambda new, old: new - old, state.params, params)
+    return jax.tree.map(lambda new, old: new - old, unpack_state(state).params, params)
 
   plain = moved(section)
   section.lr_scales.guidance_embed = 10.0

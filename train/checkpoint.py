@@ -122,8 +122,8 @@ def params_digest(params) -> str:
 
 
 def _fields(state) -> dict:
-  """{field name: tree} of a train state."""
-  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  """{field name: tree} of a train state (unpacked; the layout is no data)."""
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'layout'}
 
 
 def _nonfinite(leaves: list[np.ndarray]) -> bool:
@@ -153,7 +153,8 @@ def record_digest(record: dict) -> str:
 
 
 def save(manager: ocp.CheckpointManager, state, record: dict) -> None:
-  """Saves state at its step with record and the digest of both (each field's `params_digest`).
+  """Saves state (unpacked) at its step with record and the digest of both (each field's
+  `params_digest`).
 
   NonFiniteStateError, and nothing written, when a field of state holds a NaN or an infinity.
   """

@@ -19,7 +19,7 @@ from train.errors import (NonFiniteError, Preempted, config_section, out_of_memo
                           peer_loss_as_error)
 from train.mesh import data_mesh
 from train.state import (TrainState, create_train_state, learning_rate_schedule, lr_scales,
-                         make_optimizer, make_train_step)
+                         make_optimizer, make_train_step, pack_state, unpack_state)
 
 
 def per_host_batch_size(global_batch_size: int) -> int:
@@ -95,7 +95,11 @@ def watch_preemption(manager):
 
 class ShardedStep:
   """The jitted, data-parallel train step of one section: state replicated, batch split along
-  'data'."""
+  'data'.
+
+  The step's state is packed (`train.state.TrainState`); `unpack` gives the params trees that
+  checkpoints hold and every reader of a state expects, `pack` takes them back.
+  """
 
   def __init__(self, loss_fn: Callable, section):
     per_host_batch_size(section.batch_size)  # validates divisibility
@@ -110,9 +114,11 @@ class ShardedStep:
     self.step_fn = jax.jit(step,
                            in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                            out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    self.pack = jax.jit(pack_state, out_shardings=self.replicated)
+    self.unpack = jax.jit(unpack_state, out_shardings=self.replicated)
 
   def init_state(self, params, *, seed: int) -> TrainState:
-    """The state at step 0, replicated."""
+    """The packed state at step 0."""
     return jax.device_put(create_train_state(params, self.tx, seed=seed), self.replicated)
 
   def global_batch(self, local: dict) -> dict:
@@ -180,7 +186,8 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
       and the FLOP count behind the logged model_flops_per_sec and mfu.
 
   Returns:
-    (the final TrainState, the scalars of the last log step: {} when the checkpoint was complete).
+    (the final TrainState, unpacked: params trees; the scalars of the last log step: {} when the
+    checkpoint was complete).
 
   Raises:
     Preempted: SIGTERM or Ctrl-C; the step just done was saved.
@@ -197,13 +204,15 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
   record = dict(record, train_steps=section.num_steps)  # the step at which this stage is complete
   with checkpoint.open_manager(ckpt_dir, keep=section.keep_checkpoints) as manager:
     if manager.latest_step() is not None:
-      state = checkpoint.restore_state(manager, state, ckpt_dir,
-                                       check_record=records.checker(record, ckpt_dir))
+      # shapes and shardings: no unpacked copy of the state
+      target = jax.eval_shape(sharded.unpack, state)
+      state = sharded.pack(checkpoint.restore_state(manager, target, ckpt_dir,
+                                                    check_record=records.checker(record, ckpt_dir)))
       logging.info('[%s] resuming from step %d in %s', title, int(state.step), ckpt_dir)
     start = int(jax.device_get(state.step))
     if start >= section.num_steps:
       logging.info('[%s] already trained (%d steps in %s); skipping', title, start, ckpt_dir)
-      return state, {}
+      return sharded.unpack(state), {}
     # Logs append (the config as hparams on a fresh start only); the data replay from `start`.
     writer = make_writer(logdir, config=record.get('config') if start == 0 else None)
     run = _Run(title, sharded, section, manager, record, writer, start)
@@ -249,7 +258,7 @@ def run_training(*, title: str, loss_fn: Callable, params, section, ckpt_dir: st
       # Finish: stop a trace still running, wait for the checkpoint writes, flush the scalars.
       _stop_trace(hooks)
       _finish(manager, writer, failed=failed)
-  return state, scalars
+  return sharded.unpack(state), scalars
 
 
 def _hooks(logdir: Optional[str], profile, start: int) -> list:
@@ -352,7 +361,7 @@ class _Run:
     writes them again)."""
     try:
       with checkpoint.save_errors_as_error(self.title, self.ckpt_dir, step):
-        checkpoint.save(self.manager, state, self.record)
+        checkpoint.save(self.manager, self.sharded.unpack(state), self.record)
         self.manager.wait_until_finished()
     except checkpoint.NonFiniteStateError as err:
       raise self.diverged(f'{err} at step {step} (not saved)') from err
