@@ -68,10 +68,11 @@ def _median_seconds(fn, repeats, warmup):
   return float(np.median(times))
 
 
-def run_ours(config, record):
-  """The teacher's train step as the train loop runs it (ShardedStep: jitted, donated state, batch
-  split over every device) and the guided DDIM sampler as --mode=sample runs it (batch split over
-  every device)."""
+def build_ours(config, record, *, sample_steps: int, sample_batch: int):
+  """(parameter count, train(steps), sample()) of this repo: the teacher's train step as the train
+  loop runs it (ShardedStep: jitted, donated state, batch split over every device) and the guided
+  DDIM sampler as --mode=sample runs it (batch split over every device). train(1) and the first
+  sample() compile."""
   job = stages.teacher_job(config)
   model, params, logsnr_fn = (records.build(job.record)[0], job.params,
                               stages.logsnr_schedule(config))
@@ -82,7 +83,7 @@ def run_ours(config, record):
            'label': np.arange(b, dtype=np.int32) % record['num_classes']}
   block_each_step = jax.device_count() > 1  # as the train loop does on CPU devices
 
-  def train(steps=_STEPS.value):
+  def train(steps):
     nonlocal state
     for _ in range(steps):
       state, _ = sharded.step_fn(state, sharded.global_batch(local), None)
@@ -90,19 +91,26 @@ def run_ours(config, record):
         jax.block_until_ready(state)
     jax.block_until_ready(state)
 
-  train_s = _median_seconds(train, _REPEATS.value, warmup=lambda: train(1))  # the warm-up compiles
   denoise_fn = make_denoise_fn(model, parametrization=config.diffusion.parametrization,
                                kind='guided', num_classes=record['num_classes'])
-  sampler = make_sampler('ddim', denoise_fn, num_steps=_SAMPLE_STEPS.value, logsnr_fn=logsnr_fn)
-  n = _SAMPLE_BATCH.value
+  sampler = make_sampler('ddim', denoise_fn, num_steps=sample_steps, logsnr_fn=logsnr_fn)
+  n = sample_batch
   z, label, w = shard_rows(jax.random.normal(jax.random.key(1), (n, *record['x_shape'])),
                            jnp.arange(n, dtype=jnp.int32) % record['num_classes'], jnp.ones((n,)))
-  args = (sharded.unpack(state).ema_params, z, label, w, jax.random.key(0))
-  # the same program: compiles it
-  one_step = make_sampler('ddim', denoise_fn, num_steps=1, logsnr_fn=logsnr_fn)
-  sample_s = _median_seconds(lambda: jax.block_until_ready(sampler(*args)), _REPEATS.value,
-                             warmup=lambda: jax.block_until_ready(one_step(*args)))
-  return count_params(params), _STEPS.value / train_s, n / sample_s
+  key = jax.random.key(0)
+  sample = lambda: jax.block_until_ready(sampler(sharded.unpack(state).ema_params, z, label, w,
+                                                  key))
+  return count_params(params), train, sample
+
+
+def run_ours(config, record):
+  """(parameter count, train steps/s, images/s) of build_ours, medians of --repeats."""
+  num_params, train, sample = build_ours(config, record, sample_steps=_SAMPLE_STEPS.value,
+                                         sample_batch=_SAMPLE_BATCH.value)
+  train_s = _median_seconds(lambda: train(_STEPS.value), _REPEATS.value,
+                            warmup=lambda: train(1))  # the warm-up compiles
+  sample_s = _median_seconds(sample, _REPEATS.value, warmup=sample)
+  return num_params, _STEPS.value / train_s, _SAMPLE_BATCH.value / sample_s
 
 
 def make_peer(model_config, *, x_shape, num_classes, ch, layers):
@@ -136,13 +144,16 @@ def closest_peer(model_config, target, **kwargs):
              key=lambda key: (abs(counts[key] - target), key[1] != model_config.num_res_blocks))
 
 
-def run_peer(config, record, ch, layers):
-  """The same train step and guided DDIM in PyTorch; t indexes a 1001-point table of our logsnr
-  schedule."""
+def build_peer(config, record, ch, layers, *, sample_steps: int, sample_batch: int,
+               compile_model: bool = False):
+  """(parameter count, train(steps), sample()) of the same train step and guided DDIM in PyTorch; t
+  indexes a 1001-point table of our logsnr schedule. compile_model: the network under
+  torch.compile (the optimizer and the sampler's loop stay eager); the first calls compile."""
   torch.manual_seed(0)
   x_shape, k = tuple(record['x_shape']), record['num_classes']
   model = make_peer(config.model, x_shape=x_shape, num_classes=k, ch=ch, layers=layers)
   params = list(model.parameters())
+  net = torch.compile(model) if compile_model else model
   logsnr = torch.tensor(np.asarray(stages.logsnr_schedule(config)(jnp.linspace(0.0, 1.0, 1001))),
                         dtype=torch.float32)
   alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()  # [1001]
@@ -160,7 +171,7 @@ def run_peer(config, record, ch, layers):
     eps = torch.randn_like(x)
     lab = torch.where(torch.rand(b) < tr.p_uncond, k, label)
     loss = torch.nn.functional.mse_loss(
-        model(a * x + s * eps, t, class_labels=lab).sample, a * eps - s * x)
+        net(a * x + s * eps, t, class_labels=lab).sample, a * eps - s * x)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, tr.grad_clip)
@@ -168,34 +179,41 @@ def run_peer(config, record, ch, layers):
     with torch.no_grad():
       torch._foreach_lerp_(ema, params, 1.0 - tr.ema_decay)  # pylint: disable=protected-access
 
-  def train(steps=_STEPS.value):
+  def train(steps):
+    model.train()
     for _ in range(steps):
       train_step()
 
-  model.train()
-  train_s = _median_seconds(train, _REPEATS.value, warmup=lambda: train(2))
-
-  n, num_steps = _SAMPLE_BATCH.value, _SAMPLE_STEPS.value
+  n = sample_batch
   z_init = torch.randn(n, *x_shape).permute(0, 3, 1, 2).contiguous()
   labels = torch.cat([torch.arange(n) % k, torch.full((n,), k)])  # [label; null]
   w = torch.ones(n).view(-1, 1, 1, 1)
 
   @torch.inference_mode()
-  def sample(num_steps=num_steps):
+  def sample(num_steps=sample_steps):
+    model.eval()
     z = z_init
     for i in range(num_steps):
       t, s = (round(1000 * (num_steps - i) / num_steps),
               round(1000 * (num_steps - i - 1) / num_steps))
       cond, uncond = (
-          model(torch.cat([z, z]), torch.full((2 * n,), t), class_labels=labels).sample.chunk(2))
+          net(torch.cat([z, z]), torch.full((2 * n,), t), class_labels=labels).sample.chunk(2))
       v = (1 + w) * cond - w * uncond
       x_pred, eps_pred = alpha[t] * z - sigma[t] * v, sigma[t] * z + alpha[t] * v
       z = x_pred if i == num_steps - 1 else alpha[s] * x_pred + sigma[s] * eps_pred
     return z
 
-  model.eval()
+  return sum(p.numel() for p in params), train, sample
+
+
+def run_peer(config, record, ch, layers):
+  """(parameter count, train steps/s, images/s) of build_peer, medians of --repeats."""
+  num_params, train, sample = build_peer(config, record, ch, layers,
+                                         sample_steps=_SAMPLE_STEPS.value,
+                                         sample_batch=_SAMPLE_BATCH.value)
+  train_s = _median_seconds(lambda: train(_STEPS.value), _REPEATS.value, warmup=lambda: train(2))
   sample_s = _median_seconds(sample, _REPEATS.value, warmup=lambda: sample(1))
-  return sum(p.numel() for p in params), _STEPS.value / train_s, n / sample_s
+  return num_params, _STEPS.value / train_s, _SAMPLE_BATCH.value / sample_s
 
 
 def main(_):
