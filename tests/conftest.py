@@ -24,6 +24,8 @@ PAPER_SCALE_SKIP = 'paper-scale step on the CPU: run with --paper-scale'
 _UNEXPECTED_SKIPS = []  # 'nodeid: reason' of every other skip in this session
 # the fault-injection test's seed and kill points (record_property), for the summary
 _FAULT_INJECTION = []
+# fixtures that train something (toy_run here, test_eval.py's classifier): each on one xdist worker
+SHARED_FIXTURES = frozenset({'toy_run', 'trained_classifier'})
 
 
 def pytest_addoption(parser):
@@ -49,9 +51,10 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
-  """Tests using toy_run share one xdist worker (the session fixture is trained once, not once per
-  worker); tests marked paper_scale are skipped unless --paper-scale is given, and tests marked
-  integration are deselected unless --integration is given, so the default suite stays fast."""
+  """Tests using a trained fixture (SHARED_FIXTURES) share one xdist worker (it is trained once, not
+  once per worker); tests marked paper_scale are skipped unless --paper-scale is given, and tests
+  marked integration are deselected unless --integration is given, so the default suite stays
+  fast."""
   if not config.getoption('--integration'):
     deselected = [item for item in items if item.get_closest_marker('integration')]
     if deselected:
@@ -59,8 +62,8 @@ def pytest_collection_modifyitems(config, items):
       items[:] = [item for item in items if not item.get_closest_marker('integration')]
   skip = pytest.mark.skip(reason=PAPER_SCALE_SKIP)
   for item in items:
-    if 'toy_run' in getattr(item, 'fixturenames', ()):
-      item.add_marker(pytest.mark.xdist_group('toy_run'))
+    for fixture in SHARED_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.xdist_group(fixture))
     if item.get_closest_marker('paper_scale') and not config.getoption('--paper-scale'):
       item.add_marker(skip)
 
@@ -135,7 +138,7 @@ def toy_run(tmp_path_factory):
   direct baseline)."""
   from distill import stages  # pylint: disable=g-import-not-at-top
   config = tiny_config(tmp_path_factory.mktemp('toy_run'), train=1500, stage1=600, stage2=600)
-  config.model.update(hidden=128, num_layers=3)
+  config.model.update(hidden=64, num_layers=3)
   config.train.update(batch_size=256, lr=2e-3, warmup_steps=50, checkpoint_every=1500)
   config.stage1.update(batch_size=256, lr=1e-3, warmup_steps=20, checkpoint_every=600)
   config.stage2.update(batch_size=256, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)

@@ -2,7 +2,8 @@
 diffusers computes.
 
 The references are fixtures written by tests/fixtures/make_diffusers_fixtures.py with PyTorch and
-diffusers (its --check mode recomputes them); nothing here imports torch.
+diffusers (its --check mode recomputes them); nothing here imports torch. The second tier: importing
+another codebase's teacher is machinery around the method (tests/conftest.py).
 """
 
 import csv
@@ -27,6 +28,8 @@ from modes.sampling import LoadedCheckpoint, run_sample
 from modes.validation import ConfigError, prepare_config
 from samplers import make_sampler
 from train import checkpoint, records
+
+pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'diffusers')
 NETWORKS = ('attn_conv', 'scale_shift_resnet', 'fourier')

@@ -36,11 +36,12 @@ def _trained_like_params(model):
   """Init params with the zero-initialised layers given random values, so every path carries
   signal."""
   params = init_params(model, rng=jax.random.key(1), x_shape=IMAGE_SHAPE, guidance_input=True)
+  # numpy's generator: a jax.random.normal per leaf shape would compile one program each
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
+  rng = np.random.default_rng(2)
   return jax.tree.unflatten(treedef, [
-      x if np.any(np.asarray(x)) else 0.1 * jax.random.normal(k, x.shape)
-      for x, k in zip(leaves, keys)
+      x if np.any(np.asarray(x)) else jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
+      for x in leaves
   ])
 
 

@@ -55,11 +55,12 @@ def forward(model, params, inputs, *, train=False, rngs=None):
 def randomise_zero_leaves(params, seed=2):
   """The zero-initialised layers given random values, so every path of the network carries
   signal."""
+  # numpy's generator: a jax.random.normal per leaf shape would compile one program each
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  rng = np.random.default_rng(seed)
   return jax.tree.unflatten(treedef, [
-      x if np.any(np.asarray(x)) else 0.1 * jax.random.normal(k, x.shape)
-      for x, k in zip(leaves, keys)
+      x if np.any(np.asarray(x)) else jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
+      for x in leaves
   ])
 
 
