@@ -5,9 +5,9 @@
   python benchmarks/peer_scaling.py [--rounds=5 --steps=10 --sample_steps=8 --sample_batch=64 \
       --sizes=default,1m,cifar]
 
-The sizes (SIZES): the digits default (its config as is), the digits U-Net at ch=32 with 2 residual
-blocks a level (about 1M parameters, batch 128), and a CIFAR-10-shaped model (32x32x3: the reference
-U-Net of configs/cifar10_teacher.py at ch=64, float32, batch 64; a few million parameters). At each
+The sizes (benchmarks/sizes.py): the digits default (its config as is), the digits U-Net at ch=32
+with 2 residual blocks a level (about 1M parameters, batch 128), and a CIFAR-10-shaped model
+(32x32x3: the reference U-Net of configs/cifar10_teacher.py at ch=64, float32, batch 64). At each
 size the work of `benchmarks/peer_speed.py` (`build_ours`, `build_peer`: the teacher's train step,
 guided DDIM with one network call on [label; null] a step), on three sides: ours, the peer eager and
 the peer's network under `torch.compile`. Each side is built and warmed up (ours: compiled; the
@@ -28,7 +28,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
 from benchmarks import peer_speed  # pylint: disable=wrong-import-position  (torch, diffusers)
-from configs import cifar10_teacher, digits_teacher  # pylint: disable=wrong-import-position
+from benchmarks.sizes import config_of  # pylint: disable=wrong-import-position
 from train import records  # pylint: disable=wrong-import-position
 from train.mesh import (  # pylint: disable=wrong-import-position
     configure_cpu_compiler, set_cpu_devices)
@@ -38,23 +38,8 @@ FLAGS = flags.FLAGS
 FLAGS.set_default('steps', 10)
 FLAGS.set_default('sample_steps', 8)
 FLAGS.set_default('sample_batch', 64)
-_SIZES = flags.DEFINE_list('sizes', ['default', '1m', 'cifar'], 'Sizes to run (SIZES).')
+_SIZES = flags.DEFINE_list('sizes', ['default', '1m', 'cifar'], 'Sizes to run (benchmarks/sizes.py).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Rounds; each times every side once, in turn.')
-
-
-def _digits_1m(config):
-  config.model.update(ch=32, num_res_blocks=2)
-  config.train.batch_size = 128
-
-
-def _cifar_small(config):
-  config.model.update(ch=64, dtype='float32')
-  config.train.batch_size = 64
-
-
-# name -> (config module, overrides)
-SIZES = {'default': (digits_teacher, lambda config: None), '1m': (digits_teacher, _digits_1m),
-         'cifar': (cifar10_teacher, _cifar_small)}
 
 
 def _timed(fn) -> float:
@@ -65,9 +50,7 @@ def _timed(fn) -> float:
 
 def measure_size(name: str) -> dict:
   """{side: {'train': [steps/s per round], 'sample': [images/s per round]}} and the sizes."""
-  module, override = SIZES[name]
-  config = module.get_config()
-  override(config)
+  config = config_of(name)
   record = records.make(config, stage='teacher')
   steps, n, sample_steps = FLAGS.steps, FLAGS.sample_batch, FLAGS.sample_steps
   sides = {'ours': peer_speed.build_ours(config, record, sample_steps=sample_steps, sample_batch=n)}

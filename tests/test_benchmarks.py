@@ -127,3 +127,36 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
   assert len(raw) == 3 and raw[0].startswith('| teacher raw params | CFG ddim ')
   assert all(float(v) > 0 for v in raw[0].split(' | ')[2:5])  # not the EMA: another set of samples
   assert all(0 < float(v) < 10 for v in raw[2][len('| teacher raw params | '):-2].split(' | '))
+
+
+def test_cpu_profile_groups_operations_by_what_their_hlo_computes():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import cpu_profile  # pylint: disable=g-import-not-at-top
+
+  def loss(x, kernel, w):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # [B, H, W, C]
+    spread = jnp.sum(jnp.var(y, axis=(1, 2)) * jnp.arange(5.0))  # a reduction, as GroupNorm's
+    return jnp.mean(jnp.tanh(y).reshape(x.shape[0], -1) @ w) + spread
+
+  x, kernel, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((8 * 8 * 5, 2))
+  text = jax.jit(jax.grad(loss, argnums=(1, 2))).lower(x, kernel, w).compile().as_text()
+  instructions, computations = cpu_profile.parse_hlo(text)
+  groups = {name: cpu_profile.category(name, instructions, computations) for name in instructions}
+  found = set(groups.values())
+  # the forward convolution, its weight gradient, the dense layer's products, the variance
+  assert {'convolution', 'conv weight grad', 'dot', 'reduce'} <= found, groups
+
+
+def test_cpu_profile_counts_a_loop_body_once(tmp_path):
+  import cpu_profile  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / 't.trace.json.gz')
+  events = [dict(ph='X', pid=1, tid=1, name='ThunkExecutor::Execute', ts=0, dur=200),
+            dict(ph='X', pid=1, tid=1, name='while.1', ts=0, dur=100),
+            dict(ph='X', pid=1, tid=1, name='fusion.2', ts=10, dur=30),
+            dict(ph='X', pid=1, tid=1, name='dot.3', ts=50, dur=20),
+            dict(ph='X', pid=1, tid=2, name='fusion.2', ts=0, dur=10)]
+  with gzip.open(path, 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  assert cpu_profile.self_times(path) == {'while.1': 50, 'fusion.2': 40, 'dot.3': 20}
