@@ -160,3 +160,17 @@ def test_cpu_profile_counts_a_loop_body_once(tmp_path):
   with gzip.open(path, 'wt') as f:
     json.dump({'traceEvents': events}, f)
   assert cpu_profile.self_times(path) == {'while.1': 50, 'fusion.2': 40, 'dot.3': 20}
+
+
+@pytest.mark.xdist_group('subprocess')
+def test_conv_grad_rewrites_equal_xlas_weight_gradient_and_print_a_row_each():
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/conv_grad.py', '--shape=2,8,4,3', '--repeats=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:] for line in result.stdout.splitlines()
+          if line.startswith('| ') and not line.startswith('| row')}
+  for name in ('xla forward', 'xla weight grad', 'nine shifted dots', 'channel-major im2col'):
+    assert float(rows[name][1]) > 0, rows  # GFLOP/s
+  for name in ('nine shifted dots', 'channel-major im2col'):
+    assert float(rows[name][2].rstrip(' |')) < 1e-5, rows  # the same gradient
