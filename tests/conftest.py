@@ -2,9 +2,9 @@
 
 Two tiers: `pytest tests` runs the core (the method: math, samplers, objectives, state, models,
 data, distillation, evaluation, and a tiny end-to-end run); `pytest --integration tests` adds the
-files marked `pytestmark = pytest.mark.integration` (the machinery around it: pre-emption, fault
-injection, several processes, remote workdirs, the command line, logs, docs, the notebook,
-benchmarks). CI runs both."""
+files marked `pytestmark = pytest.mark.integration` (the machinery around it: resume and checkpoint
+refusals, pre-emption, fault injection, several devices and processes, remote workdirs, importing
+diffusers teachers, the command line, logs, docs, the notebook, benchmarks). CI runs both."""
 
 import os
 import sys
