@@ -18,15 +18,12 @@ grouped by what the instruction computes, read from the HLO:
 - elementwise: every other fusion (activations, normalisation, Adam, EMA).
 
 It prints each group's milliseconds per step summed over the devices' threads, and the largest
-operations. Needs no extras (no torch).
+operations (the grouping and self time: benchmarks/trace_summary.py). Needs no extras (no torch).
 """
 
 import collections
 import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -38,6 +35,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
 from benchmarks.sizes import config_of  # pylint: disable=wrong-import-position
+from benchmarks.trace_summary import (  # pylint: disable=wrong-import-position
+    category, parse_hlo, self_times)
 from distill import stages  # pylint: disable=wrong-import-position
 from models import count_params  # pylint: disable=wrong-import-position
 from train.loop import ShardedStep  # pylint: disable=wrong-import-position
@@ -49,89 +48,6 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Traced train steps.')
 _TOP = flags.DEFINE_integer('top', 12, 'Largest operations to list.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0,
                                     'As main.py: XLA devices of the CPU (0: one per core).')
-
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$')
-_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')  # not indented
-_CALLS = re.compile(r'(?:calls|to_apply)=\{?%?([\w.\-]+)')
-_WRAPPERS = ('ThunkExecutor', 'PjitFunction', 'block_until_ready', 'train')
-
-
-def parse_hlo(text: str) -> tuple[dict, dict]:
-  """({instruction: (opcode, called computations, window)}, {computation: [instructions]})."""
-  instructions, computations, current = {}, collections.defaultdict(list), None
-  for line in text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match:  # a computation's header: unindented, ending in '{' (its body is indented)
-      current = match.group(1)
-      continue
-    match = _INSTRUCTION.match(line)
-    if match:
-      name, opcode, rest = match.groups()
-      window = re.search(r'window=\{([^}]*)\}', rest)
-      instructions[name] = (opcode, _CALLS.findall(rest), window.group(1) if window else '')
-      computations[current].append(name)
-  return instructions, computations
-
-
-def category(name: str, instructions: dict, computations: dict) -> str:
-  """The kind of work of one traced operation (the module docstring's groups)."""
-  opcode, called, window = instructions[name]
-  if opcode.startswith('all-reduce') or opcode.startswith('reduce-scatter'):
-    return 'all-reduce'
-  if opcode == 'while':
-    return 'loop (own time)'
-  inner = [(opcode, window)]
-  if opcode != 'call':
-    stack, seen = list(called), set()
-    while stack:
-      computation = stack.pop()
-      if computation in seen:
-        continue
-      seen.add(computation)
-      for member in computations.get(computation, ()):
-        member_opcode, member_called, member_window = instructions[member]
-        inner.append((member_opcode, member_window))
-        stack.extend(member_called)
-  opcodes = {op for op, _ in inner}
-  if 'convolution' in opcodes:
-    windows = [w for op, w in inner if op == 'convolution']
-    return 'conv weight grad' if any(_is_weight_grad(w) for w in windows) else 'convolution'
-  if 'dot' in opcodes:
-    return 'dot'
-  if opcodes & {'reduce', 'reduce-window'}:
-    return 'reduce'
-  if opcodes <= {'copy', 'transpose', 'bitcast', 'parameter'}:
-    return 'copy / transpose'
-  return 'elementwise'
-
-
-def _is_weight_grad(window: str) -> bool:
-  """A kernel's gradient is a convolution of the activations with the output's gradient: its window
-  spans the activation (wider than the network's 3x3 and 1x1 kernels), dilated for a strided one."""
-  size = re.search(r'size=([\dx]+)', window)
-  return 'rhs_dilate' in window or bool(size and max(map(int, size.group(1).split('x'))) > 3)
-
-
-def self_times(trace_path: str) -> collections.Counter:
-  """{operation name: microseconds of self time} over the XLA threads of a Chrome trace."""
-  with gzip.open(trace_path, 'rt') as f:
-    events = json.load(f)['traceEvents']
-  by_thread = collections.defaultdict(list)
-  for e in events:
-    if e.get('ph') == 'X' and not e['name'].startswith(_WRAPPERS):
-      by_thread[(e['pid'], e['tid'])].append(e)
-  totals = collections.Counter()
-  for thread_events in by_thread.values():
-    stack = []  # (end, name) of the enclosing events
-    for e in sorted(thread_events, key=lambda e: (e['ts'], -e['dur'])):
-      while stack and stack[-1][0] <= e['ts']:
-        stack.pop()
-      if stack:  # nested: its time is not its parent's own
-        totals[stack[-1][1]] -= e['dur']
-      totals[e['name']] += e['dur']
-      stack.append((e['ts'] + e['dur'], e['name']))
-  return totals
-
 
 def profile_size(name: str) -> None:
   """Builds, compiles, warms up and traces the size's step; prints its groups."""

@@ -10,6 +10,9 @@ Reads the `*.trace.json.gz` that `--config.profile.num_steps=N` (or `benchmarks/
 host's time inside the step's execute call, and the kernels grouped by kind (convolutions and
 matmuls vs the rest) with the largest groups by name. Only device planes ('/device:...') count as
 device time; without one (a CPU trace) it says so.
+
+A CPU trace is read by benchmarks/cpu_profile.py with the functions below the divider (parse_hlo,
+category, self_times): XLA:CPU's operations grouped by what their compiled HLO computes.
 """
 
 import argparse
@@ -90,6 +93,91 @@ def summarise(path: str, top: int) -> None:
   print('|---|---|---|')
   for group, t in time_by.most_common(top):
     print(f'| {group} | {count_by[group] / n:.0f} | {t / n / 1e3:.2f} |')
+
+
+# ------------------------------------- a CPU trace: XLA:CPU's operations by kind (cpu_profile.py)
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([a-z][\w\-]*)\((.*)$')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')  # not indented
+_CALLS = re.compile(r'(?:calls|to_apply)=\{?%?([\w.\-]+)')
+_WRAPPERS = ('ThunkExecutor', 'PjitFunction', 'block_until_ready', 'train')
+
+
+def parse_hlo(text: str) -> tuple[dict, dict]:
+  """({instruction: (opcode, called computations, window)}, {computation: [instructions]})."""
+  instructions, computations, current = {}, collections.defaultdict(list), None
+  for line in text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:  # a computation's header: unindented, ending in '{' (its body is indented)
+      current = match.group(1)
+      continue
+    match = _INSTRUCTION.match(line)
+    if match:
+      name, opcode, rest = match.groups()
+      window = re.search(r'window=\{([^}]*)\}', rest)
+      instructions[name] = (opcode, _CALLS.findall(rest), window.group(1) if window else '')
+      computations[current].append(name)
+  return instructions, computations
+
+
+def category(name: str, instructions: dict, computations: dict) -> str:
+  """The kind of work of one traced operation (the module docstring's groups)."""
+  opcode, called, window = instructions[name]
+  if opcode.startswith('all-reduce') or opcode.startswith('reduce-scatter'):
+    return 'all-reduce'
+  if opcode == 'while':
+    return 'loop (own time)'
+  inner = [(opcode, window)]
+  if opcode != 'call':
+    stack, seen = list(called), set()
+    while stack:
+      computation = stack.pop()
+      if computation in seen:
+        continue
+      seen.add(computation)
+      for member in computations.get(computation, ()):
+        member_opcode, member_called, member_window = instructions[member]
+        inner.append((member_opcode, member_window))
+        stack.extend(member_called)
+  opcodes = {op for op, _ in inner}
+  if 'convolution' in opcodes:
+    windows = [w for op, w in inner if op == 'convolution']
+    return 'conv weight grad' if any(_is_weight_grad(w) for w in windows) else 'convolution'
+  if 'dot' in opcodes:
+    return 'dot'
+  if opcodes & {'reduce', 'reduce-window'}:
+    return 'reduce'
+  if opcodes <= {'copy', 'transpose', 'bitcast', 'parameter'}:
+    return 'copy / transpose'
+  return 'elementwise'
+
+
+def _is_weight_grad(window: str) -> bool:
+  """A kernel's gradient is a convolution of the activations with the output's gradient: its window
+  spans the activation (wider than the network's 3x3 and 1x1 kernels), dilated for a strided one."""
+  size = re.search(r'size=([\dx]+)', window)
+  return 'rhs_dilate' in window or bool(size and max(map(int, size.group(1).split('x'))) > 3)
+
+
+def self_times(trace_path: str) -> collections.Counter:
+  """{operation name: microseconds of self time} over the XLA threads of a Chrome trace."""
+  with gzip.open(trace_path, 'rt') as f:
+    events = json.load(f)['traceEvents']
+  by_thread = collections.defaultdict(list)
+  for e in events:
+    if e.get('ph') == 'X' and not e['name'].startswith(_WRAPPERS):
+      by_thread[(e['pid'], e['tid'])].append(e)
+  totals = collections.Counter()
+  for thread_events in by_thread.values():
+    stack = []  # (end, name) of the enclosing events
+    for e in sorted(thread_events, key=lambda e: (e['ts'], -e['dur'])):
+      while stack and stack[-1][0] <= e['ts']:
+        stack.pop()
+      if stack:  # nested: its time is not its parent's own
+        totals[stack[-1][1]] -= e['dur']
+      totals[e['name']] += e['dur']
+      stack.append((e['ts'] + e['dur'], e['name']))
+  return totals
 
 
 def main():

@@ -129,10 +129,9 @@ def test_stage1_fidelity_prints_a_row_per_workdir_scored_against_the_shared_teac
   assert all(0 < float(v) < 10 for v in raw[2][len('| teacher raw params | '):-2].split(' | '))
 
 
-def test_cpu_profile_groups_operations_by_what_their_hlo_computes():
+def test_cpu_operations_are_grouped_by_what_their_hlo_computes():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import cpu_profile  # pylint: disable=g-import-not-at-top
 
   def loss(x, kernel, w):
     y = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
@@ -142,15 +141,14 @@ def test_cpu_profile_groups_operations_by_what_their_hlo_computes():
 
   x, kernel, w = jnp.ones((4, 8, 8, 3)), jnp.ones((3, 3, 3, 5)), jnp.ones((8 * 8 * 5, 2))
   text = jax.jit(jax.grad(loss, argnums=(1, 2))).lower(x, kernel, w).compile().as_text()
-  instructions, computations = cpu_profile.parse_hlo(text)
-  groups = {name: cpu_profile.category(name, instructions, computations) for name in instructions}
+  instructions, computations = trace_summary.parse_hlo(text)
+  groups = {name: trace_summary.category(name, instructions, computations) for name in instructions}
   found = set(groups.values())
   # the forward convolution, its weight gradient, the dense layer's products, the variance
   assert {'convolution', 'conv weight grad', 'dot', 'reduce'} <= found, groups
 
 
-def test_cpu_profile_counts_a_loop_body_once(tmp_path):
-  import cpu_profile  # pylint: disable=g-import-not-at-top
+def test_cpu_self_time_counts_a_loop_body_once(tmp_path):
   path = str(tmp_path / 't.trace.json.gz')
   events = [dict(ph='X', pid=1, tid=1, name='ThunkExecutor::Execute', ts=0, dur=200),
             dict(ph='X', pid=1, tid=1, name='while.1', ts=0, dur=100),
@@ -159,7 +157,7 @@ def test_cpu_profile_counts_a_loop_body_once(tmp_path):
             dict(ph='X', pid=1, tid=2, name='fusion.2', ts=0, dur=10)]
   with gzip.open(path, 'wt') as f:
     json.dump({'traceEvents': events}, f)
-  assert cpu_profile.self_times(path) == {'while.1': 50, 'fusion.2': 40, 'dot.3': 20}
+  assert trace_summary.self_times(path) == {'while.1': 50, 'fusion.2': 40, 'dot.3': 20}
 
 
 @pytest.mark.xdist_group('subprocess')
