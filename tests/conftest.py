@@ -111,6 +111,21 @@ def tiny_config(workdir, **stage_steps):
   return config
 
 
+def randomise_zero_leaves(params, seed=2):
+  """params with the zero-initialised layers given random values (0.1 N(0, 1)), so every path of
+  the network carries signal, as in a trained one."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  # numpy's generator: a jax.random.normal per leaf shape would compile one program each
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [
+      x if np.any(np.asarray(x)) else jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
+      for x in leaves
+  ])
+
+
 class Killed(Exception):
   """Raised by kill_after's data iterator: a job killed mid-run."""
 

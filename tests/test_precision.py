@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import randomise_zero_leaves, tiny_config
 from diffusion import get_logsnr_schedule
 from distill import stages
 from models import init_params
@@ -35,14 +35,8 @@ def _inputs(batch=8):
 def _trained_like_params(model):
   """Init params with the zero-initialised layers given random values, so every path carries
   signal."""
-  params = init_params(model, rng=jax.random.key(1), x_shape=IMAGE_SHAPE, guidance_input=True)
-  # numpy's generator: a jax.random.normal per leaf shape would compile one program each
-  leaves, treedef = jax.tree.flatten(params)
-  rng = np.random.default_rng(2)
-  return jax.tree.unflatten(treedef, [
-      x if np.any(np.asarray(x)) else jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
-      for x in leaves
-  ])
+  return randomise_zero_leaves(
+      init_params(model, rng=jax.random.key(1), x_shape=IMAGE_SHAPE, guidance_input=True), seed=2)
 
 
 def test_bf16_forward_is_within_2_percent_of_float32_on_the_same_params():

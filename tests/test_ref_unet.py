@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import randomise_zero_leaves
 from distill import stages
 from train import records
 from models import build_model, count_params, init_params
@@ -50,18 +51,6 @@ def forward(model, params, inputs, *, train=False, rngs=None):
   """model.apply jitted: one compile of the whole network, faster here than op-by-op dispatch."""
   return jax.jit(lambda p, x, rng: model.apply({'params': p}, *x, train=train, rngs=rng))(
       params, inputs, rngs)
-
-
-def randomise_zero_leaves(params, seed=2):
-  """The zero-initialised layers given random values, so every path of the network carries
-  signal."""
-  # numpy's generator: a jax.random.normal per leaf shape would compile one program each
-  leaves, treedef = jax.tree.flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [
-      x if np.any(np.asarray(x)) else jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype)
-      for x in leaves
-  ])
 
 
 # ------------------------------------------------- the reference network's parameter count, derived
