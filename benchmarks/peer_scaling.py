@@ -38,7 +38,8 @@ FLAGS = flags.FLAGS
 FLAGS.set_default('steps', 10)
 FLAGS.set_default('sample_steps', 8)
 FLAGS.set_default('sample_batch', 64)
-_SIZES = flags.DEFINE_list('sizes', ['default', '1m', 'cifar'], 'Sizes to run (benchmarks/sizes.py).')
+_SIZES = flags.DEFINE_list('sizes', ['default', '1m', 'cifar'],
+                            'Sizes to run (benchmarks/sizes.py).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Rounds; each times every side once, in turn.')
 
 
