@@ -6,9 +6,9 @@ import signal
 import sys
 from typing import Optional
 
-# TensorFlow (imported by tfds and clu's writers) prints start-up banners (oneDNN, CPU features) at
-# INFO level on its C++ logger; they must be silenced before it loads. Warnings and errors still
-# show; a value set by the user wins.
+# TensorFlow (imported by tfds, for tfds data sets only) prints start-up banners (oneDNN, CPU
+# features) at INFO level on its C++ logger; they must be silenced before it loads. Warnings and
+# errors still show; a value set by the user wins.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # On CPUs where TensorFlow turns its oneDNN kernels on it announces so before absl's logging starts,
 # which TF_CPP_MIN_LOG_LEVEL does not silence; TensorFlow only reads data here, so its oneDNN

@@ -1,11 +1,16 @@
-"""Every mode logs through clu metric writers: TensorBoard event files and a plain metrics.jsonl per
-run."""
+"""Every mode logs through the metric writers of train/writers.py: TensorBoard event files and a
+plain metrics.jsonl per run."""
 
 import glob
+import io
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from modes import fid
@@ -16,6 +21,7 @@ from train import writers
 
 pytestmark = pytest.mark.integration  # the second tier (tests/conftest.py)
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCALARS = {'loss', 'lr', 'grad_norm', 'steps_per_sec', 'num_skipped', 'consecutive_skipped'}
 
 
@@ -78,6 +84,39 @@ def test_every_training_stage_and_round_has_event_files_and_jsonl(toy_run):
     rounds = writers.read_jsonl(os.path.join(logs, stage, 'rounds', writers.JSONL_NAME))
     assert [(r['step'], r['student_steps']) for r in rounds] == [(1, 8), (2, 4)]
     assert all(r['final_loss'] > 0 and r['seconds'] > 0 for r in rounds)
+
+
+def test_tensorboard_writer_round_trips_values_and_images_as_tf_summary_does(tmp_path):
+  writer = writers.TensorBoardWriter(str(tmp_path))
+  grid = np.arange(6 * 7, dtype=np.uint8).reshape(1, 6, 7, 1) * 6  # [N, H, W, C]
+  rgb = np.linspace(-0.2, 1.2, 4 * 5 * 3).reshape(4, 5, 3)  # floats: clipped to [0, 1], 255 levels
+  writer.write_scalars(7, {'loss': 0.25})
+  writer.write_images(7, {'grid': grid, 'rgb': rgb})
+  writer.write_texts(0, {'timings': '{"teacher": 1.5}'})
+  writer.write_hparams({'train.lr': 2e-3, 'data.name': 'toy2d'})
+  writer.close()
+  events = event_accumulator.EventAccumulator(
+      str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
+  events.Reload()
+  assert tensorboard_tags(tmp_path) == {'scalars': {'loss'}, 'images': {'grid', 'rgb'},
+                                        'text': {'timings'},
+                                        'hparams': {'_hparams_/session_start_info'}}
+  assert [(e.step, e.tensor_proto.float_val[0]) for e in events.Tensors('loss')] == [(7, 0.25)]
+  assert events.Tensors('timings')[0].tensor_proto.string_val == [b'{"teacher": 1.5}']
+  for tag, want in (('grid', grid[0]), ('rgb', np.floor(np.clip(rgb, 0, 1) * 255 + 0.5))):
+    width, height, png = events.Tensors(tag)[0].tensor_proto.string_val
+    pixels = np.asarray(Image.open(io.BytesIO(png))).reshape(want.shape)
+    assert (int(width), int(height)) == want.shape[1::-1] and np.array_equal(pixels, want), tag
+
+
+def test_the_modes_never_import_tensorflow():
+  """Importing TensorFlow costs every command seconds at start-up: only tfds data sets need it."""
+  code = ('import sys; from modes import pipeline, fid, sampling, transfer, stage_quality; '
+          'from train import loop, writers; from distill import stages; '
+          'print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.strip() == '[]', out
 
 
 @pytest.fixture

@@ -1,17 +1,12 @@
 """A workdir on a remote filesystem (--config.workdir=gs://bucket/run): every file of a run goes
-through epath, Orbax or tf.io.gfile, never through os.path, open or os.rename.
+through epath or Orbax, never through os.path, open or os.rename.
 
-The run's workdir is a ram:// URL, the scheme of TensorFlow's in-memory filesystem, and works
-offline:
-- the TensorBoard writers (tf.io.gfile) write to TensorFlow's ram:// itself;
-- epath (train/files.py, Orbax's directories and JSON files) and Orbax's TensorStore array store
-  reach the same URLs in a directory of this test, a stand-in bucket that only those two know the
-  way to (_Bucket).
-No offline scheme serves all three as it is. epath knows gs://, s3://, az:// and hf:// only (the
-test registers ram:// with it); Orbax hands TensorStore gs:// URLs (its gcs driver, which needs the
-network) or absolute local paths, nothing else ('Checkpoint path should be absolute'); TensorFlow's
-ram:// keeps a file's old bytes when it is written again and leaves a directory's files behind when
-the directory is renamed, both of which Orbax does; fsspec's memory:// is unknown to tf.io.gfile.
+The run's workdir is a ram:// URL and works offline: epath (train/files.py, the metric writers,
+Orbax's directories and JSON files) and Orbax's TensorStore array store reach it in a directory of
+this test, a stand-in bucket that only those two know the way to (_Bucket). No offline scheme
+serves both as it is: epath knows gs://, s3://, az:// and hf:// only (the test registers ram:// with
+it); Orbax hands TensorStore gs:// URLs (its gcs driver, which needs the network) or absolute local
+paths, nothing else ('Checkpoint path should be absolute').
 
 While the run goes on, builtins.open, os.makedirs, os.rename, os.replace, os.path.exists, ... refuse
 a ram:// path from anyone, and os.path.join and friends refuse one from the repository's modules:
@@ -206,7 +201,6 @@ class RemoteRun:
 def remote_run(tmp_path_factory):
   """teacher -> stage 1 -> one stage-2 round (4 -> 2 steps) -> samples, --mode=sample and
   --mode=fid, under the workdir lock, with the workdir on ram:// and local I/O on it refused."""
-  # TensorFlow's ram:// lives as long as the process
   workdir = f'{SCHEME}://bucket-{uuid.uuid4().hex[:8]}/run'
   config = tiny_config(workdir)
   config.stage2.final_steps = 2
@@ -245,8 +239,9 @@ def test_the_pipeline_runs_with_its_workdir_on_a_remote_filesystem(remote_run):
   assert ({'results.csv', 'results.md', 'fid_vs_steps.png', 'fid_vs_is.png'}
           <= set(files.listdir(f'{workdir}/eval')))
   assert writers.read_jsonl(f'{workdir}/logs/teacher/{writers.JSONL_NAME}')[-1]['step'] == 20
-  # TensorFlow's own ram:// (tf.io.gfile)
-  events = event_accumulator.EventAccumulator(f'{workdir}/logs/teacher')
+  # the event files went to the bucket too
+  events = event_accumulator.EventAccumulator(
+      _Bucket(remote_run.bucket_root).local(f'{workdir}/logs/teacher'))
   events.Reload()
   assert 'loss' in events.Tags()['tensors']
   assert not files.exists(f'{workdir}/{lock.LOCK_NAME}'), 'the lock is released'

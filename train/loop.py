@@ -40,7 +40,7 @@ def make_writer(logdir: Optional[str], *, config: Optional[dict] = None):
   nested dict), its fields are written first as hparams."""
   if logdir is None:
     return None
-  from train import writers  # pylint: disable=g-import-not-at-top  (clu imports TensorFlow)
+  from train import writers  # pylint: disable=g-import-not-at-top
   writer = writers.create_writer(logdir)
   if config is not None:
     writer.write_hparams(writers.config_hparams(config))
