@@ -1,4 +1,4 @@
-"""One 3x3 convolution's forward and weight gradient on this CPU: XLA's kernels, two rewrites as
+"""One 3x3 convolution's forward and weight gradient on this CPU: XLA's kernels, three rewrites as
 matrix products, and PyTorch's oneDNN when installed.
 
   python benchmarks/conv_grad.py [--shape=32,32,128,64 --repeats=5]
@@ -13,6 +13,10 @@ of 2 * B * H * W * Cin * Cout * 9:
 - nine shifted dots: the weight gradient as 9 products of shifted inputs with the output's gradient;
 - channel-major im2col: the inputs transposed to [Cin, B, H, W], the 9 shifts stacked into
   [9 Cin, B H W] and one product with the gradient as [B H W, Cout] (a plain row-major GEMM);
+- flat shifted taps: the padded inputs flattened to rows [B (H+2) (W+2), Cin], the gradient padded
+  alike with zeros; each of the 9 taps is then a contiguous slice of the rows (offset dy (W+2) + dx;
+  a row past an image's edge meets a zero gradient), and its product with the gradient contracts
+  the rows of both: no im2col copy, and no strided slice;
 - gemm: that product alone on ready-made operands (what XLA's matrix product reaches here);
 - torch forward / weight grad (NCHW and channels_last), when torch is installed
   (benchmarks/requirements-peer.txt), on one thread per core.
@@ -60,6 +64,19 @@ def channel_major_im2col(x, kernel, grad):
   padded = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (1, 1), (1, 1)))
   patches = jnp.stack([padded[:, :, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
   return jnp.dot(patches.reshape(9 * cin, -1), grad.reshape(-1, cout)).reshape(3, 3, cin, cout)
+
+
+def flat_shifted_taps(x, kernel, grad):
+  del kernel
+  batch, h, w, cin = x.shape
+  rows = batch * (h + 2) * (w + 2)
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, cin)
+  padded = jnp.pad(padded, ((0, 2 * (w + 2) + 2), (0, 0)))  # the last taps' slices stay inside
+  grad_rows = jnp.pad(grad, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, -1)  # [rows, Cout]
+  taps = [jax.lax.dot_general(grad_rows, padded[dy * (w + 2) + dx:][:rows],
+                              (((0,), (0,)), ((), ())))  # [Cout, Cin]
+          for dy in range(3) for dx in range(3)]
+  return jnp.stack(taps).transpose(0, 2, 1).reshape(3, 3, cin, grad.shape[-1])
 
 
 def _median_ms(fn) -> float:
@@ -112,7 +129,8 @@ def main(_):
   reference = jax.jit(xla_weight_grad)(x, kernel, grad)
   scale = float(jnp.max(jnp.abs(reference)))
   for name, fn in (('xla weight grad', xla_weight_grad), ('nine shifted dots', shifted_dots),
-                   ('channel-major im2col', channel_major_im2col)):
+                   ('channel-major im2col', channel_major_im2col),
+                   ('flat shifted taps', flat_shifted_taps)):
     jitted = jax.jit(fn)
     difference = float(jnp.max(jnp.abs(jitted(x, kernel, grad) - reference))) / scale
     _row(name, _median_ms(lambda f=jitted: f(x, kernel, grad).block_until_ready()), flops,

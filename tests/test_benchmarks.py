@@ -168,7 +168,8 @@ def test_conv_grad_rewrites_equal_xlas_weight_gradient_and_print_a_row_each():
   assert result.returncode == 0, result.stderr[-2000:]
   rows = {line.split(' | ')[0][2:]: line.split(' | ')[1:] for line in result.stdout.splitlines()
           if line.startswith('| ') and not line.startswith('| row')}
-  for name in ('xla forward', 'xla weight grad', 'nine shifted dots', 'channel-major im2col'):
+  rewrites = ('nine shifted dots', 'channel-major im2col', 'flat shifted taps')
+  for name in ('xla forward', 'xla weight grad', *rewrites):
     assert float(rows[name][1]) > 0, rows  # GFLOP/s
-  for name in ('nine shifted dots', 'channel-major im2col'):
+  for name in rewrites:
     assert float(rows[name][2].rstrip(' |')) < 1e-5, rows  # the same gradient
