@@ -113,9 +113,11 @@ def main(argv):
     from modes.dry_run import run_dry_run  # pylint: disable=g-import-not-at-top
     run_dry_run(_CONFIG.value, _MODE.value, batch_size=_DRY_RUN_BATCH_SIZE.value)
     return
-  # Compiled programs are cached on disk: stage-2 rounds share one program, reruns start faster.
+  # Compiled programs are cached on disk: stage-2 rounds share one program, reruns start faster. A
+  # cache set by the user (JAX_COMPILATION_CACHE_DIR, shared by several workdirs) wins.
   from train import files  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_compilation_cache_dir', files.join(_CONFIG.value.workdir, 'jax_cache'))
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', files.join(_CONFIG.value.workdir, 'jax_cache'))
   logging.info('mode=%s workdir=%s devices=%d (%s) process %d/%d',
                _MODE.value, _CONFIG.value.workdir, jax.device_count(), jax.default_backend(),
                jax.process_index(), jax.process_count())

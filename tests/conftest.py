@@ -7,7 +7,9 @@ refusals, pre-emption, fault injection, several devices and processes, remote wo
 diffusers teachers, the command line, logs, docs, the notebook, benchmarks). CI runs both."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
@@ -26,6 +28,14 @@ _UNEXPECTED_SKIPS = []  # 'nodeid: reason' of every other skip in this session
 _FAULT_INJECTION = []
 # fixtures that train something (toy_run here, test_eval.py's classifier): each on one xdist worker
 SHARED_FIXTURES = frozenset({'toy_run', 'trained_classifier'})
+# the compilation cache this process made for the run (pytest_configure), removed at its end
+_CREATED_CACHE = []
+
+
+def pytest_unconfigure(config):
+  del config
+  for path in _CREATED_CACHE:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def pytest_addoption(parser):
@@ -41,6 +51,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+  # One compilation cache for every main.py the tests start (main.py keeps a cache set here instead
+  # of its workdir's): the tiny configs' programs compile once per run, not once per workdir. Set
+  # in the controller, before pytest-xdist starts its workers, which inherit it.
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    _CREATED_CACHE.append(tempfile.mkdtemp(prefix='jax_cache_'))
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _CREATED_CACHE[0]
   config.addinivalue_line(
       'markers', 'paper_scale: compiles and steps a paper-size network on the CPU (minutes '
       'and ~12 GB each); run with --paper-scale')
