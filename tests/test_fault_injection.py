@@ -26,10 +26,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 # Long enough phases that a kill right after a progress line lands inside the phase, on a loaded CPU
 # too: a kill follows a progress line at least 300 steps before the phase ends (100-150 tiny steps/s
-# on 2 loaded cores) and at least 100 steps after its first checkpoint (step 300), so the rerun
-# resumes instead of starting over.
-CHECKPOINT_EVERY = 300
-PHASE_STEPS = {'teacher': 1000, 'stage1': 1000, 'stage2': 900}
+# on 2 loaded cores) and at least 100 steps after its first checkpoint (step 200), so the rerun
+# resumes instead of starting over; no longer, since every step is run twice or more.
+CHECKPOINT_EVERY = 200
+PHASE_STEPS = {'teacher': 700, 'stage1': 700, 'stage2': 700}
 # each phase's config section
 SECTIONS = {'teacher': 'train', 'stage1': 'stage1', 'stage2': 'stage2'}
 OVERRIDES = (*(f'--config.{SECTIONS[phase]}.{key}={value}' for phase, steps in PHASE_STEPS.items()
