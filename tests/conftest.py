@@ -6,6 +6,7 @@ files marked `pytestmark = pytest.mark.integration` (the machinery around it: re
 refusals, pre-emption, fault injection, several devices and processes, remote workdirs, importing
 diffusers teachers, the command line, logs, docs, the notebook, benchmarks). CI runs both."""
 
+import gc
 import os
 import shutil
 import sys
@@ -18,7 +19,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny  # pylint: disable=wrong-import-position
 from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-position
 
-configure_cpu_compiler()  # as main.py does, before a test starts a JAX backend
+# Before a test starts a JAX backend, as main.py does, but at LLVM level 0: the tests' programs are
+# the same HLO as main.py's, and level 0 compiles them faster (docs/results.md) while their run
+# time is small; the main.py processes the tests start inherit the level. main.py's own level is tested by
+# test_the_cpu_compiler_level_reaches_the_programs_compiled_after_it, which sets XLA_FLAGS itself.
+configure_cpu_compiler(level=0)
 
 
 # the one expected skip reason
@@ -36,6 +41,14 @@ def pytest_unconfigure(config):
   del config
   for path in _CREATED_CACHE:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_collection_finish(session):
+  """Moves what the imports and the collection made out of the garbage collector's reach (they live
+  to the end): its full collections then scan only what the tests make."""
+  del session
+  gc.collect()
+  gc.freeze()
 
 
 def pytest_addoption(parser):

@@ -105,7 +105,8 @@ class Runner:
                             cwd=REPO,
                             stdout=log,
                             stderr=subprocess.STDOUT,
-                            env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                            # main.py's own compiler level, as a user's run (not the tests')
+                            env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
     proc.log_file = log
     return proc, log_path
 

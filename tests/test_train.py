@@ -22,6 +22,9 @@ def test_configure_cpu_compiler_adds_the_level_once_and_only_for_the_cpu(monkeyp
   assert mesh.configure_cpu_compiler() and mesh.configure_cpu_compiler()
   assert os.environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=2 '
                                      '--xla_backend_optimization_level=1')
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert mesh.configure_cpu_compiler(level=0)  # the tests' level (tests/conftest.py)
+  assert os.environ['XLA_FLAGS'] == '--xla_backend_optimization_level=0'
   monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=3')  # the user's level is kept
   assert (mesh.configure_cpu_compiler() and
           os.environ['XLA_FLAGS'] == '--xla_backend_optimization_level=3')

@@ -47,26 +47,32 @@ def set_cpu_devices(num_devices: int) -> int:
 
 # XLA:CPU at LLVM optimisation level 1 compiles faster and runs as fast (benchmarks/README.md):
 # convolutions and dots are library calls, LLVM only builds the elementwise fusions around them.
-CPU_XLA_FLAG = '--xla_backend_optimization_level=1'
+CPU_OPT_LEVEL = 1
+_LEVEL_FLAG = '--xla_backend_optimization_level'
 
 
-def configure_cpu_compiler() -> bool:
-  """Adds CPU_XLA_FLAG to XLA_FLAGS when JAX will run on the CPU; call before JAX starts a backend.
+def configure_cpu_compiler(level: int = CPU_OPT_LEVEL) -> bool:
+  """Adds `--xla_backend_optimization_level=level` to XLA_FLAGS when JAX will run on the CPU; call
+  before JAX starts a backend.
 
   XLA reads XLA_FLAGS once, when its first backend starts: set where a process starts (main.py, the
   demo notebook, the benchmarks, tests/conftest.py), every program of the process gets it, the ones
   traced under jax.eval_shape too (where a jit with its own compiler_options is refused). The flag
   is not only the CPU's: an accelerator's code generation would read it as well, so it is left out
-  when JAX may pick an accelerator (_cpu_is_default). A level already in XLA_FLAGS is kept. Returns
-  whether XLA_FLAGS sets the level now.
+  when JAX may pick an accelerator (_cpu_is_default). A level already in XLA_FLAGS is kept.
+
+  Args:
+    level: LLVM's optimisation level for the CPU's generated code (main.py: CPU_OPT_LEVEL).
+
+  Returns:
+    Whether XLA_FLAGS sets a level now.
   """
   flags = os.environ.get('XLA_FLAGS', '')
-  name = CPU_XLA_FLAG.split('=', 1)[0]
-  if any(flag.split('=', 1)[0] == name for flag in flags.split()):
+  if any(flag.split('=', 1)[0] == _LEVEL_FLAG for flag in flags.split()):
     return True
   if not _cpu_is_default():
     return False
-  os.environ['XLA_FLAGS'] = f'{flags} {CPU_XLA_FLAG}'.strip()
+  os.environ['XLA_FLAGS'] = f'{flags} {_LEVEL_FLAG}={level}'.strip()
   return True
 
 
