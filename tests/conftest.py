@@ -9,6 +9,7 @@ diffusers teachers, the command line, logs, docs, the notebook, benchmarks). CI 
 import gc
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -17,12 +18,15 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # pylint: disable=wrong-import-position
+import train_toy_run  # pylint: disable=wrong-import-position
 from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-position
 
 # Before a test starts a JAX backend, as main.py does, but at LLVM level 0: the tests' programs are
 # the same HLO as main.py's, and level 0 compiles them faster (docs/results.md) while their run
-# time is small; the main.py processes the tests start inherit the level. main.py's own level is tested by
-# test_the_cpu_compiler_level_reaches_the_programs_compiled_after_it, which sets XLA_FLAGS itself.
+# time is small; the main.py processes the tests start inherit the level. Processes started with an
+# XLA_FLAGS that sets no level run at main.py's instead: the toy run's training (train_toy_run.py:
+# thousands of steps, bound by run time, which level 0 lengthens), the fault injection and
+# several-process runs (as a user's), and the test of that level itself.
 configure_cpu_compiler(level=0)
 
 
@@ -177,26 +181,15 @@ def kill_after(monkeypatch, num_batches):
 
 @pytest.fixture(scope='session')
 def toy_run(tmp_path_factory):
-  """A toy-2D run trained well enough to measure: stage 1 as a 16-step teacher, halved to 8 and 4
-  steps for sampling (stage 2) and for encoding (encoder); the teacher itself halved alike (the
-  direct baseline)."""
-  from distill import stages  # pylint: disable=g-import-not-at-top
-  config = tiny_config(tmp_path_factory.mktemp('toy_run'), train=1500, stage1=600, stage2=600)
-  config.model.update(hidden=64, num_layers=3)
-  config.train.update(batch_size=256, lr=2e-3, warmup_steps=50, checkpoint_every=1500)
-  config.stage1.update(batch_size=256, lr=1e-3, warmup_steps=20, checkpoint_every=600)
-  config.stage2.update(batch_size=256, lr=5e-4, start_steps=16, final_steps=4, checkpoint_every=600)
-  config.encoder.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4,
-                        checkpoint_every=600)
-  config.direct.update(batch_size=256, num_steps=600, lr=5e-4, start_steps=16, final_steps=4,
-                       checkpoint_every=600)
-  config.transfer.update(steps=(4, 8), eval_images=256)
-  stages.train_teacher(config)
-  stages.train_stage1(config)
-  stages.train_stage2(config)
-  stages.train_encoder(config)
-  stages.train_direct(config)
-  return config
+  """The toy-2D run of tests/train_toy_run.py, trained in a process of its own at main.py's
+  compiler level; returns its config."""
+  workdir = tmp_path_factory.mktemp('toy_run')
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_toy_run.py')
+  result = subprocess.run([sys.executable, script, str(workdir)], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''), check=False)
+  if result.returncode:
+    pytest.fail(f'{script} failed:\n{result.stderr[-4000:]}', pytrace=False)
+  return train_toy_run.toy_run_config(workdir)
 
 
 def stub_fid_scoring(monkeypatch) -> list:

@@ -1,6 +1,8 @@
 """Distillation tests: stage-1 initialisation, the stage-2 target with a real model, toy-2D
 quality."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -135,8 +137,15 @@ def test_guidance_w_draw_puts_w_zero_fraction_at_exactly_zero(fraction):
         guidance_w, jax.random.uniform(jax.random.key(3), (20000,), minval=1.0, maxval=4.0))
 
 
+@functools.cache
+def _loaded(ckpt_dir) -> LoadedCheckpoint:
+  """One per checkpoint for the whole module: each sampler program compiles once, not per call."""
+  return LoadedCheckpoint(ckpt_dir)
+
+
+@functools.cache  # the 256-step references recur from test to test
 def _guided_samples(ckpt_dir, *, sampler, steps, w, n_per_class=512, seed=7):
-  loaded = LoadedCheckpoint(ckpt_dir)
+  loaded = _loaded(ckpt_dir)
   label = jnp.repeat(jnp.arange(4, dtype=jnp.int32), n_per_class)
   z_init = jax.random.normal(jax.random.key(seed), (label.shape[0], 2))
   return loaded.sample(sampler=sampler, num_steps=steps, guidance_w=w, z_init=z_init, label=label,
@@ -187,7 +196,7 @@ def test_toy_direct_baseline_at_4_steps_beats_teacher_ddim_at_4_steps_and_sample
   beat the teacher's 4."""
   teacher_dir = stages.stage_dir(toy_run.workdir, 'teacher')
   direct_dir = stages.stage_dir(toy_run.workdir, 'direct', 4)
-  loaded = LoadedCheckpoint(direct_dir)
+  loaded = _loaded(direct_dir)
   assert loaded.record['guidance_input'] is False and loaded.nfe_per_step == 2
   assert (allowed_steps(loaded.record, 'ddim') == [4] and
           allowed_steps(loaded.record, 'stochastic') == [])
