@@ -23,11 +23,17 @@ from train.mesh import configure_cpu_compiler  # pylint: disable=wrong-import-po
 
 # Before a test starts a JAX backend, as main.py does, but at LLVM level 0: the tests' programs are
 # the same HLO as main.py's, and level 0 compiles them faster (docs/results.md) while their run
-# time is small; the main.py processes the tests start inherit the level. Processes started with an
-# XLA_FLAGS that sets no level run at main.py's instead: the toy run's training (train_toy_run.py:
-# thousands of steps, bound by run time, which level 0 lengthens), the fault injection and
-# several-process runs (as a user's), and the test of that level itself.
+# time is small; the main.py processes the tests start inherit the level. Processes started with
+# main_level_env() run at main.py's level instead: the toy run's training (train_toy_run.py:
+# thousands of steps, bound by run time, which level 0 lengthens) and the fault injection and
+# several-process runs (as a user's); the test of that level sets XLA_FLAGS itself.
 configure_cpu_compiler(level=0)
+
+
+def main_level_env() -> dict:
+  """The environment of a process run as a user's: on the CPU, an XLA_FLAGS without the tests'
+  compiler level (main.py's own) or a device count (one CPU device)."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
 
 
 # the one expected skip reason
@@ -186,7 +192,7 @@ def toy_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('toy_run')
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_toy_run.py')
   result = subprocess.run([sys.executable, script, str(workdir)], capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''), check=False)
+                          env=main_level_env(), check=False)
   if result.returncode:
     pytest.fail(f'{script} failed:\n{result.stderr[-4000:]}', pytrace=False)
   return train_toy_run.toy_run_config(workdir)

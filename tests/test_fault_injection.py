@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import main_level_env, tiny_config
 from distill import stages
 from modes.sampling import LoadedCheckpoint
 
@@ -105,8 +105,7 @@ class Runner:
                             cwd=REPO,
                             stdout=log,
                             stderr=subprocess.STDOUT,
-                            # main.py's own compiler level, as a user's run (not the tests')
-                            env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+                            env=main_level_env())  # as a user's run, not the tests'
     proc.log_file = log
     return proc, log_path
 

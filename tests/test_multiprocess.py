@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import main_level_env, tiny_config
 from distill import stages
 from main import PREEMPTED_EXIT_CODE
 from modes.sampling import LoadedCheckpoint
@@ -69,7 +69,7 @@ def launch(tmp_path):
 
   def start(argv, num_processes):
     coordinator = f'127.0.0.1:{_free_port()}'
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')  # one CPU device per process
+    env = main_level_env()  # one CPU device per process
     started = []
     for process_id in range(num_processes):
       log_path = tmp_path / f'run{len(runs)}_process{process_id}.log'
